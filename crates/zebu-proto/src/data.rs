@@ -1,0 +1,587 @@
+//! The engine ↔ replica data protocol, version 1.
+//!
+//! A connection starts with a handshake ([`Hello`] from the engine, [`Welcome`] from the replica
+//! server) and then carries framed requests and replies. Every request has an id chosen by the
+//! client; replies carry the same id and may come back in any order, so many requests are in
+//! flight on one connection. Payloads carry a CRC32C. All integers are little-endian and
+//! fixed-width. `docs/protocol.md` documents the bytes; this module is the one implementation.
+
+use thiserror::Error;
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// First bytes of a [`Hello`].
+pub const HELLO_MAGIC: [u8; 8] = *b"ZEBUDATA";
+/// First bytes of a [`Welcome`].
+pub const WELCOME_MAGIC: [u8; 8] = *b"ZEBUWELC";
+/// First bytes of every request header.
+pub const REQUEST_MAGIC: [u8; 4] = *b"ZBRQ";
+/// First bytes of every reply header.
+pub const REPLY_MAGIC: [u8; 4] = *b"ZBRP";
+/// Size of a request header in bytes.
+pub const REQUEST_HEADER_BYTES: usize = 32;
+/// Size of a reply header in bytes.
+pub const REPLY_HEADER_BYTES: usize = 24;
+/// Largest payload either side accepts (a READ or WRITE of at most this many bytes).
+pub const MAX_PAYLOAD_BYTES: u32 = 32 << 20;
+/// Longest volume or replica name in a handshake.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest cluster secret in a handshake.
+pub const MAX_SECRET_BYTES: usize = 256;
+/// Longest error message in a [`Welcome`].
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// Request flag: the write must be on stable storage before the reply (force unit access).
+pub const FLAG_FUA: u8 = 1;
+
+/// Errors found while decoding bytes from a peer. Every one of them means the peer is broken
+/// or hostile; the connection is closed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("bad magic {found:02x?}: the peer does not speak the Zebu data protocol")]
+    BadMagic { found: Vec<u8> },
+    #[error("unknown op code {0}")]
+    UnknownOp(u8),
+    #[error("{what} of {len} bytes is over the limit of {max}")]
+    TooLong { what: &'static str, len: usize, max: usize },
+    #[error("handshake checksum mismatch")]
+    BadChecksum,
+    #[error("{0} is not valid UTF-8")]
+    NotUtf8(&'static str),
+    #[error("handshake is truncated")]
+    Truncated,
+    #[error("reserved field is not zero")]
+    Reserved,
+}
+
+/// Operations of the data protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    /// Read `length` bytes at `offset`; the reply payload is the data.
+    Read = 1,
+    /// Write the payload at `offset`. [`FLAG_FUA`] makes it durable before the reply.
+    Write = 2,
+    /// Make every write replied to so far durable.
+    Flush = 3,
+    /// Discard `length` bytes at `offset`; they read back as zeroes.
+    Trim = 4,
+    /// Write `length` zero bytes at `offset` (the replica may store them as a hole).
+    WriteZeroes = 5,
+    /// Liveness probe; no payload.
+    Ping = 6,
+    /// Replica facts: see [`ReplicaInfo`].
+    Info = 7,
+    /// Durably set the replica's generation to the value in `offset` (must not go down).
+    SetGeneration = 8,
+    /// Allocation map of `length` bytes at `offset`: see [`MapExtent`].
+    Map = 9,
+}
+
+impl Op {
+    pub fn from_u8(v: u8) -> Result<Op, FrameError> {
+        Ok(match v {
+            1 => Op::Read,
+            2 => Op::Write,
+            3 => Op::Flush,
+            4 => Op::Trim,
+            5 => Op::WriteZeroes,
+            6 => Op::Ping,
+            7 => Op::Info,
+            8 => Op::SetGeneration,
+            9 => Op::Map,
+            other => return Err(FrameError::UnknownOp(other)),
+        })
+    }
+}
+
+/// Reply status codes. `Ok` is zero; every other value comes with a UTF-8 message as payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Status {
+    Ok = 0,
+    /// The replica's disk failed (EIO, failed fsync...). The replica is no longer trustworthy.
+    IoError = 1,
+    /// Data on disk did not match its checksum.
+    Checksum = 2,
+    /// The request is invalid (range past the end, bad alignment, generation going down...).
+    Invalid = 3,
+    /// The payload did not match its checksum in transit.
+    PayloadChecksum = 4,
+    /// The op is not supported by this replica.
+    Unsupported = 5,
+    /// The disk is full.
+    NoSpace = 6,
+    /// The replica had an earlier fatal error and refuses further I/O.
+    Poisoned = 7,
+}
+
+impl Status {
+    pub fn from_u32(v: u32) -> Status {
+        match v {
+            0 => Status::Ok,
+            1 => Status::IoError,
+            2 => Status::Checksum,
+            3 => Status::Invalid,
+            4 => Status::PayloadChecksum,
+            5 => Status::Unsupported,
+            6 => Status::NoSpace,
+            7 => Status::Poisoned,
+            // An unknown status from a newer peer is still a failure.
+            _ => Status::IoError,
+        }
+    }
+}
+
+/// Handshake status codes in a [`Welcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WelcomeStatus {
+    Ok = 0,
+    BadVersion = 1,
+    AuthFailed = 2,
+    UnknownReplica = 3,
+    VolumeMismatch = 4,
+    Malformed = 5,
+}
+
+impl WelcomeStatus {
+    pub fn from_u32(v: u32) -> WelcomeStatus {
+        match v {
+            0 => WelcomeStatus::Ok,
+            1 => WelcomeStatus::BadVersion,
+            2 => WelcomeStatus::AuthFailed,
+            3 => WelcomeStatus::UnknownReplica,
+            4 => WelcomeStatus::VolumeMismatch,
+            _ => WelcomeStatus::Malformed,
+        }
+    }
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("slice of 4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("slice of 8 bytes"))
+}
+
+/// The engine's opening message: who it is and which replica it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub volume: String,
+    pub replica: String,
+    /// The generation the engine expects; the replica answers with its own.
+    pub generation: u64,
+    pub secret: String,
+}
+
+/// Fixed part of a [`Hello`] before the variable-length fields.
+pub const HELLO_FIXED_BYTES: usize = 28;
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.volume.len() + self.replica.len());
+        out.extend_from_slice(&HELLO_MAGIC);
+        put_u16(&mut out, self.version);
+        put_u16(&mut out, 0);
+        put_u64(&mut out, self.generation);
+        put_u16(&mut out, self.volume.len() as u16);
+        put_u16(&mut out, self.replica.len() as u16);
+        put_u16(&mut out, self.secret.len() as u16);
+        put_u16(&mut out, 0);
+        out.extend_from_slice(self.volume.as_bytes());
+        out.extend_from_slice(self.replica.as_bytes());
+        out.extend_from_slice(self.secret.as_bytes());
+        let crc = crate::crc32c(&out);
+        put_u32(&mut out, crc);
+        out
+    }
+
+    /// Length of the variable part plus the trailing CRC, from the fixed part.
+    /// The version is not checked here: a peer of another version still gets a clear refusal.
+    pub fn rest_len(fixed: &[u8; HELLO_FIXED_BYTES]) -> Result<usize, FrameError> {
+        if fixed[0..8] != HELLO_MAGIC {
+            return Err(FrameError::BadMagic { found: fixed[0..8].to_vec() });
+        }
+        let v = u16_at(fixed, 20) as usize;
+        let r = u16_at(fixed, 22) as usize;
+        let s = u16_at(fixed, 24) as usize;
+        if v > MAX_NAME_BYTES {
+            return Err(FrameError::TooLong { what: "volume name", len: v, max: MAX_NAME_BYTES });
+        }
+        if r > MAX_NAME_BYTES {
+            return Err(FrameError::TooLong { what: "replica name", len: r, max: MAX_NAME_BYTES });
+        }
+        if s > MAX_SECRET_BYTES {
+            return Err(FrameError::TooLong { what: "secret", len: s, max: MAX_SECRET_BYTES });
+        }
+        Ok(v + r + s + 4)
+    }
+
+    /// Decode a whole hello (fixed part followed by the `rest_len` bytes).
+    pub fn decode(bytes: &[u8]) -> Result<Hello, FrameError> {
+        if bytes.len() < HELLO_FIXED_BYTES + 4 {
+            return Err(FrameError::Truncated);
+        }
+        let fixed: &[u8; HELLO_FIXED_BYTES] =
+            bytes[..HELLO_FIXED_BYTES].try_into().expect("length checked above");
+        let rest = Hello::rest_len(fixed)?;
+        if bytes.len() != HELLO_FIXED_BYTES + rest {
+            return Err(FrameError::Truncated);
+        }
+        let body = &bytes[..bytes.len() - 4];
+        if crate::crc32c(body) != u32_at(bytes, bytes.len() - 4) {
+            return Err(FrameError::BadChecksum);
+        }
+        if u16_at(bytes, 10) != 0 || u16_at(bytes, 26) != 0 {
+            return Err(FrameError::Reserved);
+        }
+        let v = u16_at(bytes, 20) as usize;
+        let r = u16_at(bytes, 22) as usize;
+        let s = u16_at(bytes, 24) as usize;
+        let mut at = HELLO_FIXED_BYTES;
+        let mut take = |n: usize, what: &'static str| -> Result<String, FrameError> {
+            let s = std::str::from_utf8(&bytes[at..at + n]).map_err(|_| FrameError::NotUtf8(what))?;
+            at += n;
+            Ok(s.to_owned())
+        };
+        let volume = take(v, "volume name")?;
+        let replica = take(r, "replica name")?;
+        let secret = take(s, "secret")?;
+        Ok(Hello { version: u16_at(bytes, 8), volume, replica, generation: u64_at(bytes, 12), secret })
+    }
+}
+
+/// The replica server's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub version: u16,
+    pub status: WelcomeStatus,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub generation: u64,
+    /// Why the handshake was refused (empty on success).
+    pub message: String,
+}
+
+/// Fixed part of a [`Welcome`] before the message.
+pub const WELCOME_FIXED_BYTES: usize = 42;
+
+impl Welcome {
+    pub fn refused(status: WelcomeStatus, message: impl Into<String>) -> Welcome {
+        let mut message = message.into();
+        message.truncate(MAX_MESSAGE_BYTES);
+        Welcome { version: PROTOCOL_VERSION, status, size_bytes: 0, block_size: 0, generation: 0, message }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(WELCOME_FIXED_BYTES + self.message.len() + 4);
+        out.extend_from_slice(&WELCOME_MAGIC);
+        put_u16(&mut out, self.version);
+        put_u16(&mut out, 0);
+        put_u32(&mut out, self.status as u32);
+        put_u64(&mut out, self.size_bytes);
+        put_u32(&mut out, self.block_size);
+        put_u32(&mut out, 0);
+        put_u64(&mut out, self.generation);
+        put_u16(&mut out, self.message.len() as u16);
+        out.extend_from_slice(self.message.as_bytes());
+        let crc = crate::crc32c(&out);
+        put_u32(&mut out, crc);
+        out
+    }
+
+    /// Length of the message plus the trailing CRC, from the fixed part.
+    pub fn rest_len(fixed: &[u8; WELCOME_FIXED_BYTES]) -> Result<usize, FrameError> {
+        if fixed[0..8] != WELCOME_MAGIC {
+            return Err(FrameError::BadMagic { found: fixed[0..8].to_vec() });
+        }
+        let m = u16_at(fixed, 40) as usize;
+        if m > MAX_MESSAGE_BYTES {
+            return Err(FrameError::TooLong { what: "welcome message", len: m, max: MAX_MESSAGE_BYTES });
+        }
+        Ok(m + 4)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Welcome, FrameError> {
+        if bytes.len() < WELCOME_FIXED_BYTES + 4 {
+            return Err(FrameError::Truncated);
+        }
+        let fixed: &[u8; WELCOME_FIXED_BYTES] =
+            bytes[..WELCOME_FIXED_BYTES].try_into().expect("length checked above");
+        let rest = Welcome::rest_len(fixed)?;
+        if bytes.len() != WELCOME_FIXED_BYTES + rest {
+            return Err(FrameError::Truncated);
+        }
+        if crate::crc32c(&bytes[..bytes.len() - 4]) != u32_at(bytes, bytes.len() - 4) {
+            return Err(FrameError::BadChecksum);
+        }
+        let message = std::str::from_utf8(&bytes[WELCOME_FIXED_BYTES..bytes.len() - 4])
+            .map_err(|_| FrameError::NotUtf8("welcome message"))?
+            .to_owned();
+        Ok(Welcome {
+            version: u16_at(bytes, 8),
+            status: WelcomeStatus::from_u32(u32_at(bytes, 12)),
+            size_bytes: u64_at(bytes, 16),
+            block_size: u32_at(bytes, 24),
+            generation: u64_at(bytes, 32),
+            message,
+        })
+    }
+}
+
+/// A request header; a WRITE's payload of `length` bytes follows it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    pub op: Op,
+    pub flags: u8,
+    pub id: u64,
+    pub offset: u64,
+    pub length: u32,
+    /// CRC32C of the payload (WRITE), zero otherwise.
+    pub payload_crc: u32,
+}
+
+impl RequestHeader {
+    pub fn encode(&self) -> [u8; REQUEST_HEADER_BYTES] {
+        let mut b = [0u8; REQUEST_HEADER_BYTES];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC);
+        b[4] = self.op as u8;
+        b[5] = self.flags;
+        b[8..16].copy_from_slice(&self.id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        b[24..28].copy_from_slice(&self.length.to_le_bytes());
+        b[28..32].copy_from_slice(&self.payload_crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; REQUEST_HEADER_BYTES]) -> Result<RequestHeader, FrameError> {
+        if b[0..4] != REQUEST_MAGIC {
+            return Err(FrameError::BadMagic { found: b[0..4].to_vec() });
+        }
+        if u16_at(b, 6) != 0 {
+            return Err(FrameError::Reserved);
+        }
+        let h = RequestHeader {
+            op: Op::from_u8(b[4])?,
+            flags: b[5],
+            id: u64_at(b, 8),
+            offset: u64_at(b, 16),
+            length: u32_at(b, 24),
+            payload_crc: u32_at(b, 28),
+        };
+        if h.length > MAX_PAYLOAD_BYTES && matches!(h.op, Op::Read | Op::Write) {
+            return Err(FrameError::TooLong {
+                what: "request",
+                len: h.length as usize,
+                max: MAX_PAYLOAD_BYTES as usize,
+            });
+        }
+        Ok(h)
+    }
+
+    /// Bytes of payload that follow this header on the wire.
+    pub fn payload_len(&self) -> usize {
+        if self.op == Op::Write {
+            self.length as usize
+        } else {
+            0
+        }
+    }
+}
+
+/// A reply header; `length` bytes of payload follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyHeader {
+    pub status: u32,
+    pub id: u64,
+    pub length: u32,
+    pub payload_crc: u32,
+}
+
+impl ReplyHeader {
+    pub fn encode(&self) -> [u8; REPLY_HEADER_BYTES] {
+        let mut b = [0u8; REPLY_HEADER_BYTES];
+        b[0..4].copy_from_slice(&REPLY_MAGIC);
+        b[4..8].copy_from_slice(&self.status.to_le_bytes());
+        b[8..16].copy_from_slice(&self.id.to_le_bytes());
+        b[16..20].copy_from_slice(&self.length.to_le_bytes());
+        b[20..24].copy_from_slice(&self.payload_crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; REPLY_HEADER_BYTES]) -> Result<ReplyHeader, FrameError> {
+        if b[0..4] != REPLY_MAGIC {
+            return Err(FrameError::BadMagic { found: b[0..4].to_vec() });
+        }
+        let h = ReplyHeader { status: u32_at(b, 4), id: u64_at(b, 8), length: u32_at(b, 16), payload_crc: u32_at(b, 20) };
+        if h.length > MAX_PAYLOAD_BYTES {
+            return Err(FrameError::TooLong { what: "reply", len: h.length as usize, max: MAX_PAYLOAD_BYTES as usize });
+        }
+        Ok(h)
+    }
+}
+
+/// Payload of an INFO reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub generation: u64,
+    /// Bytes of the volume this replica holds data for (not holes).
+    pub allocated_bytes: u64,
+}
+
+/// Size of an encoded [`ReplicaInfo`].
+pub const REPLICA_INFO_BYTES: usize = 32;
+
+impl ReplicaInfo {
+    pub fn encode(&self) -> [u8; REPLICA_INFO_BYTES] {
+        let mut b = [0u8; REPLICA_INFO_BYTES];
+        b[0..8].copy_from_slice(&self.size_bytes.to_le_bytes());
+        b[8..12].copy_from_slice(&self.block_size.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..32].copy_from_slice(&self.allocated_bytes.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ReplicaInfo, FrameError> {
+        if b.len() != REPLICA_INFO_BYTES {
+            return Err(FrameError::Truncated);
+        }
+        Ok(ReplicaInfo {
+            size_bytes: u64_at(b, 0),
+            block_size: u32_at(b, 8),
+            generation: u64_at(b, 16),
+            allocated_bytes: u64_at(b, 24),
+        })
+    }
+}
+
+/// Extent flag: the range holds no data (reads as zeroes, costs no space).
+pub const EXTENT_HOLE: u32 = 1;
+/// Extent flag: the range reads as zeroes.
+pub const EXTENT_ZERO: u32 = 2;
+
+/// One extent of a MAP reply: `length` bytes with `flags` (`EXTENT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    pub length: u32,
+    pub flags: u32,
+}
+
+/// Longest list of extents in one MAP reply.
+pub const MAX_MAP_EXTENTS: usize = 1 << 16;
+
+/// Encode a MAP reply payload: count (u32), reserved (u32), then (length u32, flags u32) each.
+pub fn encode_map(extents: &[MapExtent]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + extents.len() * 8);
+    put_u32(&mut out, extents.len() as u32);
+    put_u32(&mut out, 0);
+    for e in extents {
+        put_u32(&mut out, e.length);
+        put_u32(&mut out, e.flags);
+    }
+    out
+}
+
+pub fn decode_map(b: &[u8]) -> Result<Vec<MapExtent>, FrameError> {
+    if b.len() < 8 {
+        return Err(FrameError::Truncated);
+    }
+    let count = u32_at(b, 0) as usize;
+    if count > MAX_MAP_EXTENTS {
+        return Err(FrameError::TooLong { what: "extent list", len: count, max: MAX_MAP_EXTENTS });
+    }
+    if b.len() != 8 + count * 8 {
+        return Err(FrameError::Truncated);
+    }
+    Ok((0..count).map(|i| MapExtent { length: u32_at(b, 8 + i * 8), flags: u32_at(b, 12 + i * 8) }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hello_round_trip_and_tamper() {
+        let h = Hello {
+            version: PROTOCOL_VERSION,
+            volume: "vol-1".into(),
+            replica: "vol-1-r-abc".into(),
+            generation: 7,
+            secret: "s3cret".into(),
+        };
+        let bytes = h.encode();
+        assert_eq!(Hello::decode(&bytes).unwrap(), h);
+        let mut bad = bytes.clone();
+        bad[HELLO_FIXED_BYTES] ^= 1;
+        assert_eq!(Hello::decode(&bad), Err(FrameError::BadChecksum));
+        let mut bad = bytes;
+        bad[0] = b'X';
+        assert!(matches!(Hello::decode(&bad), Err(FrameError::BadMagic { .. })));
+    }
+
+    #[test]
+    fn welcome_round_trip() {
+        let w = Welcome {
+            version: 1,
+            status: WelcomeStatus::Ok,
+            size_bytes: 1 << 30,
+            block_size: 4096,
+            generation: 3,
+            message: String::new(),
+        };
+        assert_eq!(Welcome::decode(&w.encode()).unwrap(), w);
+        let r = Welcome::refused(WelcomeStatus::AuthFailed, "wrong secret");
+        assert_eq!(Welcome::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn request_rejects_oversized_and_unknown_ops() {
+        let h = RequestHeader { op: Op::Write, flags: FLAG_FUA, id: 9, offset: 4096, length: 8192, payload_crc: 5 };
+        assert_eq!(RequestHeader::decode(&h.encode()).unwrap(), h);
+        let mut big = h;
+        big.length = MAX_PAYLOAD_BYTES + 1;
+        assert!(matches!(RequestHeader::decode(&big.encode()), Err(FrameError::TooLong { .. })));
+        let mut b = h.encode();
+        b[4] = 99;
+        assert_eq!(RequestHeader::decode(&b), Err(FrameError::UnknownOp(99)));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Hello::decode(&bytes);
+            let _ = Welcome::decode(&bytes);
+            let _ = decode_map(&bytes);
+            let _ = ReplicaInfo::decode(&bytes);
+            if bytes.len() >= REQUEST_HEADER_BYTES {
+                let _ = RequestHeader::decode(bytes[..REQUEST_HEADER_BYTES].try_into().unwrap());
+            }
+            if bytes.len() >= REPLY_HEADER_BYTES {
+                let _ = ReplyHeader::decode(bytes[..REPLY_HEADER_BYTES].try_into().unwrap());
+            }
+        }
+
+        #[test]
+        fn map_round_trip(ext in proptest::collection::vec((any::<u32>(), 0u32..4), 0..50)) {
+            let ext: Vec<MapExtent> = ext.into_iter().map(|(length, flags)| MapExtent { length, flags }).collect();
+            prop_assert_eq!(decode_map(&encode_map(&ext)).unwrap(), ext);
+        }
+    }
+}

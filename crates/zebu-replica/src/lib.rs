@@ -1,0 +1,13 @@
+//! Zebu replica: a full, thin-provisioned copy of a volume on one disk, stored as a chain of
+//! checksummed layers ([`store`]), with its metadata replaced crash-safely ([`meta`]), and the
+//! data server engines talk to ([`server`]). `docs/formats.md` describes the files byte by byte.
+
+pub mod error;
+pub mod io_pool;
+pub mod meta;
+pub mod server;
+pub mod store;
+
+pub use error::ReplicaError;
+pub use server::ReplicaServer;
+pub use store::{Replica, ReplicaFacts, DEFAULT_BLOCK_SIZE};

@@ -1,0 +1,262 @@
+//! The replica data server: speaks the data protocol (`zebu_proto::data`) to engines.
+//!
+//! One TCP listener per node serves every replica on it; the handshake names the replica. Each
+//! connection has a reader (decodes requests, checks payload checksums, hands the I/O to the
+//! [`IoPool`]) and a writer task (batches replies into few `write` calls). Requests run
+//! concurrently and replies go out in completion order; a per-connection semaphore bounds the
+//! requests in flight. Ordering between overlapping writes is the engine's job: it never has two
+//! overlapping writes in flight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use zebu_proto::data::{
+    self, Hello, Op, ReplicaInfo, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, FLAG_FUA,
+    HELLO_FIXED_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
+};
+
+use crate::io_pool::IoPool;
+use crate::store::Replica;
+
+/// Requests in flight on one connection, at most.
+const MAX_IN_FLIGHT: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Reply {
+    header: [u8; data::REPLY_HEADER_BYTES],
+    payload: Vec<u8>,
+}
+
+fn reply(id: u64, status: Status, payload: Vec<u8>) -> Reply {
+    let header = ReplyHeader {
+        status: status as u32,
+        id,
+        length: payload.len() as u32,
+        payload_crc: if payload.is_empty() { 0 } else { crc32c::crc32c(&payload) },
+    }
+    .encode();
+    Reply { header, payload }
+}
+
+/// Serves all replicas of one node.
+pub struct ReplicaServer {
+    replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    secret: RwLock<Option<String>>,
+    pool: IoPool,
+}
+
+impl ReplicaServer {
+    pub fn new(name: &str, io_threads: usize) -> Arc<ReplicaServer> {
+        Arc::new(ReplicaServer {
+            replicas: RwLock::new(HashMap::new()),
+            secret: RwLock::new(None),
+            pool: IoPool::new(name, io_threads),
+        })
+    }
+
+    /// Set the cluster secret engines must present. Until it is set, every handshake is refused.
+    pub fn set_secret(&self, secret: String) {
+        *self.secret.write().unwrap_or_else(|p| p.into_inner()) = Some(secret);
+    }
+
+    pub fn add(&self, replica: Arc<Replica>) {
+        self.replicas.write().unwrap_or_else(|p| p.into_inner()).insert(replica.name().to_owned(), replica);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Replica>> {
+        self.replicas.write().unwrap_or_else(|p| p.into_inner()).remove(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Replica>> {
+        self.replicas.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Replica>> {
+        self.replicas.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Accept connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.connection(stream).await {
+                            tracing::debug!(%peer, "data connection closed: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("data listener accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn handshake(&self, stream: &mut TcpStream) -> Result<Arc<Replica>, String> {
+        let mut fixed = [0u8; HELLO_FIXED_BYTES];
+        stream.read_exact(&mut fixed).await.map_err(|e| format!("reading hello: {e}"))?;
+        let rest = match Hello::rest_len(&fixed) {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = stream.write_all(&Welcome::refused(WelcomeStatus::Malformed, msg.clone()).encode()).await;
+                return Err(msg);
+            }
+        };
+        let mut bytes = fixed.to_vec();
+        bytes.resize(HELLO_FIXED_BYTES + rest, 0);
+        stream.read_exact(&mut bytes[HELLO_FIXED_BYTES..]).await.map_err(|e| format!("reading hello: {e}"))?;
+        let checked = self.check_hello(&bytes);
+        match checked {
+            Ok(replica) => {
+                let w = Welcome {
+                    version: PROTOCOL_VERSION,
+                    status: WelcomeStatus::Ok,
+                    size_bytes: replica.size_bytes(),
+                    block_size: replica.block_size(),
+                    generation: replica.generation(),
+                    message: String::new(),
+                };
+                stream.write_all(&w.encode()).await.map_err(|e| format!("writing welcome: {e}"))?;
+                Ok(replica)
+            }
+            Err((status, msg)) => {
+                tracing::warn!("refused data connection: {msg}");
+                let _ = stream.write_all(&Welcome::refused(status, msg.clone()).encode()).await;
+                Err(msg)
+            }
+        }
+    }
+
+    fn check_hello(&self, bytes: &[u8]) -> Result<Arc<Replica>, (WelcomeStatus, String)> {
+        let hello = Hello::decode(bytes).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
+        if hello.version != PROTOCOL_VERSION {
+            return Err((
+                WelcomeStatus::BadVersion,
+                format!("protocol version {} is not supported; this replica server speaks {PROTOCOL_VERSION}", hello.version),
+            ));
+        }
+        let secret = self.secret.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let ok = match &secret {
+            Some(s) => constant_time_eq(s.as_bytes(), hello.secret.as_bytes()),
+            None => false,
+        };
+        if !ok {
+            return Err((WelcomeStatus::AuthFailed, "cluster secret does not match".into()));
+        }
+        let replica = self
+            .get(&hello.replica)
+            .ok_or_else(|| (WelcomeStatus::UnknownReplica, format!("replica {} is not served here", hello.replica)))?;
+        if replica.volume() != hello.volume {
+            return Err((
+                WelcomeStatus::VolumeMismatch,
+                format!("replica {} belongs to volume {}, not {}", hello.replica, replica.volume(), hello.volume),
+            ));
+        }
+        Ok(replica)
+    }
+
+    async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {
+        let replica = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+            .await
+            .map_err(|_| "handshake timed out".to_string())??;
+        let (mut rd, wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+        let writer = tokio::spawn(async move {
+            let mut w = BufWriter::with_capacity(256 * 1024, wr);
+            while let Some(r) = rx.recv().await {
+                let mut next = Some(r);
+                while let Some(r) = next {
+                    w.write_all(&r.header).await?;
+                    w.write_all(&r.payload).await?;
+                    next = rx.try_recv().ok();
+                }
+                w.flush().await?;
+            }
+            w.shutdown().await
+        });
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let result = async {
+            loop {
+                let mut hb = [0u8; REQUEST_HEADER_BYTES];
+                match rd.read_exact(&mut hb).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(format!("reading request: {e}")),
+                }
+                let h = RequestHeader::decode(&hb).map_err(|e| format!("bad request: {e}"))?;
+                let mut payload = vec![0u8; h.payload_len()];
+                rd.read_exact(&mut payload).await.map_err(|e| format!("reading payload: {e}"))?;
+                let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
+                if h.op == Op::Write && crc32c::crc32c(&payload) != h.payload_crc {
+                    let msg = format!("replica {}: write payload at offset {} failed its checksum in transit", replica.name(), h.offset);
+                    let _ = tx.send(reply(h.id, Status::PayloadChecksum, msg.into_bytes())).await;
+                    continue;
+                }
+                let tx = tx.clone();
+                let replica = replica.clone();
+                self.pool.submit(move || {
+                    let r = execute(&replica, &h, payload);
+                    let _ = tx.blocking_send(r);
+                    drop(permit);
+                });
+            }
+        }
+        .await;
+        drop(tx);
+        let _ = writer.await;
+        result
+    }
+}
+
+/// Run one request against the replica (on an I/O thread).
+fn execute(replica: &Replica, h: &RequestHeader, payload: Vec<u8>) -> Reply {
+    let fua = h.flags & FLAG_FUA != 0;
+    let res: Result<Vec<u8>, crate::ReplicaError> = match h.op {
+        Op::Read => {
+            let mut buf = vec![0u8; h.length as usize];
+            replica.read(h.offset, &mut buf).map(|()| buf)
+        }
+        Op::Write => replica.write(h.offset, &payload, fua).map(|()| Vec::new()),
+        Op::Flush => replica.flush().map(|()| Vec::new()),
+        Op::Trim | Op::WriteZeroes => replica.zero(h.offset, h.length as u64, fua).map(|()| Vec::new()),
+        Op::Ping => Ok(Vec::new()),
+        Op::Info => {
+            let f = replica.facts();
+            Ok(ReplicaInfo {
+                size_bytes: f.size_bytes,
+                block_size: f.block_size,
+                generation: f.generation,
+                allocated_bytes: f.allocated_bytes,
+            }
+            .encode()
+            .to_vec())
+        }
+        Op::SetGeneration => replica.set_generation(h.offset).map(|()| Vec::new()),
+        Op::Map => replica.map(h.offset, h.length as u64).map(|m| data::encode_map(&m)),
+    };
+    match res {
+        Ok(payload) => reply(h.id, Status::Ok, payload),
+        Err(e) => {
+            if e.status() != Status::Invalid {
+                tracing::warn!("{}", e.full_message());
+            }
+            reply(h.id, e.status(), e.full_message().into_bytes())
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
