@@ -1,0 +1,11 @@
+//! Zebu engine: the replication controller of one attached volume ([`engine`]), its pipelined
+//! data-protocol client ([`client`]), and the NBD frontend that exposes engines to users
+//! ([`nbd`]).
+
+pub mod client;
+pub mod engine;
+pub mod nbd;
+pub mod range_lock;
+
+pub use engine::{Engine, EngineConfig, EngineError, MemberStatus, Mode, ReplicaTarget};
+pub use nbd::NbdServer;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use zebu_proto::data::{
     self, Hello, Op, ReplicaInfo, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, FLAG_FUA,
     HELLO_FIXED_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
@@ -44,7 +44,8 @@ fn reply(id: u64, status: Status, payload: Vec<u8>) -> Reply {
 
 /// Serves all replicas of one node.
 pub struct ReplicaServer {
-    replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    /// Served replicas, each with a signal that closes its connections when it is removed.
+    replicas: RwLock<HashMap<String, (Arc<Replica>, watch::Sender<bool>)>>,
     secret: RwLock<Option<String>>,
     pool: IoPool,
 }
@@ -64,19 +65,34 @@ impl ReplicaServer {
     }
 
     pub fn add(&self, replica: Arc<Replica>) {
-        self.replicas.write().unwrap_or_else(|p| p.into_inner()).insert(replica.name().to_owned(), replica);
+        let (stop, _) = watch::channel(false);
+        let old = self
+            .replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(replica.name().to_owned(), (replica, stop));
+        if let Some((_, stop)) = old {
+            let _ = stop.send(true);
+        }
     }
 
+    /// Stop serving a replica; its open connections are closed.
     pub fn remove(&self, name: &str) -> Option<Arc<Replica>> {
-        self.replicas.write().unwrap_or_else(|p| p.into_inner()).remove(name)
+        let (replica, stop) = self.replicas.write().unwrap_or_else(|p| p.into_inner()).remove(name)?;
+        let _ = stop.send(true);
+        Some(replica)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Replica>> {
-        self.replicas.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.replicas.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|(r, _)| r.clone())
+    }
+
+    fn get_with_stop(&self, name: &str) -> Option<(Arc<Replica>, watch::Receiver<bool>)> {
+        self.replicas.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|(r, s)| (r.clone(), s.subscribe()))
     }
 
     pub fn list(&self) -> Vec<Arc<Replica>> {
-        self.replicas.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.replicas.read().unwrap_or_else(|p| p.into_inner()).values().map(|(r, _)| r.clone()).collect()
     }
 
     /// Accept connections until the listener fails.
@@ -100,7 +116,7 @@ impl ReplicaServer {
         }
     }
 
-    async fn handshake(&self, stream: &mut TcpStream) -> Result<Arc<Replica>, String> {
+    async fn handshake(&self, stream: &mut TcpStream) -> Result<(Arc<Replica>, watch::Receiver<bool>), String> {
         let mut fixed = [0u8; HELLO_FIXED_BYTES];
         stream.read_exact(&mut fixed).await.map_err(|e| format!("reading hello: {e}"))?;
         let rest = match Hello::rest_len(&fixed) {
@@ -116,7 +132,7 @@ impl ReplicaServer {
         stream.read_exact(&mut bytes[HELLO_FIXED_BYTES..]).await.map_err(|e| format!("reading hello: {e}"))?;
         let checked = self.check_hello(&bytes);
         match checked {
-            Ok(replica) => {
+            Ok((replica, stop)) => {
                 let w = Welcome {
                     version: PROTOCOL_VERSION,
                     status: WelcomeStatus::Ok,
@@ -126,7 +142,7 @@ impl ReplicaServer {
                     message: String::new(),
                 };
                 stream.write_all(&w.encode()).await.map_err(|e| format!("writing welcome: {e}"))?;
-                Ok(replica)
+                Ok((replica, stop))
             }
             Err((status, msg)) => {
                 tracing::warn!("refused data connection: {msg}");
@@ -136,7 +152,7 @@ impl ReplicaServer {
         }
     }
 
-    fn check_hello(&self, bytes: &[u8]) -> Result<Arc<Replica>, (WelcomeStatus, String)> {
+    fn check_hello(&self, bytes: &[u8]) -> Result<(Arc<Replica>, watch::Receiver<bool>), (WelcomeStatus, String)> {
         let hello = Hello::decode(bytes).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
         if hello.version != PROTOCOL_VERSION {
             return Err((
@@ -152,8 +168,8 @@ impl ReplicaServer {
         if !ok {
             return Err((WelcomeStatus::AuthFailed, "cluster secret does not match".into()));
         }
-        let replica = self
-            .get(&hello.replica)
+        let (replica, stop) = self
+            .get_with_stop(&hello.replica)
             .ok_or_else(|| (WelcomeStatus::UnknownReplica, format!("replica {} is not served here", hello.replica)))?;
         if replica.volume() != hello.volume {
             return Err((
@@ -161,11 +177,11 @@ impl ReplicaServer {
                 format!("replica {} belongs to volume {}, not {}", hello.replica, replica.volume(), hello.volume),
             ));
         }
-        Ok(replica)
+        Ok((replica, stop))
     }
 
     async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {
-        let replica = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+        let (replica, mut stop) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
             .await
             .map_err(|_| "handshake timed out".to_string())??;
         let (mut rd, wr) = stream.into_split();
@@ -187,7 +203,11 @@ impl ReplicaServer {
         let result = async {
             loop {
                 let mut hb = [0u8; REQUEST_HEADER_BYTES];
-                match rd.read_exact(&mut hb).await {
+                let read = tokio::select! {
+                    r = rd.read_exact(&mut hb) => r,
+                    _ = stop.wait_for(|s| *s) => return Err(format!("replica {} is no longer served here", replica.name())),
+                };
+                match read {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                     Err(e) => return Err(format!("reading request: {e}")),

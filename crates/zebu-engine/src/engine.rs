@@ -1,0 +1,509 @@
+//! The engine: one per attached volume. It replicates every write synchronously to all replicas
+//! in the set and reads from one.
+//!
+//! Membership rules (the heart of promise 1 in PRODUCT.md):
+//! * At start the engine connects to every replica it was given. Replicas it cannot reach, or
+//!   whose generation is below the highest one seen, are stale: they start in `ERR`. The rest
+//!   become `RW`, and their generation is raised to `max + 1` before any I/O is served, so that
+//!   every replica left out now carries a lower generation than every replica that goes on.
+//! * A replica that fails a request (error, timeout, broken connection) is retired to `ERR`.
+//!   Before the request that saw the failure is acknowledged, the surviving replicas' generation
+//!   is raised and made durable. A stale replica can therefore never later pass for the freshest.
+//! * Overlapping writes are serialized by a block-range lock, so all replicas apply them in the
+//!   same order; disjoint ones run concurrently.
+//! * Reads go to one RW replica, the local one first, else round-robin. A replica whose stored
+//!   data fails its checksum does not fail the read: the next replica is asked.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use thiserror::Error;
+use tokio::sync::watch;
+use zebu_proto::data::{self, MapExtent, Op, Status, FLAG_FUA};
+
+use crate::client::{ClientError, ReplicaClient};
+use crate::range_lock::RangeLock;
+
+/// Replica modes, as Longhorn names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// In sync: takes writes and serves reads.
+    Rw = 0,
+    /// Rebuilding: takes writes, serves no reads.
+    Wo = 1,
+    /// Failed: out of the set.
+    Err = 2,
+}
+
+impl Mode {
+    fn from_u8(v: u8) -> Mode {
+        match v {
+            0 => Mode::Rw,
+            1 => Mode::Wo,
+            _ => Mode::Err,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Rw => "RW",
+            Mode::Wo => "WO",
+            Mode::Err => "ERR",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("volume {volume}: range {offset}+{length} is outside the volume of {size_bytes} bytes")]
+    OutOfRange { volume: String, offset: u64, length: u64, size_bytes: u64 },
+    #[error("volume {volume} has no healthy replica left ({detail})")]
+    NoReplicas { volume: String, detail: String },
+    #[error("volume {volume}: request rejected: {source}")]
+    Invalid {
+        volume: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("volume {volume} cannot start: {reason}")]
+    Start { volume: String, reason: String },
+}
+
+/// Where to find one replica of the volume.
+#[derive(Debug, Clone)]
+pub struct ReplicaTarget {
+    pub name: String,
+    /// `ip:port` of the replica's data server.
+    pub address: String,
+    /// The replica lives on the engine's own node (preferred for reads).
+    pub local: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub volume: String,
+    pub size_bytes: u64,
+    pub replicas: Vec<ReplicaTarget>,
+    pub secret: String,
+    /// A replica that does not answer within this time is retired.
+    pub io_timeout: Duration,
+    /// How long start-up keeps retrying replicas that do not answer yet.
+    pub connect_patience: Duration,
+}
+
+/// Status of one replica as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub name: String,
+    pub mode: Mode,
+    /// Why the replica left the set (empty while RW).
+    pub error: String,
+}
+
+struct Member {
+    name: String,
+    address: String,
+    local: bool,
+    client: Option<ReplicaClient>,
+    mode: AtomicU8,
+    error: Mutex<String>,
+}
+
+impl Member {
+    fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+    fn client(&self) -> &ReplicaClient {
+        self.client.as_ref().expect("invariant: only members with a connection are ever RW or WO")
+    }
+}
+
+pub struct Engine {
+    volume: String,
+    size_bytes: u64,
+    block_size: u64,
+    io_timeout: Duration,
+    members: Vec<Arc<Member>>,
+    generation: AtomicU64,
+    /// Serializes retirements (and the generation bumps that make them durable).
+    membership: tokio::sync::Mutex<()>,
+    ranges: RangeLock,
+    next_read: AtomicUsize,
+    changes: watch::Sender<u64>,
+}
+
+/// Flush (or a FUA write) may wait on a slow disk far longer than a normal request.
+fn flush_timeout(io: Duration) -> Duration {
+    io.max(Duration::from_secs(60))
+}
+
+impl Engine {
+    /// Connect to the replicas and decide the set. Fails when no replica is usable.
+    pub async fn start(cfg: EngineConfig) -> Result<Arc<Engine>, EngineError> {
+        let start_err = |reason: String| EngineError::Start { volume: cfg.volume.clone(), reason };
+        if cfg.replicas.is_empty() {
+            return Err(start_err("no replicas were given".into()));
+        }
+        let connects = cfg.replicas.iter().map(|t| async {
+            let deadline = tokio::time::Instant::now() + cfg.connect_patience;
+            loop {
+                let r = ReplicaClient::connect(&t.address, &cfg.volume, &t.name, 0, &cfg.secret, cfg.io_timeout).await;
+                match r {
+                    Ok(c) => return Ok(c),
+                    // Refusals are final (wrong secret, unknown replica); unreachable may pass.
+                    Err(e @ ClientError::Refused { .. }) => return Err(e),
+                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        let results = join_all(connects).await;
+        let mut block_size = 0u64;
+        let max_gen = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|c| c.welcome().size_bytes == cfg.size_bytes)
+            .map(|c| c.welcome().generation)
+            .max();
+        let mut members = Vec::new();
+        for (t, r) in cfg.replicas.iter().zip(results) {
+            let (client, mode, error) = match r {
+                Ok(c) if c.welcome().size_bytes != cfg.size_bytes => {
+                    let e = format!(
+                        "replica {} has size {} but the volume has size {}",
+                        t.name,
+                        c.welcome().size_bytes,
+                        cfg.size_bytes
+                    );
+                    (None, Mode::Err, e)
+                }
+                Ok(c) if Some(c.welcome().generation) != max_gen => {
+                    let e = format!(
+                        "replica {} is stale: generation {} is below the freshest replica's {}",
+                        t.name,
+                        c.welcome().generation,
+                        max_gen.unwrap_or(0)
+                    );
+                    (None, Mode::Err, e)
+                }
+                Ok(c) => {
+                    block_size = block_size.max(c.welcome().block_size as u64);
+                    (Some(c), Mode::Rw, String::new())
+                }
+                Err(e) => (None, Mode::Err, e.to_string()),
+            };
+            if mode == Mode::Err {
+                tracing::warn!(volume = %cfg.volume, "{error}");
+            }
+            members.push(Arc::new(Member {
+                name: t.name.clone(),
+                address: t.address.clone(),
+                local: t.local,
+                client,
+                mode: AtomicU8::new(mode as u8),
+                error: Mutex::new(error),
+            }));
+        }
+        let Some(max_gen) = max_gen else {
+            let detail: Vec<String> =
+                members.iter().map(|m| m.error.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+            return Err(start_err(format!("no replica is reachable: {}", detail.join("; "))));
+        };
+        let (changes, _) = watch::channel(0);
+        let engine = Arc::new(Engine {
+            volume: cfg.volume.clone(),
+            size_bytes: cfg.size_bytes,
+            block_size: block_size.max(512),
+            io_timeout: cfg.io_timeout,
+            members,
+            generation: AtomicU64::new(max_gen),
+            membership: tokio::sync::Mutex::new(()),
+            ranges: RangeLock::default(),
+            next_read: AtomicUsize::new(0),
+            changes,
+        });
+        // Every replica left out now must be older than every replica in the set.
+        {
+            let _m = engine.membership.lock().await;
+            engine.bump_generation().await;
+        }
+        if engine.in_sync().is_empty() {
+            return Err(start_err("every reachable replica failed while raising its generation".into()));
+        }
+        tracing::info!(volume = %engine.volume, generation = engine.generation(), "engine started");
+        Ok(engine)
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A receiver that changes whenever a replica changes mode.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn members(&self) -> Vec<MemberStatus> {
+        self.members
+            .iter()
+            .map(|m| MemberStatus {
+                name: m.name.clone(),
+                mode: m.mode(),
+                error: m.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            })
+            .collect()
+    }
+
+    /// Members that take writes (RW and WO).
+    fn in_sync(&self) -> Vec<Arc<Member>> {
+        self.members.iter().filter(|m| matches!(m.mode(), Mode::Rw | Mode::Wo)).cloned().collect()
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<(), EngineError> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.size_bytes => Ok(()),
+            _ => Err(EngineError::OutOfRange {
+                volume: self.volume.clone(),
+                offset,
+                length,
+                size_bytes: self.size_bytes,
+            }),
+        }
+    }
+
+    fn no_replicas(&self) -> EngineError {
+        let detail: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}: {}", m.name, m.error.lock().unwrap_or_else(|p| p.into_inner())))
+            .collect();
+        EngineError::NoReplicas { volume: self.volume.clone(), detail: detail.join("; ") }
+    }
+
+    /// Raise the generation of every in-sync member to `generation + 1`, retiring members that
+    /// fail, until a round succeeds on all remaining ones. Caller holds `membership`.
+    async fn bump_generation(&self) {
+        loop {
+            let set = self.in_sync();
+            if set.is_empty() {
+                return;
+            }
+            let next = self.generation() + 1;
+            let t = flush_timeout(self.io_timeout);
+            let results =
+                join_all(set.iter().map(|m| m.client().call(Op::SetGeneration, 0, next, 0, None, t))).await;
+            let mut failed = false;
+            for (m, r) in set.iter().zip(results) {
+                if let Err(e) = r {
+                    self.mark_err(m, &e.to_string());
+                    failed = true;
+                }
+            }
+            self.generation.store(next, Ordering::Release);
+            if !failed {
+                return;
+            }
+            // A member that failed may still have stored `next`; go one higher without it.
+        }
+    }
+
+    fn mark_err(&self, m: &Member, reason: &str) {
+        if m.mode() != Mode::Err {
+            tracing::warn!(volume = %self.volume, replica = %m.name, "replica leaves the set: {reason}");
+            *m.error.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_owned();
+            m.mode.store(Mode::Err as u8, Ordering::Release);
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Retire the failed members durably (see module docs), then return.
+    async fn retire(&self, failed: &[(Arc<Member>, String)]) {
+        let _m = self.membership.lock().await;
+        let mut any = false;
+        for (m, reason) in failed {
+            if m.mode() != Mode::Err {
+                self.mark_err(m, reason);
+                any = true;
+            }
+        }
+        // If another request retired them already, it also bumped the generation while holding
+        // `membership`, which this request has now waited for.
+        if any {
+            self.bump_generation().await;
+        }
+    }
+
+    /// Send one mutating request to every in-sync member and settle failures.
+    async fn replicate(
+        &self,
+        op: Op,
+        flags: u8,
+        offset: u64,
+        length: u32,
+        payload: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        let set = self.in_sync();
+        if set.is_empty() {
+            return Err(self.no_replicas());
+        }
+        let results =
+            join_all(set.iter().map(|m| m.client().call(op, flags, offset, length, payload.clone(), timeout))).await;
+        let mut failed = Vec::new();
+        let mut invalid = None;
+        for (m, r) in set.iter().zip(results) {
+            match r {
+                Ok(_) => {}
+                Err(e) if e.is_invalid_request() => invalid = Some(e),
+                Err(e) => failed.push((m.clone(), e.to_string())),
+            }
+        }
+        if let Some(source) = invalid {
+            return Err(EngineError::Invalid { volume: self.volume.clone(), source });
+        }
+        if !failed.is_empty() {
+            self.retire(&failed).await;
+        }
+        // Success needs at least one member that took the request and is still in the set.
+        if set.iter().any(|m| m.mode() != Mode::Err) {
+            Ok(())
+        } else {
+            Err(self.no_replicas())
+        }
+    }
+
+    fn block_range(&self, offset: u64, length: u64) -> (u64, u64) {
+        let bs = self.block_size;
+        (offset / bs * bs, (offset + length).div_ceil(bs) * bs)
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.len() as u32 > data::MAX_PAYLOAD_BYTES {
+            return Err(EngineError::OutOfRange {
+                volume: self.volume.clone(),
+                offset,
+                length: data.len() as u64,
+                size_bytes: self.size_bytes,
+            });
+        }
+        if data.is_empty() {
+            return if fua { self.flush().await } else { Ok(()) };
+        }
+        let (s, e) = self.block_range(offset, data.len() as u64);
+        let _g = self.ranges.lock(s, e).await;
+        let (flags, t) = if fua { (FLAG_FUA, flush_timeout(self.io_timeout)) } else { (0, self.io_timeout) };
+        let len = data.len() as u32;
+        self.replicate(Op::Write, flags, offset, len, Some(data), t).await
+    }
+
+    /// TRIM and WRITE_ZEROES: the range reads back as zeroes afterwards.
+    pub async fn zero(&self, offset: u64, length: u64, trim: bool, fua: bool) -> Result<(), EngineError> {
+        self.check_range(offset, length)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let (s, e) = self.block_range(offset, length);
+        let _g = self.ranges.lock(s, e).await;
+        let (flags, t) = if fua { (FLAG_FUA, flush_timeout(self.io_timeout)) } else { (0, self.io_timeout) };
+        let op = if trim { Op::Trim } else { Op::WriteZeroes };
+        // The protocol's length field is 32 bits: split huge ranges.
+        let mut at = offset;
+        let end = offset + length;
+        while at < end {
+            let n = (end - at).min(1 << 30) as u32;
+            self.replicate(op, flags, at, n, None, t).await?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Make every acknowledged write durable on every in-sync replica.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        self.replicate(Op::Flush, 0, 0, 0, None, flush_timeout(self.io_timeout)).await
+    }
+
+    /// Members to read from, in order of preference.
+    fn read_order(&self) -> Vec<Arc<Member>> {
+        let mut rw: Vec<Arc<Member>> = self.members.iter().filter(|m| m.mode() == Mode::Rw).cloned().collect();
+        if rw.len() > 1 {
+            let start = self.next_read.fetch_add(1, Ordering::Relaxed) % rw.len();
+            rw.rotate_left(start);
+            if let Some(i) = rw.iter().position(|m| m.local) {
+                let local = rw.remove(i);
+                rw.insert(0, local);
+            }
+        }
+        rw
+    }
+
+    /// Ask members in turn; transport failures retire the member, checksum failures skip it.
+    async fn read_like(&self, op: Op, offset: u64, length: u32) -> Result<Bytes, EngineError> {
+        let mut last_err = String::new();
+        for m in self.read_order() {
+            if m.mode() != Mode::Rw {
+                continue;
+            }
+            match m.client().call(op, 0, offset, length, None, self.io_timeout).await {
+                Ok(b) => return Ok(b),
+                Err(e) if e.is_invalid_request() => {
+                    return Err(EngineError::Invalid { volume: self.volume.clone(), source: e })
+                }
+                Err(e @ ClientError::Failed { status: Status::Checksum, .. }) => {
+                    tracing::error!(volume = %self.volume, "{e}; reading from another replica");
+                    last_err = e.to_string();
+                }
+                Err(e) => {
+                    last_err = e.to_string();
+                    self.retire(&[(m.clone(), last_err.clone())]).await;
+                }
+            }
+        }
+        if self.in_sync().is_empty() {
+            return Err(self.no_replicas());
+        }
+        Err(EngineError::NoReplicas { volume: self.volume.clone(), detail: last_err })
+    }
+
+    pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, EngineError> {
+        self.check_range(offset, length as u64)?;
+        if length == 0 {
+            return Ok(Bytes::new());
+        }
+        let b = self.read_like(Op::Read, offset, length).await?;
+        if b.len() != length as usize {
+            return Err(EngineError::NoReplicas {
+                volume: self.volume.clone(),
+                detail: format!("a replica returned {} bytes for a read of {length}", b.len()),
+            });
+        }
+        Ok(b)
+    }
+
+    /// Allocation map of a range (for NBD BLOCK_STATUS). May cover less than asked.
+    pub async fn map(&self, offset: u64, length: u32) -> Result<Vec<MapExtent>, EngineError> {
+        self.check_range(offset, length as u64)?;
+        let b = self.read_like(Op::Map, offset, length).await?;
+        data::decode_map(&b).map_err(|e| EngineError::NoReplicas {
+            volume: self.volume.clone(),
+            detail: format!("a replica sent a bad allocation map: {e}"),
+        })
+    }
+
+    /// Addresses of members, for status output.
+    pub fn member_addresses(&self) -> Vec<(String, String)> {
+        self.members.iter().map(|m| (m.name.clone(), m.address.clone())).collect()
+    }
+}

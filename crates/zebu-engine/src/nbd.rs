@@ -1,0 +1,540 @@
+//! NBD frontend: an NBD server (fixed newstyle) exporting the engines attached on this node.
+//!
+//! Negotiation supports EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY,
+//! LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`); anything else gets
+//! `NBD_REP_ERR_UNSUP`. Transmission supports READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES
+//! (+NO_HOLE, FAST_ZERO), BLOCK_STATUS and DISC. Requests are pipelined: each runs as its own
+//! task (bounded per connection), replies go out in completion order through one writer task.
+//! Multi-conn is advertised: FLUSH goes to every replica of the volume and so covers writes
+//! completed on any connection. Malformed input closes that one connection and nothing else.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
+use zebu_proto::nbd::*;
+
+use crate::engine::{Engine, EngineError};
+
+/// Requests in flight per connection, at most.
+const MAX_IN_FLIGHT: usize = 128;
+/// Largest READ/WRITE we accept (advertised as the maximum block size).
+pub const MAX_IO_BYTES: u32 = 32 << 20;
+/// Largest range one BLOCK_STATUS reply describes.
+const MAX_STATUS_BYTES: u64 = 1 << 30;
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The exports of one node: volume name → engine.
+#[derive(Default)]
+pub struct NbdServer {
+    exports: RwLock<HashMap<String, Arc<Engine>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("client aborted")]
+    Done,
+}
+
+type Result<T> = std::result::Result<T, ConnError>;
+
+struct Negotiated {
+    engine: Arc<Engine>,
+    structured: bool,
+    base_allocation: bool,
+}
+
+fn errno(e: &EngineError) -> u32 {
+    match e {
+        EngineError::OutOfRange { .. } | EngineError::Invalid { .. } => EINVAL,
+        EngineError::NoReplicas { .. } | EngineError::Start { .. } => EIO,
+    }
+}
+
+impl NbdServer {
+    pub fn new() -> Arc<NbdServer> {
+        Arc::new(NbdServer::default())
+    }
+
+    pub fn add(&self, engine: Arc<Engine>) {
+        self.exports.write().unwrap_or_else(|p| p.into_inner()).insert(engine.volume().to_owned(), engine);
+    }
+
+    pub fn remove(&self, volume: &str) -> Option<Arc<Engine>> {
+        self.exports.write().unwrap_or_else(|p| p.into_inner()).remove(volume)
+    }
+
+    pub fn get(&self, volume: &str) -> Option<Arc<Engine>> {
+        self.exports.read().unwrap_or_else(|p| p.into_inner()).get(volume).cloned()
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.exports.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let (rd, wr) = stream.into_split();
+                        match this.connection(rd, wr).await {
+                            Ok(()) | Err(ConnError::Done) => {}
+                            Err(e) => tracing::debug!(%peer, "nbd connection closed: {e}"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("nbd accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection<R, W>(self: Arc<Self>, mut rd: R, mut wr: W) -> Result<()>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let neg = tokio::time::timeout(NEGOTIATION_TIMEOUT, self.negotiate(&mut rd, &mut wr))
+            .await
+            .map_err(|_| ConnError::Protocol("negotiation timed out".into()))??;
+        transmission(neg, rd, wr).await
+    }
+
+    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Negotiated>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        wr.write_all(&hello).await?;
+        wr.flush().await?;
+        let client_flags = rd.read_u32().await?;
+        if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+            return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
+        }
+        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        let mut structured = false;
+        // The meta context chosen by SET_META_CONTEXT, and for which export.
+        let mut meta_for: Option<String> = None;
+        loop {
+            let magic = rd.read_u64().await?;
+            if magic != IHAVEOPT {
+                return Err(ConnError::Protocol(format!("bad option magic {magic:#x}")));
+            }
+            let opt = rd.read_u32().await?;
+            let len = rd.read_u32().await?;
+            if len > MAX_OPTION_BYTES {
+                return Err(ConnError::Protocol(format!("option {opt} of {len} bytes is too long")));
+            }
+            let mut data = vec![0u8; len as usize];
+            rd.read_exact(&mut data).await?;
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    let Some(engine) = self.get(&name) else {
+                        // The protocol has no way to refuse EXPORT_NAME but to hang up.
+                        return Err(ConnError::Protocol(format!("unknown export {name:?}")));
+                    };
+                    let mut out = Vec::with_capacity(134);
+                    out.extend_from_slice(&engine.size_bytes().to_be_bytes());
+                    out.extend_from_slice(&transmission_flags(structured).to_be_bytes());
+                    if !no_zeroes {
+                        out.extend_from_slice(&[0u8; 124]);
+                    }
+                    wr.write_all(&out).await?;
+                    wr.flush().await?;
+                    let base_allocation = structured && meta_for.as_deref() == Some(name.as_str());
+                    return Ok(Negotiated { engine, structured, base_allocation });
+                }
+                OPT_ABORT => {
+                    let _ = reply(wr, opt, REP_ACK, &[]).await;
+                    return Err(ConnError::Done);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        reply_err(wr, opt, REP_ERR_INVALID, "LIST takes no data").await?;
+                        continue;
+                    }
+                    for name in self.names() {
+                        let mut d = Vec::with_capacity(4 + name.len());
+                        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                        d.extend_from_slice(name.as_bytes());
+                        reply(wr, opt, REP_SERVER, &d).await?;
+                    }
+                    reply(wr, opt, REP_ACK, &[]).await?;
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        reply_err(wr, opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data").await?;
+                    } else {
+                        structured = true;
+                        reply(wr, opt, REP_ACK, &[]).await?;
+                    }
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some((name, requests)) = parse_info(&data) else {
+                        reply_err(wr, opt, REP_ERR_INVALID, "malformed INFO/GO request").await?;
+                        continue;
+                    };
+                    let Some(engine) = self.get(&name) else {
+                        let msg = format!("volume {name:?} is not attached on this node (attach it here first)");
+                        reply_err(wr, opt, REP_ERR_UNKNOWN, &msg).await?;
+                        continue;
+                    };
+                    let mut info = Vec::with_capacity(12);
+                    info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                    info.extend_from_slice(&engine.size_bytes().to_be_bytes());
+                    info.extend_from_slice(&transmission_flags(structured).to_be_bytes());
+                    reply(wr, opt, REP_INFO, &info).await?;
+                    for r in requests {
+                        match r {
+                            INFO_NAME => {
+                                let mut d = INFO_NAME.to_be_bytes().to_vec();
+                                d.extend_from_slice(name.as_bytes());
+                                reply(wr, opt, REP_INFO, &d).await?;
+                            }
+                            INFO_DESCRIPTION => {
+                                let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                                d.extend_from_slice(format!("Zebu volume {name}").as_bytes());
+                                reply(wr, opt, REP_INFO, &d).await?;
+                            }
+                            INFO_BLOCK_SIZE => {
+                                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                                d.extend_from_slice(&1u32.to_be_bytes());
+                                d.extend_from_slice(&(engine.block_size() as u32).to_be_bytes());
+                                d.extend_from_slice(&MAX_IO_BYTES.to_be_bytes());
+                                reply(wr, opt, REP_INFO, &d).await?;
+                            }
+                            _ => {}
+                        }
+                    }
+                    reply(wr, opt, REP_ACK, &[]).await?;
+                    if opt == OPT_GO {
+                        let base_allocation = structured && meta_for.as_deref() == Some(name.as_str());
+                        return Ok(Negotiated { engine, structured, base_allocation });
+                    }
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    if !structured {
+                        reply_err(wr, opt, REP_ERR_INVALID, "negotiate STRUCTURED_REPLY first").await?;
+                        continue;
+                    }
+                    let Some((name, queries)) = parse_meta(&data) else {
+                        reply_err(wr, opt, REP_ERR_INVALID, "malformed meta context request").await?;
+                        continue;
+                    };
+                    if self.get(&name).is_none() {
+                        let msg = format!("volume {name:?} is not attached on this node");
+                        reply_err(wr, opt, REP_ERR_UNKNOWN, &msg).await?;
+                        continue;
+                    }
+                    let set = opt == OPT_SET_META_CONTEXT;
+                    let wanted = if set {
+                        queries.iter().any(|q| q == META_BASE_ALLOCATION)
+                    } else {
+                        queries.is_empty() || queries.iter().any(|q| q == META_BASE_ALLOCATION || q == "base:")
+                    };
+                    if set {
+                        meta_for = None;
+                    }
+                    if wanted {
+                        let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
+                        let mut d = id.to_be_bytes().to_vec();
+                        d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                        reply(wr, opt, REP_META_CONTEXT, &d).await?;
+                        if set {
+                            meta_for = Some(name);
+                        }
+                    }
+                    reply(wr, opt, REP_ACK, &[]).await?;
+                }
+                OPT_STARTTLS => reply_err(wr, opt, REP_ERR_UNSUP, "TLS is not supported by this server").await?,
+                _ => reply_err(wr, opt, REP_ERR_UNSUP, "option not supported").await?,
+            }
+        }
+    }
+}
+
+fn transmission_flags(structured: bool) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS
+        | TFLAG_SEND_FLUSH
+        | TFLAG_SEND_FUA
+        | TFLAG_SEND_TRIM
+        | TFLAG_SEND_WRITE_ZEROES
+        | TFLAG_SEND_FAST_ZERO
+        | TFLAG_CAN_MULTI_CONN;
+    if structured {
+        f |= TFLAG_SEND_DF;
+    }
+    f
+}
+
+async fn reply<W: AsyncWrite + Unpin>(wr: &mut W, opt: u32, kind: u32, data: &[u8]) -> Result<()> {
+    wr.write_all(&option_reply_header(opt, kind, data.len() as u32)).await?;
+    wr.write_all(data).await?;
+    wr.flush().await?;
+    Ok(())
+}
+
+async fn reply_err<W: AsyncWrite + Unpin>(wr: &mut W, opt: u32, kind: u32, msg: &str) -> Result<()> {
+    reply(wr, opt, kind, msg.as_bytes()).await
+}
+
+/// INFO/GO data: u32 name length, name, u16 count, count × u16 info types.
+fn parse_info(d: &[u8]) -> Option<(String, Vec<u16>)> {
+    let nlen = u32::from_be_bytes(d.get(0..4)?.try_into().ok()?) as usize;
+    if nlen > MAX_EXPORT_NAME_BYTES {
+        return None;
+    }
+    let name = std::str::from_utf8(d.get(4..4 + nlen)?).ok()?.to_owned();
+    let at = 4 + nlen;
+    let n = u16::from_be_bytes(d.get(at..at + 2)?.try_into().ok()?) as usize;
+    if d.len() != at + 2 + 2 * n {
+        return None;
+    }
+    let reqs = (0..n).map(|i| u16::from_be_bytes([d[at + 2 + 2 * i], d[at + 3 + 2 * i]])).collect();
+    Some((name, reqs))
+}
+
+/// META_CONTEXT data: u32 name length, name, u32 count, count × (u32 length, query).
+fn parse_meta(d: &[u8]) -> Option<(String, Vec<String>)> {
+    let nlen = u32::from_be_bytes(d.get(0..4)?.try_into().ok()?) as usize;
+    if nlen > MAX_EXPORT_NAME_BYTES {
+        return None;
+    }
+    let name = std::str::from_utf8(d.get(4..4 + nlen)?).ok()?.to_owned();
+    let mut at = 4 + nlen;
+    let n = u32::from_be_bytes(d.get(at..at + 4)?.try_into().ok()?) as usize;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let qlen = u32::from_be_bytes(d.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        queries.push(std::str::from_utf8(d.get(at..at.checked_add(qlen)?)?).ok()?.to_owned());
+        at += qlen;
+    }
+    if at != d.len() {
+        return None;
+    }
+    Some((name, queries))
+}
+
+/// One reply ready to be written: a header and optional payload pieces.
+struct Out {
+    parts: Vec<Bytes>,
+}
+
+async fn transmission<R, W>(neg: Negotiated, mut rd: R, wr: W) -> Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Out>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::with_capacity(256 * 1024, wr);
+        while let Some(o) = rx.recv().await {
+            let mut next = Some(o);
+            while let Some(o) = next {
+                for p in &o.parts {
+                    w.write_all(p).await?;
+                }
+                next = rx.try_recv().ok();
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await
+    });
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let neg = Arc::new(neg);
+    let result: Result<()> = async {
+        loop {
+            let mut hb = [0u8; REQUEST_BYTES];
+            match rd.read_exact(&mut hb).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let Some(req) = Request::decode(&hb) else {
+                return Err(ConnError::Protocol("bad request magic".into()));
+            };
+            let mut payload = Bytes::new();
+            if req.kind == CMD_WRITE {
+                if req.length > MAX_IO_BYTES {
+                    return Err(ConnError::Protocol(format!("write of {} bytes exceeds the maximum", req.length)));
+                }
+                let mut buf = vec![0u8; req.length as usize];
+                rd.read_exact(&mut buf).await?;
+                payload = Bytes::from(buf);
+            }
+            if req.kind == CMD_DISC {
+                // Let requests in flight finish, then close.
+                let _all = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+                return Ok(());
+            }
+            let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
+            let (neg, tx) = (neg.clone(), tx.clone());
+            tokio::spawn(async move {
+                let out = handle(&neg, req, payload).await;
+                let _ = tx.send(out).await;
+                drop(permit);
+            });
+        }
+    }
+    .await;
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+fn simple(error: u32, handle: u64) -> Out {
+    Out { parts: vec![Bytes::copy_from_slice(&simple_reply(error, handle))] }
+}
+
+fn structured_error(error: u32, handle: u64, msg: &str) -> Out {
+    let msg = &msg.as_bytes()[..msg.len().min(1024)];
+    let mut d = Vec::with_capacity(6 + msg.len());
+    d.extend_from_slice(&error.to_be_bytes());
+    d.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    d.extend_from_slice(msg);
+    let h = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, d.len() as u32);
+    Out { parts: vec![Bytes::copy_from_slice(&h), Bytes::from(d)] }
+}
+
+/// An error reply in the form the client expects for this command.
+fn error_out(neg: &Negotiated, req: &Request, error: u32, msg: &str) -> Out {
+    if neg.structured && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS) {
+        structured_error(error, req.handle, msg)
+    } else {
+        simple(error, req.handle)
+    }
+}
+
+async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
+    let engine = &neg.engine;
+    let size = engine.size_bytes();
+    let in_range = req.offset.checked_add(req.length as u64).is_some_and(|end| end <= size);
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let done = |r: std::result::Result<(), EngineError>| match r {
+        Ok(()) => simple(0, req.handle),
+        Err(e) => {
+            tracing::warn!("nbd request failed: {e}");
+            error_out(neg, &req, errno(&e), &e.to_string())
+        }
+    };
+    match req.kind {
+        CMD_READ => {
+            if !in_range || req.length > MAX_IO_BYTES {
+                return error_out(neg, &req, EINVAL, "read outside the volume or too large");
+            }
+            match engine.read(req.offset, req.length).await {
+                Ok(data) if neg.structured => {
+                    let h = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.handle, 8 + req.length);
+                    Out {
+                        parts: vec![
+                            Bytes::copy_from_slice(&h),
+                            Bytes::copy_from_slice(&req.offset.to_be_bytes()),
+                            data,
+                        ],
+                    }
+                }
+                Ok(data) => Out { parts: vec![Bytes::copy_from_slice(&simple_reply(0, req.handle)), data] },
+                Err(e) => {
+                    tracing::warn!("nbd read failed: {e}");
+                    error_out(neg, &req, errno(&e), &e.to_string())
+                }
+            }
+        }
+        CMD_WRITE => {
+            if !in_range {
+                return error_out(neg, &req, ENOSPC, "write past the end of the volume");
+            }
+            done(engine.write(req.offset, payload, fua).await)
+        }
+        CMD_FLUSH => done(engine.flush().await),
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            if !in_range {
+                return error_out(neg, &req, EINVAL, "range outside the volume");
+            }
+            done(engine.zero(req.offset, req.length as u64, req.kind == CMD_TRIM, fua).await)
+        }
+        CMD_BLOCK_STATUS => {
+            if !neg.base_allocation {
+                return error_out(neg, &req, EINVAL, "no metadata context was negotiated");
+            }
+            if !in_range || req.length == 0 {
+                return error_out(neg, &req, EINVAL, "range outside the volume");
+            }
+            let len = (req.length as u64).min(MAX_STATUS_BYTES) as u32;
+            match engine.map(req.offset, len).await {
+                Ok(extents) => {
+                    let take = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { extents.len() };
+                    let mut d = Vec::with_capacity(4 + 8 * take);
+                    d.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+                    for e in extents.iter().take(take) {
+                        let mut st = 0;
+                        if e.flags & EXTENT_HOLE != 0 {
+                            st |= STATE_HOLE;
+                        }
+                        if e.flags & EXTENT_ZERO != 0 {
+                            st |= STATE_ZERO;
+                        }
+                        d.extend_from_slice(&e.length.to_be_bytes());
+                        d.extend_from_slice(&st.to_be_bytes());
+                    }
+                    if take == 0 {
+                        return error_out(neg, &req, EIO, "empty allocation map");
+                    }
+                    let h = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.handle, d.len() as u32);
+                    Out { parts: vec![Bytes::copy_from_slice(&h), Bytes::from(d)] }
+                }
+                Err(e) => error_out(neg, &req, errno(&e), &e.to_string()),
+            }
+        }
+        _ => error_out(neg, &req, EINVAL, "command not supported"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_and_meta_parsers_reject_garbage() {
+        let mut d = 3u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"vol");
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        assert_eq!(parse_info(&d), Some(("vol".into(), vec![INFO_BLOCK_SIZE])));
+        assert_eq!(parse_info(&d[..d.len() - 1]), None);
+        assert_eq!(parse_info(&u32::MAX.to_be_bytes()), None);
+
+        let mut m = 3u32.to_be_bytes().to_vec();
+        m.extend_from_slice(b"vol");
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(&(META_BASE_ALLOCATION.len() as u32).to_be_bytes());
+        m.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        assert_eq!(parse_meta(&m), Some(("vol".into(), vec![META_BASE_ALLOCATION.into()])));
+        let mut bad = m.clone();
+        bad[7 + 4 + 3] = 0xff; // query length far too large
+        assert_eq!(parse_meta(&bad), None);
+    }
+}

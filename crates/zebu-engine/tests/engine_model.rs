@@ -1,0 +1,187 @@
+//! The engine against an in-memory model, over real replica servers on loopback TCP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use tokio::net::TcpListener;
+use zebu_engine::{Engine, EngineConfig, Mode, ReplicaTarget};
+use zebu_replica::{Replica, ReplicaServer};
+
+const BS: u64 = 4096;
+const SIZE: u64 = 48 * BS;
+const SECRET: &str = "test-secret";
+
+struct Cluster {
+    _dirs: Vec<tempfile::TempDir>,
+    servers: Vec<Arc<ReplicaServer>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    targets: Vec<ReplicaTarget>,
+}
+
+async fn cluster(n: usize) -> Cluster {
+    let mut c = Cluster { _dirs: vec![], servers: vec![], tasks: vec![], targets: vec![] };
+    for i in 0..n {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("v-r{i}");
+        let r = Replica::create(dir.path(), "v", &name, SIZE, BS as u32).unwrap();
+        let server = ReplicaServer::new(&format!("t{i}"), 2);
+        server.set_secret(SECRET.into());
+        server.add(Arc::new(r));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        c.tasks.push(tokio::spawn(server.clone().serve(l)));
+        c.servers.push(server);
+        c.targets.push(ReplicaTarget { name, address: addr, local: i == 0 });
+        c._dirs.push(dir);
+    }
+    c
+}
+
+fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
+    EngineConfig {
+        volume: "v".into(),
+        size_bytes: SIZE,
+        replicas: targets,
+        secret: secret.into(),
+        io_timeout: Duration::from_secs(5),
+        connect_patience: Duration::from_millis(300),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write { offset: u64, len: u64, seed: u8, fua: bool },
+    Zero { offset: u64, len: u64, trim: bool },
+    Read { offset: u64, len: u64 },
+    Flush,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let range = (0..SIZE).prop_flat_map(|o| (Just(o), 1..=(SIZE - o).min(7 * BS)));
+    prop_oneof![
+        4 => (range.clone(), any::<u8>(), any::<bool>()).prop_map(|((offset, len), seed, fua)| Step::Write { offset, len, seed, fua }),
+        2 => (range.clone(), any::<bool>()).prop_map(|((offset, len), trim)| Step::Zero { offset, len, trim }),
+        3 => range.prop_map(|(offset, len)| Step::Read { offset, len }),
+        1 => Just(Step::Flush),
+    ]
+}
+
+fn pattern(len: u64, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed)).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn engine_with_three_replicas_agrees_with_model(steps in proptest::collection::vec(step(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let c = cluster(3).await;
+            let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+            let mut model = vec![0u8; SIZE as usize];
+            // Issue writes of each batch concurrently where they do not overlap a read.
+            for s in steps {
+                match s {
+                    Step::Write { offset, len, seed, fua } => {
+                        let d = pattern(len, seed);
+                        e.write(offset, Bytes::from(d.clone()), fua).await.unwrap();
+                        model[offset as usize..(offset + len) as usize].copy_from_slice(&d);
+                    }
+                    Step::Zero { offset, len, trim } => {
+                        e.zero(offset, len, trim, false).await.unwrap();
+                        model[offset as usize..(offset + len) as usize].fill(0);
+                    }
+                    Step::Read { offset, len } => {
+                        let got = e.read(offset, len as u32).await.unwrap();
+                        assert_eq!(&got[..], &model[offset as usize..(offset + len) as usize]);
+                    }
+                    Step::Flush => e.flush().await.unwrap(),
+                }
+            }
+            // Every replica on its own holds the model's bytes.
+            for s in &c.servers {
+                for r in s.list() {
+                    let mut all = vec![0u8; SIZE as usize];
+                    r.read(0, &mut all).unwrap();
+                    assert!(all == model, "replica {} differs from the model", r.name());
+                }
+            }
+            for m in e.members() {
+                assert_eq!(m.mode, Mode::Rw);
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_overlapping_writes_leave_replicas_identical() {
+    let c = cluster(3).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let e = e.clone();
+        tasks.push(tokio::spawn(async move {
+            let offset = (i * 1536) % (SIZE - 3 * BS);
+            e.write(offset, Bytes::from(vec![i as u8; 3 * BS as usize - 7]), false).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut images = Vec::new();
+    for s in &c.servers {
+        for r in s.list() {
+            let mut all = vec![0u8; SIZE as usize];
+            r.read(0, &mut all).unwrap();
+            images.push(all);
+        }
+    }
+    assert!(images.windows(2).all(|w| w[0] == w[1]), "replicas diverged under overlapping writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_replica_leaves_set_and_survivors_generation_is_raised_first() {
+    let mut c = cluster(3).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+    let g0 = e.generation();
+    e.write(0, Bytes::from(vec![1u8; BS as usize]), false).await.unwrap();
+    // Take replica 2 away: its server stops and its connections drop.
+    c.tasks[2].abort();
+    let victim = c.servers[2].list()[0].clone();
+    c.servers[2].remove(victim.name());
+    drop(c.servers.remove(2));
+    // The next writes must succeed although one replica is gone.
+    for i in 1..20u64 {
+        e.write(i * BS, Bytes::from(vec![i as u8; BS as usize]), false).await.unwrap();
+    }
+    let modes: Vec<Mode> = e.members().iter().map(|m| m.mode).collect();
+    assert_eq!(modes, vec![Mode::Rw, Mode::Rw, Mode::Err]);
+    assert!(e.generation() > g0);
+    for s in &c.servers {
+        for r in s.list() {
+            assert_eq!(r.generation(), e.generation(), "survivor {} must carry the new generation", r.name());
+        }
+    }
+    assert!(victim.generation() < e.generation(), "the retired replica must be older than the survivors");
+    // Every write reads back from the survivors.
+    for i in 1..20u64 {
+        assert_eq!(&e.read(i * BS, BS as u32).await.unwrap()[..], &vec![i as u8; BS as usize][..]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_refused_and_stale_replica_left_out() {
+    let c = cluster(2).await;
+    let err = Engine::start(config(c.targets.clone(), "wrong")).await.err().expect("wrong secret must fail");
+    assert!(err.to_string().contains("secret"), "{err}");
+    // Make replica 1 stale: raise replica 0's generation behind its back.
+    c.servers[0].list()[0].set_generation(10).unwrap();
+    let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+    let m = e.members();
+    assert_eq!(m[0].mode, Mode::Rw);
+    assert_eq!(m[1].mode, Mode::Err);
+    assert!(m[1].error.contains("stale"), "{}", m[1].error);
+    assert_eq!(e.generation(), 11);
+}
