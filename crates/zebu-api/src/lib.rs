@@ -1,0 +1,305 @@
+//! The Zebu REST API: the types the manager serves (`/v1/...`) and the HTTP client the CLI and
+//! the agents use. JSON on the wire; every request carries `Authorization: Bearer <token>`.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeState {
+    Creating,
+    Detached,
+    Attaching,
+    Attached,
+    Detaching,
+    Deleting,
+}
+
+impl VolumeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Detached => "detached",
+            VolumeState::Attaching => "attaching",
+            VolumeState::Attached => "attached",
+            VolumeState::Detaching => "detaching",
+            VolumeState::Deleting => "deleting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Robustness {
+    Healthy,
+    Degraded,
+    Faulted,
+    Unknown,
+}
+
+impl Robustness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Robustness::Healthy => "healthy",
+            Robustness::Degraded => "degraded",
+            Robustness::Faulted => "faulted",
+            Robustness::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaMode {
+    RW,
+    WO,
+    ERR,
+}
+
+impl ReplicaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaMode::RW => "RW",
+            ReplicaMode::WO => "WO",
+            ReplicaMode::ERR => "ERR",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub name: String,
+    pub volume: String,
+    pub node: String,
+    pub mode: ReplicaMode,
+    /// Generation last reported from the replica's metadata.
+    pub generation: u64,
+    /// Why the replica left the set, when it is ERR.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    pub size_bytes: u64,
+    pub replica_count: u32,
+    pub block_size: u32,
+    pub state: VolumeState,
+    pub robustness: Robustness,
+    /// The node the volume is attached to (null when detached).
+    pub node: Option<String>,
+    /// The node it should be attached to (null when it should be detached).
+    pub desired_node: Option<String>,
+    pub nbd_uri: Option<String>,
+    pub replicas: Vec<Replica>,
+    /// What the manager is waiting for or what went wrong, if anything.
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub address: String,
+    pub data_port: u16,
+    pub nbd_port: u16,
+    pub disk_path: String,
+    pub ready: bool,
+    /// Milliseconds since the last heartbeat (null: none since the manager started).
+    pub heartbeat_age_ms: Option<u64>,
+    pub replicas: u32,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size_bytes: u64,
+    pub replica_count: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AttachVolume {
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    pub error: String,
+}
+
+// ---- agent ↔ manager ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub name: String,
+    pub volume: String,
+    pub generation: u64,
+    pub size_bytes: u64,
+    /// Set when the replica could not be opened or created, or refuses I/O.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberReport {
+    pub name: String,
+    pub mode: ReplicaMode,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineReport {
+    pub volume: String,
+    /// True once the engine serves I/O; false while starting or after a failed start.
+    pub running: bool,
+    pub generation: u64,
+    pub nbd_uri: Option<String>,
+    pub replicas: Vec<MemberReport>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: String,
+    pub address: String,
+    pub data_port: u16,
+    pub nbd_port: u16,
+    pub disk_path: String,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub replicas: Vec<ReplicaReport>,
+    pub engines: Vec<EngineReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSpec {
+    pub name: String,
+    pub volume: String,
+    pub size_bytes: u64,
+    pub block_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineReplica {
+    pub name: String,
+    pub node: String,
+    /// `ip:port` of the replica's data server.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSpec {
+    pub volume: String,
+    pub size_bytes: u64,
+    pub replicas: Vec<EngineReplica>,
+}
+
+/// What the manager wants a node to run (the answer to a heartbeat). Level-triggered: the full
+/// desired set every time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The secret replica data connections must present.
+    pub secret: String,
+    pub replicas: Vec<ReplicaSpec>,
+    pub engines: Vec<EngineSpec>,
+    /// Replicas whose data must be deleted (their volume was deleted).
+    pub delete_replicas: Vec<String>,
+}
+
+// ---- client ----
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the Zebu manager at {url}: {reason} (is `zebu up` or `zebu manager` running? set --api or ZEBU_API)")]
+    Unreachable { url: String, reason: String },
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("unexpected answer from the manager at {url}: {reason}")]
+    BadAnswer { url: String, reason: String },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: &str) -> ApiClient {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .expect("invariant: a plain HTTP client always builds");
+        ApiClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder, url: &str) -> Result<T, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+            return Err(ClientError::Api { status: status.as_u16(), message });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer { url: url.to_owned(), reason: e.to_string() })
+    }
+
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.get(&url), &url).await
+    }
+
+    pub async fn post<B: Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.post(&url).json(body), &url).await
+    }
+
+    pub async fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.delete(&url), &url).await
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<Volume>, ClientError> {
+        self.get("/v1/volumes").await
+    }
+    pub async fn get_volume(&self, name: &str) -> Result<Volume, ClientError> {
+        self.get(&format!("/v1/volumes/{name}")).await
+    }
+    pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume, ClientError> {
+        self.post("/v1/volumes", req).await
+    }
+    pub async fn delete_volume(&self, name: &str) -> Result<Volume, ClientError> {
+        self.delete(&format!("/v1/volumes/{name}")).await
+    }
+    pub async fn attach_volume(&self, name: &str, node: Option<String>) -> Result<Volume, ClientError> {
+        self.post(&format!("/v1/volumes/{name}/attach"), &AttachVolume { node }).await
+    }
+    pub async fn detach_volume(&self, name: &str) -> Result<Volume, ClientError> {
+        self.post(&format!("/v1/volumes/{name}/detach"), &serde_json::json!({})).await
+    }
+    pub async fn list_nodes(&self) -> Result<Vec<Node>, ClientError> {
+        self.get("/v1/nodes").await
+    }
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Assignment, ClientError> {
+        self.post("/v1/agent/heartbeat", hb).await
+    }
+}

@@ -1,0 +1,573 @@
+//! The manager's state and the rules that move it: records persisted in the metadata store,
+//! what agents last reported, and the level-triggered reconciliation that turns both into the
+//! assignment each node gets back on its heartbeat.
+//!
+//! Desired state (persisted): volumes (size, replica count, desired node, deleting), replicas
+//! (node, mode, generation), nodes (addresses). Observed state (memory only, rebuilt from the
+//! next heartbeats after a restart): each node's last report. Volume `state` and `robustness`
+//! are derived from both on every read, never stored, so they cannot go stale.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use zebu_api::{
+    Assignment, EngineReplica, EngineSpec, Heartbeat, Node, Replica, ReplicaMode, ReplicaSpec, Robustness, Volume,
+    VolumeState,
+};
+use zebu_store::{MetaStore, MetaStoreExt, StoreError};
+
+use crate::error::ApiError;
+
+/// A node whose last heartbeat is older than this is not ready.
+pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
+/// An engine waits this long for all its replicas' nodes before starting without some of them.
+pub const ENGINE_WAIT_FOR_REPLICAS: Duration = Duration::from_secs(20);
+pub const DEFAULT_REPLICA_COUNT: u32 = 3;
+pub const BLOCK_SIZE: u32 = 4096;
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
+
+const VOLUMES: &str = "volumes";
+const REPLICAS: &str = "replicas";
+const NODES: &str = "nodes";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub size_bytes: u64,
+    pub replica_count: u32,
+    pub block_size: u32,
+    pub desired_node: Option<String>,
+    pub deleting: bool,
+    /// Every replica has been reported by its node at least once.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub name: String,
+    pub volume: String,
+    pub node: String,
+    pub mode: ReplicaMode,
+    pub generation: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub address: String,
+    pub data_port: u16,
+    pub nbd_port: u16,
+    pub disk_path: String,
+}
+
+struct Live {
+    seen: Instant,
+    report: Heartbeat,
+}
+
+pub struct State {
+    store: Arc<dyn MetaStore>,
+    secret: String,
+    volumes: BTreeMap<String, VolumeRecord>,
+    replicas: BTreeMap<String, ReplicaRecord>,
+    nodes: BTreeMap<String, NodeRecord>,
+    live: HashMap<String, Live>,
+    /// When each volume was last asked to attach (for the replica wait).
+    attach_since: HashMap<String, Instant>,
+}
+
+fn store_err(e: StoreError) -> ApiError {
+    ApiError::internal(format!("{e}; nothing was changed"))
+}
+
+/// Volume names: DNS labels, so they work as Kubernetes names and in NBD URIs.
+pub fn validate_volume_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "volume name {name:?} is not valid: use 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        )))
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    let n: u32 = rand::thread_rng().gen();
+    format!("{n:08x}")
+}
+
+impl State {
+    pub fn load(store: Arc<dyn MetaStore>, secret: String) -> Result<State, StoreError> {
+        let volumes = store.list::<VolumeRecord>(VOLUMES)?.into_iter().map(|v| (v.name.clone(), v)).collect();
+        let replicas = store.list::<ReplicaRecord>(REPLICAS)?.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let nodes = store.list::<NodeRecord>(NODES)?.into_iter().map(|n| (n.name.clone(), n)).collect();
+        Ok(State { store, secret, volumes, replicas, nodes, live: HashMap::new(), attach_since: HashMap::new() })
+    }
+
+    fn node_ready(&self, node: &str) -> bool {
+        self.live.get(node).is_some_and(|l| l.seen.elapsed() < NODE_DOWN_AFTER)
+    }
+
+    fn ready_nodes(&self) -> Vec<&NodeRecord> {
+        self.nodes.values().filter(|n| self.node_ready(&n.name)).collect()
+    }
+
+    fn volume_replicas(&self, volume: &str) -> Vec<&ReplicaRecord> {
+        self.replicas.values().filter(|r| r.volume == volume).collect()
+    }
+
+    fn engine_report(&self, node: &str, volume: &str) -> Option<&zebu_api::EngineReport> {
+        let l = self.live.get(node)?;
+        if l.seen.elapsed() >= NODE_DOWN_AFTER {
+            return None;
+        }
+        l.report.engines.iter().find(|e| e.volume == volume)
+    }
+
+    /// The API view of a volume, with state and robustness derived from what nodes report.
+    pub fn view(&self, v: &VolumeRecord) -> Volume {
+        let replicas: Vec<Replica> = self
+            .volume_replicas(&v.name)
+            .into_iter()
+            .map(|r| Replica {
+                name: r.name.clone(),
+                volume: r.volume.clone(),
+                node: r.node.clone(),
+                mode: r.mode,
+                generation: r.generation,
+                error: r.error.clone(),
+            })
+            .collect();
+        let running = v.desired_node.as_deref().and_then(|n| self.engine_report(n, &v.name)).filter(|e| e.running);
+        let any_engine = self.live.keys().any(|n| self.engine_report(n, &v.name).is_some());
+        let state = if v.deleting {
+            VolumeState::Deleting
+        } else if !v.created {
+            VolumeState::Creating
+        } else if v.desired_node.is_some() {
+            if running.is_some() {
+                VolumeState::Attached
+            } else {
+                VolumeState::Attaching
+            }
+        } else if any_engine {
+            VolumeState::Detaching
+        } else {
+            VolumeState::Detached
+        };
+        let rw = replicas.iter().filter(|r| r.mode == ReplicaMode::RW).count() as u32;
+        let robustness = if !v.created {
+            Robustness::Unknown
+        } else if rw == 0 {
+            Robustness::Faulted
+        } else if rw < v.replica_count {
+            Robustness::Degraded
+        } else {
+            Robustness::Healthy
+        };
+        let message = if let (Some(n), None) = (&v.desired_node, running) {
+            match v.desired_node.as_deref().and_then(|n| self.engine_report(n, &v.name)) {
+                Some(e) if e.error.is_some() => e.error.clone(),
+                _ if !self.node_ready(n) => Some(format!("node {n} is not ready (no heartbeat)")),
+                _ => Some(format!("waiting for the engine on node {n} to start")),
+            }
+        } else if rw == 0 && v.created {
+            Some("every replica has failed; the volume cannot serve I/O".into())
+        } else {
+            None
+        };
+        Volume {
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            replica_count: v.replica_count,
+            block_size: v.block_size,
+            state,
+            robustness,
+            node: if state == VolumeState::Attached { v.desired_node.clone() } else { None },
+            desired_node: v.desired_node.clone(),
+            nbd_uri: running.and_then(|e| e.nbd_uri.clone()),
+            replicas,
+            message,
+        }
+    }
+
+    pub fn volumes(&self) -> Vec<Volume> {
+        self.volumes.values().map(|v| self.view(v)).collect()
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Volume, ApiError> {
+        self.volumes.get(name).map(|v| self.view(v)).ok_or_else(|| not_found(name))
+    }
+
+    pub fn nodes(&self) -> Vec<Node> {
+        self.nodes
+            .values()
+            .map(|n| {
+                let live = self.live.get(&n.name);
+                Node {
+                    name: n.name.clone(),
+                    address: n.address.clone(),
+                    data_port: n.data_port,
+                    nbd_port: n.nbd_port,
+                    disk_path: n.disk_path.clone(),
+                    ready: self.node_ready(&n.name),
+                    heartbeat_age_ms: live.map(|l| l.seen.elapsed().as_millis() as u64),
+                    replicas: self.replicas.values().filter(|r| r.node == n.name).count() as u32,
+                    disk_total_bytes: live.map(|l| l.report.disk_total_bytes).unwrap_or(0),
+                    disk_free_bytes: live.map(|l| l.report.disk_free_bytes).unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    pub fn create_volume(&mut self, name: &str, size_bytes: u64, replica_count: Option<u32>) -> Result<Volume, ApiError> {
+        validate_volume_name(name)?;
+        if self.volumes.contains_key(name) {
+            return Err(ApiError::conflict(format!(
+                "volume {name} already exists; choose another name or delete it first"
+            )));
+        }
+        if size_bytes == 0 {
+            return Err(ApiError::bad_request("volume size must be greater than zero".into()));
+        }
+        if size_bytes % BLOCK_SIZE as u64 != 0 {
+            return Err(ApiError::bad_request(format!(
+                "volume size {size_bytes} bytes is not a multiple of the {BLOCK_SIZE}-byte block size"
+            )));
+        }
+        if size_bytes > MAX_VOLUME_BYTES {
+            return Err(ApiError::bad_request(format!("volume size {size_bytes} bytes is over the 64 TiB limit")));
+        }
+        let count = replica_count.unwrap_or(DEFAULT_REPLICA_COUNT);
+        if count == 0 {
+            return Err(ApiError::bad_request("a volume needs at least one replica".into()));
+        }
+        // Hard anti-affinity: one replica per node, on nodes that are up.
+        let mut ready: Vec<(u32, String)> = self
+            .ready_nodes()
+            .iter()
+            .map(|n| (self.replicas.values().filter(|r| r.node == n.name).count() as u32, n.name.clone()))
+            .collect();
+        if (ready.len() as u32) < count {
+            return Err(ApiError::bad_request(format!(
+                "volume {name} wants {count} replicas but only {} node(s) are ready, and replicas of one volume never share a node; lower --replicas or add nodes",
+                ready.len()
+            )));
+        }
+        ready.sort();
+        let record = VolumeRecord {
+            name: name.to_owned(),
+            size_bytes,
+            replica_count: count,
+            block_size: BLOCK_SIZE,
+            desired_node: None,
+            deleting: false,
+            created: false,
+        };
+        let replicas: Vec<ReplicaRecord> = ready
+            .iter()
+            .take(count as usize)
+            .map(|(_, node)| ReplicaRecord {
+                name: format!("{name}-r-{}", random_suffix()),
+                volume: name.to_owned(),
+                node: node.clone(),
+                mode: ReplicaMode::RW,
+                generation: 0,
+                error: None,
+            })
+            .collect();
+        let vbytes = serde_json::to_vec(&record).expect("records serialize");
+        let rbytes: Vec<(String, Vec<u8>)> =
+            replicas.iter().map(|r| (r.name.clone(), serde_json::to_vec(r).expect("records serialize"))).collect();
+        let mut changes: Vec<(&str, &str, Option<Vec<u8>>)> = vec![(VOLUMES, name, Some(vbytes))];
+        for (k, b) in &rbytes {
+            changes.push((REPLICAS, k, Some(b.clone())));
+        }
+        self.store.apply(&changes).map_err(store_err)?;
+        self.volumes.insert(name.to_owned(), record);
+        for r in replicas {
+            self.replicas.insert(r.name.clone(), r);
+        }
+        tracing::info!(volume = name, size_bytes, replicas = count, "volume created");
+        self.volume(name)
+    }
+
+    fn save_volume(&mut self, v: VolumeRecord) -> Result<(), ApiError> {
+        self.store.put(VOLUMES, &v.name, &v).map_err(store_err)?;
+        self.volumes.insert(v.name.clone(), v);
+        Ok(())
+    }
+
+    pub fn delete_volume(&mut self, name: &str) -> Result<Volume, ApiError> {
+        let v = self.volumes.get(name).cloned().ok_or_else(|| not_found(name))?;
+        let view = self.view(&v);
+        if let Some(node) = &v.desired_node {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is attached to node {node}; detach it first (zebu volume detach {name})"
+            )));
+        }
+        if view.state == VolumeState::Detaching {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is still detaching; wait until it is detached, then delete it"
+            )));
+        }
+        if !v.deleting {
+            let mut v = v;
+            v.deleting = true;
+            self.save_volume(v)?;
+            tracing::info!(volume = name, "volume deleting");
+        }
+        self.volume(name)
+    }
+
+    pub fn attach(&mut self, name: &str, node: Option<String>) -> Result<Volume, ApiError> {
+        let v = self.volumes.get(name).cloned().ok_or_else(|| not_found(name))?;
+        if v.deleting {
+            return Err(ApiError::conflict(format!("volume {name} is being deleted")));
+        }
+        let node = match node {
+            Some(n) => {
+                if !self.nodes.contains_key(&n) {
+                    return Err(ApiError::not_found(format!("node {n} does not exist (see zebu node list)")));
+                }
+                if !self.node_ready(&n) {
+                    return Err(ApiError::conflict(format!("node {n} is not ready (no recent heartbeat)")));
+                }
+                n
+            }
+            None => {
+                // Prefer a node holding a healthy replica (reads stay local), then any ready node.
+                let reps = self.volume_replicas(name);
+                reps.iter()
+                    .filter(|r| r.mode == ReplicaMode::RW && self.node_ready(&r.node))
+                    .map(|r| r.node.clone())
+                    .next()
+                    .or_else(|| self.ready_nodes().first().map(|n| n.name.clone()))
+                    .ok_or_else(|| ApiError::conflict("no node is ready to attach to".into()))?
+            }
+        };
+        if let Some(cur) = &v.desired_node {
+            if *cur == node {
+                return self.volume(name);
+            }
+            return Err(ApiError::conflict(format!(
+                "volume {name} is attached to node {cur}; detach it first to attach it to {node}"
+            )));
+        }
+        if self.view(&v).state == VolumeState::Detaching {
+            return Err(ApiError::conflict(format!("volume {name} is still detaching; try again in a moment")));
+        }
+        if v.created && !self.volume_replicas(name).iter().any(|r| r.mode == ReplicaMode::RW) {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is faulted: every replica has failed, so it cannot be attached"
+            )));
+        }
+        let mut v = v;
+        v.desired_node = Some(node.clone());
+        self.save_volume(v)?;
+        self.attach_since.insert(name.to_owned(), Instant::now());
+        tracing::info!(volume = name, node = %node, "volume attaching");
+        self.volume(name)
+    }
+
+    pub fn detach(&mut self, name: &str) -> Result<Volume, ApiError> {
+        let v = self.volumes.get(name).cloned().ok_or_else(|| not_found(name))?;
+        if v.desired_node.is_some() {
+            let mut v = v;
+            v.desired_node = None;
+            self.save_volume(v)?;
+            tracing::info!(volume = name, "volume detaching");
+        }
+        self.volume(name)
+    }
+
+    /// Take a node's report, update observed state, and answer with what it should run.
+    pub fn heartbeat(&mut self, hb: Heartbeat) -> Result<Assignment, ApiError> {
+        let node = hb.node.clone();
+        if node.is_empty() {
+            return Err(ApiError::bad_request("heartbeat without a node name".into()));
+        }
+        let rec = NodeRecord {
+            name: node.clone(),
+            address: hb.address.clone(),
+            data_port: hb.data_port,
+            nbd_port: hb.nbd_port,
+            disk_path: hb.disk_path.clone(),
+        };
+        if self.nodes.get(&node) != Some(&rec) {
+            self.store.put(NODES, &node, &rec).map_err(store_err)?;
+            if !self.nodes.contains_key(&node) {
+                tracing::info!(node = %node, address = %rec.address, "node registered");
+            }
+            self.nodes.insert(node.clone(), rec);
+        }
+        let mut changed: Vec<ReplicaRecord> = Vec::new();
+        // Replica generations and failures reported by this node.
+        for r in &hb.replicas {
+            if let Some(rec) = self.replicas.get(&r.name) {
+                if rec.node != node {
+                    continue; // Not ours to report on.
+                }
+                let mut next = rec.clone();
+                next.generation = r.generation;
+                if let Some(err) = &r.error {
+                    next.mode = ReplicaMode::ERR;
+                    next.error = Some(err.clone());
+                }
+                if next != *rec {
+                    changed.push(next);
+                }
+            }
+        }
+        // Replica modes seen by engines on this node. ERR is final until a rebuild.
+        for e in &hb.engines {
+            if self.volumes.get(&e.volume).and_then(|v| v.desired_node.as_deref()) != Some(node.as_str()) {
+                continue;
+            }
+            for m in &e.replicas {
+                if m.mode != ReplicaMode::ERR {
+                    continue;
+                }
+                if let Some(rec) = self.replicas.get(&m.name) {
+                    if rec.volume == e.volume && rec.mode != ReplicaMode::ERR {
+                        let mut next = changed.iter().find(|c| c.name == m.name).cloned().unwrap_or_else(|| rec.clone());
+                        next.mode = ReplicaMode::ERR;
+                        next.error = m.error.clone();
+                        tracing::warn!(volume = %e.volume, replica = %m.name, "replica failed: {}", m.error.clone().unwrap_or_default());
+                        changed.retain(|c| c.name != m.name);
+                        changed.push(next);
+                    }
+                }
+            }
+        }
+        for r in changed {
+            self.store.put(REPLICAS, &r.name, &r).map_err(store_err)?;
+            self.replicas.insert(r.name.clone(), r);
+        }
+        // Deleted volumes: a replica this node no longer has on disk is gone.
+        let on_disk: std::collections::HashSet<&str> = hb.replicas.iter().map(|r| r.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .replicas
+            .values()
+            .filter(|r| r.node == node && !on_disk.contains(r.name.as_str()))
+            .filter(|r| self.volumes.get(&r.volume).is_none_or(|v| v.deleting))
+            .map(|r| r.name.clone())
+            .collect();
+        for name in gone {
+            self.store.delete(REPLICAS, &name).map_err(store_err)?;
+            self.replicas.remove(&name);
+        }
+        let finished: Vec<String> = self
+            .volumes
+            .values()
+            .filter(|v| v.deleting && !self.replicas.values().any(|r| r.volume == v.name))
+            .map(|v| v.name.clone())
+            .collect();
+        for name in finished {
+            self.store.delete(VOLUMES, &name).map_err(store_err)?;
+            self.volumes.remove(&name);
+            tracing::info!(volume = %name, "volume deleted");
+        }
+        // Volumes whose replicas have all been seen are created.
+        let newly_created: Vec<VolumeRecord> = self
+            .volumes
+            .values()
+            .filter(|v| !v.created && !v.deleting)
+            .filter(|v| {
+                let reps = self.volume_replicas(&v.name);
+                !reps.is_empty()
+                    && reps.iter().all(|r| {
+                        r.node == node && on_disk.contains(r.name.as_str())
+                            || self.live.get(&r.node).is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
+                    })
+            })
+            .cloned()
+            .collect();
+        for mut v in newly_created {
+            v.created = true;
+            self.save_volume(v)?;
+        }
+        self.live.insert(node.clone(), Live { seen: Instant::now(), report: hb });
+        Ok(self.assignment(&node))
+    }
+
+    fn assignment(&self, node: &str) -> Assignment {
+        let mut replicas = Vec::new();
+        let mut delete_replicas = Vec::new();
+        for r in self.replicas.values().filter(|r| r.node == node) {
+            let Some(v) = self.volumes.get(&r.volume) else {
+                delete_replicas.push(r.name.clone());
+                continue;
+            };
+            if v.deleting {
+                delete_replicas.push(r.name.clone());
+            } else {
+                replicas.push(ReplicaSpec {
+                    name: r.name.clone(),
+                    volume: v.name.clone(),
+                    size_bytes: v.size_bytes,
+                    block_size: v.block_size,
+                });
+            }
+        }
+        let mut engines = Vec::new();
+        for v in self.volumes.values() {
+            if v.deleting || !v.created || v.desired_node.as_deref() != Some(node) {
+                continue;
+            }
+            let members: Vec<&ReplicaRecord> =
+                self.volume_replicas(&v.name).into_iter().filter(|r| r.mode != ReplicaMode::ERR).collect();
+            if members.is_empty() {
+                continue;
+            }
+            // Start once every member's node is up and serving it, or after a grace period.
+            let all_up = members.iter().all(|r| {
+                self.node_ready(&r.node)
+                    && self.live.get(&r.node).is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
+            });
+            let waited = self.attach_since.get(&v.name).is_none_or(|t| t.elapsed() >= ENGINE_WAIT_FOR_REPLICAS);
+            let already = self.engine_report(node, &v.name).is_some();
+            if !(all_up || waited || already) {
+                continue;
+            }
+            engines.push(EngineSpec {
+                volume: v.name.clone(),
+                size_bytes: v.size_bytes,
+                replicas: members
+                    .iter()
+                    .filter_map(|r| {
+                        let n = self.nodes.get(&r.node)?;
+                        Some(EngineReplica {
+                            name: r.name.clone(),
+                            node: r.node.clone(),
+                            address: format!("{}:{}", n.address, n.data_port),
+                        })
+                    })
+                    .collect(),
+            });
+        }
+        Assignment { secret: self.secret.clone(), replicas, engines, delete_replicas }
+    }
+
+    /// Note volumes that should be attached when the manager starts, so their engines wait for
+    /// their replicas' nodes to come back before starting.
+    pub fn note_restart(&mut self) {
+        let now = Instant::now();
+        for v in self.volumes.values().filter(|v| v.desired_node.is_some()) {
+            self.attach_since.insert(v.name.clone(), now);
+        }
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("volume {name} does not exist (see zebu volume list)"))
+}
