@@ -1,0 +1,426 @@
+//! Zebu agent: one per node (Longhorn's instance manager). It registers the node and its disk
+//! with the manager, heartbeats, and runs in-process the replicas and engines the manager
+//! assigns, together with the node's replica data server and NBD server.
+//!
+//! Control and data are kept apart: the heartbeat loop runs on the caller's runtime, while the
+//! data servers and engines run on a dedicated data-path runtime ([`data_runtime`]) whose
+//! threads never wait on the manager. Blocking file I/O runs on the replica server's own
+//! I/O threads.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+use zebu_api::{ApiClient, Assignment, EngineReport, EngineSpec, Heartbeat, MemberReport, ReplicaMode, ReplicaReport};
+use zebu_engine::{Engine, EngineConfig, Mode, NbdServer, ReplicaTarget};
+use zebu_replica::{Replica, ReplicaServer};
+
+pub const DEFAULT_DATA_PORT: u16 = 10700;
+pub const DEFAULT_NBD_PORT: u16 = 10809;
+/// A failed engine start is retried after this long.
+const ENGINE_RETRY: Duration = Duration::from_secs(5);
+/// A replica that does not answer a request within this time leaves the set.
+const IO_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// The process-wide runtime for the data path (replica servers, engines, NBD).
+pub fn data_runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("zebu-data")
+            .enable_all()
+            .build()
+            .expect("the data-path runtime must start")
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub data_dir: PathBuf,
+    /// The node's own address: replica traffic and NBD are served there.
+    pub listen_ip: IpAddr,
+    pub data_port: u16,
+    pub nbd_port: u16,
+    pub manager_url: String,
+    pub token: String,
+    pub heartbeat_interval: Duration,
+    /// I/O threads of the replica server.
+    pub io_threads: usize,
+}
+
+enum EngineSlot {
+    Starting,
+    Running(Arc<Engine>),
+    Failed { error: String, at: Instant },
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    api: ApiClient,
+    replicas_dir: PathBuf,
+    server: Arc<ReplicaServer>,
+    nbd: Arc<NbdServer>,
+    engines: Mutex<HashMap<String, EngineSlot>>,
+    /// Replicas on disk that could not be opened or created, with why.
+    replica_errors: Mutex<HashMap<String, (String, String)>>,
+    secret: Mutex<Option<String>>,
+}
+
+fn valid_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn disk_stats(path: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return (0, 0);
+    };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is a properly sized out-parameter.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return (0, 0);
+        }
+        (st.f_blocks as u64 * st.f_frsize as u64, st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+impl Agent {
+    /// Open the node's disk, bind its servers and open the replicas already on disk.
+    pub fn start(cfg: AgentConfig) -> anyhow::Result<Arc<Agent>> {
+        if !valid_object_name(&cfg.node) {
+            anyhow::bail!("node name {:?} is not valid: use lowercase letters, digits and '-'", cfg.node);
+        }
+        let replicas_dir = cfg.data_dir.join("replicas");
+        std::fs::create_dir_all(&replicas_dir)
+            .with_context(|| format!("creating the node's disk directory {}", replicas_dir.display()))?;
+        let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
+        let nbd = NbdServer::new();
+        let rt = data_runtime();
+        let bind = |port: u16, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
+            let addr = std::net::SocketAddr::new(cfg.listen_ip, port);
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("node {}: cannot listen for {what} on {addr} (in use? pick another --listen address)", cfg.node))?;
+            l.set_nonblocking(true)?;
+            let _g = rt.enter();
+            Ok(tokio::net::TcpListener::from_std(l)?)
+        };
+        let data_listener = bind(cfg.data_port, "replica traffic")?;
+        let nbd_listener = bind(cfg.nbd_port, "NBD")?;
+        rt.spawn(server.clone().serve(data_listener));
+        rt.spawn(nbd.clone().serve(nbd_listener));
+        let agent = Arc::new(Agent {
+            api: ApiClient::new(&cfg.manager_url, &cfg.token),
+            replicas_dir,
+            server,
+            nbd,
+            engines: Mutex::new(HashMap::new()),
+            replica_errors: Mutex::new(HashMap::new()),
+            secret: Mutex::new(None),
+            cfg,
+        });
+        agent.open_existing();
+        tracing::info!(
+            node = %agent.cfg.node,
+            "agent up: replica data on {}:{}, NBD on {}:{}",
+            agent.cfg.listen_ip, agent.cfg.data_port, agent.cfg.listen_ip, agent.cfg.nbd_port
+        );
+        Ok(agent)
+    }
+
+    fn open_existing(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.replicas_dir) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !valid_object_name(&name) {
+                continue;
+            }
+            match Replica::open(&e.path()) {
+                Ok(r) => self.server.add(Arc::new(r)),
+                Err(err) => {
+                    tracing::error!(node = %self.cfg.node, "cannot open replica {name}: {}", err.full_message());
+                    self.replica_errors.lock().unwrap().insert(name, (String::new(), err.full_message()));
+                }
+            }
+        }
+    }
+
+    pub fn nbd_uri(&self, volume: &str) -> String {
+        format!("nbd://{}:{}/{volume}", self.cfg.listen_ip, self.cfg.nbd_port)
+    }
+
+    /// Heartbeat until `shutdown` turns true, then stop engines cleanly.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let hb = self.report();
+            match self.api.heartbeat(&hb).await {
+                Ok(a) => {
+                    if failing_since.take().is_some() {
+                        tracing::info!(node = %self.cfg.node, "manager reachable again");
+                    }
+                    self.reconcile(a);
+                }
+                Err(e) => {
+                    if failing_since.is_none() {
+                        tracing::warn!(node = %self.cfg.node, "heartbeat failed: {e}");
+                        failing_since = Some(Instant::now());
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.heartbeat_interval) => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        self.stop().await;
+    }
+
+    /// Flush and close every engine (clean shutdown; volumes stay attached in desired state).
+    pub async fn stop(&self) {
+        let engines: Vec<Arc<Engine>> = {
+            let mut map = self.engines.lock().unwrap();
+            map.drain()
+                .filter_map(|(_, s)| match s {
+                    EngineSlot::Running(e) => Some(e),
+                    _ => None,
+                })
+                .collect()
+        };
+        for e in engines {
+            self.nbd.remove(e.volume());
+            let e2 = e.clone();
+            let _ = data_runtime().spawn(async move { e2.flush().await }).await;
+        }
+    }
+
+    fn report(&self) -> Heartbeat {
+        let (total, free) = disk_stats(&self.cfg.data_dir);
+        let mut replicas: Vec<ReplicaReport> = self
+            .server
+            .list()
+            .into_iter()
+            .map(|r| ReplicaReport {
+                name: r.name().to_owned(),
+                volume: r.volume().to_owned(),
+                generation: r.generation(),
+                size_bytes: r.size_bytes(),
+                error: r.is_poisoned().then(|| format!("replica {} refuses I/O after a disk error", r.name())),
+            })
+            .collect();
+        for (name, (volume, err)) in self.replica_errors.lock().unwrap().iter() {
+            replicas.push(ReplicaReport {
+                name: name.clone(),
+                volume: volume.clone(),
+                generation: 0,
+                size_bytes: 0,
+                error: Some(err.clone()),
+            });
+        }
+        let engines = self
+            .engines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(volume, slot)| match slot {
+                EngineSlot::Running(e) => EngineReport {
+                    volume: volume.clone(),
+                    running: true,
+                    generation: e.generation(),
+                    nbd_uri: Some(self.nbd_uri(volume)),
+                    replicas: e
+                        .members()
+                        .into_iter()
+                        .map(|m| MemberReport {
+                            name: m.name,
+                            mode: match m.mode {
+                                Mode::Rw => ReplicaMode::RW,
+                                Mode::Wo => ReplicaMode::WO,
+                                Mode::Err => ReplicaMode::ERR,
+                            },
+                            error: (!m.error.is_empty()).then_some(m.error),
+                        })
+                        .collect(),
+                    error: None,
+                },
+                EngineSlot::Starting => EngineReport {
+                    volume: volume.clone(),
+                    running: false,
+                    generation: 0,
+                    nbd_uri: None,
+                    replicas: vec![],
+                    error: None,
+                },
+                EngineSlot::Failed { error, .. } => EngineReport {
+                    volume: volume.clone(),
+                    running: false,
+                    generation: 0,
+                    nbd_uri: None,
+                    replicas: vec![],
+                    error: Some(error.clone()),
+                },
+            })
+            .collect();
+        Heartbeat {
+            node: self.cfg.node.clone(),
+            address: self.cfg.listen_ip.to_string(),
+            data_port: self.cfg.data_port,
+            nbd_port: self.cfg.nbd_port,
+            disk_path: self.cfg.data_dir.display().to_string(),
+            disk_total_bytes: total,
+            disk_free_bytes: free,
+            replicas,
+            engines,
+        }
+    }
+
+    fn reconcile(self: &Arc<Self>, a: Assignment) {
+        {
+            let mut s = self.secret.lock().unwrap();
+            if s.as_deref() != Some(a.secret.as_str()) {
+                self.server.set_secret(a.secret.clone());
+                *s = Some(a.secret.clone());
+            }
+        }
+        for name in &a.delete_replicas {
+            self.delete_replica(name);
+        }
+        for spec in &a.replicas {
+            if !valid_object_name(&spec.name) || self.server.get(&spec.name).is_some() {
+                continue;
+            }
+            if self.replica_errors.lock().unwrap().contains_key(&spec.name) {
+                continue; // Reported; a person or a later rebuild decides.
+            }
+            let dir = self.replicas_dir.join(&spec.name);
+            let result = if dir.join(zebu_replica::meta::META_FILE).exists() {
+                Replica::open(&dir).and_then(|r| {
+                    if r.volume() != spec.volume || r.size_bytes() != spec.size_bytes {
+                        Err(zebu_replica::ReplicaError::Invalid {
+                            replica: spec.name.clone(),
+                            reason: format!(
+                                "on disk it belongs to volume {} with {} bytes, the manager expects volume {} with {} bytes",
+                                r.volume(),
+                                r.size_bytes(),
+                                spec.volume,
+                                spec.size_bytes
+                            ),
+                        })
+                    } else {
+                        Ok(r)
+                    }
+                })
+            } else {
+                Replica::create(&dir, &spec.volume, &spec.name, spec.size_bytes, spec.block_size)
+            };
+            match result {
+                Ok(r) => {
+                    tracing::info!(node = %self.cfg.node, replica = %spec.name, "replica ready");
+                    self.server.add(Arc::new(r));
+                }
+                Err(e) => {
+                    tracing::error!(node = %self.cfg.node, "replica {}: {}", spec.name, e.full_message());
+                    self.replica_errors
+                        .lock()
+                        .unwrap()
+                        .insert(spec.name.clone(), (spec.volume.clone(), e.full_message()));
+                }
+            }
+        }
+        // Engines.
+        let wanted: HashMap<&str, &EngineSpec> = a.engines.iter().map(|e| (e.volume.as_str(), e)).collect();
+        let mut to_stop = Vec::new();
+        {
+            let mut map = self.engines.lock().unwrap();
+            map.retain(|vol, slot| {
+                if wanted.contains_key(vol.as_str()) {
+                    return true;
+                }
+                if let EngineSlot::Running(e) = slot {
+                    to_stop.push(e.clone());
+                }
+                false // a start in progress sees its slot gone and drops the engine
+            });
+            for (vol, spec) in &wanted {
+                let start = match map.get(*vol) {
+                    None => true,
+                    Some(EngineSlot::Failed { at, .. }) => at.elapsed() >= ENGINE_RETRY,
+                    _ => false,
+                };
+                if start {
+                    map.insert(vol.to_string(), EngineSlot::Starting);
+                    self.spawn_engine((*spec).clone());
+                }
+            }
+        }
+        for e in to_stop {
+            self.nbd.remove(e.volume());
+            tracing::info!(node = %self.cfg.node, volume = %e.volume(), "engine stopping (detached)");
+            data_runtime().spawn(async move {
+                if let Err(err) = e.flush().await {
+                    tracing::warn!("final flush of {} failed: {err}", e.volume());
+                }
+            });
+        }
+    }
+
+    fn spawn_engine(self: &Arc<Self>, spec: EngineSpec) {
+        let secret = self.secret.lock().unwrap().clone().unwrap_or_default();
+        let cfg = EngineConfig {
+            volume: spec.volume.clone(),
+            size_bytes: spec.size_bytes,
+            replicas: spec
+                .replicas
+                .iter()
+                .map(|r| ReplicaTarget { name: r.name.clone(), address: r.address.clone(), local: r.node == self.cfg.node })
+                .collect(),
+            secret,
+            io_timeout: IO_TIMEOUT,
+            connect_patience: Duration::from_secs(3),
+        };
+        let this = self.clone();
+        data_runtime().spawn(async move {
+            let result = Engine::start(cfg).await;
+            let mut map = this.engines.lock().unwrap();
+            // Detached while starting: the slot is gone or no longer Starting.
+            if !matches!(map.get(&spec.volume), Some(EngineSlot::Starting)) {
+                return;
+            }
+            match result {
+                Ok(engine) => {
+                    this.nbd.add(engine.clone());
+                    tracing::info!(node = %this.cfg.node, volume = %spec.volume, uri = %this.nbd_uri(&spec.volume), "volume attached");
+                    map.insert(spec.volume.clone(), EngineSlot::Running(engine));
+                }
+                Err(e) => {
+                    tracing::error!(node = %this.cfg.node, "{e}");
+                    map.insert(spec.volume.clone(), EngineSlot::Failed { error: e.to_string(), at: Instant::now() });
+                }
+            }
+        });
+    }
+
+    fn delete_replica(&self, name: &str) {
+        if !valid_object_name(name) {
+            return;
+        }
+        self.server.remove(name);
+        self.replica_errors.lock().unwrap().remove(name);
+        let dir = self.replicas_dir.join(name);
+        if dir.exists() {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(node = %self.cfg.node, replica = name, "replica deleted"),
+                Err(e) => tracing::error!(node = %self.cfg.node, "deleting replica {}: {e}", dir.display()),
+            }
+        }
+    }
+}

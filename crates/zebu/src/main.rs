@@ -1,1 +1,344 @@
-fn main() {}
+//! `zebu`: the one binary — the all-in-one cluster (`up`), the manager and agent processes, and
+//! the CLI client of the REST API.
+
+mod cli;
+mod size;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+use zebu_agent::{Agent, AgentConfig, DEFAULT_DATA_PORT, DEFAULT_NBD_PORT};
+use zebu_api::{ApiClient, CreateVolume, VolumeState};
+use zebu_manager::Manager;
+
+#[derive(Parser)]
+#[command(
+    name = "zebu",
+    version,
+    about = "Zebu: distributed, replicated block storage",
+    long_about = "Zebu: distributed, replicated block storage.\n\n\
+        Start everything on one machine with `zebu up`, then reach the `demo` volume over NBD,\n\
+        or manage volumes with `zebu volume ...` (a client of the manager's REST API)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an all-in-one cluster on this machine: a manager and N node agents in one process.
+    Up(UpArgs),
+    /// Run the manager (REST API, metadata store, reconcilers) as its own process.
+    Manager(ManagerArgs),
+    /// Run a node agent (replicas, engines, NBD server) as its own process.
+    Agent(AgentArgs),
+    /// Create, inspect, attach, detach and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Inspect nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Directory for the manager's metadata, the admin token and every node's replicas.
+    #[arg(long, default_value = "./zebu-data")]
+    data_dir: PathBuf,
+    /// Number of simulated nodes (each an agent with its own data directory and address).
+    #[arg(long, default_value_t = 3)]
+    nodes: u8,
+    /// Address of the manager's REST API.
+    #[arg(long, default_value = "127.0.0.1:9500")]
+    api: SocketAddr,
+    /// Loopback address of the first node; node N gets this address plus N-1.
+    #[arg(long, default_value = "127.0.0.1")]
+    first_ip: Ipv4Addr,
+    /// Do not create and attach the `demo` volume.
+    #[arg(long)]
+    no_demo: bool,
+}
+
+#[derive(Args)]
+struct ManagerArgs {
+    /// Directory for the metadata store, admin.token and cluster.secret.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address of the REST API.
+    #[arg(long, default_value = "127.0.0.1:9500")]
+    listen: SocketAddr,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// URL of the manager, e.g. http://127.0.0.1:9500.
+    #[arg(long, env = "ZEBU_API")]
+    manager: String,
+    /// Name of this node (lowercase letters, digits and '-').
+    #[arg(long)]
+    node: String,
+    /// The node's disk: replicas are stored under DIR/replicas.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The node's address; replica traffic and NBD are served there.
+    #[arg(long, default_value = "127.0.0.1")]
+    listen: IpAddr,
+    /// Port of the replica data server.
+    #[arg(long, default_value_t = DEFAULT_DATA_PORT)]
+    data_port: u16,
+    /// Port of the NBD server.
+    #[arg(long, default_value_t = DEFAULT_NBD_PORT)]
+    nbd_port: u16,
+    /// API token (default: $ZEBU_TOKEN, else ./zebu-data/admin.token).
+    #[arg(long, env = "ZEBU_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// URL of the manager's REST API.
+    #[arg(long, env = "ZEBU_API", default_value = "http://127.0.0.1:9500", global = true)]
+    api: String,
+    /// API token (default: $ZEBU_TOKEN, else the contents of ./zebu-data/admin.token).
+    #[arg(long, env = "ZEBU_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume; its replicas are placed on distinct nodes.
+    Create {
+        name: String,
+        /// Size, e.g. 1GiB, 512MiB, 10G (K/M/G/T and Ki/Mi/Gi/Ti are powers of 1024; KB/MB/GB/TB of 1000).
+        #[arg(long)]
+        size: String,
+        /// Number of replicas (default 3).
+        #[arg(long)]
+        replicas: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one volume and its replicas.
+    Get {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Attach a volume to a node and print its NBD URI once it serves I/O.
+    Attach {
+        name: String,
+        /// Node to attach to (default: a node holding a healthy replica).
+        #[arg(long)]
+        node: Option<String>,
+        /// Do not wait for the volume to be attached.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Detach a volume (its NBD export goes away; data stays).
+    Detach {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a detached volume and all its replicas.
+    Delete {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes and whether they are ready.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn default_token(explicit: Option<String>) -> String {
+    if let Some(t) = explicit {
+        return t.trim().to_owned();
+    }
+    std::fs::read_to_string(Path::new("zebu-data").join(zebu_manager::TOKEN_FILE))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZEBU_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let server = matches!(cli.command, Command::Up(_) | Command::Manager(_) | Command::Agent(_));
+    init_logging(if server { "info" } else { "warn" });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(if server { 2 } else { 1 })
+        .thread_name("zebu-control")
+        .enable_all()
+        .build()
+        .expect("the control runtime must start");
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Up(a) => up(a).await,
+            Command::Manager(a) => manager(a).await,
+            Command::Agent(a) => agent(a).await,
+            Command::Volume(c) => cli::volume(c).await,
+            Command::Node(c) => cli::node(c).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn manager(a: ManagerArgs) -> anyhow::Result<()> {
+    let m = Manager::open(&a.data_dir)?;
+    eprintln!("admin token in {}", a.data_dir.join(zebu_manager::TOKEN_FILE).display());
+    zebu_manager::serve(m, a.listen, shutdown_signal()).await
+}
+
+async fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    let token = default_token(a.token);
+    let agent = Agent::start(AgentConfig {
+        node: a.node,
+        data_dir: a.data_dir,
+        listen_ip: a.listen,
+        data_port: a.data_port,
+        nbd_port: a.nbd_port,
+        manager_url: a.manager,
+        token,
+        heartbeat_interval: Duration::from_secs(1),
+        io_threads: 4,
+    })?;
+    let (tx, rx) = watch::channel(false);
+    let run = tokio::spawn(agent.run(rx));
+    shutdown_signal().await;
+    let _ = tx.send(true);
+    let _ = run.await;
+    Ok(())
+}
+
+async fn up(a: UpArgs) -> anyhow::Result<()> {
+    if a.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let m = Manager::open(&a.data_dir)?;
+    let token = m.token().to_owned();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api_task = {
+        let mut rx = stop_rx.clone();
+        let listener_check = tokio::net::TcpListener::bind(a.api)
+            .await
+            .with_context(|| format!("cannot listen on {} (is another `zebu up` running? use --api)", a.api))?;
+        drop(listener_check);
+        tokio::spawn(zebu_manager::serve(m.clone(), a.api, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    };
+    let url = format!("http://{}", a.api);
+    let mut agents = Vec::new();
+    for i in 0..a.nodes {
+        let ip = Ipv4Addr::from(u32::from(a.first_ip) + i as u32);
+        let node = format!("node-{}", i + 1);
+        let agent = Agent::start(AgentConfig {
+            node: node.clone(),
+            data_dir: a.data_dir.join("nodes").join(&node),
+            listen_ip: IpAddr::V4(ip),
+            data_port: DEFAULT_DATA_PORT,
+            nbd_port: DEFAULT_NBD_PORT,
+            manager_url: url.clone(),
+            token: token.clone(),
+            heartbeat_interval: Duration::from_secs(1),
+            io_threads: 3,
+        })?;
+        agents.push(tokio::spawn(agent.run(stop_rx.clone())));
+    }
+    let client = ApiClient::new(&url, &token);
+    // Wait until every node has checked in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = client.list_nodes().await.map(|n| n.iter().filter(|n| n.ready).count()).unwrap_or(0);
+        if ready >= a.nodes as usize {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {ready} of {} nodes checked in within 30 s; see the log above", a.nodes);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("Zebu is up: manager API {url}, {} node(s), data in {}", a.nodes, a.data_dir.display());
+    println!("  token: {}", a.data_dir.join(zebu_manager::TOKEN_FILE).display());
+    if !a.no_demo {
+        let demo = match client.get_volume("demo").await {
+            Ok(v) => v,
+            Err(e) if e.status() == Some(404) => {
+                let replicas = (a.nodes as u32).min(3);
+                client
+                    .create_volume(&CreateVolume { name: "demo".into(), size_bytes: 1 << 30, replica_count: Some(replicas) })
+                    .await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if demo.desired_node.is_none() {
+            client.attach_volume("demo", Some("node-1".into())).await?;
+        }
+        let v = cli::wait_for(&client, "demo", Duration::from_secs(90), |v| v.state == VolumeState::Attached).await?;
+        let uri = v.nbd_uri.clone().unwrap_or_default();
+        println!();
+        println!("Volume demo ({} bytes, {} replicas) is attached: {uri}", v.size_bytes, v.replica_count);
+        println!("  qemu-img info {uri}");
+        println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+        println!("  mkdir -p /tmp/zebu-fuse && nbdfuse /tmp/zebu-fuse/demo {uri} &   # then: losetup -f --show /tmp/zebu-fuse/demo");
+    }
+    println!("\nPress Ctrl-C to stop. Manage volumes with: zebu volume list");
+    shutdown_signal().await;
+    eprintln!("shutting down...");
+    let _ = stop_tx.send(true);
+    for a in agents {
+        let _ = a.await;
+    }
+    let _ = api_task.await;
+    // Every agent has flushed its engines; the process exits now.
+    Ok(())
+}

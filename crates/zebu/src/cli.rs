@@ -1,0 +1,210 @@
+//! The CLI client commands: tables by default, `-o json` for scripts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use zebu_api::{ApiClient, CreateVolume, Volume, VolumeState};
+
+use crate::size::{human, parse_size};
+use crate::{default_token, ClientArgs, NodeCmd, Output, VolumeCmd};
+
+fn client(c: &ClientArgs) -> ApiClient {
+    ApiClient::new(&c.api, &default_token(c.token.clone()))
+}
+
+/// Print rows as aligned columns.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
+}
+
+fn show_volume(v: &Volume, out: Output) {
+    if out == Output::Json {
+        return print_json(v);
+    }
+    println!("Name:        {}", v.name);
+    println!("Size:        {} ({} bytes)", human(v.size_bytes), v.size_bytes);
+    println!("State:       {}", v.state.as_str());
+    println!("Robustness:  {}", v.robustness.as_str());
+    println!("Node:        {}", v.node.as_deref().unwrap_or("-"));
+    println!("NBD URI:     {}", v.nbd_uri.as_deref().unwrap_or("-"));
+    if let Some(m) = &v.message {
+        println!("Message:     {m}");
+    }
+    println!("Replicas:    {} wanted", v.replica_count);
+    table(
+        &["  NAME", "NODE", "MODE", "GENERATION", "ERROR"],
+        v.replicas
+            .iter()
+            .map(|r| {
+                vec![
+                    format!("  {}", r.name),
+                    r.node.clone(),
+                    r.mode.as_str().into(),
+                    r.generation.to_string(),
+                    r.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+/// Poll a volume until `done` holds, printing what it waits for when that changes.
+pub async fn wait_for(
+    c: &ApiClient,
+    name: &str,
+    timeout: Duration,
+    done: impl Fn(&Volume) -> bool,
+) -> anyhow::Result<Volume> {
+    let deadline = Instant::now() + timeout;
+    let mut last_msg = String::new();
+    loop {
+        let v = c.get_volume(name).await?;
+        if done(&v) {
+            return Ok(v);
+        }
+        let msg = format!("{} ({})", v.state.as_str(), v.message.clone().unwrap_or_default());
+        if msg != last_msg {
+            eprintln!("volume {name}: {msg}");
+            last_msg = msg;
+        }
+        if Instant::now() > deadline {
+            bail!("volume {name} is still {} after {} s: {}", v.state.as_str(), timeout.as_secs(), v.message.unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCmd::Create { name, size, replicas, client: ca } => {
+            let size_bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
+            let c = client(&ca);
+            let v = c.create_volume(&CreateVolume { name: name.clone(), size_bytes, replica_count: replicas }).await?;
+            if ca.output == Output::Json {
+                print_json(&v);
+            } else {
+                println!("volume {name} created: {} with {} replicas", human(v.size_bytes), v.replica_count);
+            }
+        }
+        VolumeCmd::List { client: ca } => {
+            let vols = client(&ca).list_volumes().await?;
+            if ca.output == Output::Json {
+                return Ok(print_json(&vols));
+            }
+            table(
+                &["NAME", "SIZE", "REPLICAS", "STATE", "ROBUSTNESS", "NODE", "NBD URI"],
+                vols.iter()
+                    .map(|v| {
+                        vec![
+                            v.name.clone(),
+                            human(v.size_bytes),
+                            format!("{}/{}", v.replicas.iter().filter(|r| r.mode == zebu_api::ReplicaMode::RW).count(), v.replica_count),
+                            v.state.as_str().into(),
+                            v.robustness.as_str().into(),
+                            v.node.clone().unwrap_or_else(|| "-".into()),
+                            v.nbd_uri.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        VolumeCmd::Get { name, client: ca } => {
+            let v = client(&ca).get_volume(&name).await?;
+            show_volume(&v, ca.output);
+        }
+        VolumeCmd::Attach { name, node, no_wait, client: ca } => {
+            let c = client(&ca);
+            let mut v = c.attach_volume(&name, node).await?;
+            if !no_wait {
+                v = wait_for(&c, &name, Duration::from_secs(90), |v| v.state == VolumeState::Attached).await?;
+            }
+            if ca.output == Output::Json {
+                print_json(&v);
+            } else if let Some(uri) = &v.nbd_uri {
+                println!("{uri}");
+            } else {
+                println!("volume {name} is {}", v.state.as_str());
+            }
+        }
+        VolumeCmd::Detach { name, no_wait, client: ca } => {
+            let c = client(&ca);
+            let mut v = c.detach_volume(&name).await?;
+            if !no_wait {
+                v = wait_for(&c, &name, Duration::from_secs(60), |v| v.state == VolumeState::Detached).await?;
+            }
+            if ca.output == Output::Json {
+                print_json(&v);
+            } else {
+                println!("volume {name} is {}", v.state.as_str());
+            }
+        }
+        VolumeCmd::Delete { name, no_wait, client: ca } => {
+            let c = client(&ca);
+            let v = c.delete_volume(&name).await?;
+            if !no_wait {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match c.get_volume(&name).await {
+                        Err(e) if e.status() == Some(404) => break,
+                        Err(e) => return Err(e.into()),
+                        Ok(v) if Instant::now() > deadline => {
+                            bail!("volume {name} is still {} after 60 s: are all its replicas' nodes up?", v.state.as_str())
+                        }
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+                println!("volume {name} deleted");
+            } else if ca.output == Output::Json {
+                print_json(&v);
+            } else {
+                println!("volume {name} is {}", v.state.as_str());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::List { client: ca } => {
+            let nodes = client(&ca).list_nodes().await?;
+            if ca.output == Output::Json {
+                return Ok(print_json(&nodes));
+            }
+            table(
+                &["NAME", "READY", "ADDRESS", "REPLICAS", "DISK FREE", "DISK"],
+                nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.name.clone(),
+                            n.ready.to_string(),
+                            n.address.clone(),
+                            n.replicas.to_string(),
+                            format!("{}/{}", human(n.disk_free_bytes), human(n.disk_total_bytes)),
+                            n.disk_path.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok(())
+}
