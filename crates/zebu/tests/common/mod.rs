@@ -1,0 +1,211 @@
+//! Helpers for end-to-end tests: real `zebu` processes on loopback addresses, real clients.
+//!
+//! Each test picks its own `net` number; its processes listen on 127.0.<net>.x so tests can
+//! run in parallel. Every process is killed when the test's `Cluster` is dropped.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const ZEBU: &str = env!("CARGO_BIN_EXE_zebu");
+
+/// Fail with a clear message when a tool the test needs is missing.
+pub fn require(tool: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    assert!(matches!(found, Ok(true)), "{tool} is not installed: run ./scripts/test, which installs the test tools");
+}
+
+/// Run a command, returning its output; panics if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Run a shell command line and require success; returns stdout.
+pub fn sh(line: &str) -> String {
+    let o = run(Command::new("bash").arg("-c").arg(line));
+    assert!(
+        o.status.success(),
+        "command failed: {line}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub net: u8,
+    pub api: String,
+    pub manager: Option<Child>,
+    pub agents: Vec<Option<Child>>,
+    pub up: Option<Child>,
+    pub token: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let all = self.agents.iter_mut().flatten().chain(self.manager.iter_mut()).chain(self.up.iter_mut());
+        for c in all {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Stdio {
+    Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("creating a log file"))
+}
+
+impl Cluster {
+    pub fn node_ip(&self, i: usize) -> String {
+        format!("127.0.{}.{}", self.net, i + 2)
+    }
+
+    /// A manager and `nodes` agents, each its own process.
+    pub fn separate(net: u8, nodes: usize) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("zebu-test-").tempdir().expect("tempdir");
+        let api = format!("http://127.0.{net}.1:9500");
+        let mut c = Cluster { dir, net, api, manager: None, agents: Vec::new(), up: None, token: String::new() };
+        c.start_manager();
+        for i in 0..nodes {
+            c.agents.push(None);
+            c.start_agent(i);
+        }
+        c.wait_nodes_ready(nodes);
+        c
+    }
+
+    pub fn start_manager(&mut self) {
+        let mdir = self.dir.path().join("manager");
+        let child = Command::new(ZEBU)
+            .args(["manager", "--data-dir"])
+            .arg(&mdir)
+            .args(["--listen", &format!("127.0.{}.1:9500", self.net)])
+            .stdout(log_file(self.dir.path(), "manager.out"))
+            .stderr(log_file(self.dir.path(), "manager"))
+            .spawn()
+            .expect("starting zebu manager");
+        self.manager = Some(child);
+        let token_path = mdir.join("admin.token");
+        self.token = wait_until("the admin token", Duration::from_secs(20), || {
+            std::fs::read_to_string(&token_path).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+        });
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let name = format!("node-{}", i + 1);
+        let child = Command::new(ZEBU)
+            .args(["agent", "--manager", &self.api, "--node", &name, "--data-dir"])
+            .arg(self.dir.path().join(&name))
+            .args(["--listen", &self.node_ip(i), "--token", &self.token])
+            .stdout(log_file(self.dir.path(), &format!("{name}.out")))
+            .stderr(log_file(self.dir.path(), &name))
+            .spawn()
+            .expect("starting zebu agent");
+        self.agents[i] = Some(child);
+    }
+
+    /// SIGKILL one agent.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].take() {
+            c.kill().expect("kill -9 agent");
+            c.wait().expect("reaping agent");
+        }
+    }
+
+    pub fn kill_all(&mut self) {
+        for i in 0..self.agents.len() {
+            self.kill_agent(i);
+        }
+        if let Some(mut m) = self.manager.take() {
+            m.kill().expect("kill -9 manager");
+            m.wait().expect("reaping manager");
+        }
+    }
+
+    pub fn wait_nodes_ready(&self, n: usize) {
+        wait_until(&format!("{n} ready nodes"), Duration::from_secs(30), || {
+            let v = self.cli_json(&["node", "list"]).ok()?;
+            let ready = v.as_array()?.iter().filter(|n| n["ready"] == Value::Bool(true)).count();
+            (ready >= n).then_some(())
+        });
+    }
+
+    /// Run the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run(Command::new(ZEBU).args(args).env("ZEBU_API", &self.api).env("ZEBU_TOKEN", &self.token))
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "zebu {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value, String> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let o = self.cli(&a);
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+    }
+
+    pub fn volume(&self, name: &str) -> Value {
+        self.cli_json(&["volume", "get", name]).expect("volume get")
+    }
+
+    /// Create and attach a volume; returns its NBD URI.
+    pub fn create_attached(&self, name: &str, size: &str, replicas: u32, node: &str) -> String {
+        self.cli_ok(&["volume", "create", name, "--size", size, "--replicas", &replicas.to_string()]);
+        let uri = self.cli_ok(&["volume", "attach", name, "--node", node]).trim().to_owned();
+        assert!(uri.starts_with("nbd://"), "attach printed {uri:?}");
+        uri
+    }
+
+    /// Directory of a replica on its node.
+    pub fn replica_dir(&self, node_index: usize, replica: &str) -> PathBuf {
+        self.dir.path().join(format!("node-{}", node_index + 1)).join("replicas").join(replica)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+/// qemu-io command output; panics unless every read matched and nothing failed.
+pub fn qemu_io(uri: &str, cmds: &[String]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri);
+    let o = run(&mut c);
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "qemu-io failed: {out}");
+    assert!(!out.contains("Pattern verification failed"), "qemu-io pattern mismatch:\n{out}");
+    assert!(!out.to_lowercase().contains("error"), "qemu-io reported an error:\n{out}");
+    out
+}
