@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
-use zebu_api::{ApiClient, Assignment, EngineReport, EngineSpec, Heartbeat, MemberReport, ReplicaMode, ReplicaReport};
+use zebu_api::{
+    ApiClient, Assignment, EngineReport, EngineSpec, Heartbeat, MemberReport, ReplicaMode,
+    ReplicaReport,
+};
 use zebu_engine::{Engine, EngineConfig, Mode, NbdServer, ReplicaTarget};
 use zebu_replica::{Replica, ReplicaServer};
 
@@ -76,7 +79,9 @@ pub struct Agent {
 fn valid_object_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn disk_stats(path: &Path) -> (u64, u64) {
@@ -90,7 +95,10 @@ fn disk_stats(path: &Path) -> (u64, u64) {
         if libc::statvfs(c.as_ptr(), &mut st) != 0 {
             return (0, 0);
         }
-        (st.f_blocks as u64 * st.f_frsize as u64, st.f_bavail as u64 * st.f_frsize as u64)
+        (
+            st.f_blocks as u64 * st.f_frsize as u64,
+            st.f_bavail as u64 * st.f_frsize as u64,
+        )
     }
 }
 
@@ -98,11 +106,18 @@ impl Agent {
     /// Open the node's disk, bind its servers and open the replicas already on disk.
     pub fn start(cfg: AgentConfig) -> anyhow::Result<Arc<Agent>> {
         if !valid_object_name(&cfg.node) {
-            anyhow::bail!("node name {:?} is not valid: use lowercase letters, digits and '-'", cfg.node);
+            anyhow::bail!(
+                "node name {:?} is not valid: use lowercase letters, digits and '-'",
+                cfg.node
+            );
         }
         let replicas_dir = cfg.data_dir.join("replicas");
-        std::fs::create_dir_all(&replicas_dir)
-            .with_context(|| format!("creating the node's disk directory {}", replicas_dir.display()))?;
+        std::fs::create_dir_all(&replicas_dir).with_context(|| {
+            format!(
+                "creating the node's disk directory {}",
+                replicas_dir.display()
+            )
+        })?;
         let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
         let nbd = NbdServer::new();
         let rt = data_runtime();
@@ -138,7 +153,9 @@ impl Agent {
     }
 
     fn open_existing(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.replicas_dir) else { return };
+        let Ok(entries) = std::fs::read_dir(&self.replicas_dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if !valid_object_name(&name) {
@@ -148,14 +165,20 @@ impl Agent {
                 Ok(r) => self.server.add(Arc::new(r)),
                 Err(err) => {
                     tracing::error!(node = %self.cfg.node, "cannot open replica {name}: {}", err.full_message());
-                    self.replica_errors.lock().unwrap().insert(name, (String::new(), err.full_message()));
+                    self.replica_errors
+                        .lock()
+                        .unwrap()
+                        .insert(name, (String::new(), err.full_message()));
                 }
             }
         }
     }
 
     pub fn nbd_uri(&self, volume: &str) -> String {
-        format!("nbd://{}:{}/{volume}", self.cfg.listen_ip, self.cfg.nbd_port)
+        format!(
+            "nbd://{}:{}/{volume}",
+            self.cfg.listen_ip, self.cfg.nbd_port
+        )
     }
 
     /// Heartbeat until `shutdown` turns true, then stop engines cleanly.
@@ -214,7 +237,9 @@ impl Agent {
                 volume: r.volume().to_owned(),
                 generation: r.generation(),
                 size_bytes: r.size_bytes(),
-                error: r.is_poisoned().then(|| format!("replica {} refuses I/O after a disk error", r.name())),
+                error: r
+                    .is_poisoned()
+                    .then(|| format!("replica {} refuses I/O after a disk error", r.name())),
             })
             .collect();
         for (name, (volume, err)) in self.replica_errors.lock().unwrap().iter() {
@@ -320,7 +345,13 @@ impl Agent {
                     }
                 })
             } else {
-                Replica::create(&dir, &spec.volume, &spec.name, spec.size_bytes, spec.block_size)
+                Replica::create(
+                    &dir,
+                    &spec.volume,
+                    &spec.name,
+                    spec.size_bytes,
+                    spec.block_size,
+                )
             };
             match result {
                 Ok(r) => {
@@ -337,7 +368,8 @@ impl Agent {
             }
         }
         // Engines.
-        let wanted: HashMap<&str, &EngineSpec> = a.engines.iter().map(|e| (e.volume.as_str(), e)).collect();
+        let wanted: HashMap<&str, &EngineSpec> =
+            a.engines.iter().map(|e| (e.volume.as_str(), e)).collect();
         let mut to_stop = Vec::new();
         {
             let mut map = self.engines.lock().unwrap();
@@ -381,7 +413,11 @@ impl Agent {
             replicas: spec
                 .replicas
                 .iter()
-                .map(|r| ReplicaTarget { name: r.name.clone(), address: r.address.clone(), local: r.node == self.cfg.node })
+                .map(|r| ReplicaTarget {
+                    name: r.name.clone(),
+                    address: r.address.clone(),
+                    local: r.node == self.cfg.node,
+                })
                 .collect(),
             secret,
             io_timeout: IO_TIMEOUT,
@@ -419,7 +455,9 @@ impl Agent {
         if dir.exists() {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => tracing::info!(node = %self.cfg.node, replica = name, "replica deleted"),
-                Err(e) => tracing::error!(node = %self.cfg.node, "deleting replica {}: {e}", dir.display()),
+                Err(e) => {
+                    tracing::error!(node = %self.cfg.node, "deleting replica {}: {e}", dir.display())
+                }
             }
         }
     }

@@ -239,28 +239,48 @@ impl ApiClient {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .expect("invariant: a plain HTTP client always builds");
-        ApiClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http }
+        ApiClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http,
+        }
     }
 
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    async fn send<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder, url: &str) -> Result<T, ClientError> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<T, ClientError> {
+        let resp =
+            req.bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| ClientError::Unreachable {
+                    url: url.to_owned(),
+                    reason: e.to_string(),
+                })?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
         if !status.is_success() {
             let message = serde_json::from_slice::<ApiErrorBody>(&body)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
-            return Err(ClientError::Api { status: status.as_u16(), message });
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer { url: url.to_owned(), reason: e.to_string() })
+        serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })
     }
 
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -268,12 +288,19 @@ impl ApiClient {
         self.send(self.http.get(&url), &url).await
     }
 
-    pub async fn post<B: Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
         self.send(self.http.post(&url).json(body), &url).await
     }
 
-    pub async fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+    pub async fn delete<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
         self.send(self.http.delete(&url), &url).await
     }
@@ -290,11 +317,23 @@ impl ApiClient {
     pub async fn delete_volume(&self, name: &str) -> Result<Volume, ClientError> {
         self.delete(&format!("/v1/volumes/{name}")).await
     }
-    pub async fn attach_volume(&self, name: &str, node: Option<String>) -> Result<Volume, ClientError> {
-        self.post(&format!("/v1/volumes/{name}/attach"), &AttachVolume { node }).await
+    pub async fn attach_volume(
+        &self,
+        name: &str,
+        node: Option<String>,
+    ) -> Result<Volume, ClientError> {
+        self.post(
+            &format!("/v1/volumes/{name}/attach"),
+            &AttachVolume { node },
+        )
+        .await
     }
     pub async fn detach_volume(&self, name: &str) -> Result<Volume, ClientError> {
-        self.post(&format!("/v1/volumes/{name}/detach"), &serde_json::json!({})).await
+        self.post(
+            &format!("/v1/volumes/{name}/detach"),
+            &serde_json::json!({}),
+        )
+        .await
     }
     pub async fn list_nodes(&self) -> Result<Vec<Node>, ClientError> {
         self.get("/v1/nodes").await

@@ -24,22 +24,45 @@ use zebu_proto::data::{
 #[derive(Debug, Error, Clone)]
 pub enum ClientError {
     #[error("cannot connect to replica {replica} at {address}: {reason}")]
-    Connect { replica: String, address: String, reason: String },
+    Connect {
+        replica: String,
+        address: String,
+        reason: String,
+    },
     #[error("replica {replica} refused the handshake ({status:?}): {message}")]
-    Refused { replica: String, status: WelcomeStatus, message: String },
+    Refused {
+        replica: String,
+        status: WelcomeStatus,
+        message: String,
+    },
     #[error("connection to replica {replica} is closed: {reason}")]
     Disconnected { replica: String, reason: String },
     #[error("replica {replica} did not answer {op:?} within {timeout_ms} ms")]
-    Timeout { replica: String, op: Op, timeout_ms: u64 },
+    Timeout {
+        replica: String,
+        op: Op,
+        timeout_ms: u64,
+    },
     #[error("replica {replica} answered {op:?} with {status:?}: {message}")]
-    Failed { replica: String, op: Op, status: Status, message: String },
+    Failed {
+        replica: String,
+        op: Op,
+        status: Status,
+        message: String,
+    },
 }
 
 impl ClientError {
     /// True when the replica itself reported that the request was invalid (a caller bug or bad
     /// input), as opposed to the replica or its connection failing.
     pub fn is_invalid_request(&self) -> bool {
-        matches!(self, ClientError::Failed { status: Status::Invalid, .. })
+        matches!(
+            self,
+            ClientError::Failed {
+                status: Status::Invalid,
+                ..
+            }
+        )
     }
 }
 
@@ -73,7 +96,13 @@ impl Drop for ReplicaClient {
     }
 }
 
-fn fail_all(pending: &Pending, closed: &AtomicBool, reason_slot: &Mutex<String>, replica: &str, reason: String) {
+fn fail_all(
+    pending: &Pending,
+    closed: &AtomicBool,
+    reason_slot: &Mutex<String>,
+    replica: &str,
+    reason: String,
+) {
     {
         let mut r = reason_slot.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_empty() {
@@ -81,9 +110,16 @@ fn fail_all(pending: &Pending, closed: &AtomicBool, reason_slot: &Mutex<String>,
         }
     }
     closed.store(true, Ordering::Release);
-    let drained: Vec<_> = pending.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+    let drained: Vec<_> = pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .collect();
     for (_, tx) in drained {
-        let _ = tx.send(Err(ClientError::Disconnected { replica: replica.to_owned(), reason: reason.clone() }));
+        let _ = tx.send(Err(ClientError::Disconnected {
+            replica: replica.to_owned(),
+            reason: reason.clone(),
+        }));
     }
 }
 
@@ -111,11 +147,18 @@ impl ReplicaClient {
             secret: secret.to_owned(),
         };
         let fut = async {
-            let mut s = TcpStream::connect(address).await.map_err(|e| connect_err(e.to_string()))?;
-            s.set_nodelay(true).map_err(|e| connect_err(e.to_string()))?;
-            s.write_all(&hello.encode()).await.map_err(|e| connect_err(e.to_string()))?;
+            let mut s = TcpStream::connect(address)
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            s.set_nodelay(true)
+                .map_err(|e| connect_err(e.to_string()))?;
+            s.write_all(&hello.encode())
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
             let mut fixed = [0u8; WELCOME_FIXED_BYTES];
-            s.read_exact(&mut fixed).await.map_err(|e| connect_err(format!("reading welcome: {e}")))?;
+            s.read_exact(&mut fixed)
+                .await
+                .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
             let rest = Welcome::rest_len(&fixed).map_err(|e| connect_err(e.to_string()))?;
             let mut bytes = fixed.to_vec();
             bytes.resize(WELCOME_FIXED_BYTES + rest, 0);
@@ -146,7 +189,12 @@ impl ReplicaClient {
         let close_reason = Arc::new(Mutex::new(String::new()));
 
         let writer = {
-            let (pending, closed, reason, name) = (pending.clone(), closed.clone(), close_reason.clone(), replica.to_owned());
+            let (pending, closed, reason, name) = (
+                pending.clone(),
+                closed.clone(),
+                close_reason.clone(),
+                replica.to_owned(),
+            );
             tokio::spawn(async move {
                 let mut w = BufWriter::with_capacity(256 * 1024, wr);
                 let res: std::io::Result<()> = async {
@@ -172,7 +220,12 @@ impl ReplicaClient {
             })
         };
         let reader = {
-            let (pending, closed, reason, name) = (pending.clone(), closed.clone(), close_reason.clone(), replica.to_owned());
+            let (pending, closed, reason, name) = (
+                pending.clone(),
+                closed.clone(),
+                close_reason.clone(),
+                replica.to_owned(),
+            );
             tokio::spawn(async move {
                 let why: String = async {
                     loop {
@@ -191,7 +244,10 @@ impl ReplicaClient {
                         if !payload.is_empty() && crc32c::crc32c(&payload) != h.payload_crc {
                             return "reply payload failed its checksum in transit".to_string();
                         }
-                        let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&h.id);
+                        let waiter = pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&h.id);
                         let Some(waiter) = waiter else {
                             continue; // The request timed out and was abandoned.
                         };
@@ -201,12 +257,13 @@ impl ReplicaClient {
                         } else {
                             Err((status, String::from_utf8_lossy(&payload).into_owned()))
                         };
-                        let _ = waiter.send(result.map_err(|(status, message)| ClientError::Failed {
-                            replica: name.clone(),
-                            op: Op::Ping, // replaced by the caller, which knows the op
-                            status,
-                            message,
-                        }));
+                        let _ =
+                            waiter.send(result.map_err(|(status, message)| ClientError::Failed {
+                                replica: name.clone(),
+                                op: Op::Ping, // replaced by the caller, which knows the op
+                                status,
+                                message,
+                            }));
                     }
                 }
                 .await;
@@ -242,7 +299,11 @@ impl ReplicaClient {
     fn disconnected(&self) -> ClientError {
         ClientError::Disconnected {
             replica: self.replica.clone(),
-            reason: self.close_reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            reason: self
+                .close_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
@@ -261,29 +322,61 @@ impl ReplicaClient {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let payload_crc = payload.as_ref().map(|p| crc32c::crc32c(p)).unwrap_or(0);
-        let header = RequestHeader { op, flags, id, offset, length, payload_crc }.encode();
+        let header = RequestHeader {
+            op,
+            flags,
+            id,
+            offset,
+            length,
+            payload_crc,
+        }
+        .encode();
         let (otx, orx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, otx);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, otx);
         // Checked again under the map: a connection that died between the two checks has
         // already drained the map, and this request would wait forever.
         if self.is_closed() {
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             return Err(self.disconnected());
         }
         let result = tokio::time::timeout(timeout, async {
-            self.tx.send(Frame { header, payload }).await.map_err(|_| self.disconnected())?;
+            self.tx
+                .send(Frame { header, payload })
+                .await
+                .map_err(|_| self.disconnected())?;
             orx.await.map_err(|_| self.disconnected())?
         })
         .await;
         match result {
             Ok(Ok(b)) => Ok(b),
-            Ok(Err(ClientError::Failed { replica, status, message, .. })) => {
-                Err(ClientError::Failed { replica, op, status, message })
-            }
+            Ok(Err(ClientError::Failed {
+                replica,
+                status,
+                message,
+                ..
+            })) => Err(ClientError::Failed {
+                replica,
+                op,
+                status,
+                message,
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                Err(ClientError::Timeout { replica: self.replica.clone(), op, timeout_ms: timeout.as_millis() as u64 })
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                Err(ClientError::Timeout {
+                    replica: self.replica.clone(),
+                    op,
+                    timeout_ms: timeout.as_millis() as u64,
+                })
             }
         }
     }

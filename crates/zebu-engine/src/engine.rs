@@ -58,8 +58,15 @@ impl Mode {
 
 #[derive(Debug, Error)]
 pub enum EngineError {
-    #[error("volume {volume}: range {offset}+{length} is outside the volume of {size_bytes} bytes")]
-    OutOfRange { volume: String, offset: u64, length: u64, size_bytes: u64 },
+    #[error(
+        "volume {volume}: range {offset}+{length} is outside the volume of {size_bytes} bytes"
+    )]
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        length: u64,
+        size_bytes: u64,
+    },
     #[error("volume {volume} has no healthy replica left ({detail})")]
     NoReplicas { volume: String, detail: String },
     #[error("volume {volume}: request rejected: {source}")]
@@ -117,7 +124,9 @@ impl Member {
         Mode::from_u8(self.mode.load(Ordering::Acquire))
     }
     fn client(&self) -> &ReplicaClient {
-        self.client.as_ref().expect("invariant: only members with a connection are ever RW or WO")
+        self.client
+            .as_ref()
+            .expect("invariant: only members with a connection are ever RW or WO")
     }
 }
 
@@ -143,14 +152,25 @@ fn flush_timeout(io: Duration) -> Duration {
 impl Engine {
     /// Connect to the replicas and decide the set. Fails when no replica is usable.
     pub async fn start(cfg: EngineConfig) -> Result<Arc<Engine>, EngineError> {
-        let start_err = |reason: String| EngineError::Start { volume: cfg.volume.clone(), reason };
+        let start_err = |reason: String| EngineError::Start {
+            volume: cfg.volume.clone(),
+            reason,
+        };
         if cfg.replicas.is_empty() {
             return Err(start_err("no replicas were given".into()));
         }
         let connects = cfg.replicas.iter().map(|t| async {
             let deadline = tokio::time::Instant::now() + cfg.connect_patience;
             loop {
-                let r = ReplicaClient::connect(&t.address, &cfg.volume, &t.name, 0, &cfg.secret, cfg.io_timeout).await;
+                let r = ReplicaClient::connect(
+                    &t.address,
+                    &cfg.volume,
+                    &t.name,
+                    0,
+                    &cfg.secret,
+                    cfg.io_timeout,
+                )
+                .await;
                 match r {
                     Ok(c) => return Ok(c),
                     // Refusals are final (wrong secret, unknown replica); unreachable may pass.
@@ -208,9 +228,14 @@ impl Engine {
             }));
         }
         let Some(max_gen) = max_gen else {
-            let detail: Vec<String> =
-                members.iter().map(|m| m.error.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
-            return Err(start_err(format!("no replica is reachable: {}", detail.join("; "))));
+            let detail: Vec<String> = members
+                .iter()
+                .map(|m| m.error.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect();
+            return Err(start_err(format!(
+                "no replica is reachable: {}",
+                detail.join("; ")
+            )));
         };
         let (changes, _) = watch::channel(0);
         let engine = Arc::new(Engine {
@@ -231,7 +256,9 @@ impl Engine {
             engine.bump_generation().await;
         }
         if engine.in_sync().is_empty() {
-            return Err(start_err("every reachable replica failed while raising its generation".into()));
+            return Err(start_err(
+                "every reachable replica failed while raising its generation".into(),
+            ));
         }
         tracing::info!(volume = %engine.volume, generation = engine.generation(), "engine started");
         Ok(engine)
@@ -268,7 +295,11 @@ impl Engine {
 
     /// Members that take writes (RW and WO).
     fn in_sync(&self) -> Vec<Arc<Member>> {
-        self.members.iter().filter(|m| matches!(m.mode(), Mode::Rw | Mode::Wo)).cloned().collect()
+        self.members
+            .iter()
+            .filter(|m| matches!(m.mode(), Mode::Rw | Mode::Wo))
+            .cloned()
+            .collect()
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<(), EngineError> {
@@ -287,9 +318,18 @@ impl Engine {
         let detail: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{}: {}", m.name, m.error.lock().unwrap_or_else(|p| p.into_inner())))
+            .map(|m| {
+                format!(
+                    "{}: {}",
+                    m.name,
+                    m.error.lock().unwrap_or_else(|p| p.into_inner())
+                )
+            })
             .collect();
-        EngineError::NoReplicas { volume: self.volume.clone(), detail: detail.join("; ") }
+        EngineError::NoReplicas {
+            volume: self.volume.clone(),
+            detail: detail.join("; "),
+        }
     }
 
     /// Raise the generation of every in-sync member to `generation + 1`, retiring members that
@@ -302,8 +342,11 @@ impl Engine {
             }
             let next = self.generation() + 1;
             let t = flush_timeout(self.io_timeout);
-            let results =
-                join_all(set.iter().map(|m| m.client().call(Op::SetGeneration, 0, next, 0, None, t))).await;
+            let results = join_all(
+                set.iter()
+                    .map(|m| m.client().call(Op::SetGeneration, 0, next, 0, None, t)),
+            )
+            .await;
             let mut failed = false;
             for (m, r) in set.iter().zip(results) {
                 if let Err(e) = r {
@@ -359,8 +402,11 @@ impl Engine {
         if set.is_empty() {
             return Err(self.no_replicas());
         }
-        let results =
-            join_all(set.iter().map(|m| m.client().call(op, flags, offset, length, payload.clone(), timeout))).await;
+        let results = join_all(set.iter().map(|m| {
+            m.client()
+                .call(op, flags, offset, length, payload.clone(), timeout)
+        }))
+        .await;
         let mut failed = Vec::new();
         let mut invalid = None;
         for (m, r) in set.iter().zip(results) {
@@ -370,11 +416,16 @@ impl Engine {
                 Err(e) => failed.push((m.clone(), e.to_string())),
             }
         }
-        if let Some(source) = invalid {
-            return Err(EngineError::Invalid { volume: self.volume.clone(), source });
-        }
+        // Retire failed members first, even when another member called the request invalid:
+        // a member that failed may have missed a write the others applied.
         if !failed.is_empty() {
             self.retire(&failed).await;
+        }
+        if let Some(source) = invalid {
+            return Err(EngineError::Invalid {
+                volume: self.volume.clone(),
+                source,
+            });
         }
         // Success needs at least one member that took the request and is still in the set.
         if set.iter().any(|m| m.mode() != Mode::Err) {
@@ -391,7 +442,7 @@ impl Engine {
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         self.check_range(offset, data.len() as u64)?;
-        if data.len() as u32 > data::MAX_PAYLOAD_BYTES {
+        if data.len() > data::MAX_PAYLOAD_BYTES as usize {
             return Err(EngineError::OutOfRange {
                 volume: self.volume.clone(),
                 offset,
@@ -404,20 +455,35 @@ impl Engine {
         }
         let (s, e) = self.block_range(offset, data.len() as u64);
         let _g = self.ranges.lock(s, e).await;
-        let (flags, t) = if fua { (FLAG_FUA, flush_timeout(self.io_timeout)) } else { (0, self.io_timeout) };
+        let (flags, t) = if fua {
+            (FLAG_FUA, flush_timeout(self.io_timeout))
+        } else {
+            (0, self.io_timeout)
+        };
         let len = data.len() as u32;
-        self.replicate(Op::Write, flags, offset, len, Some(data), t).await
+        self.replicate(Op::Write, flags, offset, len, Some(data), t)
+            .await
     }
 
     /// TRIM and WRITE_ZEROES: the range reads back as zeroes afterwards.
-    pub async fn zero(&self, offset: u64, length: u64, trim: bool, fua: bool) -> Result<(), EngineError> {
+    pub async fn zero(
+        &self,
+        offset: u64,
+        length: u64,
+        trim: bool,
+        fua: bool,
+    ) -> Result<(), EngineError> {
         self.check_range(offset, length)?;
         if length == 0 {
             return Ok(());
         }
         let (s, e) = self.block_range(offset, length);
         let _g = self.ranges.lock(s, e).await;
-        let (flags, t) = if fua { (FLAG_FUA, flush_timeout(self.io_timeout)) } else { (0, self.io_timeout) };
+        let (flags, t) = if fua {
+            (FLAG_FUA, flush_timeout(self.io_timeout))
+        } else {
+            (0, self.io_timeout)
+        };
         let op = if trim { Op::Trim } else { Op::WriteZeroes };
         // The protocol's length field is 32 bits: split huge ranges.
         let mut at = offset;
@@ -432,12 +498,18 @@ impl Engine {
 
     /// Make every acknowledged write durable on every in-sync replica.
     pub async fn flush(&self) -> Result<(), EngineError> {
-        self.replicate(Op::Flush, 0, 0, 0, None, flush_timeout(self.io_timeout)).await
+        self.replicate(Op::Flush, 0, 0, 0, None, flush_timeout(self.io_timeout))
+            .await
     }
 
     /// Members to read from, in order of preference.
     fn read_order(&self) -> Vec<Arc<Member>> {
-        let mut rw: Vec<Arc<Member>> = self.members.iter().filter(|m| m.mode() == Mode::Rw).cloned().collect();
+        let mut rw: Vec<Arc<Member>> = self
+            .members
+            .iter()
+            .filter(|m| m.mode() == Mode::Rw)
+            .cloned()
+            .collect();
         if rw.len() > 1 {
             let start = self.next_read.fetch_add(1, Ordering::Relaxed) % rw.len();
             rw.rotate_left(start);
@@ -456,12 +528,24 @@ impl Engine {
             if m.mode() != Mode::Rw {
                 continue;
             }
-            match m.client().call(op, 0, offset, length, None, self.io_timeout).await {
+            match m
+                .client()
+                .call(op, 0, offset, length, None, self.io_timeout)
+                .await
+            {
                 Ok(b) => return Ok(b),
                 Err(e) if e.is_invalid_request() => {
-                    return Err(EngineError::Invalid { volume: self.volume.clone(), source: e })
+                    return Err(EngineError::Invalid {
+                        volume: self.volume.clone(),
+                        source: e,
+                    })
                 }
-                Err(e @ ClientError::Failed { status: Status::Checksum, .. }) => {
+                Err(
+                    e @ ClientError::Failed {
+                        status: Status::Checksum,
+                        ..
+                    },
+                ) => {
                     tracing::error!(volume = %self.volume, "{e}; reading from another replica");
                     last_err = e.to_string();
                 }
@@ -474,7 +558,10 @@ impl Engine {
         if self.in_sync().is_empty() {
             return Err(self.no_replicas());
         }
-        Err(EngineError::NoReplicas { volume: self.volume.clone(), detail: last_err })
+        Err(EngineError::NoReplicas {
+            volume: self.volume.clone(),
+            detail: last_err,
+        })
     }
 
     pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, EngineError> {
@@ -486,7 +573,10 @@ impl Engine {
         if b.len() != length as usize {
             return Err(EngineError::NoReplicas {
                 volume: self.volume.clone(),
-                detail: format!("a replica returned {} bytes for a read of {length}", b.len()),
+                detail: format!(
+                    "a replica returned {} bytes for a read of {length}",
+                    b.len()
+                ),
             });
         }
         Ok(b)
@@ -504,6 +594,9 @@ impl Engine {
 
     /// Addresses of members, for status output.
     pub fn member_addresses(&self) -> Vec<(String, String)> {
-        self.members.iter().map(|m| (m.name.clone(), m.address.clone())).collect()
+        self.members
+            .iter()
+            .map(|m| (m.name.clone(), m.address.clone()))
+            .collect()
     }
 }

@@ -21,8 +21,12 @@ use zebu_proto::nbd::*;
 
 use crate::engine::{Engine, EngineError};
 
-/// Requests in flight per connection, at most.
+/// Replies queued for the writer of one connection, at most.
 const MAX_IN_FLIGHT: usize = 128;
+/// Memory one connection may hold in request and reply buffers, in 64 KiB units (64 MiB).
+/// Every request costs at least one unit, which also bounds the requests in flight.
+const BUDGET_UNITS: u32 = 1024;
+const UNIT_BYTES: u32 = 64 * 1024;
 /// Largest READ/WRITE we accept (advertised as the maximum block size).
 pub const MAX_IO_BYTES: u32 = 32 << 20;
 /// Largest range one BLOCK_STATUS reply describes.
@@ -66,19 +70,35 @@ impl NbdServer {
     }
 
     pub fn add(&self, engine: Arc<Engine>) {
-        self.exports.write().unwrap_or_else(|p| p.into_inner()).insert(engine.volume().to_owned(), engine);
+        self.exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(engine.volume().to_owned(), engine);
     }
 
     pub fn remove(&self, volume: &str) -> Option<Arc<Engine>> {
-        self.exports.write().unwrap_or_else(|p| p.into_inner()).remove(volume)
+        self.exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume)
     }
 
     pub fn get(&self, volume: &str) -> Option<Arc<Engine>> {
-        self.exports.read().unwrap_or_else(|p| p.into_inner()).get(volume).cloned()
+        self.exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .cloned()
     }
 
     fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.exports.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -129,7 +149,9 @@ impl NbdServer {
         wr.flush().await?;
         let client_flags = rd.read_u32().await?;
         if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-            return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
+            return Err(ConnError::Protocol(format!(
+                "unknown client flags {client_flags:#x}"
+            )));
         }
         let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
         let mut structured = false;
@@ -143,7 +165,9 @@ impl NbdServer {
             let opt = rd.read_u32().await?;
             let len = rd.read_u32().await?;
             if len > MAX_OPTION_BYTES {
-                return Err(ConnError::Protocol(format!("option {opt} of {len} bytes is too long")));
+                return Err(ConnError::Protocol(format!(
+                    "option {opt} of {len} bytes is too long"
+                )));
             }
             let mut data = vec![0u8; len as usize];
             rd.read_exact(&mut data).await?;
@@ -163,7 +187,11 @@ impl NbdServer {
                     wr.write_all(&out).await?;
                     wr.flush().await?;
                     let base_allocation = structured && meta_for.as_deref() == Some(name.as_str());
-                    return Ok(Negotiated { engine, structured, base_allocation });
+                    return Ok(Negotiated {
+                        engine,
+                        structured,
+                        base_allocation,
+                    });
                 }
                 OPT_ABORT => {
                     let _ = reply(wr, opt, REP_ACK, &[]).await;
@@ -184,7 +212,8 @@ impl NbdServer {
                 }
                 OPT_STRUCTURED_REPLY => {
                     if !data.is_empty() {
-                        reply_err(wr, opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data").await?;
+                        reply_err(wr, opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                            .await?;
                     } else {
                         structured = true;
                         reply(wr, opt, REP_ACK, &[]).await?;
@@ -196,7 +225,9 @@ impl NbdServer {
                         continue;
                     };
                     let Some(engine) = self.get(&name) else {
-                        let msg = format!("volume {name:?} is not attached on this node (attach it here first)");
+                        let msg = format!(
+                            "volume {name:?} is not attached on this node (attach it here first)"
+                        );
                         reply_err(wr, opt, REP_ERR_UNKNOWN, &msg).await?;
                         continue;
                     };
@@ -229,17 +260,24 @@ impl NbdServer {
                     }
                     reply(wr, opt, REP_ACK, &[]).await?;
                     if opt == OPT_GO {
-                        let base_allocation = structured && meta_for.as_deref() == Some(name.as_str());
-                        return Ok(Negotiated { engine, structured, base_allocation });
+                        let base_allocation =
+                            structured && meta_for.as_deref() == Some(name.as_str());
+                        return Ok(Negotiated {
+                            engine,
+                            structured,
+                            base_allocation,
+                        });
                     }
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                     if !structured {
-                        reply_err(wr, opt, REP_ERR_INVALID, "negotiate STRUCTURED_REPLY first").await?;
+                        reply_err(wr, opt, REP_ERR_INVALID, "negotiate STRUCTURED_REPLY first")
+                            .await?;
                         continue;
                     }
                     let Some((name, queries)) = parse_meta(&data) else {
-                        reply_err(wr, opt, REP_ERR_INVALID, "malformed meta context request").await?;
+                        reply_err(wr, opt, REP_ERR_INVALID, "malformed meta context request")
+                            .await?;
                         continue;
                     };
                     if self.get(&name).is_none() {
@@ -251,7 +289,10 @@ impl NbdServer {
                     let wanted = if set {
                         queries.iter().any(|q| q == META_BASE_ALLOCATION)
                     } else {
-                        queries.is_empty() || queries.iter().any(|q| q == META_BASE_ALLOCATION || q == "base:")
+                        queries.is_empty()
+                            || queries
+                                .iter()
+                                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
                     };
                     if set {
                         meta_for = None;
@@ -267,7 +308,15 @@ impl NbdServer {
                     }
                     reply(wr, opt, REP_ACK, &[]).await?;
                 }
-                OPT_STARTTLS => reply_err(wr, opt, REP_ERR_UNSUP, "TLS is not supported by this server").await?,
+                OPT_STARTTLS => {
+                    reply_err(
+                        wr,
+                        opt,
+                        REP_ERR_UNSUP,
+                        "TLS is not supported by this server",
+                    )
+                    .await?
+                }
                 _ => reply_err(wr, opt, REP_ERR_UNSUP, "option not supported").await?,
             }
         }
@@ -289,13 +338,19 @@ fn transmission_flags(structured: bool) -> u16 {
 }
 
 async fn reply<W: AsyncWrite + Unpin>(wr: &mut W, opt: u32, kind: u32, data: &[u8]) -> Result<()> {
-    wr.write_all(&option_reply_header(opt, kind, data.len() as u32)).await?;
+    wr.write_all(&option_reply_header(opt, kind, data.len() as u32))
+        .await?;
     wr.write_all(data).await?;
     wr.flush().await?;
     Ok(())
 }
 
-async fn reply_err<W: AsyncWrite + Unpin>(wr: &mut W, opt: u32, kind: u32, msg: &str) -> Result<()> {
+async fn reply_err<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    opt: u32,
+    kind: u32,
+    msg: &str,
+) -> Result<()> {
     reply(wr, opt, kind, msg.as_bytes()).await
 }
 
@@ -311,7 +366,9 @@ fn parse_info(d: &[u8]) -> Option<(String, Vec<u16>)> {
     if d.len() != at + 2 + 2 * n {
         return None;
     }
-    let reqs = (0..n).map(|i| u16::from_be_bytes([d[at + 2 + 2 * i], d[at + 3 + 2 * i]])).collect();
+    let reqs = (0..n)
+        .map(|i| u16::from_be_bytes([d[at + 2 + 2 * i], d[at + 3 + 2 * i]]))
+        .collect();
     Some((name, reqs))
 }
 
@@ -329,7 +386,11 @@ fn parse_meta(d: &[u8]) -> Option<(String, Vec<String>)> {
     for _ in 0..n {
         let qlen = u32::from_be_bytes(d.get(at..at + 4)?.try_into().ok()?) as usize;
         at += 4;
-        queries.push(std::str::from_utf8(d.get(at..at.checked_add(qlen)?)?).ok()?.to_owned());
+        queries.push(
+            std::str::from_utf8(d.get(at..at.checked_add(qlen)?)?)
+                .ok()?
+                .to_owned(),
+        );
         at += qlen;
     }
     if at != d.len() {
@@ -363,7 +424,7 @@ where
         }
         w.shutdown().await
     });
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let neg = Arc::new(neg);
     let result: Result<()> = async {
         loop {
@@ -376,10 +437,23 @@ where
             let Some(req) = Request::decode(&hb) else {
                 return Err(ConnError::Protocol("bad request magic".into()));
             };
+            let units = match req.kind {
+                CMD_READ | CMD_WRITE => 1 + req.length.min(MAX_IO_BYTES) / UNIT_BYTES,
+                _ => 1,
+            };
+            // Reserve the buffers before allocating them (bounded memory per connection).
+            let permit = budget
+                .clone()
+                .acquire_many_owned(units)
+                .await
+                .expect("semaphore is never closed");
             let mut payload = Bytes::new();
             if req.kind == CMD_WRITE {
                 if req.length > MAX_IO_BYTES {
-                    return Err(ConnError::Protocol(format!("write of {} bytes exceeds the maximum", req.length)));
+                    return Err(ConnError::Protocol(format!(
+                        "write of {} bytes exceeds the maximum",
+                        req.length
+                    )));
                 }
                 let mut buf = vec![0u8; req.length as usize];
                 rd.read_exact(&mut buf).await?;
@@ -387,10 +461,10 @@ where
             }
             if req.kind == CMD_DISC {
                 // Let requests in flight finish, then close.
-                let _all = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+                drop(permit);
+                let _all = budget.acquire_many(BUDGET_UNITS).await;
                 return Ok(());
             }
-            let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
             let (neg, tx) = (neg.clone(), tx.clone());
             tokio::spawn(async move {
                 let out = handle(&neg, req, payload).await;
@@ -406,7 +480,9 @@ where
 }
 
 fn simple(error: u32, handle: u64) -> Out {
-    Out { parts: vec![Bytes::copy_from_slice(&simple_reply(error, handle))] }
+    Out {
+        parts: vec![Bytes::copy_from_slice(&simple_reply(error, handle))],
+    }
 }
 
 fn structured_error(error: u32, handle: u64, msg: &str) -> Out {
@@ -416,7 +492,9 @@ fn structured_error(error: u32, handle: u64, msg: &str) -> Out {
     d.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     d.extend_from_slice(msg);
     let h = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, d.len() as u32);
-    Out { parts: vec![Bytes::copy_from_slice(&h), Bytes::from(d)] }
+    Out {
+        parts: vec![Bytes::copy_from_slice(&h), Bytes::from(d)],
+    }
 }
 
 /// An error reply in the form the client expects for this command.
@@ -431,7 +509,10 @@ fn error_out(neg: &Negotiated, req: &Request, error: u32, msg: &str) -> Out {
 async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
     let engine = &neg.engine;
     let size = engine.size_bytes();
-    let in_range = req.offset.checked_add(req.length as u64).is_some_and(|end| end <= size);
+    let in_range = req
+        .offset
+        .checked_add(req.length as u64)
+        .is_some_and(|end| end <= size);
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let done = |r: std::result::Result<(), EngineError>| match r {
         Ok(()) => simple(0, req.handle),
@@ -447,7 +528,12 @@ async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
             }
             match engine.read(req.offset, req.length).await {
                 Ok(data) if neg.structured => {
-                    let h = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.handle, 8 + req.length);
+                    let h = structured_header(
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        req.handle,
+                        8 + req.length,
+                    );
                     Out {
                         parts: vec![
                             Bytes::copy_from_slice(&h),
@@ -456,7 +542,9 @@ async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
                         ],
                     }
                 }
-                Ok(data) => Out { parts: vec![Bytes::copy_from_slice(&simple_reply(0, req.handle)), data] },
+                Ok(data) => Out {
+                    parts: vec![Bytes::copy_from_slice(&simple_reply(0, req.handle)), data],
+                },
                 Err(e) => {
                     tracing::warn!("nbd read failed: {e}");
                     error_out(neg, &req, errno(&e), &e.to_string())
@@ -474,7 +562,11 @@ async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
             if !in_range {
                 return error_out(neg, &req, EINVAL, "range outside the volume");
             }
-            done(engine.zero(req.offset, req.length as u64, req.kind == CMD_TRIM, fua).await)
+            done(
+                engine
+                    .zero(req.offset, req.length as u64, req.kind == CMD_TRIM, fua)
+                    .await,
+            )
         }
         CMD_BLOCK_STATUS => {
             if !neg.base_allocation {
@@ -486,7 +578,11 @@ async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
             let len = (req.length as u64).min(MAX_STATUS_BYTES) as u32;
             match engine.map(req.offset, len).await {
                 Ok(extents) => {
-                    let take = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { extents.len() };
+                    let take = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        1
+                    } else {
+                        extents.len()
+                    };
                     let mut d = Vec::with_capacity(4 + 8 * take);
                     d.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
                     for e in extents.iter().take(take) {
@@ -503,8 +599,15 @@ async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
                     if take == 0 {
                         return error_out(neg, &req, EIO, "empty allocation map");
                     }
-                    let h = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.handle, d.len() as u32);
-                    Out { parts: vec![Bytes::copy_from_slice(&h), Bytes::from(d)] }
+                    let h = structured_header(
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_BLOCK_STATUS,
+                        req.handle,
+                        d.len() as u32,
+                    );
+                    Out {
+                        parts: vec![Bytes::copy_from_slice(&h), Bytes::from(d)],
+                    }
                 }
                 Err(e) => error_out(neg, &req, errno(&e), &e.to_string()),
             }
@@ -532,7 +635,10 @@ mod tests {
         m.extend_from_slice(&1u32.to_be_bytes());
         m.extend_from_slice(&(META_BASE_ALLOCATION.len() as u32).to_be_bytes());
         m.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-        assert_eq!(parse_meta(&m), Some(("vol".into(), vec![META_BASE_ALLOCATION.into()])));
+        assert_eq!(
+            parse_meta(&m),
+            Some(("vol".into(), vec![META_BASE_ALLOCATION.into()]))
+        );
         let mut bad = m.clone();
         bad[7 + 4 + 3] = 0xff; // query length far too large
         assert_eq!(parse_meta(&bad), None);

@@ -34,7 +34,11 @@ impl Drop for RangeGuard<'_> {
 
 impl Default for RangeLock {
     fn default() -> Self {
-        RangeLock { held: Mutex::new(Vec::new()), next_ticket: Mutex::new(0), released: Notify::new() }
+        RangeLock {
+            held: Mutex::new(Vec::new()),
+            next_ticket: Mutex::new(0),
+            released: Notify::new(),
+        }
     }
 }
 
@@ -80,6 +84,9 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiter.is_finished(), "an overlapping lock must wait");
         drop(g);
-        tokio::time::timeout(std::time::Duration::from_secs(2), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(2), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -21,7 +21,12 @@ struct Cluster {
 }
 
 async fn cluster(n: usize) -> Cluster {
-    let mut c = Cluster { _dirs: vec![], servers: vec![], tasks: vec![], targets: vec![] };
+    let mut c = Cluster {
+        _dirs: vec![],
+        servers: vec![],
+        tasks: vec![],
+        targets: vec![],
+    };
     for i in 0..n {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("v-r{i}");
@@ -33,7 +38,11 @@ async fn cluster(n: usize) -> Cluster {
         let addr = l.local_addr().unwrap().to_string();
         c.tasks.push(tokio::spawn(server.clone().serve(l)));
         c.servers.push(server);
-        c.targets.push(ReplicaTarget { name, address: addr, local: i == 0 });
+        c.targets.push(ReplicaTarget {
+            name,
+            address: addr,
+            local: i == 0,
+        });
         c._dirs.push(dir);
     }
     c
@@ -52,9 +61,21 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Write { offset: u64, len: u64, seed: u8, fua: bool },
-    Zero { offset: u64, len: u64, trim: bool },
-    Read { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        trim: bool,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     Flush,
 }
 
@@ -69,7 +90,9 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn pattern(len: u64, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed))
+        .collect()
 }
 
 proptest! {
@@ -118,13 +141,21 @@ proptest! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_overlapping_writes_leave_replicas_identical() {
     let c = cluster(3).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..64u64 {
         let e = e.clone();
         tasks.push(tokio::spawn(async move {
             let offset = (i * 1536) % (SIZE - 3 * BS);
-            e.write(offset, Bytes::from(vec![i as u8; 3 * BS as usize - 7]), false).await.unwrap();
+            e.write(
+                offset,
+                Bytes::from(vec![i as u8; 3 * BS as usize - 7]),
+                false,
+            )
+            .await
+            .unwrap();
         }));
     }
     for t in tasks {
@@ -138,15 +169,22 @@ async fn concurrent_overlapping_writes_leave_replicas_identical() {
             images.push(all);
         }
     }
-    assert!(images.windows(2).all(|w| w[0] == w[1]), "replicas diverged under overlapping writes");
+    assert!(
+        images.windows(2).all(|w| w[0] == w[1]),
+        "replicas diverged under overlapping writes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_replica_leaves_set_and_survivors_generation_is_raised_first() {
     let mut c = cluster(3).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
     let g0 = e.generation();
-    e.write(0, Bytes::from(vec![1u8; BS as usize]), false).await.unwrap();
+    e.write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
     // Take replica 2 away: its server stops and its connections drop.
     c.tasks[2].abort();
     let victim = c.servers[2].list()[0].clone();
@@ -154,31 +192,49 @@ async fn failed_replica_leaves_set_and_survivors_generation_is_raised_first() {
     drop(c.servers.remove(2));
     // The next writes must succeed although one replica is gone.
     for i in 1..20u64 {
-        e.write(i * BS, Bytes::from(vec![i as u8; BS as usize]), false).await.unwrap();
+        e.write(i * BS, Bytes::from(vec![i as u8; BS as usize]), false)
+            .await
+            .unwrap();
     }
     let modes: Vec<Mode> = e.members().iter().map(|m| m.mode).collect();
     assert_eq!(modes, vec![Mode::Rw, Mode::Rw, Mode::Err]);
     assert!(e.generation() > g0);
     for s in &c.servers {
         for r in s.list() {
-            assert_eq!(r.generation(), e.generation(), "survivor {} must carry the new generation", r.name());
+            assert_eq!(
+                r.generation(),
+                e.generation(),
+                "survivor {} must carry the new generation",
+                r.name()
+            );
         }
     }
-    assert!(victim.generation() < e.generation(), "the retired replica must be older than the survivors");
+    assert!(
+        victim.generation() < e.generation(),
+        "the retired replica must be older than the survivors"
+    );
     // Every write reads back from the survivors.
     for i in 1..20u64 {
-        assert_eq!(&e.read(i * BS, BS as u32).await.unwrap()[..], &vec![i as u8; BS as usize][..]);
+        assert_eq!(
+            &e.read(i * BS, BS as u32).await.unwrap()[..],
+            &vec![i as u8; BS as usize][..]
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_refused_and_stale_replica_left_out() {
     let c = cluster(2).await;
-    let err = Engine::start(config(c.targets.clone(), "wrong")).await.err().expect("wrong secret must fail");
+    let err = Engine::start(config(c.targets.clone(), "wrong"))
+        .await
+        .err()
+        .expect("wrong secret must fail");
     assert!(err.to_string().contains("secret"), "{err}");
     // Make replica 1 stale: raise replica 0's generation behind its back.
     c.servers[0].list()[0].set_generation(10).unwrap();
-    let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
     let m = e.members();
     assert_eq!(m[0].mode, Mode::Rw);
     assert_eq!(m[1].mode, Mode::Err);

@@ -12,16 +12,28 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad_request(message: String) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, message }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message,
+        }
     }
     pub fn not_found(message: String) -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, message }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message,
+        }
     }
     pub fn conflict(message: String) -> ApiError {
-        ApiError { status: StatusCode::CONFLICT, message }
+        ApiError {
+            status: StatusCode::CONFLICT,
+            message,
+        }
     }
     pub fn internal(message: String) -> ApiError {
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message,
+        }
     }
     pub fn unauthorized() -> ApiError {
         ApiError {
@@ -33,6 +45,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ApiErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ApiErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }

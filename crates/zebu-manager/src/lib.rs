@@ -17,7 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use zebu_api::{AttachVolume, Assignment, CreateVolume, Heartbeat, Node, Volume};
+use zebu_api::{Assignment, AttachVolume, CreateVolume, Heartbeat, Node, Volume};
 use zebu_store::RedbStore;
 
 use crate::error::ApiError;
@@ -58,7 +58,13 @@ fn secret_file(path: &Path) -> anyhow::Result<String> {
         }
     }
     let value = random_hex(32);
-    let tmp = path.with_extension("tmp");
+    let mut tmp_name = path
+        .file_name()
+        .expect("secret paths have a file name")
+        .to_owned();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -69,18 +75,25 @@ fn secret_file(path: &Path) -> anyhow::Result<String> {
     f.write_all(format!("{value}\n").as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(value)
 }
 
 impl Manager {
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Manager>> {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
         let token = secret_file(&data_dir.join(TOKEN_FILE))?;
         let secret = secret_file(&data_dir.join(SECRET_FILE))?;
         let store = RedbStore::open(&data_dir.join(STORE_FILE))?;
         let mut state = State::load(Arc::new(store), secret)?;
         state.note_restart();
-        Ok(Arc::new(Manager { state: Mutex::new(state), token }))
+        Ok(Arc::new(Manager {
+            state: Mutex::new(state),
+            token,
+        }))
     }
 
     pub fn token(&self) -> &str {
@@ -118,11 +131,17 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {listen} (is another manager running? choose another with --listen/--api)"))?;
     tracing::info!("manager API on http://{listen}");
-    axum::serve(listener, manager.router()).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, manager.router())
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }
 
-async fn require_token(AxState(m): AxState<Shared>, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn require_token(
+    AxState(m): AxState<Shared>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let ok = req
         .headers()
         .get(AUTHORIZATION)
@@ -142,16 +161,28 @@ async fn list_volumes(AxState(m): AxState<Shared>) -> ApiResult<Vec<Volume>> {
     Ok(Json(m.state().volumes()))
 }
 
-async fn get_volume(AxState(m): AxState<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Volume> {
+async fn get_volume(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Volume> {
     m.state().volume(&name).map(Json)
 }
 
-async fn create_volume(AxState(m): AxState<Shared>, body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>) -> ApiResult<Volume> {
-    let Json(req) = body.map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))?;
-    m.state().create_volume(&req.name, req.size_bytes, req.replica_count).map(Json)
+async fn create_volume(
+    AxState(m): AxState<Shared>,
+    body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Volume> {
+    let Json(req) = body
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))?;
+    m.state()
+        .create_volume(&req.name, req.size_bytes, req.replica_count)
+        .map(Json)
 }
 
-async fn delete_volume(AxState(m): AxState<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Volume> {
+async fn delete_volume(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Volume> {
     m.state().delete_volume(&name).map(Json)
 }
 
@@ -165,12 +196,20 @@ async fn attach_volume(
         Ok(Json(b)) => b,
         // No body at all: attach to the default node.
         Err(JsonRejection::MissingJsonContentType(_)) => AttachVolume::default(),
-        Err(e) => return Err(ApiError::bad_request(format!("invalid request body: {}", e.body_text()))),
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid request body: {}",
+                e.body_text()
+            )))
+        }
     };
     m.state().attach(&name, req.node).map(Json)
 }
 
-async fn detach_volume(AxState(m): AxState<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Volume> {
+async fn detach_volume(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Volume> {
     m.state().detach(&name).map(Json)
 }
 
@@ -182,6 +221,7 @@ async fn heartbeat(
     AxState(m): AxState<Shared>,
     body: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Assignment> {
-    let Json(hb) = body.map_err(|e| ApiError::bad_request(format!("invalid heartbeat: {}", e.body_text())))?;
+    let Json(hb) =
+        body.map_err(|e| ApiError::bad_request(format!("invalid heartbeat: {}", e.body_text())))?;
     m.state().heartbeat(hb).map(Json)
 }

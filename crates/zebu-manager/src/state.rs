@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use zebu_api::{
-    Assignment, EngineReplica, EngineSpec, Heartbeat, Node, Replica, ReplicaMode, ReplicaSpec, Robustness, Volume,
-    VolumeState,
+    Assignment, EngineReplica, EngineSpec, Heartbeat, Node, Replica, ReplicaMode, ReplicaSpec,
+    Robustness, Volume, VolumeState,
 };
 use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 
@@ -87,7 +87,9 @@ fn store_err(e: StoreError) -> ApiError {
 pub fn validate_volume_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -107,22 +109,50 @@ fn random_suffix() -> String {
 
 impl State {
     pub fn load(store: Arc<dyn MetaStore>, secret: String) -> Result<State, StoreError> {
-        let volumes = store.list::<VolumeRecord>(VOLUMES)?.into_iter().map(|v| (v.name.clone(), v)).collect();
-        let replicas = store.list::<ReplicaRecord>(REPLICAS)?.into_iter().map(|r| (r.name.clone(), r)).collect();
-        let nodes = store.list::<NodeRecord>(NODES)?.into_iter().map(|n| (n.name.clone(), n)).collect();
-        Ok(State { store, secret, volumes, replicas, nodes, live: HashMap::new(), attach_since: HashMap::new() })
+        let volumes = store
+            .list::<VolumeRecord>(VOLUMES)?
+            .into_iter()
+            .map(|v| (v.name.clone(), v))
+            .collect();
+        let replicas = store
+            .list::<ReplicaRecord>(REPLICAS)?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        let nodes = store
+            .list::<NodeRecord>(NODES)?
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        Ok(State {
+            store,
+            secret,
+            volumes,
+            replicas,
+            nodes,
+            live: HashMap::new(),
+            attach_since: HashMap::new(),
+        })
     }
 
     fn node_ready(&self, node: &str) -> bool {
-        self.live.get(node).is_some_and(|l| l.seen.elapsed() < NODE_DOWN_AFTER)
+        self.live
+            .get(node)
+            .is_some_and(|l| l.seen.elapsed() < NODE_DOWN_AFTER)
     }
 
     fn ready_nodes(&self) -> Vec<&NodeRecord> {
-        self.nodes.values().filter(|n| self.node_ready(&n.name)).collect()
+        self.nodes
+            .values()
+            .filter(|n| self.node_ready(&n.name))
+            .collect()
     }
 
     fn volume_replicas(&self, volume: &str) -> Vec<&ReplicaRecord> {
-        self.replicas.values().filter(|r| r.volume == volume).collect()
+        self.replicas
+            .values()
+            .filter(|r| r.volume == volume)
+            .collect()
     }
 
     fn engine_report(&self, node: &str, volume: &str) -> Option<&zebu_api::EngineReport> {
@@ -147,8 +177,15 @@ impl State {
                 error: r.error.clone(),
             })
             .collect();
-        let running = v.desired_node.as_deref().and_then(|n| self.engine_report(n, &v.name)).filter(|e| e.running);
-        let any_engine = self.live.keys().any(|n| self.engine_report(n, &v.name).is_some());
+        let running = v
+            .desired_node
+            .as_deref()
+            .and_then(|n| self.engine_report(n, &v.name))
+            .filter(|e| e.running);
+        let any_engine = self
+            .live
+            .keys()
+            .any(|n| self.engine_report(n, &v.name).is_some());
         let state = if v.deleting {
             VolumeState::Deleting
         } else if !v.created {
@@ -164,7 +201,10 @@ impl State {
         } else {
             VolumeState::Detached
         };
-        let rw = replicas.iter().filter(|r| r.mode == ReplicaMode::RW).count() as u32;
+        let rw = replicas
+            .iter()
+            .filter(|r| r.mode == ReplicaMode::RW)
+            .count() as u32;
         let robustness = if !v.created {
             Robustness::Unknown
         } else if rw == 0 {
@@ -175,7 +215,11 @@ impl State {
             Robustness::Healthy
         };
         let message = if let (Some(n), None) = (&v.desired_node, running) {
-            match v.desired_node.as_deref().and_then(|n| self.engine_report(n, &v.name)) {
+            match v
+                .desired_node
+                .as_deref()
+                .and_then(|n| self.engine_report(n, &v.name))
+            {
                 Some(e) if e.error.is_some() => e.error.clone(),
                 _ if !self.node_ready(n) => Some(format!("node {n} is not ready (no heartbeat)")),
                 _ => Some(format!("waiting for the engine on node {n} to start")),
@@ -192,7 +236,11 @@ impl State {
             block_size: v.block_size,
             state,
             robustness,
-            node: if state == VolumeState::Attached { v.desired_node.clone() } else { None },
+            node: if state == VolumeState::Attached {
+                v.desired_node.clone()
+            } else {
+                None
+            },
             desired_node: v.desired_node.clone(),
             nbd_uri: running.and_then(|e| e.nbd_uri.clone()),
             replicas,
@@ -205,7 +253,10 @@ impl State {
     }
 
     pub fn volume(&self, name: &str) -> Result<Volume, ApiError> {
-        self.volumes.get(name).map(|v| self.view(v)).ok_or_else(|| not_found(name))
+        self.volumes
+            .get(name)
+            .map(|v| self.view(v))
+            .ok_or_else(|| not_found(name))
     }
 
     pub fn nodes(&self) -> Vec<Node> {
@@ -229,7 +280,12 @@ impl State {
             .collect()
     }
 
-    pub fn create_volume(&mut self, name: &str, size_bytes: u64, replica_count: Option<u32>) -> Result<Volume, ApiError> {
+    pub fn create_volume(
+        &mut self,
+        name: &str,
+        size_bytes: u64,
+        replica_count: Option<u32>,
+    ) -> Result<Volume, ApiError> {
         validate_volume_name(name)?;
         if self.volumes.contains_key(name) {
             return Err(ApiError::conflict(format!(
@@ -237,25 +293,36 @@ impl State {
             )));
         }
         if size_bytes == 0 {
-            return Err(ApiError::bad_request("volume size must be greater than zero".into()));
+            return Err(ApiError::bad_request(
+                "volume size must be greater than zero".into(),
+            ));
         }
-        if size_bytes % BLOCK_SIZE as u64 != 0 {
+        if !size_bytes.is_multiple_of(BLOCK_SIZE as u64) {
             return Err(ApiError::bad_request(format!(
                 "volume size {size_bytes} bytes is not a multiple of the {BLOCK_SIZE}-byte block size"
             )));
         }
         if size_bytes > MAX_VOLUME_BYTES {
-            return Err(ApiError::bad_request(format!("volume size {size_bytes} bytes is over the 64 TiB limit")));
+            return Err(ApiError::bad_request(format!(
+                "volume size {size_bytes} bytes is over the 64 TiB limit"
+            )));
         }
         let count = replica_count.unwrap_or(DEFAULT_REPLICA_COUNT);
         if count == 0 {
-            return Err(ApiError::bad_request("a volume needs at least one replica".into()));
+            return Err(ApiError::bad_request(
+                "a volume needs at least one replica".into(),
+            ));
         }
         // Hard anti-affinity: one replica per node, on nodes that are up.
         let mut ready: Vec<(u32, String)> = self
             .ready_nodes()
             .iter()
-            .map(|n| (self.replicas.values().filter(|r| r.node == n.name).count() as u32, n.name.clone()))
+            .map(|n| {
+                (
+                    self.replicas.values().filter(|r| r.node == n.name).count() as u32,
+                    n.name.clone(),
+                )
+            })
             .collect();
         if (ready.len() as u32) < count {
             return Err(ApiError::bad_request(format!(
@@ -286,8 +353,15 @@ impl State {
             })
             .collect();
         let vbytes = serde_json::to_vec(&record).expect("records serialize");
-        let rbytes: Vec<(String, Vec<u8>)> =
-            replicas.iter().map(|r| (r.name.clone(), serde_json::to_vec(r).expect("records serialize"))).collect();
+        let rbytes: Vec<(String, Vec<u8>)> = replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    serde_json::to_vec(r).expect("records serialize"),
+                )
+            })
+            .collect();
         let mut changes: Vec<(&str, &str, Option<Vec<u8>>)> = vec![(VOLUMES, name, Some(vbytes))];
         for (k, b) in &rbytes {
             changes.push((REPLICAS, k, Some(b.clone())));
@@ -297,7 +371,12 @@ impl State {
         for r in replicas {
             self.replicas.insert(r.name.clone(), r);
         }
-        tracing::info!(volume = name, size_bytes, replicas = count, "volume created");
+        tracing::info!(
+            volume = name,
+            size_bytes,
+            replicas = count,
+            "volume created"
+        );
         self.volume(name)
     }
 
@@ -308,7 +387,11 @@ impl State {
     }
 
     pub fn delete_volume(&mut self, name: &str) -> Result<Volume, ApiError> {
-        let v = self.volumes.get(name).cloned().ok_or_else(|| not_found(name))?;
+        let v = self
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found(name))?;
         let view = self.view(&v);
         if let Some(node) = &v.desired_node {
             return Err(ApiError::conflict(format!(
@@ -330,17 +413,27 @@ impl State {
     }
 
     pub fn attach(&mut self, name: &str, node: Option<String>) -> Result<Volume, ApiError> {
-        let v = self.volumes.get(name).cloned().ok_or_else(|| not_found(name))?;
+        let v = self
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found(name))?;
         if v.deleting {
-            return Err(ApiError::conflict(format!("volume {name} is being deleted")));
+            return Err(ApiError::conflict(format!(
+                "volume {name} is being deleted"
+            )));
         }
         let node = match node {
             Some(n) => {
                 if !self.nodes.contains_key(&n) {
-                    return Err(ApiError::not_found(format!("node {n} does not exist (see zebu node list)")));
+                    return Err(ApiError::not_found(format!(
+                        "node {n} does not exist (see zebu node list)"
+                    )));
                 }
                 if !self.node_ready(&n) {
-                    return Err(ApiError::conflict(format!("node {n} is not ready (no recent heartbeat)")));
+                    return Err(ApiError::conflict(format!(
+                        "node {n} is not ready (no recent heartbeat)"
+                    )));
                 }
                 n
             }
@@ -364,9 +457,16 @@ impl State {
             )));
         }
         if self.view(&v).state == VolumeState::Detaching {
-            return Err(ApiError::conflict(format!("volume {name} is still detaching; try again in a moment")));
+            return Err(ApiError::conflict(format!(
+                "volume {name} is still detaching; try again in a moment"
+            )));
         }
-        if v.created && !self.volume_replicas(name).iter().any(|r| r.mode == ReplicaMode::RW) {
+        if v.created
+            && !self
+                .volume_replicas(name)
+                .iter()
+                .any(|r| r.mode == ReplicaMode::RW)
+        {
             return Err(ApiError::conflict(format!(
                 "volume {name} is faulted: every replica has failed, so it cannot be attached"
             )));
@@ -380,7 +480,11 @@ impl State {
     }
 
     pub fn detach(&mut self, name: &str) -> Result<Volume, ApiError> {
-        let v = self.volumes.get(name).cloned().ok_or_else(|| not_found(name))?;
+        let v = self
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found(name))?;
         if v.desired_node.is_some() {
             let mut v = v;
             v.desired_node = None;
@@ -394,7 +498,9 @@ impl State {
     pub fn heartbeat(&mut self, hb: Heartbeat) -> Result<Assignment, ApiError> {
         let node = hb.node.clone();
         if node.is_empty() {
-            return Err(ApiError::bad_request("heartbeat without a node name".into()));
+            return Err(ApiError::bad_request(
+                "heartbeat without a node name".into(),
+            ));
         }
         let rec = NodeRecord {
             name: node.clone(),
@@ -430,7 +536,12 @@ impl State {
         }
         // Replica modes seen by engines on this node. ERR is final until a rebuild.
         for e in &hb.engines {
-            if self.volumes.get(&e.volume).and_then(|v| v.desired_node.as_deref()) != Some(node.as_str()) {
+            if self
+                .volumes
+                .get(&e.volume)
+                .and_then(|v| v.desired_node.as_deref())
+                != Some(node.as_str())
+            {
                 continue;
             }
             for m in &e.replicas {
@@ -439,7 +550,11 @@ impl State {
                 }
                 if let Some(rec) = self.replicas.get(&m.name) {
                     if rec.volume == e.volume && rec.mode != ReplicaMode::ERR {
-                        let mut next = changed.iter().find(|c| c.name == m.name).cloned().unwrap_or_else(|| rec.clone());
+                        let mut next = changed
+                            .iter()
+                            .find(|c| c.name == m.name)
+                            .cloned()
+                            .unwrap_or_else(|| rec.clone());
                         next.mode = ReplicaMode::ERR;
                         next.error = m.error.clone();
                         tracing::warn!(volume = %e.volume, replica = %m.name, "replica failed: {}", m.error.clone().unwrap_or_default());
@@ -454,7 +569,8 @@ impl State {
             self.replicas.insert(r.name.clone(), r);
         }
         // Deleted volumes: a replica this node no longer has on disk is gone.
-        let on_disk: std::collections::HashSet<&str> = hb.replicas.iter().map(|r| r.name.as_str()).collect();
+        let on_disk: std::collections::HashSet<&str> =
+            hb.replicas.iter().map(|r| r.name.as_str()).collect();
         let gone: Vec<String> = self
             .replicas
             .values()
@@ -478,25 +594,33 @@ impl State {
             tracing::info!(volume = %name, "volume deleted");
         }
         // Volumes whose replicas have all been seen are created.
-        let newly_created: Vec<VolumeRecord> = self
-            .volumes
-            .values()
-            .filter(|v| !v.created && !v.deleting)
-            .filter(|v| {
-                let reps = self.volume_replicas(&v.name);
-                !reps.is_empty()
-                    && reps.iter().all(|r| {
-                        r.node == node && on_disk.contains(r.name.as_str())
-                            || self.live.get(&r.node).is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
-                    })
-            })
-            .cloned()
-            .collect();
+        let newly_created: Vec<VolumeRecord> =
+            self.volumes
+                .values()
+                .filter(|v| !v.created && !v.deleting)
+                .filter(|v| {
+                    let reps = self.volume_replicas(&v.name);
+                    !reps.is_empty()
+                        && reps.iter().all(|r| {
+                            r.node == node && on_disk.contains(r.name.as_str())
+                                || self.live.get(&r.node).is_some_and(|l| {
+                                    l.report.replicas.iter().any(|x| x.name == r.name)
+                                })
+                        })
+                })
+                .cloned()
+                .collect();
         for mut v in newly_created {
             v.created = true;
             self.save_volume(v)?;
         }
-        self.live.insert(node.clone(), Live { seen: Instant::now(), report: hb });
+        self.live.insert(
+            node.clone(),
+            Live {
+                seen: Instant::now(),
+                report: hb,
+            },
+        );
         Ok(self.assignment(&node))
     }
 
@@ -524,17 +648,26 @@ impl State {
             if v.deleting || !v.created || v.desired_node.as_deref() != Some(node) {
                 continue;
             }
-            let members: Vec<&ReplicaRecord> =
-                self.volume_replicas(&v.name).into_iter().filter(|r| r.mode != ReplicaMode::ERR).collect();
+            let members: Vec<&ReplicaRecord> = self
+                .volume_replicas(&v.name)
+                .into_iter()
+                .filter(|r| r.mode != ReplicaMode::ERR)
+                .collect();
             if members.is_empty() {
                 continue;
             }
             // Start once every member's node is up and serving it, or after a grace period.
             let all_up = members.iter().all(|r| {
                 self.node_ready(&r.node)
-                    && self.live.get(&r.node).is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
+                    && self
+                        .live
+                        .get(&r.node)
+                        .is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
             });
-            let waited = self.attach_since.get(&v.name).is_none_or(|t| t.elapsed() >= ENGINE_WAIT_FOR_REPLICAS);
+            let waited = self
+                .attach_since
+                .get(&v.name)
+                .is_none_or(|t| t.elapsed() >= ENGINE_WAIT_FOR_REPLICAS);
             let already = self.engine_report(node, &v.name).is_some();
             if !(all_up || waited || already) {
                 continue;
@@ -555,7 +688,12 @@ impl State {
                     .collect(),
             });
         }
-        Assignment { secret: self.secret.clone(), replicas, engines, delete_replicas }
+        Assignment {
+            secret: self.secret.clone(),
+            replicas,
+            engines,
+            delete_replicas,
+        }
     }
 
     /// Note volumes that should be attached when the manager starts, so their engines wait for
@@ -569,5 +707,7 @@ impl State {
 }
 
 fn not_found(name: &str) -> ApiError {
-    ApiError::not_found(format!("volume {name} does not exist (see zebu volume list)"))
+    ApiError::not_found(format!(
+        "volume {name} does not exist (see zebu volume list)"
+    ))
 }

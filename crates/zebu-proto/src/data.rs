@@ -43,7 +43,11 @@ pub enum FrameError {
     #[error("unknown op code {0}")]
     UnknownOp(u8),
     #[error("{what} of {len} bytes is over the limit of {max}")]
-    TooLong { what: &'static str, len: usize, max: usize },
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("handshake checksum mismatch")]
     BadChecksum,
     #[error("{0} is not valid UTF-8")]
@@ -214,19 +218,33 @@ impl Hello {
     /// The version is not checked here: a peer of another version still gets a clear refusal.
     pub fn rest_len(fixed: &[u8; HELLO_FIXED_BYTES]) -> Result<usize, FrameError> {
         if fixed[0..8] != HELLO_MAGIC {
-            return Err(FrameError::BadMagic { found: fixed[0..8].to_vec() });
+            return Err(FrameError::BadMagic {
+                found: fixed[0..8].to_vec(),
+            });
         }
         let v = u16_at(fixed, 20) as usize;
         let r = u16_at(fixed, 22) as usize;
         let s = u16_at(fixed, 24) as usize;
         if v > MAX_NAME_BYTES {
-            return Err(FrameError::TooLong { what: "volume name", len: v, max: MAX_NAME_BYTES });
+            return Err(FrameError::TooLong {
+                what: "volume name",
+                len: v,
+                max: MAX_NAME_BYTES,
+            });
         }
         if r > MAX_NAME_BYTES {
-            return Err(FrameError::TooLong { what: "replica name", len: r, max: MAX_NAME_BYTES });
+            return Err(FrameError::TooLong {
+                what: "replica name",
+                len: r,
+                max: MAX_NAME_BYTES,
+            });
         }
         if s > MAX_SECRET_BYTES {
-            return Err(FrameError::TooLong { what: "secret", len: s, max: MAX_SECRET_BYTES });
+            return Err(FrameError::TooLong {
+                what: "secret",
+                len: s,
+                max: MAX_SECRET_BYTES,
+            });
         }
         Ok(v + r + s + 4)
     }
@@ -236,8 +254,9 @@ impl Hello {
         if bytes.len() < HELLO_FIXED_BYTES + 4 {
             return Err(FrameError::Truncated);
         }
-        let fixed: &[u8; HELLO_FIXED_BYTES] =
-            bytes[..HELLO_FIXED_BYTES].try_into().expect("length checked above");
+        let fixed: &[u8; HELLO_FIXED_BYTES] = bytes[..HELLO_FIXED_BYTES]
+            .try_into()
+            .expect("length checked above");
         let rest = Hello::rest_len(fixed)?;
         if bytes.len() != HELLO_FIXED_BYTES + rest {
             return Err(FrameError::Truncated);
@@ -254,14 +273,21 @@ impl Hello {
         let s = u16_at(bytes, 24) as usize;
         let mut at = HELLO_FIXED_BYTES;
         let mut take = |n: usize, what: &'static str| -> Result<String, FrameError> {
-            let s = std::str::from_utf8(&bytes[at..at + n]).map_err(|_| FrameError::NotUtf8(what))?;
+            let s =
+                std::str::from_utf8(&bytes[at..at + n]).map_err(|_| FrameError::NotUtf8(what))?;
             at += n;
             Ok(s.to_owned())
         };
         let volume = take(v, "volume name")?;
         let replica = take(r, "replica name")?;
         let secret = take(s, "secret")?;
-        Ok(Hello { version: u16_at(bytes, 8), volume, replica, generation: u64_at(bytes, 12), secret })
+        Ok(Hello {
+            version: u16_at(bytes, 8),
+            volume,
+            replica,
+            generation: u64_at(bytes, 12),
+            secret,
+        })
     }
 }
 
@@ -283,8 +309,21 @@ pub const WELCOME_FIXED_BYTES: usize = 42;
 impl Welcome {
     pub fn refused(status: WelcomeStatus, message: impl Into<String>) -> Welcome {
         let mut message = message.into();
-        message.truncate(MAX_MESSAGE_BYTES);
-        Welcome { version: PROTOCOL_VERSION, status, size_bytes: 0, block_size: 0, generation: 0, message }
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Welcome {
+            version: PROTOCOL_VERSION,
+            status,
+            size_bytes: 0,
+            block_size: 0,
+            generation: 0,
+            message,
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -307,11 +346,17 @@ impl Welcome {
     /// Length of the message plus the trailing CRC, from the fixed part.
     pub fn rest_len(fixed: &[u8; WELCOME_FIXED_BYTES]) -> Result<usize, FrameError> {
         if fixed[0..8] != WELCOME_MAGIC {
-            return Err(FrameError::BadMagic { found: fixed[0..8].to_vec() });
+            return Err(FrameError::BadMagic {
+                found: fixed[0..8].to_vec(),
+            });
         }
         let m = u16_at(fixed, 40) as usize;
         if m > MAX_MESSAGE_BYTES {
-            return Err(FrameError::TooLong { what: "welcome message", len: m, max: MAX_MESSAGE_BYTES });
+            return Err(FrameError::TooLong {
+                what: "welcome message",
+                len: m,
+                max: MAX_MESSAGE_BYTES,
+            });
         }
         Ok(m + 4)
     }
@@ -320,8 +365,9 @@ impl Welcome {
         if bytes.len() < WELCOME_FIXED_BYTES + 4 {
             return Err(FrameError::Truncated);
         }
-        let fixed: &[u8; WELCOME_FIXED_BYTES] =
-            bytes[..WELCOME_FIXED_BYTES].try_into().expect("length checked above");
+        let fixed: &[u8; WELCOME_FIXED_BYTES] = bytes[..WELCOME_FIXED_BYTES]
+            .try_into()
+            .expect("length checked above");
         let rest = Welcome::rest_len(fixed)?;
         if bytes.len() != WELCOME_FIXED_BYTES + rest {
             return Err(FrameError::Truncated);
@@ -370,7 +416,9 @@ impl RequestHeader {
 
     pub fn decode(b: &[u8; REQUEST_HEADER_BYTES]) -> Result<RequestHeader, FrameError> {
         if b[0..4] != REQUEST_MAGIC {
-            return Err(FrameError::BadMagic { found: b[0..4].to_vec() });
+            return Err(FrameError::BadMagic {
+                found: b[0..4].to_vec(),
+            });
         }
         if u16_at(b, 6) != 0 {
             return Err(FrameError::Reserved);
@@ -425,11 +473,22 @@ impl ReplyHeader {
 
     pub fn decode(b: &[u8; REPLY_HEADER_BYTES]) -> Result<ReplyHeader, FrameError> {
         if b[0..4] != REPLY_MAGIC {
-            return Err(FrameError::BadMagic { found: b[0..4].to_vec() });
+            return Err(FrameError::BadMagic {
+                found: b[0..4].to_vec(),
+            });
         }
-        let h = ReplyHeader { status: u32_at(b, 4), id: u64_at(b, 8), length: u32_at(b, 16), payload_crc: u32_at(b, 20) };
+        let h = ReplyHeader {
+            status: u32_at(b, 4),
+            id: u64_at(b, 8),
+            length: u32_at(b, 16),
+            payload_crc: u32_at(b, 20),
+        };
         if h.length > MAX_PAYLOAD_BYTES {
-            return Err(FrameError::TooLong { what: "reply", len: h.length as usize, max: MAX_PAYLOAD_BYTES as usize });
+            return Err(FrameError::TooLong {
+                what: "reply",
+                len: h.length as usize,
+                max: MAX_PAYLOAD_BYTES as usize,
+            });
         }
         Ok(h)
     }
@@ -504,12 +563,21 @@ pub fn decode_map(b: &[u8]) -> Result<Vec<MapExtent>, FrameError> {
     }
     let count = u32_at(b, 0) as usize;
     if count > MAX_MAP_EXTENTS {
-        return Err(FrameError::TooLong { what: "extent list", len: count, max: MAX_MAP_EXTENTS });
+        return Err(FrameError::TooLong {
+            what: "extent list",
+            len: count,
+            max: MAX_MAP_EXTENTS,
+        });
     }
     if b.len() != 8 + count * 8 {
         return Err(FrameError::Truncated);
     }
-    Ok((0..count).map(|i| MapExtent { length: u32_at(b, 8 + i * 8), flags: u32_at(b, 12 + i * 8) }).collect())
+    Ok((0..count)
+        .map(|i| MapExtent {
+            length: u32_at(b, 8 + i * 8),
+            flags: u32_at(b, 12 + i * 8),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -533,7 +601,10 @@ mod tests {
         assert_eq!(Hello::decode(&bad), Err(FrameError::BadChecksum));
         let mut bad = bytes;
         bad[0] = b'X';
-        assert!(matches!(Hello::decode(&bad), Err(FrameError::BadMagic { .. })));
+        assert!(matches!(
+            Hello::decode(&bad),
+            Err(FrameError::BadMagic { .. })
+        ));
     }
 
     #[test]
@@ -553,11 +624,21 @@ mod tests {
 
     #[test]
     fn request_rejects_oversized_and_unknown_ops() {
-        let h = RequestHeader { op: Op::Write, flags: FLAG_FUA, id: 9, offset: 4096, length: 8192, payload_crc: 5 };
+        let h = RequestHeader {
+            op: Op::Write,
+            flags: FLAG_FUA,
+            id: 9,
+            offset: 4096,
+            length: 8192,
+            payload_crc: 5,
+        };
         assert_eq!(RequestHeader::decode(&h.encode()).unwrap(), h);
         let mut big = h;
         big.length = MAX_PAYLOAD_BYTES + 1;
-        assert!(matches!(RequestHeader::decode(&big.encode()), Err(FrameError::TooLong { .. })));
+        assert!(matches!(
+            RequestHeader::decode(&big.encode()),
+            Err(FrameError::TooLong { .. })
+        ));
         let mut b = h.encode();
         b[4] = 99;
         assert_eq!(RequestHeader::decode(&b), Err(FrameError::UnknownOp(99)));

@@ -182,7 +182,13 @@ mod tests {
 
     #[test]
     fn request_round_trip_and_bad_magic() {
-        let r = Request { flags: CMD_FLAG_FUA, kind: CMD_WRITE, handle: 42, offset: 1 << 20, length: 4096 };
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            handle: 42,
+            offset: 1 << 20,
+            length: 4096,
+        };
         assert_eq!(Request::decode(&r.encode()), Some(r));
         let mut b = r.encode();
         b[0] = 0;

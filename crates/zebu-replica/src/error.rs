@@ -15,35 +15,61 @@ pub enum ReplicaError {
         source: std::io::Error,
     },
     #[error("replica {replica}: checksum mismatch in the block at offset {offset} (layer {layer:016x}); the stored data is corrupt")]
-    Checksum { replica: String, offset: u64, layer: u64 },
-    #[error("replica {replica}: range {offset}+{length} is outside the volume of {size_bytes} bytes")]
-    OutOfRange { replica: String, offset: u64, length: u64, size_bytes: u64 },
+    Checksum {
+        replica: String,
+        offset: u64,
+        layer: u64,
+    },
+    #[error(
+        "replica {replica}: range {offset}+{length} is outside the volume of {size_bytes} bytes"
+    )]
+    OutOfRange {
+        replica: String,
+        offset: u64,
+        length: u64,
+        size_bytes: u64,
+    },
     #[error("replica {replica}: {reason}")]
     Invalid { replica: String, reason: String },
-    #[error("replica {replica} refuses I/O after an earlier failure ({reason}); it must be rebuilt")]
+    #[error(
+        "replica {replica} refuses I/O after an earlier failure ({reason}); it must be rebuilt"
+    )]
     Poisoned { replica: String, reason: String },
     #[error("replica metadata {path} is unusable: {reason}")]
     BadMeta { path: PathBuf, reason: String },
     #[error("replica index {path} is damaged at block {block}: {reason}")]
-    BadIndex { path: PathBuf, block: u64, reason: String },
+    BadIndex {
+        path: PathBuf,
+        block: u64,
+        reason: String,
+    },
     #[error("replica directory {path} already holds a replica")]
     AlreadyExists { path: PathBuf },
 }
 
 impl ReplicaError {
     pub fn io(op: &'static str, path: &Path, offset: u64, source: std::io::Error) -> ReplicaError {
-        ReplicaError::Io { op, path: path.to_owned(), offset, source }
+        ReplicaError::Io {
+            op,
+            path: path.to_owned(),
+            offset,
+            source,
+        }
     }
 
     /// The data-protocol status this error is reported with.
     pub fn status(&self) -> Status {
         match self {
-            ReplicaError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Status::NoSpace,
-            ReplicaError::Io { .. } | ReplicaError::BadMeta { .. } | ReplicaError::BadIndex { .. } => Status::IoError,
-            ReplicaError::Checksum { .. } => Status::Checksum,
-            ReplicaError::OutOfRange { .. } | ReplicaError::Invalid { .. } | ReplicaError::AlreadyExists { .. } => {
-                Status::Invalid
+            ReplicaError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                Status::NoSpace
             }
+            ReplicaError::Io { .. }
+            | ReplicaError::BadMeta { .. }
+            | ReplicaError::BadIndex { .. } => Status::IoError,
+            ReplicaError::Checksum { .. } => Status::Checksum,
+            ReplicaError::OutOfRange { .. }
+            | ReplicaError::Invalid { .. }
+            | ReplicaError::AlreadyExists { .. } => Status::Invalid,
             ReplicaError::Poisoned { .. } => Status::Poisoned,
         }
     }

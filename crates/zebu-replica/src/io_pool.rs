@@ -33,7 +33,10 @@ impl IoPool {
                     .expect("spawning an I/O thread must succeed at start-up")
             })
             .collect();
-        IoPool { tx: Some(tx), threads }
+        IoPool {
+            tx: Some(tx),
+            threads,
+        }
     }
 
     /// Run `job` on a pool thread.

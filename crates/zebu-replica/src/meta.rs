@@ -68,7 +68,11 @@ impl ReplicaMeta {
     /// Decode and validate; `Err(reason)` says what is wrong with the bytes.
     pub fn decode(b: &[u8]) -> Result<ReplicaMeta, String> {
         if b.len() < FIXED_BYTES + 4 {
-            return Err(format!("file is {} bytes, shorter than the {} byte minimum", b.len(), FIXED_BYTES + 4));
+            return Err(format!(
+                "file is {} bytes, shorter than the {} byte minimum",
+                b.len(),
+                FIXED_BYTES + 4
+            ));
         }
         if b[0..8] != META_MAGIC {
             return Err("bad magic: not a Zebu replica metadata file".into());
@@ -92,17 +96,26 @@ impl ReplicaMeta {
         let rlen = u16_at(34) as usize;
         let nlayers = u32_at(36);
         if nlayers == 0 || nlayers > MAX_LAYERS {
-            return Err(format!("layer count {nlayers} is out of range 1..={MAX_LAYERS}"));
+            return Err(format!(
+                "layer count {nlayers} is out of range 1..={MAX_LAYERS}"
+            ));
         }
-        if block_size == 0 || !block_size.is_power_of_two() || size_bytes % block_size as u64 != 0 {
-            return Err(format!("block size {block_size} / size {size_bytes} are inconsistent"));
+        if block_size < 512
+            || !block_size.is_power_of_two()
+            || size_bytes == 0
+            || size_bytes % block_size as u64 != 0
+        {
+            return Err(format!(
+                "block size {block_size} / size {size_bytes} are inconsistent"
+            ));
         }
         let mut at = FIXED_BYTES;
         let take_str = |n: usize, at: &mut usize| -> Result<String, String> {
             if n > MAX_NAME || *at + n > body.len() {
                 return Err("truncated or oversized name".into());
             }
-            let s = std::str::from_utf8(&body[*at..*at + n]).map_err(|_| "name is not UTF-8".to_string())?;
+            let s = std::str::from_utf8(&body[*at..*at + n])
+                .map_err(|_| "name is not UTF-8".to_string())?;
             *at += n;
             Ok(s.to_owned())
         };
@@ -118,12 +131,23 @@ impl ReplicaMeta {
             let nlen = u16_at(at + 16) as usize;
             at += 18;
             let name = take_str(nlen, &mut at)?;
-            layers.push(LayerMeta { id, created_unix, name });
+            layers.push(LayerMeta {
+                id,
+                created_unix,
+                name,
+            });
         }
         if at != body.len() {
             return Err(format!("{} unexpected trailing bytes", body.len() - at));
         }
-        Ok(ReplicaMeta { volume, replica, size_bytes, block_size, generation, layers })
+        Ok(ReplicaMeta {
+            volume,
+            replica,
+            size_bytes,
+            block_size,
+            generation,
+            layers,
+        })
     }
 
     pub fn load(dir: &Path) -> Result<ReplicaMeta, ReplicaError> {
@@ -138,7 +162,11 @@ impl ReplicaMeta {
         let path = dir.join(META_FILE);
         let bytes = self.encode();
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
@@ -160,8 +188,16 @@ mod tests {
             block_size: 4096,
             generation: 9,
             layers: vec![
-                LayerMeta { id: 1, created_unix: 10, name: "snap-a".into() },
-                LayerMeta { id: 2, created_unix: 20, name: String::new() },
+                LayerMeta {
+                    id: 1,
+                    created_unix: 10,
+                    name: "snap-a".into(),
+                },
+                LayerMeta {
+                    id: 2,
+                    created_unix: 20,
+                    name: String::new(),
+                },
             ],
         }
     }
@@ -174,7 +210,10 @@ mod tests {
         for i in 0..b.len() {
             let mut bad = b.clone();
             bad[i] ^= 0x40;
-            assert!(ReplicaMeta::decode(&bad).is_err(), "flipping byte {i} went unnoticed");
+            assert!(
+                ReplicaMeta::decode(&bad).is_err(),
+                "flipping byte {i} went unnoticed"
+            );
         }
         assert!(ReplicaMeta::decode(&b[..b.len() - 1]).is_err());
     }

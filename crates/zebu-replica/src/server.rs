@@ -15,15 +15,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use zebu_proto::data::{
-    self, Hello, Op, ReplicaInfo, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, FLAG_FUA,
-    HELLO_FIXED_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
+    self, Hello, Op, ReplicaInfo, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus,
+    FLAG_FUA, HELLO_FIXED_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
 };
 
 use crate::io_pool::IoPool;
 use crate::store::Replica;
 
-/// Requests in flight on one connection, at most.
+/// Replies queued for the writer of one connection, at most.
 const MAX_IN_FLIGHT: usize = 256;
+/// Memory one connection may hold in request and reply buffers, in units of [`UNIT_BYTES`]
+/// (64 MiB). Every request costs at least one unit, so this also bounds the requests in flight.
+const BUDGET_UNITS: u32 = 1024;
+const UNIT_BYTES: u32 = 64 * 1024;
+
+/// Budget units a request holds while in flight: one, plus its data buffer.
+fn cost(h: &RequestHeader) -> u32 {
+    match h.op {
+        Op::Read | Op::Write => 1 + h.length / UNIT_BYTES,
+        _ => 1,
+    }
+}
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Reply {
@@ -36,16 +48,23 @@ fn reply(id: u64, status: Status, payload: Vec<u8>) -> Reply {
         status: status as u32,
         id,
         length: payload.len() as u32,
-        payload_crc: if payload.is_empty() { 0 } else { crc32c::crc32c(&payload) },
+        payload_crc: if payload.is_empty() {
+            0
+        } else {
+            crc32c::crc32c(&payload)
+        },
     }
     .encode();
     Reply { header, payload }
 }
 
+/// A served replica and the signal that closes its connections when it is removed.
+type Served = (Arc<Replica>, watch::Sender<bool>);
+
 /// Serves all replicas of one node.
 pub struct ReplicaServer {
     /// Served replicas, each with a signal that closes its connections when it is removed.
-    replicas: RwLock<HashMap<String, (Arc<Replica>, watch::Sender<bool>)>>,
+    replicas: RwLock<HashMap<String, Served>>,
     secret: RwLock<Option<String>>,
     pool: IoPool,
 }
@@ -78,21 +97,38 @@ impl ReplicaServer {
 
     /// Stop serving a replica; its open connections are closed.
     pub fn remove(&self, name: &str) -> Option<Arc<Replica>> {
-        let (replica, stop) = self.replicas.write().unwrap_or_else(|p| p.into_inner()).remove(name)?;
+        let (replica, stop) = self
+            .replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)?;
         let _ = stop.send(true);
         Some(replica)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Replica>> {
-        self.replicas.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|(r, _)| r.clone())
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|(r, _)| r.clone())
     }
 
     fn get_with_stop(&self, name: &str) -> Option<(Arc<Replica>, watch::Receiver<bool>)> {
-        self.replicas.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|(r, s)| (r.clone(), s.subscribe()))
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|(r, s)| (r.clone(), s.subscribe()))
     }
 
     pub fn list(&self) -> Vec<Arc<Replica>> {
-        self.replicas.read().unwrap_or_else(|p| p.into_inner()).values().map(|(r, _)| r.clone()).collect()
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(r, _)| r.clone())
+            .collect()
     }
 
     /// Accept connections until the listener fails.
@@ -116,20 +152,31 @@ impl ReplicaServer {
         }
     }
 
-    async fn handshake(&self, stream: &mut TcpStream) -> Result<(Arc<Replica>, watch::Receiver<bool>), String> {
+    async fn handshake(
+        &self,
+        stream: &mut TcpStream,
+    ) -> Result<(Arc<Replica>, watch::Receiver<bool>), String> {
         let mut fixed = [0u8; HELLO_FIXED_BYTES];
-        stream.read_exact(&mut fixed).await.map_err(|e| format!("reading hello: {e}"))?;
+        stream
+            .read_exact(&mut fixed)
+            .await
+            .map_err(|e| format!("reading hello: {e}"))?;
         let rest = match Hello::rest_len(&fixed) {
             Ok(r) => r,
             Err(e) => {
                 let msg = e.to_string();
-                let _ = stream.write_all(&Welcome::refused(WelcomeStatus::Malformed, msg.clone()).encode()).await;
+                let _ = stream
+                    .write_all(&Welcome::refused(WelcomeStatus::Malformed, msg.clone()).encode())
+                    .await;
                 return Err(msg);
             }
         };
         let mut bytes = fixed.to_vec();
         bytes.resize(HELLO_FIXED_BYTES + rest, 0);
-        stream.read_exact(&mut bytes[HELLO_FIXED_BYTES..]).await.map_err(|e| format!("reading hello: {e}"))?;
+        stream
+            .read_exact(&mut bytes[HELLO_FIXED_BYTES..])
+            .await
+            .map_err(|e| format!("reading hello: {e}"))?;
         let checked = self.check_hello(&bytes);
         match checked {
             Ok((replica, stop)) => {
@@ -141,18 +188,26 @@ impl ReplicaServer {
                     generation: replica.generation(),
                     message: String::new(),
                 };
-                stream.write_all(&w.encode()).await.map_err(|e| format!("writing welcome: {e}"))?;
+                stream
+                    .write_all(&w.encode())
+                    .await
+                    .map_err(|e| format!("writing welcome: {e}"))?;
                 Ok((replica, stop))
             }
             Err((status, msg)) => {
                 tracing::warn!("refused data connection: {msg}");
-                let _ = stream.write_all(&Welcome::refused(status, msg.clone()).encode()).await;
+                let _ = stream
+                    .write_all(&Welcome::refused(status, msg.clone()).encode())
+                    .await;
                 Err(msg)
             }
         }
     }
 
-    fn check_hello(&self, bytes: &[u8]) -> Result<(Arc<Replica>, watch::Receiver<bool>), (WelcomeStatus, String)> {
+    fn check_hello(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(Arc<Replica>, watch::Receiver<bool>), (WelcomeStatus, String)> {
         let hello = Hello::decode(bytes).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
         if hello.version != PROTOCOL_VERSION {
             return Err((
@@ -160,30 +215,46 @@ impl ReplicaServer {
                 format!("protocol version {} is not supported; this replica server speaks {PROTOCOL_VERSION}", hello.version),
             ));
         }
-        let secret = self.secret.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let secret = self
+            .secret
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let ok = match &secret {
             Some(s) => constant_time_eq(s.as_bytes(), hello.secret.as_bytes()),
             None => false,
         };
         if !ok {
-            return Err((WelcomeStatus::AuthFailed, "cluster secret does not match".into()));
+            return Err((
+                WelcomeStatus::AuthFailed,
+                "cluster secret does not match".into(),
+            ));
         }
-        let (replica, stop) = self
-            .get_with_stop(&hello.replica)
-            .ok_or_else(|| (WelcomeStatus::UnknownReplica, format!("replica {} is not served here", hello.replica)))?;
+        let (replica, stop) = self.get_with_stop(&hello.replica).ok_or_else(|| {
+            (
+                WelcomeStatus::UnknownReplica,
+                format!("replica {} is not served here", hello.replica),
+            )
+        })?;
         if replica.volume() != hello.volume {
             return Err((
                 WelcomeStatus::VolumeMismatch,
-                format!("replica {} belongs to volume {}, not {}", hello.replica, replica.volume(), hello.volume),
+                format!(
+                    "replica {} belongs to volume {}, not {}",
+                    hello.replica,
+                    replica.volume(),
+                    hello.volume
+                ),
             ));
         }
         Ok((replica, stop))
     }
 
     async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {
-        let (replica, mut stop) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
-            .await
-            .map_err(|_| "handshake timed out".to_string())??;
+        let (replica, mut stop) =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+                .await
+                .map_err(|_| "handshake timed out".to_string())??;
         let (mut rd, wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
         let writer = tokio::spawn(async move {
@@ -199,7 +270,7 @@ impl ReplicaServer {
             }
             w.shutdown().await
         });
-        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
         let result = async {
             loop {
                 let mut hb = [0u8; REQUEST_HEADER_BYTES];
@@ -213,9 +284,10 @@ impl ReplicaServer {
                     Err(e) => return Err(format!("reading request: {e}")),
                 }
                 let h = RequestHeader::decode(&hb).map_err(|e| format!("bad request: {e}"))?;
+                // Reserve the buffers before allocating them (bounded memory per connection).
+                let permit = budget.clone().acquire_many_owned(cost(&h)).await.expect("semaphore is never closed");
                 let mut payload = vec![0u8; h.payload_len()];
                 rd.read_exact(&mut payload).await.map_err(|e| format!("reading payload: {e}"))?;
-                let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
                 if h.op == Op::Write && crc32c::crc32c(&payload) != h.payload_crc {
                     let msg = format!("replica {}: write payload at offset {} failed its checksum in transit", replica.name(), h.offset);
                     let _ = tx.send(reply(h.id, Status::PayloadChecksum, msg.into_bytes())).await;
@@ -247,7 +319,9 @@ fn execute(replica: &Replica, h: &RequestHeader, payload: Vec<u8>) -> Reply {
         }
         Op::Write => replica.write(h.offset, &payload, fua).map(|()| Vec::new()),
         Op::Flush => replica.flush().map(|()| Vec::new()),
-        Op::Trim | Op::WriteZeroes => replica.zero(h.offset, h.length as u64, fua).map(|()| Vec::new()),
+        Op::Trim | Op::WriteZeroes => replica
+            .zero(h.offset, h.length as u64, fua)
+            .map(|()| Vec::new()),
         Op::Ping => Ok(Vec::new()),
         Op::Info => {
             let f = replica.facts();
@@ -261,7 +335,9 @@ fn execute(replica: &Replica, h: &RequestHeader, payload: Vec<u8>) -> Reply {
             .to_vec())
         }
         Op::SetGeneration => replica.set_generation(h.offset).map(|()| Vec::new()),
-        Op::Map => replica.map(h.offset, h.length as u64).map(|m| data::encode_map(&m)),
+        Op::Map => replica
+            .map(h.offset, h.length as u64)
+            .map(|m| data::encode_map(&m)),
     };
     match res {
         Ok(payload) => reply(h.id, Status::Ok, payload),

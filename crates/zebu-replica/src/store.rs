@@ -57,12 +57,17 @@ struct BlockIndex {
 impl BlockIndex {
     fn new(blocks: u64) -> BlockIndex {
         let n = blocks.div_ceil(CHUNK_ENTRIES as u64) as usize;
-        BlockIndex { chunks: (0..n).map(|_| OnceLock::new()).collect() }
+        BlockIndex {
+            chunks: (0..n).map(|_| OnceLock::new()).collect(),
+        }
     }
 
     #[inline]
     fn get(&self, block: u64) -> u64 {
-        let (c, i) = ((block / CHUNK_ENTRIES as u64) as usize, (block % CHUNK_ENTRIES as u64) as usize);
+        let (c, i) = (
+            (block / CHUNK_ENTRIES as u64) as usize,
+            (block % CHUNK_ENTRIES as u64) as usize,
+        );
         match self.chunks[c].get() {
             Some(chunk) => chunk[i].load(Ordering::Acquire),
             None => 0,
@@ -71,11 +76,15 @@ impl BlockIndex {
 
     #[inline]
     fn set(&self, block: u64, entry: u64) {
-        let (c, i) = ((block / CHUNK_ENTRIES as u64) as usize, (block % CHUNK_ENTRIES as u64) as usize);
+        let (c, i) = (
+            (block / CHUNK_ENTRIES as u64) as usize,
+            (block % CHUNK_ENTRIES as u64) as usize,
+        );
         if entry == 0 && self.chunks[c].get().is_none() {
             return;
         }
-        let chunk = self.chunks[c].get_or_init(|| (0..CHUNK_ENTRIES).map(|_| AtomicU64::new(0)).collect());
+        let chunk =
+            self.chunks[c].get_or_init(|| (0..CHUNK_ENTRIES).map(|_| AtomicU64::new(0)).collect());
         chunk[i].store(entry, Ordering::Release);
     }
 
@@ -94,7 +103,10 @@ struct Layer {
 }
 
 fn layer_paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
-    (dir.join(format!("layer-{id:016x}.data")), dir.join(format!("layer-{id:016x}.idx")))
+    (
+        dir.join(format!("layer-{id:016x}.data")),
+        dir.join(format!("layer-{id:016x}.idx")),
+    )
 }
 
 fn index_header(id: u64, block_size: u32) -> Vec<u8> {
@@ -109,7 +121,12 @@ fn index_header(id: u64, block_size: u32) -> Vec<u8> {
 }
 
 impl Layer {
-    fn create(dir: &Path, id: u64, size_bytes: u64, block_size: u32) -> Result<Layer, ReplicaError> {
+    fn create(
+        dir: &Path,
+        id: u64,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<Layer, ReplicaError> {
         let (data_path, index_path) = layer_paths(dir, id);
         let open_new = |p: &Path| {
             OpenOptions::new()
@@ -120,7 +137,8 @@ impl Layer {
                 .map_err(|e| ReplicaError::io("create layer file", p, 0, e))
         };
         let data = open_new(&data_path)?;
-        data.set_len(size_bytes).map_err(|e| ReplicaError::io("size layer data", &data_path, 0, e))?;
+        data.set_len(size_bytes)
+            .map_err(|e| ReplicaError::io("size layer data", &data_path, 0, e))?;
         let index = open_new(&index_path)?;
         index
             .write_all_at(&index_header(id, block_size), 0)
@@ -130,28 +148,59 @@ impl Layer {
             .set_len(INDEX_HEADER_BYTES + blocks * 8)
             .map_err(|e| ReplicaError::io("size layer index", &index_path, 0, e))?;
         for (f, p) in [(&data, &data_path), (&index, &index_path)] {
-            f.sync_all().map_err(|e| ReplicaError::io("fsync new layer", p, 0, e))?;
+            f.sync_all()
+                .map_err(|e| ReplicaError::io("fsync new layer", p, 0, e))?;
         }
-        Ok(Layer { id, data, data_path, index, index_path, entries: BlockIndex::new(blocks) })
+        Ok(Layer {
+            id,
+            data,
+            data_path,
+            index,
+            index_path,
+            entries: BlockIndex::new(blocks),
+        })
     }
 
     fn open(dir: &Path, id: u64, size_bytes: u64, block_size: u32) -> Result<Layer, ReplicaError> {
         let (data_path, index_path) = layer_paths(dir, id);
         let open = |p: &Path| {
-            OpenOptions::new().read(true).write(true).open(p).map_err(|e| ReplicaError::io("open layer file", p, 0, e))
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
         };
         let data = open(&data_path)?;
         let index = open(&index_path)?;
-        let bad = |block: u64, reason: String| ReplicaError::BadIndex { path: index_path.clone(), block, reason };
+        let bad = |block: u64, reason: String| ReplicaError::BadIndex {
+            path: index_path.clone(),
+            block,
+            reason,
+        };
         let mut header = vec![0u8; INDEX_HEADER_BYTES as usize];
-        index.read_exact_at(&mut header, 0).map_err(|e| ReplicaError::io("read index header", &index_path, 0, e))?;
+        index
+            .read_exact_at(&mut header, 0)
+            .map_err(|e| ReplicaError::io("read index header", &index_path, 0, e))?;
         if header[..28] != index_header(id, block_size)[..28] {
-            return Err(bad(0, "header does not match this layer (magic, version, block size, id or checksum)".into()));
+            return Err(bad(
+                0,
+                "header does not match this layer (magic, version, block size, id or checksum)"
+                    .into(),
+            ));
         }
         let blocks = size_bytes / block_size as u64;
-        let len = index.metadata().map_err(|e| ReplicaError::io("stat index", &index_path, 0, e))?.len();
+        let len = index
+            .metadata()
+            .map_err(|e| ReplicaError::io("stat index", &index_path, 0, e))?
+            .len();
         if len != INDEX_HEADER_BYTES + blocks * 8 {
-            return Err(bad(0, format!("file is {len} bytes, expected {}", INDEX_HEADER_BYTES + blocks * 8)));
+            return Err(bad(
+                0,
+                format!(
+                    "file is {len} bytes, expected {}",
+                    INDEX_HEADER_BYTES + blocks * 8
+                ),
+            ));
         }
         let entries = BlockIndex::new(blocks);
         // Load only the parts of the (sparse) index file that hold data.
@@ -161,7 +210,8 @@ impl Layer {
         let end = INDEX_HEADER_BYTES + blocks * 8;
         while pos < end {
             // SAFETY: lseek on a valid, open file descriptor; no memory is passed.
-            let next = unsafe { libc::lseek(index.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+            let next =
+                unsafe { libc::lseek(index.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
             if next < 0 {
                 break; // ENXIO: no data past `pos`.
             }
@@ -178,22 +228,41 @@ impl Layer {
                     continue;
                 }
                 let block = first_block + i as u64;
-                if entry & !ENTRY_KNOWN_BITS != 0 || (entry & ENTRY_PRESENT != 0 && entry & ENTRY_ZERO != 0) {
-                    return Err(bad(block, format!("entry {entry:#x} has unknown or conflicting bits")));
+                if entry & !ENTRY_KNOWN_BITS != 0
+                    || (entry & ENTRY_PRESENT != 0 && entry & ENTRY_ZERO != 0)
+                {
+                    return Err(bad(
+                        block,
+                        format!("entry {entry:#x} has unknown or conflicting bits"),
+                    ));
                 }
                 if entry & (ENTRY_PRESENT | ENTRY_ZERO) == 0 {
-                    return Err(bad(block, format!("entry {entry:#x} has a checksum but no state")));
+                    return Err(bad(
+                        block,
+                        format!("entry {entry:#x} has a checksum but no state"),
+                    ));
                 }
                 entries.set(block, entry);
             }
             pos = start + n as u64;
         }
-        Ok(Layer { id, data, data_path, index, index_path, entries })
+        Ok(Layer {
+            id,
+            data,
+            data_path,
+            index,
+            index_path,
+            entries,
+        })
     }
 
     fn sync(&self) -> Result<(), ReplicaError> {
-        self.data.sync_data().map_err(|e| ReplicaError::io("fdatasync", &self.data_path, 0, e))?;
-        self.index.sync_data().map_err(|e| ReplicaError::io("fdatasync", &self.index_path, 0, e))
+        self.data
+            .sync_data()
+            .map_err(|e| ReplicaError::io("fdatasync", &self.data_path, 0, e))?;
+        self.index
+            .sync_data()
+            .map_err(|e| ReplicaError::io("fdatasync", &self.index_path, 0, e))
     }
 
     /// Persist entries for `count` consecutive blocks starting at `first`, then publish them.
@@ -203,7 +272,9 @@ impl Layer {
             buf.extend_from_slice(&e.to_le_bytes());
         }
         let at = INDEX_HEADER_BYTES + first * 8;
-        self.index.write_all_at(&buf, at).map_err(|e| ReplicaError::io("write index", &self.index_path, at, e))?;
+        self.index
+            .write_all_at(&buf, at)
+            .map_err(|e| ReplicaError::io("write index", &self.index_path, at, e))?;
         for (i, e) in new_entries.iter().enumerate() {
             self.entries.set(first + i as u64, *e);
         }
@@ -269,20 +340,38 @@ pub struct ReplicaFacts {
 
 impl Replica {
     /// Create a new, empty replica in `dir` (created if missing; must not hold a replica).
-    pub fn create(dir: &Path, volume: &str, name: &str, size_bytes: u64, block_size: u32) -> Result<Replica, ReplicaError> {
-        let invalid = |reason: String| ReplicaError::Invalid { replica: name.to_owned(), reason };
+    pub fn create(
+        dir: &Path,
+        volume: &str,
+        name: &str,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<Replica, ReplicaError> {
+        let invalid = |reason: String| ReplicaError::Invalid {
+            replica: name.to_owned(),
+            reason,
+        };
         if block_size < 512 || !block_size.is_power_of_two() {
-            return Err(invalid(format!("block size {block_size} must be a power of two of at least 512")));
+            return Err(invalid(format!(
+                "block size {block_size} must be a power of two of at least 512"
+            )));
         }
-        if size_bytes == 0 || size_bytes % block_size as u64 != 0 {
-            return Err(invalid(format!("size {size_bytes} must be a non-zero multiple of the block size {block_size}")));
+        if size_bytes == 0 || !size_bytes.is_multiple_of(block_size as u64) {
+            return Err(invalid(format!(
+                "size {size_bytes} must be a non-zero multiple of the block size {block_size}"
+            )));
         }
         if volume.is_empty() || volume.len() > 255 || name.is_empty() || name.len() > 255 {
-            return Err(invalid("volume and replica names must be 1 to 255 bytes".into()));
+            return Err(invalid(
+                "volume and replica names must be 1 to 255 bytes".into(),
+            ));
         }
-        std::fs::create_dir_all(dir).map_err(|e| ReplicaError::io("create replica directory", dir, 0, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ReplicaError::io("create replica directory", dir, 0, e))?;
         if dir.join(crate::meta::META_FILE).exists() {
-            return Err(ReplicaError::AlreadyExists { path: dir.to_owned() });
+            return Err(ReplicaError::AlreadyExists {
+                path: dir.to_owned(),
+            });
         }
         let head_id = 1;
         // Clean up layer files of an earlier create that crashed before writing the metadata.
@@ -290,15 +379,21 @@ impl Replica {
         let _ = std::fs::remove_file(d);
         let _ = std::fs::remove_file(i);
         let layer = Layer::create(dir, head_id, size_bytes, block_size)?;
-        let created_unix =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let meta = ReplicaMeta {
             volume: volume.to_owned(),
             replica: name.to_owned(),
             size_bytes,
             block_size,
             generation: 0,
-            layers: vec![LayerMeta { id: head_id, created_unix, name: String::new() }],
+            layers: vec![LayerMeta {
+                id: head_id,
+                created_unix,
+                name: String::new(),
+            }],
         };
         // The metadata file is written last: a replica exists once it is there.
         meta.store(dir)?;
@@ -359,7 +454,11 @@ impl Replica {
         let mut allocated = 0u64;
         for c in 0..blocks.div_ceil(CHUNK_ENTRIES as u64) {
             // Chunks no layer has touched hold no data: skip them without resolving each block.
-            if self.layers.iter().all(|l| l.entries.chunks[c as usize].get().is_none()) {
+            if self
+                .layers
+                .iter()
+                .all(|l| l.entries.chunks[c as usize].get().is_none())
+            {
                 continue;
             }
             let lo = c * CHUNK_ENTRIES as u64;
@@ -372,7 +471,10 @@ impl Replica {
         let index_memory_bytes: u64 = self
             .layers
             .iter()
-            .map(|l| (l.entries.allocated_chunks() * CHUNK_ENTRIES * 8 + l.entries.chunks.len() * 16) as u64)
+            .map(|l| {
+                (l.entries.allocated_chunks() * CHUNK_ENTRIES * 8 + l.entries.chunks.len() * 16)
+                    as u64
+            })
             .sum();
         ReplicaFacts {
             volume: self.volume.clone(),
@@ -386,7 +488,9 @@ impl Replica {
     }
 
     fn head(&self) -> &Layer {
-        self.layers.last().expect("invariant: a replica has at least one layer")
+        self.layers
+            .last()
+            .expect("invariant: a replica has at least one layer")
     }
 
     fn poison(&self, err: &ReplicaError) {
@@ -399,8 +503,15 @@ impl Replica {
 
     fn check_usable(&self) -> Result<(), ReplicaError> {
         if self.is_poisoned() {
-            let reason = self.poison_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            return Err(ReplicaError::Poisoned { replica: self.name.clone(), reason });
+            let reason = self
+                .poison_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return Err(ReplicaError::Poisoned {
+                replica: self.name.clone(),
+                reason,
+            });
         }
         Ok(())
     }
@@ -429,7 +540,9 @@ impl Replica {
             .collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())).collect()
+        idx.into_iter()
+            .map(|i| self.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
     }
 
     #[inline]
@@ -437,7 +550,10 @@ impl Replica {
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let e = layer.entries.get(block);
             if e & ENTRY_PRESENT != 0 {
-                return Source::Data { layer: i, crc: e as u32 };
+                return Source::Data {
+                    layer: i,
+                    crc: e as u32,
+                };
             }
             if e & ENTRY_ZERO != 0 {
                 return Source::Zero;
@@ -448,7 +564,13 @@ impl Replica {
 
     /// Read whole blocks `[first, end)` into `out` (exactly `(end-first)*bs` bytes), verifying
     /// checksums. `locked` says whether the caller holds the stripes.
-    fn read_blocks(&self, first: u64, end: u64, out: &mut [u8], locked: bool) -> Result<(), ReplicaError> {
+    fn read_blocks(
+        &self,
+        first: u64,
+        end: u64,
+        out: &mut [u8],
+        locked: bool,
+    ) -> Result<(), ReplicaError> {
         let bs = self.block_size as usize;
         let mut b = first;
         while b < end {
@@ -473,7 +595,9 @@ impl Replica {
                 Source::Data { layer, .. } => {
                     let l = &self.layers[layer];
                     let at = b * bs as u64;
-                    l.data.read_exact_at(buf, at).map_err(|e| ReplicaError::io("read", &l.data_path, at, e))?;
+                    l.data
+                        .read_exact_at(buf, at)
+                        .map_err(|e| ReplicaError::io("read", &l.data_path, at, e))?;
                     for (i, block_buf) in buf.chunks_exact_mut(bs).enumerate() {
                         let block = b + i as u64;
                         let expected = match self.resolve(block) {
@@ -517,7 +641,7 @@ impl Replica {
         }
         let bs = self.block_size as u64;
         let (first, end) = self.block_span(offset, out.len() as u64);
-        if offset % bs == 0 && out.len() as u64 % bs == 0 {
+        if offset.is_multiple_of(bs) && (out.len() as u64).is_multiple_of(bs) {
             return self.read_blocks(first, end, out, false);
         }
         let mut tmp = vec![0u8; ((end - first) * bs) as usize];
@@ -537,17 +661,19 @@ impl Replica {
         let bs = self.block_size as u64;
         let (first, end) = self.block_span(offset, data.len() as u64);
         let _guards = self.lock_blocks(first, end);
-        let aligned = offset % bs == 0 && data.len() as u64 % bs == 0;
+        let aligned = offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs);
         let merged;
         let blocks: &[u8] = if aligned {
             data
         } else {
             // Read-modify-write of the partial first/last blocks, under the stripe lock.
             let mut buf = vec![0u8; ((end - first) * bs) as usize];
-            if offset % bs != 0 {
+            if !offset.is_multiple_of(bs) {
                 self.read_blocks(first, first + 1, &mut buf[..bs as usize], true)?;
             }
-            if (offset + data.len() as u64) % bs != 0 && (end - 1 > first || offset % bs == 0) {
+            if !(offset + data.len() as u64).is_multiple_of(bs)
+                && (end - 1 > first || offset.is_multiple_of(bs))
+            {
                 let last = ((end - 1 - first) * bs) as usize;
                 self.read_blocks(end - 1, end, &mut buf[last..], true)?;
             }
@@ -563,8 +689,10 @@ impl Replica {
             .write_all_at(blocks, at)
             .map_err(|e| ReplicaError::io("write", &head.data_path, at, e))
             .and_then(|()| {
-                let entries: Vec<u64> =
-                    blocks.chunks_exact(bs as usize).map(|b| ENTRY_PRESENT | crc32c::crc32c(b) as u64).collect();
+                let entries: Vec<u64> = blocks
+                    .chunks_exact(bs as usize)
+                    .map(|b| ENTRY_PRESENT | crc32c::crc32c(b) as u64)
+                    .collect();
                 head.put_entries(first, &entries)
             });
         if let Err(e) = res {
@@ -646,7 +774,10 @@ impl Replica {
         if generation < meta.generation {
             return Err(ReplicaError::Invalid {
                 replica: self.name.clone(),
-                reason: format!("generation may not go down from {} to {generation}", meta.generation),
+                reason: format!(
+                    "generation may not go down from {} to {generation}",
+                    meta.generation
+                ),
             });
         }
         if generation == meta.generation {
@@ -683,14 +814,20 @@ impl Replica {
                 Source::Zero => EXTENT_HOLE | EXTENT_ZERO,
             };
             match out.last_mut() {
-                Some(last) if last.flags == flags && (last.length as u64 + (hi - lo)) <= u32::MAX as u64 - bs => {
+                Some(last)
+                    if last.flags == flags
+                        && (last.length as u64 + (hi - lo)) <= u32::MAX as u64 - bs =>
+                {
                     last.length += (hi - lo) as u32
                 }
                 _ => {
                     if out.len() >= zebu_proto::data::MAX_MAP_EXTENTS {
                         break; // The caller sees a shorter map and asks again from its end.
                     }
-                    out.push(MapExtent { length: (hi - lo) as u32, flags })
+                    out.push(MapExtent {
+                        length: (hi - lo) as u32,
+                        flags,
+                    })
                 }
             }
         }
@@ -728,7 +865,9 @@ mod tests {
     }
 
     fn pattern(len: u64, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     proptest! {
@@ -779,7 +918,10 @@ mod tests {
         let mut buf = vec![0u8; BS as usize];
         let err = r.read(3 * BS, &mut buf).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, ReplicaError::Checksum { offset, .. } if offset == 3 * BS), "{msg}");
+        assert!(
+            matches!(err, ReplicaError::Checksum { offset, .. } if offset == 3 * BS),
+            "{msg}"
+        );
         assert!(msg.contains("v-r-x") && msg.contains("12288"), "{msg}");
         // Other blocks still read.
         r.read(0, &mut buf).unwrap();
@@ -794,9 +936,18 @@ mod tests {
         assert_eq!(
             m,
             vec![
-                MapExtent { length: 2 * BS as u32, flags: EXTENT_HOLE | EXTENT_ZERO },
-                MapExtent { length: 2 * BS as u32, flags: 0 },
-                MapExtent { length: (SIZE - 4 * BS) as u32, flags: EXTENT_HOLE | EXTENT_ZERO },
+                MapExtent {
+                    length: 2 * BS as u32,
+                    flags: EXTENT_HOLE | EXTENT_ZERO
+                },
+                MapExtent {
+                    length: 2 * BS as u32,
+                    flags: 0
+                },
+                MapExtent {
+                    length: (SIZE - 4 * BS) as u32,
+                    flags: EXTENT_HOLE | EXTENT_ZERO
+                },
             ]
         );
         assert_eq!(r.facts().allocated_bytes, 2 * BS);
@@ -820,7 +971,11 @@ mod tests {
         drop(r);
         let (_, idx) = layer_paths(dir.path(), 1);
         let f = OpenOptions::new().write(true).open(&idx).unwrap();
-        f.write_all_at(&(ENTRY_PRESENT | ENTRY_ZERO).to_le_bytes(), INDEX_HEADER_BYTES + 8).unwrap();
+        f.write_all_at(
+            &(ENTRY_PRESENT | ENTRY_ZERO).to_le_bytes(),
+            INDEX_HEADER_BYTES + 8,
+        )
+        .unwrap();
         let err = Replica::open(dir.path()).err().expect("open must fail");
         assert!(err.to_string().contains("block 1"), "{err}");
     }

@@ -13,9 +13,17 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("metadata store {path}: {op} failed: {reason}")]
-    Backend { path: PathBuf, op: &'static str, reason: String },
+    Backend {
+        path: PathBuf,
+        op: &'static str,
+        reason: String,
+    },
     #[error("metadata store: record {kind}/{key} is not valid: {reason}")]
-    Decode { kind: String, key: String, reason: String },
+    Decode {
+        kind: String,
+        key: String,
+        reason: String,
+    },
 }
 
 /// A transactional key-value store of JSON documents, grouped by kind.
@@ -31,18 +39,24 @@ pub trait MetaStoreExt: MetaStore {
     fn get<T: DeserializeOwned>(&self, kind: &str, key: &str) -> Result<Option<T>, StoreError> {
         match self.get_raw(kind, key)? {
             None => Ok(None),
-            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| StoreError::Decode {
-                kind: kind.into(),
-                key: key.into(),
-                reason: e.to_string(),
-            }),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| StoreError::Decode {
+                    kind: kind.into(),
+                    key: key.into(),
+                    reason: e.to_string(),
+                }),
         }
     }
     fn list<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, StoreError> {
         self.list_raw(kind)?
             .into_iter()
             .map(|(k, b)| {
-                serde_json::from_slice(&b).map_err(|e| StoreError::Decode { kind: kind.into(), key: k, reason: e.to_string() })
+                serde_json::from_slice(&b).map_err(|e| StoreError::Decode {
+                    kind: kind.into(),
+                    key: k,
+                    reason: e.to_string(),
+                })
             })
             .collect()
     }
@@ -70,11 +84,18 @@ impl RedbStore {
             op: "open",
             reason: format!("{e} (is another manager using this data directory?)"),
         })?;
-        Ok(RedbStore { db, path: path.to_owned() })
+        Ok(RedbStore {
+            db,
+            path: path.to_owned(),
+        })
     }
 
     fn err(&self, op: &'static str, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Backend { path: self.path.clone(), op, reason: e.to_string() }
+        StoreError::Backend {
+            path: self.path.clone(),
+            op,
+            reason: e.to_string(),
+        }
     }
 }
 
@@ -90,7 +111,9 @@ impl MetaStore for RedbStore {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(self.err("read", e)),
         };
-        Ok(t.get(key).map_err(|e| self.err("read", e))?.map(|v| v.value().to_vec()))
+        Ok(t.get(key)
+            .map_err(|e| self.err("read", e))?
+            .map(|v| v.value().to_vec()))
     }
 
     fn list_raw(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -111,10 +134,13 @@ impl MetaStore for RedbStore {
     fn apply(&self, changes: &[(&str, &str, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(|e| self.err("write", e))?;
         for (kind, key, value) in changes {
-            let mut t = tx.open_table(table(kind)).map_err(|e| self.err("write", e))?;
+            let mut t = tx
+                .open_table(table(kind))
+                .map_err(|e| self.err("write", e))?;
             match value {
                 Some(v) => {
-                    t.insert(*key, v.as_slice()).map_err(|e| self.err("write", e))?;
+                    t.insert(*key, v.as_slice())
+                        .map_err(|e| self.err("write", e))?;
                 }
                 None => {
                     t.remove(*key).map_err(|e| self.err("write", e))?;

@@ -21,7 +21,11 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -31,7 +35,10 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("API types serialize")
+    );
 }
 
 fn show_volume(v: &Volume, out: Output) {
@@ -39,7 +46,11 @@ fn show_volume(v: &Volume, out: Output) {
         return print_json(v);
     }
     println!("Name:        {}", v.name);
-    println!("Size:        {} ({} bytes)", human(v.size_bytes), v.size_bytes);
+    println!(
+        "Size:        {} ({} bytes)",
+        human(v.size_bytes),
+        v.size_bytes
+    );
     println!("State:       {}", v.state.as_str());
     println!("Robustness:  {}", v.robustness.as_str());
     println!("Node:        {}", v.node.as_deref().unwrap_or("-"));
@@ -79,13 +90,22 @@ pub async fn wait_for(
         if done(&v) {
             return Ok(v);
         }
-        let msg = format!("{} ({})", v.state.as_str(), v.message.clone().unwrap_or_default());
+        let msg = format!(
+            "{} ({})",
+            v.state.as_str(),
+            v.message.clone().unwrap_or_default()
+        );
         if msg != last_msg {
             eprintln!("volume {name}: {msg}");
             last_msg = msg;
         }
         if Instant::now() > deadline {
-            bail!("volume {name} is still {} after {} s: {}", v.state.as_str(), timeout.as_secs(), v.message.unwrap_or_default());
+            bail!(
+                "volume {name} is still {} after {} s: {}",
+                v.state.as_str(),
+                timeout.as_secs(),
+                v.message.unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -93,29 +113,62 @@ pub async fn wait_for(
 
 pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
     match cmd {
-        VolumeCmd::Create { name, size, replicas, client: ca } => {
+        VolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            client: ca,
+        } => {
             let size_bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
             let c = client(&ca);
-            let v = c.create_volume(&CreateVolume { name: name.clone(), size_bytes, replica_count: replicas }).await?;
+            let v = c
+                .create_volume(&CreateVolume {
+                    name: name.clone(),
+                    size_bytes,
+                    replica_count: replicas,
+                })
+                .await?;
             if ca.output == Output::Json {
                 print_json(&v);
             } else {
-                println!("volume {name} created: {} with {} replicas", human(v.size_bytes), v.replica_count);
+                println!(
+                    "volume {name} created: {} with {} replicas",
+                    human(v.size_bytes),
+                    v.replica_count
+                );
             }
         }
         VolumeCmd::List { client: ca } => {
             let vols = client(&ca).list_volumes().await?;
             if ca.output == Output::Json {
-                return Ok(print_json(&vols));
+                return {
+                    let _: () = print_json(&vols);
+                    Ok(())
+                };
             }
             table(
-                &["NAME", "SIZE", "REPLICAS", "STATE", "ROBUSTNESS", "NODE", "NBD URI"],
+                &[
+                    "NAME",
+                    "SIZE",
+                    "REPLICAS",
+                    "STATE",
+                    "ROBUSTNESS",
+                    "NODE",
+                    "NBD URI",
+                ],
                 vols.iter()
                     .map(|v| {
                         vec![
                             v.name.clone(),
                             human(v.size_bytes),
-                            format!("{}/{}", v.replicas.iter().filter(|r| r.mode == zebu_api::ReplicaMode::RW).count(), v.replica_count),
+                            format!(
+                                "{}/{}",
+                                v.replicas
+                                    .iter()
+                                    .filter(|r| r.mode == zebu_api::ReplicaMode::RW)
+                                    .count(),
+                                v.replica_count
+                            ),
                             v.state.as_str().into(),
                             v.robustness.as_str().into(),
                             v.node.clone().unwrap_or_else(|| "-".into()),
@@ -129,11 +182,19 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
             let v = client(&ca).get_volume(&name).await?;
             show_volume(&v, ca.output);
         }
-        VolumeCmd::Attach { name, node, no_wait, client: ca } => {
+        VolumeCmd::Attach {
+            name,
+            node,
+            no_wait,
+            client: ca,
+        } => {
             let c = client(&ca);
             let mut v = c.attach_volume(&name, node).await?;
             if !no_wait {
-                v = wait_for(&c, &name, Duration::from_secs(90), |v| v.state == VolumeState::Attached).await?;
+                v = wait_for(&c, &name, Duration::from_secs(90), |v| {
+                    v.state == VolumeState::Attached
+                })
+                .await?;
             }
             if ca.output == Output::Json {
                 print_json(&v);
@@ -143,11 +204,18 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                 println!("volume {name} is {}", v.state.as_str());
             }
         }
-        VolumeCmd::Detach { name, no_wait, client: ca } => {
+        VolumeCmd::Detach {
+            name,
+            no_wait,
+            client: ca,
+        } => {
             let c = client(&ca);
             let mut v = c.detach_volume(&name).await?;
             if !no_wait {
-                v = wait_for(&c, &name, Duration::from_secs(60), |v| v.state == VolumeState::Detached).await?;
+                v = wait_for(&c, &name, Duration::from_secs(60), |v| {
+                    v.state == VolumeState::Detached
+                })
+                .await?;
             }
             if ca.output == Output::Json {
                 print_json(&v);
@@ -155,7 +223,11 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                 println!("volume {name} is {}", v.state.as_str());
             }
         }
-        VolumeCmd::Delete { name, no_wait, client: ca } => {
+        VolumeCmd::Delete {
+            name,
+            no_wait,
+            client: ca,
+        } => {
             let c = client(&ca);
             let v = c.delete_volume(&name).await?;
             if !no_wait {
@@ -186,7 +258,10 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
         NodeCmd::List { client: ca } => {
             let nodes = client(&ca).list_nodes().await?;
             if ca.output == Output::Json {
-                return Ok(print_json(&nodes));
+                return {
+                    let _: () = print_json(&nodes);
+                    Ok(())
+                };
             }
             table(
                 &["NAME", "READY", "ADDRESS", "REPLICAS", "DISK FREE", "DISK"],

@@ -120,7 +120,12 @@ struct AgentArgs {
 #[derive(Args, Clone)]
 struct ClientArgs {
     /// URL of the manager's REST API.
-    #[arg(long, env = "ZEBU_API", default_value = "http://127.0.0.1:9500", global = true)]
+    #[arg(
+        long,
+        env = "ZEBU_API",
+        default_value = "http://127.0.0.1:9500",
+        global = true
+    )]
     api: String,
     /// API token (default: $ZEBU_TOKEN, else the contents of ./zebu-data/admin.token).
     #[arg(long, env = "ZEBU_TOKEN", hide_env_values = true, global = true)]
@@ -212,12 +217,19 @@ fn default_token(explicit: Option<String>) -> String {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZEBU_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() {
     let cli = Cli::parse();
-    let server = matches!(cli.command, Command::Up(_) | Command::Manager(_) | Command::Agent(_));
+    let server = matches!(
+        cli.command,
+        Command::Up(_) | Command::Manager(_) | Command::Agent(_)
+    );
     init_logging(if server { "info" } else { "warn" });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(if server { 2 } else { 1 })
@@ -292,7 +304,10 @@ fn replica_export(dir: &Path, output: &Path) -> anyhow::Result<()> {
 
 async fn manager(a: ManagerArgs) -> anyhow::Result<()> {
     let m = Manager::open(&a.data_dir)?;
-    eprintln!("admin token in {}", a.data_dir.join(zebu_manager::TOKEN_FILE).display());
+    eprintln!(
+        "admin token in {}",
+        a.data_dir.join(zebu_manager::TOKEN_FILE).display()
+    );
     zebu_manager::serve(m, a.listen, shutdown_signal()).await
 }
 
@@ -328,7 +343,12 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         let mut rx = stop_rx.clone();
         let listener_check = tokio::net::TcpListener::bind(a.api)
             .await
-            .with_context(|| format!("cannot listen on {} (is another `zebu up` running? use --api)", a.api))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (is another `zebu up` running? use --api)",
+                    a.api
+                )
+            })?;
         drop(listener_check);
         tokio::spawn(zebu_manager::serve(m.clone(), a.api, async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -356,24 +376,42 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     // Wait until every node has checked in.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = client.list_nodes().await.map(|n| n.iter().filter(|n| n.ready).count()).unwrap_or(0);
+        let ready = client
+            .list_nodes()
+            .await
+            .map(|n| n.iter().filter(|n| n.ready).count())
+            .unwrap_or(0);
         if ready >= a.nodes as usize {
             break;
         }
         if Instant::now() > deadline {
-            bail!("only {ready} of {} nodes checked in within 30 s; see the log above", a.nodes);
+            bail!(
+                "only {ready} of {} nodes checked in within 30 s; see the log above",
+                a.nodes
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("Zebu is up: manager API {url}, {} node(s), data in {}", a.nodes, a.data_dir.display());
-    println!("  token: {}", a.data_dir.join(zebu_manager::TOKEN_FILE).display());
+    println!(
+        "Zebu is up: manager API {url}, {} node(s), data in {}",
+        a.nodes,
+        a.data_dir.display()
+    );
+    println!(
+        "  token: {}",
+        a.data_dir.join(zebu_manager::TOKEN_FILE).display()
+    );
     if !a.no_demo {
         let demo = match client.get_volume("demo").await {
             Ok(v) => v,
             Err(e) if e.status() == Some(404) => {
                 let replicas = (a.nodes as u32).min(3);
                 client
-                    .create_volume(&CreateVolume { name: "demo".into(), size_bytes: 1 << 30, replica_count: Some(replicas) })
+                    .create_volume(&CreateVolume {
+                        name: "demo".into(),
+                        size_bytes: 1 << 30,
+                        replica_count: Some(replicas),
+                    })
                     .await?
             }
             Err(e) => return Err(e.into()),
@@ -381,10 +419,16 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         if demo.desired_node.is_none() {
             client.attach_volume("demo", Some("node-1".into())).await?;
         }
-        let v = cli::wait_for(&client, "demo", Duration::from_secs(90), |v| v.state == VolumeState::Attached).await?;
+        let v = cli::wait_for(&client, "demo", Duration::from_secs(90), |v| {
+            v.state == VolumeState::Attached
+        })
+        .await?;
         let uri = v.nbd_uri.clone().unwrap_or_default();
         println!();
-        println!("Volume demo ({} bytes, {} replicas) is attached: {uri}", v.size_bytes, v.replica_count);
+        println!(
+            "Volume demo ({} bytes, {} replicas) is attached: {uri}",
+            v.size_bytes, v.replica_count
+        );
         println!("  qemu-img info {uri}");
         println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
         println!("  mkdir -p /tmp/zebu-fuse && nbdfuse /tmp/zebu-fuse/demo {uri} &   # then: losetup -f --show /tmp/zebu-fuse/demo");

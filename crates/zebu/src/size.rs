@@ -6,7 +6,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || format!("size {s:?} is not valid: use a whole number with an optional unit, e.g. 1GiB, 512MiB, 10G");
+    let bad = || {
+        format!("size {s:?} is not valid: use a whole number with an optional unit, e.g. 1GiB, 512MiB, 10G")
+    };
     if num.is_empty() {
         return Err(bad());
     }
@@ -23,7 +25,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "TB" => 1_000_000_000_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// Format bytes with a binary unit, for tables.

@@ -12,7 +12,11 @@ fn stderr_of(o: &std::process::Output) -> String {
 
 fn volume_names(c: &Cluster) -> Vec<String> {
     let v = c.cli_json(&["volume", "list"]).unwrap();
-    v.as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_owned()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn handshake(addr: &str, hello: &Hello) -> Welcome {
@@ -30,58 +34,144 @@ fn handshake(addr: &str, hello: &Hello) -> Welcome {
 fn bad_requests_are_refused_and_change_nothing() {
     require("qemu-io");
     let c = Cluster::separate(15, 2);
-    c.cli_ok(&["volume", "create", "keep", "--size", "16MiB", "--replicas", "2"]);
+    c.cli_ok(&[
+        "volume",
+        "create",
+        "keep",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "2",
+    ]);
 
     // Wrong token: 401 with a hint.
-    let o = run(std::process::Command::new(ZEBU).args(["volume", "list"]).env("ZEBU_API", &c.api).env("ZEBU_TOKEN", "nope"));
+    let o = run(std::process::Command::new(ZEBU)
+        .args(["volume", "list"])
+        .env("ZEBU_API", &c.api)
+        .env("ZEBU_TOKEN", "nope"));
     assert!(!o.status.success());
     assert!(stderr_of(&o).contains("token"), "{}", stderr_of(&o));
     // The raw HTTP status, without any token at all.
     let mut s = TcpStream::connect(c.api.trim_start_matches("http://")).unwrap();
-    s.write_all(b"GET /v1/volumes HTTP/1.1\r\nHost: zebu\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /v1/volumes HTTP/1.1\r\nHost: zebu\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
 
     for (args, expect) in [
-        (vec!["volume", "create", "keep", "--size", "16MiB", "--replicas", "1"], "already exists"),
-        (vec!["volume", "create", "zero", "--size", "0"], "greater than zero"),
-        (vec!["volume", "create", "junk", "--size", "lots"], "not valid"),
-        (vec!["volume", "create", "odd", "--size", "1000"], "multiple"),
-        (vec!["volume", "create", "many", "--size", "16MiB", "--replicas", "3"], "only 2 node"),
-        (vec!["volume", "create", "Bad_Name", "--size", "16MiB", "--replicas", "1"], "not valid"),
+        (
+            vec![
+                "volume",
+                "create",
+                "keep",
+                "--size",
+                "16MiB",
+                "--replicas",
+                "1",
+            ],
+            "already exists",
+        ),
+        (
+            vec!["volume", "create", "zero", "--size", "0"],
+            "greater than zero",
+        ),
+        (
+            vec!["volume", "create", "junk", "--size", "lots"],
+            "not valid",
+        ),
+        (
+            vec!["volume", "create", "odd", "--size", "1000"],
+            "multiple",
+        ),
+        (
+            vec![
+                "volume",
+                "create",
+                "many",
+                "--size",
+                "16MiB",
+                "--replicas",
+                "3",
+            ],
+            "only 2 node",
+        ),
+        (
+            vec![
+                "volume",
+                "create",
+                "Bad_Name",
+                "--size",
+                "16MiB",
+                "--replicas",
+                "1",
+            ],
+            "not valid",
+        ),
         (vec!["volume", "attach", "missing"], "does not exist"),
-        (vec!["volume", "attach", "keep", "--node", "node-9"], "does not exist"),
+        (
+            vec!["volume", "attach", "keep", "--node", "node-9"],
+            "does not exist",
+        ),
     ] {
         let o = c.cli(&args);
         assert!(!o.status.success(), "{args:?} must fail");
-        assert!(stderr_of(&o).contains(expect), "{args:?}: expected {expect:?} in: {}", stderr_of(&o));
+        assert!(
+            stderr_of(&o).contains(expect),
+            "{args:?}: expected {expect:?} in: {}",
+            stderr_of(&o)
+        );
     }
-    assert_eq!(volume_names(&c), vec!["keep".to_string()], "a refused request created something");
+    assert_eq!(
+        volume_names(&c),
+        vec!["keep".to_string()],
+        "a refused request created something"
+    );
 
     // Delete is refused while attached, and says what to do.
     c.cli_ok(&["volume", "attach", "keep", "--node", "node-1"]);
     let o = c.cli(&["volume", "delete", "keep"]);
     assert!(!o.status.success());
-    assert!(stderr_of(&o).contains("detach it first"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("detach it first"),
+        "{}",
+        stderr_of(&o)
+    );
     assert_eq!(c.volume("keep")["state"], "attached");
 
     // The data protocol refuses a wrong secret and a wrong version.
     let first = c.volume("keep")["replicas"][0].clone();
     let replica = first["name"].as_str().unwrap().to_owned();
-    let node: usize = first["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
+    let node: usize = first["node"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
     let addr = format!("{}:10700", c.node_ip(node - 1));
-    let mut hello = Hello { version: PROTOCOL_VERSION, volume: "keep".into(), replica: replica.clone(), generation: 0, secret: "wrong".into() };
+    let mut hello = Hello {
+        version: PROTOCOL_VERSION,
+        volume: "keep".into(),
+        replica: replica.clone(),
+        generation: 0,
+        secret: "wrong".into(),
+    };
     let w = handshake(&addr, &hello);
     assert_eq!(w.status, WelcomeStatus::AuthFailed, "{w:?}");
-    let secret = std::fs::read_to_string(c.dir.path().join("manager/cluster.secret")).unwrap().trim().to_owned();
+    let secret = std::fs::read_to_string(c.dir.path().join("manager/cluster.secret"))
+        .unwrap()
+        .trim()
+        .to_owned();
     hello.secret = secret.clone();
     hello.version = PROTOCOL_VERSION + 1;
     let w = handshake(&addr, &hello);
     assert_eq!(w.status, WelcomeStatus::BadVersion, "{w:?}");
     hello.version = PROTOCOL_VERSION;
     hello.volume = "other".into();
-    assert_eq!(handshake(&addr, &hello).status, WelcomeStatus::VolumeMismatch);
+    assert_eq!(
+        handshake(&addr, &hello).status,
+        WelcomeStatus::VolumeMismatch
+    );
     hello.volume = "keep".into();
     assert_eq!(handshake(&addr, &hello).status, WelcomeStatus::Ok);
     // Garbage on the data port closes that connection only.
@@ -101,12 +191,18 @@ fn bad_requests_are_refused_and_change_nothing() {
     let _ = s.read_to_end(&mut rest);
     assert_eq!(c.volume("keep")["state"], "attached");
     let uri = c.volume("keep")["nbd_uri"].as_str().unwrap().to_owned();
-    qemu_io(&uri, &["write -P 7 0 4096".into(), "read -P 7 0 4096".into()]);
+    qemu_io(
+        &uri,
+        &["write -P 7 0 4096".into(), "read -P 7 0 4096".into()],
+    );
 
     // Detach, then delete works and removes the replicas from disk.
     c.cli_ok(&["volume", "detach", "keep"]);
     c.cli_ok(&["volume", "delete", "keep"]);
     assert!(volume_names(&c).is_empty());
-    let left = sh(&format!("find {} -name 'keep-r-*' | wc -l", c.dir.path().display()));
+    let left = sh(&format!(
+        "find {} -name 'keep-r-*' | wc -l",
+        c.dir.path().display()
+    ));
     assert_eq!(left.trim(), "0", "replica directories were left behind");
 }

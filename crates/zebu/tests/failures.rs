@@ -7,7 +7,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn replica_on(c: &Cluster, vol: &str, node: &str) -> serde_json::Value {
-    c.volume(vol)["replicas"].as_array().unwrap().iter().find(|r| r["node"] == node).cloned().unwrap()
+    c.volume(vol)["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node)
+        .cloned()
+        .unwrap()
 }
 
 #[test]
@@ -20,7 +26,7 @@ fn killing_replica_agents_degrades_without_errors_and_loses_nothing() {
 
     // A verifying write workload, throttled so it is still running when the agent dies.
     let fio_log = c.dir.path().join("fio.out");
-    let mut fio = Command::new("fio")
+    let fio = Command::new("fio")
         .args([
             "--name=w",
             "--ioengine=nbd",
@@ -42,7 +48,11 @@ fn killing_replica_agents_degrades_without_errors_and_loses_nothing() {
     c.kill_agent(1); // node-2 holds a replica; the engine runs on node-1.
     let out = fio.wait_with_output().unwrap();
     let log = std::fs::read_to_string(&fio_log).unwrap_or_default();
-    assert!(out.status.success(), "fio saw an error:\n{log}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fio saw an error:\n{log}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(log.contains("err= 0"), "fio reported errors:\n{log}");
 
     let v = wait_until("degraded volume", Duration::from_secs(20), || {
@@ -57,11 +67,25 @@ fn killing_replica_agents_degrades_without_errors_and_loses_nothing() {
     assert!(r1["generation"].as_u64() > r2["generation"].as_u64(), "{v}");
 
     // Data from before the failure reads back; write and verify after it.
-    qemu_io(&uri, &["read -P 0x11 200M 1M".into(), "write -P 0x22 210M 1M".into()]);
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x11 200M 1M".into(),
+            "write -P 0x22 210M 1M".into(),
+        ],
+    );
 
     // Lose a second replica: the volume still serves from the last one.
     c.kill_agent(2);
-    qemu_io(&uri, &["write -P 0x33 220M 1M".into(), "read -P 0x11 200M 1M".into(), "read -P 0x22 210M 1M".into(), "read -P 0x33 220M 1M".into()]);
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x33 220M 1M".into(),
+            "read -P 0x11 200M 1M".into(),
+            "read -P 0x22 210M 1M".into(),
+            "read -P 0x33 220M 1M".into(),
+        ],
+    );
     let v = wait_until("second replica ERR", Duration::from_secs(20), || {
         let v = c.volume("busy");
         (replica_on(&c, "busy", "node-3")["mode"] == "ERR").then_some(v)

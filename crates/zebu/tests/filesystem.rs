@@ -25,33 +25,65 @@ fn attach_block(d: &str, uri: &str) -> Mounted {
         .spawn()
         .expect("starting nbdfuse");
     wait_until("nbdfuse device file", Duration::from_secs(20), || {
-        std::fs::metadata(format!("{fuse_dir}/dev")).ok().filter(|m| m.len() > 0).map(|_| ())
+        std::fs::metadata(format!("{fuse_dir}/dev"))
+            .ok()
+            .filter(|m| m.len() > 0)
+            .map(|_| ())
     });
-    let loopdev = sh(&format!("losetup -f --show {fuse_dir}/dev")).trim().to_owned();
-    Mounted { fuse_dir, mnt, loopdev, nbdfuse }
+    let loopdev = sh(&format!("losetup -f --show {fuse_dir}/dev"))
+        .trim()
+        .to_owned();
+    Mounted {
+        fuse_dir,
+        mnt,
+        loopdev,
+        nbdfuse,
+    }
 }
 
 fn detach_block(mut m: Mounted) {
     sh(&format!("losetup -d {}", m.loopdev));
-    sh(&format!("fusermount3 -u {} || umount {}", m.fuse_dir, m.fuse_dir));
-    let _ = wait_until("nbdfuse exit", Duration::from_secs(20), || m.nbdfuse.try_wait().ok().flatten());
+    sh(&format!(
+        "fusermount3 -u {} || umount {}",
+        m.fuse_dir, m.fuse_dir
+    ));
+    let _ = wait_until("nbdfuse exit", Duration::from_secs(20), || {
+        m.nbdfuse.try_wait().ok().flatten()
+    });
 }
 
 fn start_up(c: &mut Cluster) -> String {
     let d = c.dir.path().display().to_string();
     let child = Command::new(ZEBU)
-        .args(["up", "--data-dir", &format!("{d}/data"), "--api", &format!("127.0.{}.1:9500", c.net)])
+        .args([
+            "up",
+            "--data-dir",
+            &format!("{d}/data"),
+            "--api",
+            &format!("127.0.{}.1:9500", c.net),
+        ])
         .args(["--first-ip", &format!("127.0.{}.2", c.net)])
-        .stdout(Stdio::from(std::fs::File::create(format!("{d}/up.out")).unwrap()))
-        .stderr(Stdio::from(std::fs::File::create(format!("{d}/up.log")).unwrap()))
+        .stdout(Stdio::from(
+            std::fs::File::create(format!("{d}/up.out")).unwrap(),
+        ))
+        .stderr(Stdio::from(
+            std::fs::File::create(format!("{d}/up.log")).unwrap(),
+        ))
         .spawn()
         .expect("starting zebu up");
     c.up = Some(child);
-    let out = wait_until("zebu up to print the demo URI", Duration::from_secs(90), || {
-        let s = std::fs::read_to_string(format!("{d}/up.out")).ok()?;
-        s.contains("is attached").then_some(s)
-    });
-    c.token = std::fs::read_to_string(format!("{d}/data/admin.token")).unwrap().trim().to_owned();
+    let out = wait_until(
+        "zebu up to print the demo URI",
+        Duration::from_secs(90),
+        || {
+            let s = std::fs::read_to_string(format!("{d}/up.out")).ok()?;
+            s.contains("is attached").then_some(s)
+        },
+    );
+    c.token = std::fs::read_to_string(format!("{d}/data/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let uri = out
         .split_whitespace()
         .find(|w| w.starts_with("nbd://"))
@@ -64,7 +96,9 @@ fn stop_up(c: &mut Cluster) {
     let mut child = c.up.take().unwrap();
     // SIGTERM: clean shutdown.
     sh(&format!("kill -TERM {}", child.id()));
-    let status = wait_until("zebu up to exit", Duration::from_secs(30), || child.try_wait().ok().flatten());
+    let status = wait_until("zebu up to exit", Duration::from_secs(30), || {
+        child.try_wait().ok().flatten()
+    });
     assert!(status.success(), "zebu up exited with {status}");
 }
 
@@ -73,7 +107,10 @@ fn ext4_on_a_volume_survives_umount_fsck_and_cluster_restart() {
     for t in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3"] {
         require(t);
     }
-    let dir = tempfile::Builder::new().prefix("zebu-fs-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("zebu-fs-")
+        .tempdir()
+        .unwrap();
     let mut c = Cluster {
         dir,
         net: 16,
@@ -98,11 +135,17 @@ fn ext4_on_a_volume_survives_umount_fsck_and_cluster_restart() {
          && head -c 20M /dev/urandom > a/b/big && cp a/f1 a/b/c/copy && sync",
         mnt = m.mnt
     ));
-    let sums = sh(&format!("cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum", m.mnt));
+    let sums = sh(&format!(
+        "cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        m.mnt
+    ));
     sh(&format!("umount {}", m.mnt));
     sh(&format!("e2fsck -fn {}", m.loopdev));
     sh(&format!("mount {} {}", m.loopdev, m.mnt));
-    let again = sh(&format!("cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum", m.mnt));
+    let again = sh(&format!(
+        "cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        m.mnt
+    ));
     assert_eq!(sums, again);
     sh(&format!("umount {}", m.mnt));
     detach_block(m);
@@ -116,7 +159,10 @@ fn ext4_on_a_volume_survives_umount_fsck_and_cluster_restart() {
     let m = attach_block(&d, &uri2);
     sh(&format!("e2fsck -fn {}", m.loopdev));
     sh(&format!("mount {} {}", m.loopdev, m.mnt));
-    let after = sh(&format!("cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum", m.mnt));
+    let after = sh(&format!(
+        "cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        m.mnt
+    ));
     assert_eq!(sums, after, "files changed across a cluster restart");
     sh(&format!("umount {}", m.mnt));
     detach_block(m);

@@ -26,19 +26,41 @@ fn qemu_and_libnbd_clients_read_back_what_they_wrote() {
         })
         .collect();
     // Non-overlapping: shift each spot into its own 6 MiB slot.
-    let spots: Vec<(u64, u64, u8)> =
-        spots.into_iter().enumerate().map(|(i, (o, l, p))| (i as u64 * (6 << 20) + o % (5 << 20), l, p)).collect();
-    let writes: Vec<String> = spots.iter().map(|(o, l, p)| format!("write -P {p} {o} {l}")).collect();
+    let spots: Vec<(u64, u64, u8)> = spots
+        .into_iter()
+        .enumerate()
+        .map(|(i, (o, l, p))| (i as u64 * (6 << 20) + o % (5 << 20), l, p))
+        .collect();
+    let writes: Vec<String> = spots
+        .iter()
+        .map(|(o, l, p)| format!("write -P {p} {o} {l}"))
+        .collect();
     qemu_io(&uri, &writes);
-    let reads: Vec<String> = spots.iter().map(|(o, l, p)| format!("read -P {p} {o} {l}")).collect();
+    let reads: Vec<String> = spots
+        .iter()
+        .map(|(o, l, p)| format!("read -P {p} {o} {l}"))
+        .collect();
     let out = qemu_io(&uri, &reads);
     assert_eq!(out.matches("read ").count(), spots.len(), "{out}");
 
     // A pattern check that must fail proves the checks above can fail.
     let (o, l, p) = spots[0];
-    let wrong = run(std::process::Command::new("qemu-io").args(["-f", "raw", "-c", &format!("read -P {} {o} {l}", p ^ 0xff), &uri]));
-    let text = format!("{}{}", String::from_utf8_lossy(&wrong.stdout), String::from_utf8_lossy(&wrong.stderr));
-    assert!(text.contains("Pattern verification failed"), "a wrong pattern went unnoticed: {text}");
+    let wrong = run(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &format!("read -P {} {o} {l}", p ^ 0xff),
+        &uri,
+    ]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&wrong.stdout),
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    assert!(
+        text.contains("Pattern verification failed"),
+        "a wrong pattern went unnoticed: {text}"
+    );
 
     // Never-written ranges are holes in the allocation map; written ones are data.
     let map = sh(&format!("nbdinfo --map {uri}"));
@@ -47,29 +69,50 @@ fn qemu_and_libnbd_clients_read_back_what_they_wrote() {
         .lines()
         .find(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() >= 4 && f[0].parse::<u64>().ok().is_some_and(|s| s <= last_slot) && l.contains("hole")
+            f.len() >= 4
+                && f[0].parse::<u64>().ok().is_some_and(|s| s <= last_slot)
+                && l.contains("hole")
         })
         .unwrap_or_else(|| panic!("no hole in the map:\n{map}"));
     assert!(hole_line.contains("zero"), "{hole_line}");
     let first = map.lines().next().unwrap();
-    assert!(first.contains("data"), "offset 0 was written, the map says:\n{map}");
-    assert!(map.lines().last().unwrap().contains("hole"), "the tail was never written:\n{map}");
+    assert!(
+        first.contains("data"),
+        "offset 0 was written, the map says:\n{map}"
+    );
+    assert!(
+        map.lines().last().unwrap().contains("hole"),
+        "the tail was never written:\n{map}"
+    );
 
     // Trim and write-zeroes read back as zeroes.
-    qemu_io(&uri, &["write -P 0x55 0 1M".into(), "discard 0 512k".into(), "write -z 512k 512k".into()]);
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x55 0 1M".into(),
+            "discard 0 512k".into(),
+            "write -z 512k 512k".into(),
+        ],
+    );
     qemu_io(&uri, &["read -P 0 0 1M".into()]);
 
     // LIST shows the export; an unknown export is refused while this one keeps serving.
     let list = sh(&format!("nbdinfo --list nbd://{}:10809", c.node_ip(0)));
     assert!(list.contains("vol-a"), "{list}");
-    let bad = run(std::process::Command::new("nbdinfo").arg(format!("nbd://{}:10809/no-such-volume", c.node_ip(0))));
+    let bad = run(std::process::Command::new("nbdinfo")
+        .arg(format!("nbd://{}:10809/no-such-volume", c.node_ip(0))));
     assert!(!bad.status.success(), "an unknown export must be refused");
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("no-such-volume") || err.contains("unknown"), "{err}");
+    assert!(
+        err.contains("no-such-volume") || err.contains("unknown"),
+        "{err}"
+    );
     qemu_io(&uri, &["read -P 0 0 1M".into()]);
 
     // FUA writes and flushes through nbdsh (libnbd).
     let script = "h.pwrite(b'z' * 4096, 8192, nbd.CMD_FLAG_FUA); h.flush(); assert h.pread(4096, 8192) == b'z' * 4096; print('ok')";
-    let o = sh(&format!("PATH=/usr/bin:$PATH nbdsh -u {uri} -c \"{script}\""));
+    let o = sh(&format!(
+        "PATH=/usr/bin:$PATH nbdsh -u {uri} -c \"{script}\""
+    ));
     assert_eq!(o.trim(), "ok");
 }

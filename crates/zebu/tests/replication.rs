@@ -11,7 +11,12 @@ fn replicas_of(c: &Cluster, vol: &str) -> Vec<(usize, String)> {
         .unwrap()
         .iter()
         .map(|r| {
-            let node: usize = r["node"].as_str().unwrap().trim_start_matches("node-").parse().unwrap();
+            let node: usize = r["node"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("node-")
+                .parse()
+                .unwrap();
             (node - 1, r["name"].as_str().unwrap().to_owned())
         })
         .collect()
@@ -29,7 +34,10 @@ fn nbdcopy_round_trip_is_byte_identical_on_every_replica() {
     let sums = sh(&format!("sha256sum {d}/in.img {d}/out.img | cut -d' ' -f1"));
     let sums: Vec<&str> = sums.lines().collect();
     assert_eq!(sums.len(), 2);
-    assert_eq!(sums[0], sums[1], "data read back over NBD differs from what was written");
+    assert_eq!(
+        sums[0], sums[1],
+        "data read back over NBD differs from what was written"
+    );
     sh(&format!("rm {d}/out.img"));
 
     // Each replica on its own, read offline with every block's checksum verified.
@@ -38,14 +46,30 @@ fn nbdcopy_round_trip_is_byte_identical_on_every_replica() {
     assert_eq!(reps.len(), 3);
     let mut nodes: Vec<usize> = reps.iter().map(|r| r.0).collect();
     nodes.sort();
-    assert_eq!(nodes, vec![0, 1, 2], "replicas must be on three different nodes");
+    assert_eq!(
+        nodes,
+        vec![0, 1, 2],
+        "replicas must be on three different nodes"
+    );
     for (node, name) in reps {
         let out = format!("{d}/{name}.img");
         let dir = c.replica_dir(node, &name);
-        let o = run(std::process::Command::new(ZEBU).args(["replica", "export", "--dir"]).arg(&dir).arg(&out));
-        assert!(o.status.success(), "export of {name}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = run(std::process::Command::new(ZEBU)
+            .args(["replica", "export", "--dir"])
+            .arg(&dir)
+            .arg(&out));
+        assert!(
+            o.status.success(),
+            "export of {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let sum = sh(&format!("sha256sum {out} | cut -d' ' -f1"));
-        assert_eq!(sum.trim(), sums[0], "replica {name} on node-{} differs", node + 1);
+        assert_eq!(
+            sum.trim(),
+            sums[0],
+            "replica {name} on node-{} differs",
+            node + 1
+        );
         sh(&format!("rm {out}"));
     }
 }
@@ -56,7 +80,9 @@ fn flushed_writes_survive_kill_9_of_every_process() {
     let mut c = Cluster::separate(13, 3);
     let uri = c.create_attached("durable", "64MiB", 3, "node-1");
     // qemu-io flushes before it exits; add an explicit flush too.
-    let writes: Vec<String> = (0..16u64).map(|i| format!("write -P {} {} 65536", i + 1, i * (3 << 20) + 4096 * i)).collect();
+    let writes: Vec<String> = (0..16u64)
+        .map(|i| format!("write -P {} {} 65536", i + 1, i * (3 << 20) + 4096 * i))
+        .collect();
     let mut cmds = writes.clone();
     cmds.push("flush".into());
     qemu_io(&uri, &cmds);
@@ -74,6 +100,8 @@ fn flushed_writes_survive_kill_9_of_every_process() {
     assert_eq!(v["robustness"], "healthy", "{v}");
     let uri2 = v["nbd_uri"].as_str().unwrap().to_owned();
     assert_eq!(uri, uri2);
-    let reads: Vec<String> = (0..16u64).map(|i| format!("read -P {} {} 65536", i + 1, i * (3 << 20) + 4096 * i)).collect();
+    let reads: Vec<String> = (0..16u64)
+        .map(|i| format!("read -P {} {} 65536", i + 1, i * (3 << 20) + 4096 * i))
+        .collect();
     qemu_io(&uri, &reads);
 }

@@ -14,13 +14,21 @@ pub const ZEBU: &str = env!("CARGO_BIN_EXE_zebu");
 
 /// Fail with a clear message when a tool the test needs is missing.
 pub fn require(tool: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
-    assert!(matches!(found, Ok(true)), "{tool} is not installed: run ./scripts/test, which installs the test tools");
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success());
+    assert!(
+        matches!(found, Ok(true)),
+        "{tool} is not installed: run ./scripts/test, which installs the test tools"
+    );
 }
 
 /// Run a command, returning its output; panics if it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Run a shell command line and require success; returns stdout.
@@ -41,7 +49,10 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -58,7 +69,12 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let all = self.agents.iter_mut().flatten().chain(self.manager.iter_mut()).chain(self.up.iter_mut());
+        let all = self
+            .agents
+            .iter_mut()
+            .flatten()
+            .chain(self.manager.iter_mut())
+            .chain(self.up.iter_mut());
         for c in all {
             let _ = c.kill();
             let _ = c.wait();
@@ -67,7 +83,9 @@ impl Drop for Cluster {
 }
 
 fn log_file(dir: &Path, name: &str) -> Stdio {
-    Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("creating a log file"))
+    Stdio::from(
+        std::fs::File::create(dir.join(format!("{name}.log"))).expect("creating a log file"),
+    )
 }
 
 impl Cluster {
@@ -77,9 +95,20 @@ impl Cluster {
 
     /// A manager and `nodes` agents, each its own process.
     pub fn separate(net: u8, nodes: usize) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("zebu-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("zebu-test-")
+            .tempdir()
+            .expect("tempdir");
         let api = format!("http://127.0.{net}.1:9500");
-        let mut c = Cluster { dir, net, api, manager: None, agents: Vec::new(), up: None, token: String::new() };
+        let mut c = Cluster {
+            dir,
+            net,
+            api,
+            manager: None,
+            agents: Vec::new(),
+            up: None,
+            token: String::new(),
+        };
         c.start_manager();
         for i in 0..nodes {
             c.agents.push(None);
@@ -102,14 +131,24 @@ impl Cluster {
         self.manager = Some(child);
         let token_path = mdir.join("admin.token");
         self.token = wait_until("the admin token", Duration::from_secs(20), || {
-            std::fs::read_to_string(&token_path).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+            std::fs::read_to_string(&token_path)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
         });
     }
 
     pub fn start_agent(&mut self, i: usize) {
         let name = format!("node-{}", i + 1);
         let child = Command::new(ZEBU)
-            .args(["agent", "--manager", &self.api, "--node", &name, "--data-dir"])
+            .args([
+                "agent",
+                "--manager",
+                &self.api,
+                "--node",
+                &name,
+                "--data-dir",
+            ])
             .arg(self.dir.path().join(&name))
             .args(["--listen", &self.node_ip(i), "--token", &self.token])
             .stdout(log_file(self.dir.path(), &format!("{name}.out")))
@@ -140,14 +179,21 @@ impl Cluster {
     pub fn wait_nodes_ready(&self, n: usize) {
         wait_until(&format!("{n} ready nodes"), Duration::from_secs(30), || {
             let v = self.cli_json(&["node", "list"]).ok()?;
-            let ready = v.as_array()?.iter().filter(|n| n["ready"] == Value::Bool(true)).count();
+            let ready = v
+                .as_array()?
+                .iter()
+                .filter(|n| n["ready"] == Value::Bool(true))
+                .count();
             (ready >= n).then_some(())
         });
     }
 
     /// Run the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        run(Command::new(ZEBU).args(args).env("ZEBU_API", &self.api).env("ZEBU_TOKEN", &self.token))
+        run(Command::new(ZEBU)
+            .args(args)
+            .env("ZEBU_API", &self.api)
+            .env("ZEBU_TOKEN", &self.token))
     }
 
     /// Run the CLI and require success; returns stdout.
@@ -178,15 +224,30 @@ impl Cluster {
 
     /// Create and attach a volume; returns its NBD URI.
     pub fn create_attached(&self, name: &str, size: &str, replicas: u32, node: &str) -> String {
-        self.cli_ok(&["volume", "create", name, "--size", size, "--replicas", &replicas.to_string()]);
-        let uri = self.cli_ok(&["volume", "attach", name, "--node", node]).trim().to_owned();
+        self.cli_ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            size,
+            "--replicas",
+            &replicas.to_string(),
+        ]);
+        let uri = self
+            .cli_ok(&["volume", "attach", name, "--node", node])
+            .trim()
+            .to_owned();
         assert!(uri.starts_with("nbd://"), "attach printed {uri:?}");
         uri
     }
 
     /// Directory of a replica on its node.
     pub fn replica_dir(&self, node_index: usize, replica: &str) -> PathBuf {
-        self.dir.path().join(format!("node-{}", node_index + 1)).join("replicas").join(replica)
+        self.dir
+            .path()
+            .join(format!("node-{}", node_index + 1))
+            .join("replicas")
+            .join(replica)
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -203,9 +264,19 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> String {
     }
     c.arg(uri);
     let o = run(&mut c);
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(o.status.success(), "qemu-io failed: {out}");
-    assert!(!out.contains("Pattern verification failed"), "qemu-io pattern mismatch:\n{out}");
-    assert!(!out.to_lowercase().contains("error"), "qemu-io reported an error:\n{out}");
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "qemu-io pattern mismatch:\n{out}"
+    );
+    assert!(
+        !out.to_lowercase().contains("error"),
+        "qemu-io reported an error:\n{out}"
+    );
     out
 }
