@@ -20,7 +20,7 @@ use zebu_api::{
     ApiClient, Assignment, EngineReport, EngineSpec, Heartbeat, MemberReport, ReplicaMode,
     ReplicaReport,
 };
-use zebu_engine::{Engine, EngineConfig, Mode, NbdServer, ReplicaTarget};
+use zebu_engine::{Engine, EngineConfig, LocalReplica, Mode, NbdServer, ReplicaTarget};
 use zebu_replica::{Replica, ReplicaServer};
 
 pub const DEFAULT_DATA_PORT: u16 = 10700;
@@ -413,10 +413,23 @@ impl Agent {
             replicas: spec
                 .replicas
                 .iter()
-                .map(|r| ReplicaTarget {
-                    name: r.name.clone(),
-                    address: r.address.clone(),
-                    local: r.node == self.cfg.node,
+                .map(|r| {
+                    let local = r.node == self.cfg.node;
+                    // The replica on this node is reached in-process, without the network.
+                    let in_process =
+                        self.server
+                            .get(&r.name)
+                            .filter(|_| local)
+                            .map(|replica| LocalReplica {
+                                replica,
+                                pool: self.server.pool(),
+                            });
+                    ReplicaTarget {
+                        name: r.name.clone(),
+                        address: r.address.clone(),
+                        local,
+                        in_process,
+                    }
                 })
                 .collect(),
             secret,

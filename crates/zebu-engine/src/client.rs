@@ -182,7 +182,9 @@ impl ReplicaClient {
     }
 
     fn start(stream: TcpStream, replica: &str, address: &str, welcome: Welcome) -> ReplicaClient {
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        // Buffered: one recv usually brings many replies (header and payload together).
+        let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
         let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let closed = Arc::new(AtomicBool::new(false));

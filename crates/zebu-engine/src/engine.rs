@@ -24,6 +24,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use zebu_proto::data::{self, MapExtent, Op, Status, FLAG_FUA};
 
+use crate::backend::{Backend, LocalReplica};
 use crate::client::{ClientError, ReplicaClient};
 use crate::range_lock::RangeLock;
 
@@ -87,6 +88,8 @@ pub struct ReplicaTarget {
     pub address: String,
     /// The replica lives on the engine's own node (preferred for reads).
     pub local: bool,
+    /// The replica itself, when it is served by this process: reached without the network.
+    pub in_process: Option<LocalReplica>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,7 +117,7 @@ struct Member {
     name: String,
     address: String,
     local: bool,
-    client: Option<ReplicaClient>,
+    client: Option<Backend>,
     mode: AtomicU8,
     error: Mutex<String>,
 }
@@ -123,7 +126,7 @@ impl Member {
     fn mode(&self) -> Mode {
         Mode::from_u8(self.mode.load(Ordering::Acquire))
     }
-    fn client(&self) -> &ReplicaClient {
+    fn client(&self) -> &Backend {
         self.client
             .as_ref()
             .expect("invariant: only members with a connection are ever RW or WO")
@@ -160,6 +163,9 @@ impl Engine {
             return Err(start_err("no replicas were given".into()));
         }
         let connects = cfg.replicas.iter().map(|t| async {
+            if let Some(l) = &t.in_process {
+                return Ok(Backend::Local(l.clone()));
+            }
             let deadline = tokio::time::Instant::now() + cfg.connect_patience;
             loop {
                 let r = ReplicaClient::connect(
@@ -172,7 +178,7 @@ impl Engine {
                 )
                 .await;
                 match r {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => return Ok(Backend::Remote(c)),
                     // Refusals are final (wrong secret, unknown replica); unreachable may pass.
                     Err(e @ ClientError::Refused { .. }) => return Err(e),
                     Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
@@ -185,32 +191,32 @@ impl Engine {
         let max_gen = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
-            .filter(|c| c.welcome().size_bytes == cfg.size_bytes)
-            .map(|c| c.welcome().generation)
+            .filter(|c| c.opened().size_bytes == cfg.size_bytes)
+            .map(|c| c.opened().generation)
             .max();
         let mut members = Vec::new();
         for (t, r) in cfg.replicas.iter().zip(results) {
             let (client, mode, error) = match r {
-                Ok(c) if c.welcome().size_bytes != cfg.size_bytes => {
+                Ok(c) if c.opened().size_bytes != cfg.size_bytes => {
                     let e = format!(
                         "replica {} has size {} but the volume has size {}",
                         t.name,
-                        c.welcome().size_bytes,
+                        c.opened().size_bytes,
                         cfg.size_bytes
                     );
                     (None, Mode::Err, e)
                 }
-                Ok(c) if Some(c.welcome().generation) != max_gen => {
+                Ok(c) if Some(c.opened().generation) != max_gen => {
                     let e = format!(
                         "replica {} is stale: generation {} is below the freshest replica's {}",
                         t.name,
-                        c.welcome().generation,
+                        c.opened().generation,
                         max_gen.unwrap_or(0)
                     );
                     (None, Mode::Err, e)
                 }
                 Ok(c) => {
-                    block_size = block_size.max(c.welcome().block_size as u64);
+                    block_size = block_size.max(c.opened().block_size as u64);
                     (Some(c), Mode::Rw, String::new())
                 }
                 Err(e) => (None, Mode::Err, e.to_string()),

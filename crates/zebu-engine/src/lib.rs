@@ -2,10 +2,12 @@
 //! data-protocol client ([`client`]), and the NBD frontend that exposes engines to users
 //! ([`nbd`]).
 
+pub mod backend;
 pub mod client;
 pub mod engine;
 pub mod nbd;
 pub mod range_lock;
 
+pub use backend::LocalReplica;
 pub use engine::{Engine, EngineConfig, EngineError, MemberStatus, Mode, ReplicaTarget};
 pub use nbd::NbdServer;

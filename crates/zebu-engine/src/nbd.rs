@@ -111,6 +111,8 @@ impl NbdServer {
                     let this = self.clone();
                     tokio::spawn(async move {
                         let (rd, wr) = stream.into_split();
+                        // Buffered: one recv usually brings several requests.
+                        let rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
                         match this.connection(rd, wr).await {
                             Ok(()) | Err(ConnError::Done) => {}
                             Err(e) => tracing::debug!(%peer, "nbd connection closed: {e}"),

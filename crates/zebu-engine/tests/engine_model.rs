@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use tokio::net::TcpListener;
-use zebu_engine::{Engine, EngineConfig, Mode, ReplicaTarget};
+use zebu_engine::{Engine, EngineConfig, LocalReplica, Mode, ReplicaTarget};
 use zebu_replica::{Replica, ReplicaServer};
 
 const BS: u64 = 4096;
@@ -37,11 +37,17 @@ async fn cluster(n: usize) -> Cluster {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         c.tasks.push(tokio::spawn(server.clone().serve(l)));
+        // Replica 0 is reached in-process, as an agent reaches the replica on its own node.
+        let in_process = (i == 0).then(|| LocalReplica {
+            replica: server.get(&name).unwrap(),
+            pool: server.pool(),
+        });
         c.servers.push(server);
         c.targets.push(ReplicaTarget {
             name,
             address: addr,
             local: i == 0,
+            in_process,
         });
         c._dirs.push(dir);
     }
@@ -225,11 +231,30 @@ async fn failed_replica_leaves_set_and_survivors_generation_is_raised_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_refused_and_stale_replica_left_out() {
     let c = cluster(2).await;
-    let err = Engine::start(config(c.targets.clone(), "wrong"))
+    // Over the network only: the data protocol must refuse a wrong secret.
+    let remote: Vec<ReplicaTarget> = c
+        .targets
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.in_process = None;
+            t
+        })
+        .collect();
+    let err = Engine::start(config(remote, "wrong"))
         .await
         .err()
         .expect("wrong secret must fail");
     assert!(err.to_string().contains("secret"), "{err}");
+    // With the replica on its own node reached in-process, the remote one is still refused.
+    let e = Engine::start(config(c.targets.clone(), "wrong"))
+        .await
+        .unwrap();
+    let m = e.members();
+    assert_eq!(m[0].mode, Mode::Rw);
+    assert_eq!(m[1].mode, Mode::Err);
+    assert!(m[1].error.contains("secret"), "{}", m[1].error);
+    drop(e);
     // Make replica 1 stale: raise replica 0's generation behind its back.
     c.servers[0].list()[0].set_generation(10).unwrap();
     let e = Engine::start(config(c.targets.clone(), SECRET))

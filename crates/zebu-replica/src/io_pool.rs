@@ -1,56 +1,95 @@
 //! A small pool of dedicated threads for blocking file I/O (pread/pwrite/fdatasync).
 //!
-//! The async side hands each request to the pool through a bounded channel; the thread runs
-//! the positioned I/O and answers through the request's own reply path. This keeps blocking
-//! syscalls off the async runtime without a per-request hop through tokio's blocking pool.
+//! The async side hands each request to the pool; a thread runs the positioned I/O and answers
+//! through the request's own reply path. This keeps blocking syscalls off the async runtime
+//! without a per-request hop through tokio's blocking pool. Idle threads sleep on a condition
+//! variable (no spinning: on a 2-core machine a spinning waiter steals the CPU the data path
+//! needs).
 
-use crossbeam_channel::{bounded, Sender};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+struct Pending {
+    jobs: VecDeque<Job>,
+    /// Threads asleep on `ready`: a submit only pays for a wake-up syscall when one sleeps.
+    idle: usize,
+    stop: bool,
+}
+
+struct Queue {
+    pending: Mutex<Pending>,
+    ready: Condvar,
+}
+
 pub struct IoPool {
-    tx: Option<Sender<Job>>,
+    queue: Arc<Queue>,
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Jobs waiting for a thread, at most. Submitters block beyond this (back-pressure).
-const QUEUE_DEPTH: usize = 4096;
-
 impl IoPool {
     pub fn new(name: &str, threads: usize) -> IoPool {
-        let (tx, rx) = bounded::<Job>(QUEUE_DEPTH);
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending {
+                jobs: VecDeque::new(),
+                idle: 0,
+                stop: false,
+            }),
+            ready: Condvar::new(),
+        });
         let threads = (0..threads.max(1))
             .map(|i| {
-                let rx = rx.clone();
+                let q = queue.clone();
                 std::thread::Builder::new()
                     .name(format!("{name}-io-{i}"))
-                    .spawn(move || {
-                        while let Ok(job) = rx.recv() {
-                            job();
-                        }
+                    .spawn(move || loop {
+                        let job = {
+                            let mut g = q.pending.lock().unwrap_or_else(|p| p.into_inner());
+                            loop {
+                                if let Some(j) = g.jobs.pop_front() {
+                                    break j;
+                                }
+                                if g.stop {
+                                    return;
+                                }
+                                g.idle += 1;
+                                g = q.ready.wait(g).unwrap_or_else(|p| p.into_inner());
+                                g.idle -= 1;
+                            }
+                        };
+                        job();
                     })
                     .expect("spawning an I/O thread must succeed at start-up")
             })
             .collect();
-        IoPool {
-            tx: Some(tx),
-            threads,
-        }
+        IoPool { queue, threads }
     }
 
-    /// Run `job` on a pool thread.
+    /// Run `job` on a pool thread. The queue is bounded by the callers: every submitter holds a
+    /// per-connection budget (see `server.rs`) or an engine request slot.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
-        if let Some(tx) = &self.tx {
-            // The receivers live as long as the pool, so sending cannot fail.
-            let _ = tx.send(Box::new(job));
+        let wake = {
+            let mut g = self.queue.pending.lock().unwrap_or_else(|p| p.into_inner());
+            g.jobs.push_back(Box::new(job));
+            // Only a sleeping thread needs a wake-up (a syscall); busy ones come back for more.
+            g.idle > 0
+        };
+        if wake {
+            self.queue.ready.notify_one();
         }
     }
 }
 
 impl Drop for IoPool {
     fn drop(&mut self) {
-        self.tx.take();
+        self.queue
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop = true;
+        self.queue.ready.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -5,9 +5,11 @@
 pub mod error;
 pub mod io_pool;
 pub mod meta;
+pub mod ops;
 pub mod server;
 pub mod store;
 
 pub use error::ReplicaError;
+pub use io_pool::IoPool;
 pub use server::ReplicaServer;
 pub use store::{Replica, ReplicaFacts, DEFAULT_BLOCK_SIZE};

@@ -15,8 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use zebu_proto::data::{
-    self, Hello, Op, ReplicaInfo, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus,
-    FLAG_FUA, HELLO_FIXED_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
+    self, Hello, Op, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, HELLO_FIXED_BYTES,
+    PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
 };
 
 use crate::io_pool::IoPool;
@@ -66,7 +66,7 @@ pub struct ReplicaServer {
     /// Served replicas, each with a signal that closes its connections when it is removed.
     replicas: RwLock<HashMap<String, Served>>,
     secret: RwLock<Option<String>>,
-    pool: IoPool,
+    pool: Arc<IoPool>,
 }
 
 impl ReplicaServer {
@@ -74,7 +74,7 @@ impl ReplicaServer {
         Arc::new(ReplicaServer {
             replicas: RwLock::new(HashMap::new()),
             secret: RwLock::new(None),
-            pool: IoPool::new(name, io_threads),
+            pool: Arc::new(IoPool::new(name, io_threads)),
         })
     }
 
@@ -120,6 +120,11 @@ impl ReplicaServer {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .map(|(r, s)| (r.clone(), s.subscribe()))
+    }
+
+    /// The I/O threads of this server, for in-process users of its replicas.
+    pub fn pool(&self) -> Arc<IoPool> {
+        self.pool.clone()
     }
 
     pub fn list(&self) -> Vec<Arc<Replica>> {
@@ -255,7 +260,9 @@ impl ReplicaServer {
             tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
                 .await
                 .map_err(|_| "handshake timed out".to_string())??;
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        // Buffered: one recv usually brings many requests (header and payload together).
+        let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
         let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
         let writer = tokio::spawn(async move {
             let mut w = BufWriter::with_capacity(256 * 1024, wr);
@@ -309,44 +316,11 @@ impl ReplicaServer {
     }
 }
 
-/// Run one request against the replica (on an I/O thread).
+/// Run one request against the replica (on an I/O thread) and encode its reply.
 fn execute(replica: &Replica, h: &RequestHeader, payload: Vec<u8>) -> Reply {
-    let fua = h.flags & FLAG_FUA != 0;
-    let res: Result<Vec<u8>, crate::ReplicaError> = match h.op {
-        Op::Read => {
-            let mut buf = vec![0u8; h.length as usize];
-            replica.read(h.offset, &mut buf).map(|()| buf)
-        }
-        Op::Write => replica.write(h.offset, &payload, fua).map(|()| Vec::new()),
-        Op::Flush => replica.flush().map(|()| Vec::new()),
-        Op::Trim | Op::WriteZeroes => replica
-            .zero(h.offset, h.length as u64, fua)
-            .map(|()| Vec::new()),
-        Op::Ping => Ok(Vec::new()),
-        Op::Info => {
-            let f = replica.facts();
-            Ok(ReplicaInfo {
-                size_bytes: f.size_bytes,
-                block_size: f.block_size,
-                generation: f.generation,
-                allocated_bytes: f.allocated_bytes,
-            }
-            .encode()
-            .to_vec())
-        }
-        Op::SetGeneration => replica.set_generation(h.offset).map(|()| Vec::new()),
-        Op::Map => replica
-            .map(h.offset, h.length as u64)
-            .map(|m| data::encode_map(&m)),
-    };
-    match res {
+    match crate::ops::execute(replica, h.op, h.flags, h.offset, h.length, &payload) {
         Ok(payload) => reply(h.id, Status::Ok, payload),
-        Err(e) => {
-            if e.status() != Status::Invalid {
-                tracing::warn!("{}", e.full_message());
-            }
-            reply(h.id, e.status(), e.full_message().into_bytes())
-        }
+        Err(e) => reply(h.id, e.status(), e.full_message().into_bytes()),
     }
 }
 
