@@ -621,6 +621,15 @@ async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn option_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_info(&bytes);
+            let _ = parse_meta(&bytes);
+        }
+    }
 
     #[test]
     fn info_and_meta_parsers_reject_garbage() {

@@ -44,6 +44,16 @@ fn bad_requests_are_refused_and_change_nothing() {
         "2",
     ]);
 
+    // The admin token and the cluster secret are readable by their owner only.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["admin.token", "cluster.secret"] {
+        let mode = std::fs::metadata(c.dir.path().join("manager").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f} has mode {:o}", mode & 0o777);
+    }
+
     // Wrong token: 401 with a hint.
     let o = run(std::process::Command::new(ZEBU)
         .args(["volume", "list"])
