@@ -300,6 +300,20 @@ impl ReplicaServer {
                     let _ = tx.send(reply(h.id, Status::PayloadChecksum, msg.into_bytes())).await;
                     continue;
                 }
+                if h.op == Op::Read {
+                    // Data in the page cache is copied right here, without a hop to an I/O thread.
+                    let mut buf = vec![0u8; h.length as usize];
+                    let done = match replica.read_cached(h.offset, &mut buf) {
+                        Ok(true) => Some(reply(h.id, Status::Ok, buf)),
+                        Ok(false) => None,
+                        Err(e) => Some(reply(h.id, e.status(), e.full_message().into_bytes())),
+                    };
+                    if let Some(r) = done {
+                        let _ = tx.send(r).await;
+                        drop(permit);
+                        continue;
+                    }
+                }
                 let tx = tx.clone();
                 let replica = replica.clone();
                 self.pool.submit(move || {

@@ -302,6 +302,36 @@ impl Layer {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReadMode {
+    /// No lock held; a checksum mismatch is re-checked under the block's stripe lock.
+    Unlocked,
+    /// The caller holds the stripes; a mismatch is corruption.
+    Locked,
+    /// Never wait for the disk (page cache only); give up on anything unusual.
+    NoWait,
+}
+
+/// `pread` that only copies from the page cache: true when all of `buf` was filled.
+fn pread_nowait(file: &File, buf: &mut [u8], at: u64) -> bool {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which is valid for writes of its length for the duration of
+    // the call; the descriptor is open for reading.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            at as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    n >= 0 && n as usize == buf.len()
+}
+
 /// Where a block's current contents live.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Source {
@@ -564,13 +594,16 @@ impl Replica {
 
     /// Read whole blocks `[first, end)` into `out` (exactly `(end-first)*bs` bytes), verifying
     /// checksums. `locked` says whether the caller holds the stripes.
+    /// Read whole blocks `[first, end)` into `out` (exactly `(end-first)*bs` bytes), verifying
+    /// checksums. Returns `Ok(false)` only in [`ReadMode::NoWait`], when the data is not all in
+    /// the page cache (or a check needs the lock): the caller then reads on an I/O thread.
     fn read_blocks(
         &self,
         first: u64,
         end: u64,
         out: &mut [u8],
-        locked: bool,
-    ) -> Result<(), ReplicaError> {
+        mode: ReadMode,
+    ) -> Result<bool, ReplicaError> {
         let bs = self.block_size as usize;
         let mut b = first;
         while b < end {
@@ -595,60 +628,81 @@ impl Replica {
                 Source::Data { layer, .. } => {
                     let l = &self.layers[layer];
                     let at = b * bs as u64;
-                    l.data
-                        .read_exact_at(buf, at)
-                        .map_err(|e| ReplicaError::io("read", &l.data_path, at, e))?;
+                    if mode == ReadMode::NoWait {
+                        if !pread_nowait(&l.data, buf, at) {
+                            return Ok(false);
+                        }
+                    } else {
+                        l.data
+                            .read_exact_at(buf, at)
+                            .map_err(|e| ReplicaError::io("read", &l.data_path, at, e))?;
+                    }
                     for (i, block_buf) in buf.chunks_exact_mut(bs).enumerate() {
                         let block = b + i as u64;
                         let expected = match self.resolve(block) {
                             Source::Data { crc, .. } => Some(crc),
                             Source::Zero => None,
                         };
-                        match expected {
-                            Some(crc) if crc32c::crc32c(block_buf) == crc => {}
+                        match (expected, mode) {
+                            (Some(crc), _) if crc32c::crc32c(block_buf) == crc => {}
+                            (_, ReadMode::NoWait) => return Ok(false),
                             // A writer may be between its data and its index update: look again
                             // while holding the block's stripe.
-                            _ if !locked => self.reread_locked(block, block_buf)?,
-                            Some(_) => {
+                            (_, ReadMode::Unlocked) => self.reread_locked(block, block_buf)?,
+                            (Some(_), ReadMode::Locked) => {
                                 return Err(ReplicaError::Checksum {
                                     replica: self.name.clone(),
                                     offset: block * bs as u64,
                                     layer: l.id,
                                 })
                             }
-                            None => block_buf.fill(0),
+                            (None, ReadMode::Locked) => block_buf.fill(0),
                         }
                     }
                 }
             }
             b = run_end;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Re-read one block while holding its stripe, so no writer is half-way through it.
     fn reread_locked(&self, block: u64, out: &mut [u8]) -> Result<(), ReplicaError> {
         let _g = self.lock_blocks(block, block + 1);
-        self.read_blocks(block, block + 1, out, true)
+        self.read_blocks(block, block + 1, out, ReadMode::Locked)
+            .map(|_| ())
     }
 
-    /// Read `out.len()` bytes at `offset`.
-    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), ReplicaError> {
+    fn read_mode(&self, offset: u64, out: &mut [u8], mode: ReadMode) -> Result<bool, ReplicaError> {
         self.check_usable()?;
         self.check_range(offset, out.len() as u64)?;
         if out.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let bs = self.block_size as u64;
         let (first, end) = self.block_span(offset, out.len() as u64);
         if offset.is_multiple_of(bs) && (out.len() as u64).is_multiple_of(bs) {
-            return self.read_blocks(first, end, out, false);
+            return self.read_blocks(first, end, out, mode);
         }
         let mut tmp = vec![0u8; ((end - first) * bs) as usize];
-        self.read_blocks(first, end, &mut tmp, false)?;
+        if !self.read_blocks(first, end, &mut tmp, mode)? {
+            return Ok(false);
+        }
         let skip = (offset - first * bs) as usize;
         out.copy_from_slice(&tmp[skip..skip + out.len()]);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Read `out.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), ReplicaError> {
+        self.read_mode(offset, out, ReadMode::Unlocked).map(|_| ())
+    }
+
+    /// Read without ever waiting for the disk: `Ok(false)` when the data is not all in the page
+    /// cache (then nothing is known about `out`, and the caller must use [`Replica::read`] on an
+    /// I/O thread). Safe to call on an async runtime thread: it only copies from memory.
+    pub fn read_cached(&self, offset: u64, out: &mut [u8]) -> Result<bool, ReplicaError> {
+        self.read_mode(offset, out, ReadMode::NoWait)
     }
 
     /// Write `data` at `offset`; with `fua`, it is durable before this returns.
@@ -669,13 +723,13 @@ impl Replica {
             // Read-modify-write of the partial first/last blocks, under the stripe lock.
             let mut buf = vec![0u8; ((end - first) * bs) as usize];
             if !offset.is_multiple_of(bs) {
-                self.read_blocks(first, first + 1, &mut buf[..bs as usize], true)?;
+                self.read_blocks(first, first + 1, &mut buf[..bs as usize], ReadMode::Locked)?;
             }
             if !(offset + data.len() as u64).is_multiple_of(bs)
                 && (end - 1 > first || offset.is_multiple_of(bs))
             {
                 let last = ((end - 1 - first) * bs) as usize;
-                self.read_blocks(end - 1, end, &mut buf[last..], true)?;
+                self.read_blocks(end - 1, end, &mut buf[last..], ReadMode::Locked)?;
             }
             let skip = (offset - first * bs) as usize;
             buf[skip..skip + data.len()].copy_from_slice(data);
@@ -892,6 +946,11 @@ mod tests {
                         let mut buf = vec![0xeeu8; len as usize];
                         r.read(offset, &mut buf).unwrap();
                         prop_assert_eq!(&buf[..], &model[offset as usize..(offset + len) as usize]);
+                        // The page-cache-only read agrees whenever it answers.
+                        let mut cached = vec![0xddu8; len as usize];
+                        if r.read_cached(offset, &mut cached).unwrap() {
+                            prop_assert_eq!(&cached[..], &model[offset as usize..(offset + len) as usize]);
+                        }
                     }
                     Step::Flush => r.flush().unwrap(),
                     Step::Reopen => {
