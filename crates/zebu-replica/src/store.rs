@@ -100,6 +100,10 @@ struct Layer {
     index: File,
     index_path: PathBuf,
     entries: BlockIndex,
+    /// A mutation completed since the last successful sync started. Set when a write or zero
+    /// finishes (after all its syscalls), cleared by a flush just before it syncs: a FLUSH with
+    /// nothing completed since the last one costs no fsync.
+    dirty: AtomicBool,
 }
 
 fn layer_paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
@@ -158,6 +162,7 @@ impl Layer {
             index,
             index_path,
             entries: BlockIndex::new(blocks),
+            dirty: AtomicBool::new(false),
         })
     }
 
@@ -253,10 +258,15 @@ impl Layer {
             index,
             index_path,
             entries,
+            // Unknown history (a crash may have left unsynced pages): sync at the first flush.
+            dirty: AtomicBool::new(true),
         })
     }
 
     fn sync(&self) -> Result<(), ReplicaError> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
         self.data
             .sync_data()
             .map_err(|e| ReplicaError::io("fdatasync", &self.data_path, 0, e))?;
@@ -754,6 +764,7 @@ impl Replica {
             self.poison(&e);
             return Err(e);
         }
+        head.dirty.store(true, Ordering::Release);
         drop(_guards);
         if fua {
             self.flush()?;
@@ -804,6 +815,7 @@ impl Replica {
                 self.poison(&e);
                 return Err(e);
             }
+            head.dirty.store(true, Ordering::Release);
         }
         if fua {
             self.flush()?;
