@@ -222,7 +222,9 @@ impl Agent {
         for e in engines {
             self.nbd.remove(e.volume());
             let e2 = e.clone();
-            let _ = data_runtime().spawn(async move { e2.flush().await }).await;
+            let _ = data_runtime()
+                .spawn(async move { e2.shutdown("the agent is shutting down").await })
+                .await;
         }
     }
 
@@ -373,6 +375,18 @@ impl Agent {
         let mut to_stop = Vec::new();
         {
             let mut map = self.engines.lock().unwrap();
+            // An engine that stopped by itself (fenced off by a newer one) is done here.
+            for (vol, slot) in map.iter_mut() {
+                if let EngineSlot::Running(e) = slot {
+                    if let Some(reason) = e.closed_reason() {
+                        self.nbd.remove(vol);
+                        *slot = EngineSlot::Failed {
+                            error: reason,
+                            at: Instant::now(),
+                        };
+                    }
+                }
+            }
             map.retain(|vol, slot| {
                 if wanted.contains_key(vol.as_str()) {
                     return true;
@@ -398,7 +412,7 @@ impl Agent {
             self.nbd.remove(e.volume());
             tracing::info!(node = %self.cfg.node, volume = %e.volume(), "engine stopping (detached)");
             data_runtime().spawn(async move {
-                if let Err(err) = e.flush().await {
+                if let Err(err) = e.shutdown("the volume was detached from this node").await {
                     tracing::warn!("final flush of {} failed: {err}", e.volume());
                 }
             });
@@ -416,14 +430,11 @@ impl Agent {
                 .map(|r| {
                     let local = r.node == self.cfg.node;
                     // The replica on this node is reached in-process, without the network.
-                    let in_process =
-                        self.server
-                            .get(&r.name)
-                            .filter(|_| local)
-                            .map(|replica| LocalReplica {
-                                replica,
-                                pool: self.server.pool(),
-                            });
+                    let in_process = self
+                        .server
+                        .get(&r.name)
+                        .filter(|_| local)
+                        .map(|replica| LocalReplica::new(replica, self.server.pool()));
                     ReplicaTarget {
                         name: r.name.clone(),
                         address: r.address.clone(),
@@ -435,6 +446,8 @@ impl Agent {
             secret,
             io_timeout: IO_TIMEOUT,
             connect_patience: Duration::from_secs(3),
+            require_all: true,
+            min_generation: spec.min_generation,
         };
         let this = self.clone();
         data_runtime().spawn(async move {

@@ -190,6 +190,9 @@ pub struct EngineReplica {
 pub struct EngineSpec {
     pub volume: String,
     pub size_bytes: u64,
+    /// The highest generation the manager has seen on any of these replicas: the engine refuses
+    /// to start if the freshest replica it reaches is older (a fresher one is missing).
+    pub min_generation: u64,
     pub replicas: Vec<EngineReplica>,
 }
 

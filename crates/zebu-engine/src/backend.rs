@@ -9,15 +9,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use zebu_proto::data::Op;
-use zebu_replica::{IoPool, Replica};
+use zebu_replica::{IoPool, Replica, Session};
 
 use crate::client::{ClientError, ReplicaClient};
 
-/// A replica in the engine's own process.
+/// A replica in the engine's own process and the I/O threads to use for it.
 #[derive(Clone)]
 pub struct LocalReplica {
-    pub replica: Arc<Replica>,
-    pub pool: Arc<IoPool>,
+    replica: Arc<Replica>,
+    pool: Arc<IoPool>,
+}
+
+/// An engine's open handle on an in-process replica: its own session, so fencing works the same
+/// as over the network.
+pub struct OpenLocal {
+    local: LocalReplica,
+    session: Arc<Session>,
 }
 
 impl std::fmt::Debug for LocalReplica {
@@ -27,6 +34,21 @@ impl std::fmt::Debug for LocalReplica {
 }
 
 impl LocalReplica {
+    /// `replica`, whose blocking I/O runs on `pool`.
+    pub fn new(replica: Arc<Replica>, pool: Arc<IoPool>) -> LocalReplica {
+        LocalReplica { replica, pool }
+    }
+
+    /// Open a new session (one per engine).
+    pub fn open(&self) -> OpenLocal {
+        OpenLocal {
+            local: self.clone(),
+            session: Arc::new(Session::new(&self.replica)),
+        }
+    }
+}
+
+impl OpenLocal {
     async fn call(
         &self,
         op: Op,
@@ -36,13 +58,13 @@ impl LocalReplica {
         payload: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
-        let name = || self.replica.name().to_owned();
+        let name = || self.local.replica.name().to_owned();
         if op == Op::Read {
             // Data in the page cache is copied right here, without a hop to an I/O thread.
-            let mut buf = vec![0u8; length as usize];
-            match self.replica.read_cached(offset, &mut buf) {
-                Ok(true) => return Ok(Bytes::from(buf)),
-                Ok(false) => {}
+            match zebu_replica::ops::read_cached(&self.local.replica, &self.session, offset, length)
+            {
+                Ok(Some(buf)) => return Ok(Bytes::from(buf)),
+                Ok(None) => {}
                 Err(e) => {
                     return Err(ClientError::Failed {
                         replica: name(),
@@ -54,11 +76,12 @@ impl LocalReplica {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let replica = self.replica.clone();
-        self.pool.submit(move || {
+        let replica = self.local.replica.clone();
+        let session = self.session.clone();
+        self.local.pool.submit(move || {
             let p = payload.as_deref().unwrap_or(&[]);
             let _ = tx.send(zebu_replica::ops::execute(
-                &replica, op, flags, offset, length, p,
+                &replica, &session, op, flags, offset, length, p,
             ));
         });
         match tokio::time::timeout(timeout, rx).await {
@@ -85,7 +108,7 @@ impl LocalReplica {
 /// The engine's handle on one replica.
 pub enum Backend {
     Remote(ReplicaClient),
-    Local(LocalReplica),
+    Local(OpenLocal),
 }
 
 /// What the engine learns about a replica when it opens it.
@@ -108,9 +131,9 @@ impl Backend {
                 }
             }
             Backend::Local(l) => Opened {
-                size_bytes: l.replica.size_bytes(),
-                block_size: l.replica.block_size(),
-                generation: l.replica.generation(),
+                size_bytes: l.local.replica.size_bytes(),
+                block_size: l.local.replica.block_size(),
+                generation: l.session.generation(),
             },
         }
     }

@@ -78,6 +78,8 @@ pub enum EngineError {
     },
     #[error("volume {volume} cannot start: {reason}")]
     Start { volume: String, reason: String },
+    #[error("volume {volume} is no longer served by this engine: {reason}")]
+    Closed { volume: String, reason: String },
 }
 
 /// Where to find one replica of the volume.
@@ -102,6 +104,11 @@ pub struct EngineConfig {
     pub io_timeout: Duration,
     /// How long start-up keeps retrying replicas that do not answer yet.
     pub connect_patience: Duration,
+    /// Refuse to start unless every replica given is reachable (the manager gives only replicas
+    /// it believes in sync, so one missing may hold writes the others lack).
+    pub require_all: bool,
+    /// Refuse to start if the freshest reachable replica's generation is below this.
+    pub min_generation: u64,
 }
 
 /// Status of one replica as the engine sees it.
@@ -145,6 +152,34 @@ pub struct Engine {
     ranges: RangeLock,
     next_read: AtomicUsize,
     changes: watch::Sender<u64>,
+    /// Retirements whose generation bump is not durable yet. While non-zero, a request that
+    /// succeeded waits for `membership` before it is acknowledged: it may have skipped a member
+    /// that was just retired, and must not be acknowledged before the survivors are marked newer.
+    retiring: AtomicUsize,
+    /// Why the engine stopped serving (detached, or fenced off by a newer engine); None while it
+    /// serves.
+    closed: watch::Sender<Option<String>>,
+    /// Every request holds it shared; `shutdown` takes it exclusively to drain them.
+    inflight: tokio::sync::RwLock<()>,
+}
+
+fn is_stale(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Failed {
+            status: Status::Stale,
+            ..
+        }
+    )
+}
+
+/// Decrements the pending-retirement count when a retirement ends (however it ends).
+struct RetiringGuard<'a>(&'a AtomicUsize);
+
+impl Drop for RetiringGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Flush (or a FUA write) may wait on a slow disk far longer than a normal request.
@@ -164,7 +199,7 @@ impl Engine {
         }
         let connects = cfg.replicas.iter().map(|t| async {
             if let Some(l) = &t.in_process {
-                return Ok(Backend::Local(l.clone()));
+                return Ok(Backend::Local(l.open()));
             }
             let deadline = tokio::time::Instant::now() + cfg.connect_patience;
             loop {
@@ -195,6 +230,7 @@ impl Engine {
             .map(|c| c.opened().generation)
             .max();
         let mut members = Vec::new();
+        let mut unreachable = Vec::new();
         for (t, r) in cfg.replicas.iter().zip(results) {
             let (client, mode, error) = match r {
                 Ok(c) if c.opened().size_bytes != cfg.size_bytes => {
@@ -219,7 +255,10 @@ impl Engine {
                     block_size = block_size.max(c.opened().block_size as u64);
                     (Some(c), Mode::Rw, String::new())
                 }
-                Err(e) => (None, Mode::Err, e.to_string()),
+                Err(e) => {
+                    unreachable.push(e.to_string());
+                    (None, Mode::Err, e.to_string())
+                }
             };
             if mode == Mode::Err {
                 tracing::warn!(volume = %cfg.volume, "{error}");
@@ -232,6 +271,18 @@ impl Engine {
                 mode: AtomicU8::new(mode as u8),
                 error: Mutex::new(error),
             }));
+        }
+        if cfg.require_all && !unreachable.is_empty() {
+            return Err(start_err(format!(
+                "{}; a replica out of reach may hold writes the others lack, so the volume waits for it",
+                unreachable.join("; ")
+            )));
+        }
+        if let Some(g) = max_gen.filter(|g| *g < cfg.min_generation) {
+            return Err(start_err(format!(
+                "the freshest reachable replica has generation {g}, but generation {} was seen before: a fresher replica is missing, refusing to serve older data",
+                cfg.min_generation
+            )));
         }
         let Some(max_gen) = max_gen else {
             let detail: Vec<String> = members
@@ -255,6 +306,9 @@ impl Engine {
             ranges: RangeLock::default(),
             next_read: AtomicUsize::new(0),
             changes,
+            retiring: AtomicUsize::new(0),
+            closed: watch::channel(None).0,
+            inflight: tokio::sync::RwLock::new(()),
         });
         // Every replica left out now must be older than every replica in the set.
         {
@@ -355,9 +409,16 @@ impl Engine {
             .await;
             let mut failed = false;
             for (m, r) in set.iter().zip(results) {
-                if let Err(e) = r {
-                    self.mark_err(m, &e.to_string());
-                    failed = true;
+                match r {
+                    Ok(_) => {}
+                    Err(e) if is_stale(&e) => {
+                        self.close(format!("fenced off: {e}"));
+                        return;
+                    }
+                    Err(e) => {
+                        self.mark_err(m, &e.to_string());
+                        failed = true;
+                    }
                 }
             }
             self.generation.store(next, Ordering::Release);
@@ -379,6 +440,10 @@ impl Engine {
 
     /// Retire the failed members durably (see module docs), then return.
     async fn retire(&self, failed: &[(Arc<Member>, String)]) {
+        // Counted before any member is marked ERR, so a request that already skips the member
+        // also sees that a retirement is pending (see `settled`).
+        self.retiring.fetch_add(1, Ordering::SeqCst);
+        let _done = RetiringGuard(&self.retiring);
         let _m = self.membership.lock().await;
         let mut any = false;
         for (m, reason) in failed {
@@ -418,6 +483,14 @@ impl Engine {
         for (m, r) in set.iter().zip(results) {
             match r {
                 Ok(_) => {}
+                Err(e) if is_stale(&e) => {
+                    let reason = format!("fenced off: {e}");
+                    self.close(reason.clone());
+                    return Err(EngineError::Closed {
+                        volume: self.volume.clone(),
+                        reason,
+                    });
+                }
                 Err(e) if e.is_invalid_request() => invalid = Some(e),
                 Err(e) => failed.push((m.clone(), e.to_string())),
             }
@@ -434,11 +507,68 @@ impl Engine {
             });
         }
         // Success needs at least one member that took the request and is still in the set.
-        if set.iter().any(|m| m.mode() != Mode::Err) {
-            Ok(())
-        } else {
-            Err(self.no_replicas())
+        if !set.iter().any(|m| m.mode() != Mode::Err) {
+            return Err(self.no_replicas());
         }
+        self.settled().await;
+        Ok(())
+    }
+
+    /// Wait until no retirement is pending (see `retiring`).
+    async fn settled(&self) {
+        if self.retiring.load(Ordering::SeqCst) > 0 {
+            drop(self.membership.lock().await);
+        }
+    }
+
+    fn close(&self, reason: String) {
+        let mut first = false;
+        self.closed.send_if_modified(|c| {
+            first = c.is_none();
+            if first {
+                *c = Some(reason.clone());
+            }
+            first
+        });
+        if first {
+            tracing::warn!(volume = %self.volume, "engine stops serving: {reason}");
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Why the engine no longer serves, if it does not.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.closed.borrow().clone()
+    }
+
+    /// Resolves once the engine no longer serves (for frontends to drop their connections).
+    pub async fn wait_closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| c.is_some()).await;
+    }
+
+    /// Enter a request: fails once the engine is closed.
+    async fn enter(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, EngineError> {
+        let g = self.inflight.read().await;
+        if let Some(reason) = self.closed_reason() {
+            return Err(EngineError::Closed {
+                volume: self.volume.clone(),
+                reason,
+            });
+        }
+        Ok(g)
+    }
+
+    /// Stop serving (detach): new requests fail, requests in flight finish, then every replica
+    /// is flushed once more.
+    pub async fn shutdown(&self, reason: &str) -> Result<(), EngineError> {
+        let _all = self.inflight.write().await;
+        if self.closed_reason().is_some() {
+            return Ok(());
+        }
+        self.close(reason.to_owned());
+        self.replicate(Op::Flush, 0, 0, 0, None, flush_timeout(self.io_timeout))
+            .await
     }
 
     fn block_range(&self, offset: u64, length: u64) -> (u64, u64) {
@@ -447,6 +577,7 @@ impl Engine {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let _in = self.enter().await?;
         self.check_range(offset, data.len() as u64)?;
         if data.len() > data::MAX_PAYLOAD_BYTES as usize {
             return Err(EngineError::OutOfRange {
@@ -457,7 +588,11 @@ impl Engine {
             });
         }
         if data.is_empty() {
-            return if fua { self.flush().await } else { Ok(()) };
+            return if fua {
+                self.flush_entered().await
+            } else {
+                Ok(())
+            };
         }
         let (s, e) = self.block_range(offset, data.len() as u64);
         let _g = self.ranges.lock(s, e).await;
@@ -479,6 +614,7 @@ impl Engine {
         trim: bool,
         fua: bool,
     ) -> Result<(), EngineError> {
+        let _in = self.enter().await?;
         self.check_range(offset, length)?;
         if length == 0 {
             return Ok(());
@@ -504,6 +640,11 @@ impl Engine {
 
     /// Make every acknowledged write durable on every in-sync replica.
     pub async fn flush(&self) -> Result<(), EngineError> {
+        let _in = self.enter().await?;
+        self.flush_entered().await
+    }
+
+    async fn flush_entered(&self) -> Result<(), EngineError> {
         self.replicate(Op::Flush, 0, 0, 0, None, flush_timeout(self.io_timeout))
             .await
     }
@@ -540,6 +681,14 @@ impl Engine {
                 .await
             {
                 Ok(b) => return Ok(b),
+                Err(e) if is_stale(&e) => {
+                    let reason = format!("fenced off: {e}");
+                    self.close(reason.clone());
+                    return Err(EngineError::Closed {
+                        volume: self.volume.clone(),
+                        reason,
+                    });
+                }
                 Err(e) if e.is_invalid_request() => {
                     return Err(EngineError::Invalid {
                         volume: self.volume.clone(),
@@ -571,6 +720,7 @@ impl Engine {
     }
 
     pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, EngineError> {
+        let _in = self.enter().await?;
         self.check_range(offset, length as u64)?;
         if length == 0 {
             return Ok(Bytes::new());
@@ -590,6 +740,7 @@ impl Engine {
 
     /// Allocation map of a range (for NBD BLOCK_STATUS). May cover less than asked.
     pub async fn map(&self, offset: u64, length: u32) -> Result<Vec<MapExtent>, EngineError> {
+        let _in = self.enter().await?;
         self.check_range(offset, length as u64)?;
         let b = self.read_like(Op::Map, offset, length).await?;
         data::decode_map(&b).map_err(|e| EngineError::NoReplicas {

@@ -61,6 +61,7 @@ fn errno(e: &EngineError) -> u32 {
     match e {
         EngineError::OutOfRange { .. } | EngineError::Invalid { .. } => EINVAL,
         EngineError::NoReplicas { .. } | EngineError::Start { .. } => EIO,
+        EngineError::Closed { .. } => ESHUTDOWN,
     }
 }
 
@@ -431,7 +432,12 @@ where
     let result: Result<()> = async {
         loop {
             let mut hb = [0u8; REQUEST_BYTES];
-            match rd.read_exact(&mut hb).await {
+            // A detached or fenced-off engine drops its clients: they must not keep writing.
+            let read = tokio::select! {
+                r = rd.read_exact(&mut hb) => r,
+                _ = neg.engine.wait_closed() => return Ok(()),
+            };
+            match read {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(e.into()),
@@ -441,6 +447,8 @@ where
             };
             let units = match req.kind {
                 CMD_READ | CMD_WRITE => 1 + req.length.min(MAX_IO_BYTES) / UNIT_BYTES,
+                // The replica's map, its decoded form and the reply: up to ~1.5 MiB.
+                CMD_BLOCK_STATUS => 24,
                 _ => 1,
             };
             // Reserve the buffers before allocating them (bounded memory per connection).

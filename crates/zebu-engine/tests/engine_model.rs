@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use tokio::net::TcpListener;
-use zebu_engine::{Engine, EngineConfig, LocalReplica, Mode, ReplicaTarget};
+use zebu_engine::{Engine, EngineConfig, EngineError, LocalReplica, Mode, ReplicaTarget};
 use zebu_replica::{Replica, ReplicaServer};
 
 const BS: u64 = 4096;
@@ -38,10 +38,8 @@ async fn cluster(n: usize) -> Cluster {
         let addr = l.local_addr().unwrap().to_string();
         c.tasks.push(tokio::spawn(server.clone().serve(l)));
         // Replica 0 is reached in-process, as an agent reaches the replica on its own node.
-        let in_process = (i == 0).then(|| LocalReplica {
-            replica: server.get(&name).unwrap(),
-            pool: server.pool(),
-        });
+        let in_process =
+            (i == 0).then(|| LocalReplica::new(server.get(&name).unwrap(), server.pool()));
         c.servers.push(server);
         c.targets.push(ReplicaTarget {
             name,
@@ -62,6 +60,8 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         secret: secret.into(),
         io_timeout: Duration::from_secs(5),
         connect_patience: Duration::from_millis(300),
+        require_all: false,
+        min_generation: 0,
     }
 }
 
@@ -265,4 +265,97 @@ async fn wrong_secret_is_refused_and_stale_replica_left_out() {
     assert_eq!(m[1].mode, Mode::Err);
     assert!(m[1].error.contains("stale"), "{}", m[1].error);
     assert_eq!(e.generation(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_engine_fences_off_the_old_one() {
+    let c = cluster(3).await;
+    let old = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    old.write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
+    // A second engine for the same volume (e.g. attached elsewhere while the old node was cut
+    // off) takes the replicas over by raising their generation.
+    let new = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    assert!(new.generation() > old.generation());
+    let err = old
+        .write(0, Bytes::from(vec![2u8; BS as usize]), false)
+        .await
+        .expect_err("the old engine must be fenced off");
+    assert!(matches!(err, EngineError::Closed { .. }), "{err}");
+    assert!(old.closed_reason().unwrap().contains("fenced"));
+    // The old engine retired nobody: the new one still has every replica.
+    assert!(new.members().iter().all(|m| m.mode == Mode::Rw));
+    assert!(old.read(0, BS as u32).await.is_err());
+    new.write(BS, Bytes::from(vec![3u8; BS as usize]), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &new.read(0, BS as u32).await.unwrap()[..],
+        &vec![1u8; BS as usize][..]
+    );
+    for s in &c.servers {
+        let r = s.list()[0].clone();
+        let mut b = vec![0u8; BS as usize];
+        r.read(0, &mut b).unwrap();
+        assert_eq!(
+            b,
+            vec![1u8; BS as usize],
+            "the fenced engine's write reached {}",
+            r.name()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_missing_or_older_replicas_when_asked_to() {
+    let mut c = cluster(2).await;
+    let mut cfg = config(c.targets.clone(), SECRET);
+    cfg.min_generation = 5;
+    let err = Engine::start(cfg)
+        .await
+        .err()
+        .expect("older replicas than seen must be refused");
+    assert!(
+        err.to_string().contains("fresher replica is missing"),
+        "{err}"
+    );
+    // Take replica 1's server away.
+    c.tasks[1].abort();
+    let name = c.targets[1].name.clone();
+    c.servers[1].remove(&name);
+    let mut cfg = config(c.targets.clone(), SECRET);
+    cfg.require_all = true;
+    let err = Engine::start(cfg)
+        .await
+        .err()
+        .expect("a missing replica must be waited for");
+    assert!(err.to_string().contains(&name), "{err}");
+    // Without the requirement it starts degraded.
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    assert_eq!(e.members()[1].mode, Mode::Err);
+    c.servers.pop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_and_refuses_further_io() {
+    let c = cluster(2).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    e.write(0, Bytes::from(vec![9u8; BS as usize]), false)
+        .await
+        .unwrap();
+    e.shutdown("test").await.unwrap();
+    assert!(matches!(
+        e.read(0, BS as u32).await,
+        Err(EngineError::Closed { .. })
+    ));
+    assert!(matches!(e.flush().await, Err(EngineError::Closed { .. })));
 }

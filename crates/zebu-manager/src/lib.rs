@@ -88,8 +88,7 @@ impl Manager {
         let token = secret_file(&data_dir.join(TOKEN_FILE))?;
         let secret = secret_file(&data_dir.join(SECRET_FILE))?;
         let store = RedbStore::open(&data_dir.join(STORE_FILE))?;
-        let mut state = State::load(Arc::new(store), secret)?;
-        state.note_restart();
+        let state = State::load(Arc::new(store), secret)?;
         Ok(Arc::new(Manager {
             state: Mutex::new(state),
             token,

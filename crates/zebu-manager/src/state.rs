@@ -22,8 +22,6 @@ use crate::error::ApiError;
 
 /// A node whose last heartbeat is older than this is not ready.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
-/// An engine waits this long for all its replicas' nodes before starting without some of them.
-pub const ENGINE_WAIT_FOR_REPLICAS: Duration = Duration::from_secs(20);
 pub const DEFAULT_REPLICA_COUNT: u32 = 3;
 pub const BLOCK_SIZE: u32 = 4096;
 pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
@@ -75,8 +73,6 @@ pub struct State {
     replicas: BTreeMap<String, ReplicaRecord>,
     nodes: BTreeMap<String, NodeRecord>,
     live: HashMap<String, Live>,
-    /// When each volume was last asked to attach (for the replica wait).
-    attach_since: HashMap<String, Instant>,
 }
 
 fn store_err(e: StoreError) -> ApiError {
@@ -131,7 +127,6 @@ impl State {
             replicas,
             nodes,
             live: HashMap::new(),
-            attach_since: HashMap::new(),
         })
     }
 
@@ -222,6 +217,7 @@ impl State {
             {
                 Some(e) if e.error.is_some() => e.error.clone(),
                 _ if !self.node_ready(n) => Some(format!("node {n} is not ready (no heartbeat)")),
+                _ if self.missing_member(&v.name).is_some() => self.missing_member(&v.name),
                 _ => Some(format!("waiting for the engine on node {n} to start")),
             }
         } else if rw == 0 && v.created {
@@ -474,7 +470,6 @@ impl State {
         let mut v = v;
         v.desired_node = Some(node.clone());
         self.save_volume(v)?;
-        self.attach_since.insert(name.to_owned(), Instant::now());
         tracing::info!(volume = name, node = %node, "volume attaching");
         self.volume(name)
     }
@@ -656,25 +651,17 @@ impl State {
             if members.is_empty() {
                 continue;
             }
-            // Start once every member's node is up and serving it, or after a grace period.
-            let all_up = members.iter().all(|r| {
-                self.node_ready(&r.node)
-                    && self
-                        .live
-                        .get(&r.node)
-                        .is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
-            });
-            let waited = self
-                .attach_since
-                .get(&v.name)
-                .is_none_or(|t| t.elapsed() >= ENGINE_WAIT_FOR_REPLICAS);
+            // Start only with every member up: a member left out might hold writes the others
+            // lack (its ERR may not have reached us). Bringing a volume up without one is a
+            // salvage decision, not something to do by timer.
             let already = self.engine_report(node, &v.name).is_some();
-            if !(all_up || waited || already) {
+            if !already && self.missing_member(&v.name).is_some() {
                 continue;
             }
             engines.push(EngineSpec {
                 volume: v.name.clone(),
                 size_bytes: v.size_bytes,
+                min_generation: members.iter().map(|r| r.generation).max().unwrap_or(0),
                 replicas: members
                     .iter()
                     .filter_map(|r| {
@@ -696,13 +683,31 @@ impl State {
         }
     }
 
-    /// Note volumes that should be attached when the manager starts, so their engines wait for
-    /// their replicas' nodes to come back before starting.
-    pub fn note_restart(&mut self) {
-        let now = Instant::now();
-        for v in self.volumes.values().filter(|v| v.desired_node.is_some()) {
-            self.attach_since.insert(v.name.clone(), now);
-        }
+    /// Why an engine for `volume` cannot start yet: an in-sync member whose node is down or does
+    /// not serve it.
+    fn missing_member(&self, volume: &str) -> Option<String> {
+        self.volume_replicas(volume)
+            .into_iter()
+            .filter(|r| r.mode != ReplicaMode::ERR)
+            .find_map(|r| {
+                if !self.node_ready(&r.node) {
+                    Some(format!(
+                        "waiting for node {} (holds replica {}) to come back",
+                        r.node, r.name
+                    ))
+                } else if !self
+                    .live
+                    .get(&r.node)
+                    .is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
+                {
+                    Some(format!(
+                        "waiting for node {} to serve replica {}",
+                        r.node, r.name
+                    ))
+                } else {
+                    None
+                }
+            })
     }
 }
 

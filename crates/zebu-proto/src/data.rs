@@ -118,6 +118,9 @@ pub enum Status {
     NoSpace = 6,
     /// The replica had an earlier fatal error and refuses further I/O.
     Poisoned = 7,
+    /// The replica's generation moved past this connection's: another engine took the volume
+    /// over. The sender is fenced off and must stop serving the volume.
+    Stale = 8,
 }
 
 impl Status {
@@ -131,6 +134,7 @@ impl Status {
             5 => Status::Unsupported,
             6 => Status::NoSpace,
             7 => Status::Poisoned,
+            8 => Status::Stale,
             // An unknown status from a newer peer is still a failure.
             _ => Status::IoError,
         }

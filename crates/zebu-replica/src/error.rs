@@ -35,6 +35,12 @@ pub enum ReplicaError {
         "replica {replica} refuses I/O after an earlier failure ({reason}); it must be rebuilt"
     )]
     Poisoned { replica: String, reason: String },
+    #[error("replica {replica} is at generation {generation}, past this engine's {session}: another engine has taken the volume over")]
+    Stale {
+        replica: String,
+        session: u64,
+        generation: u64,
+    },
     #[error("replica metadata {path} is unusable: {reason}")]
     BadMeta { path: PathBuf, reason: String },
     #[error("replica index {path} is damaged at block {block}: {reason}")]
@@ -71,6 +77,7 @@ impl ReplicaError {
             | ReplicaError::Invalid { .. }
             | ReplicaError::AlreadyExists { .. } => Status::Invalid,
             ReplicaError::Poisoned { .. } => Status::Poisoned,
+            ReplicaError::Stale { .. } => Status::Stale,
         }
     }
 

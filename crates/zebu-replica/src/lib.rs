@@ -12,4 +12,4 @@ pub mod store;
 pub use error::ReplicaError;
 pub use io_pool::IoPool;
 pub use server::ReplicaServer;
-pub use store::{Replica, ReplicaFacts, DEFAULT_BLOCK_SIZE};
+pub use store::{Replica, ReplicaFacts, Session, DEFAULT_BLOCK_SIZE};

@@ -3,10 +3,50 @@
 
 use zebu_proto::data::{self, Op, ReplicaInfo, Status, FLAG_FUA};
 
+use crate::store::Session;
 use crate::{Replica, ReplicaError};
 
-/// Run one operation; returns the reply payload. Blocking: call it on an I/O thread.
+/// Read from the page cache only, right on the caller's thread: `Ok(None)` when the data is not
+/// all cached (then run [`execute`] on an I/O thread).
+pub fn read_cached(
+    replica: &Replica,
+    session: &Session,
+    offset: u64,
+    length: u32,
+) -> Result<Option<Vec<u8>>, ReplicaError> {
+    replica.fenced(session, || {
+        let mut buf = vec![0u8; length as usize];
+        Ok(replica.read_cached(offset, &mut buf)?.then_some(buf))
+    })
+}
+
+/// Run one operation for `session`; returns the reply payload. Blocking: call it on an I/O
+/// thread. Everything but PING and INFO is refused once the session is stale (fencing).
 pub fn execute(
+    replica: &Replica,
+    session: &Session,
+    op: Op,
+    flags: u8,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, ReplicaError> {
+    let res = match op {
+        Op::Ping | Op::Info => run(replica, op, flags, offset, length, payload),
+        Op::SetGeneration => replica
+            .set_generation_for(session, offset)
+            .map(|()| Vec::new()),
+        _ => replica.fenced(session, || run(replica, op, flags, offset, length, payload)),
+    };
+    if let Err(e) = &res {
+        if !matches!(e.status(), Status::Invalid | Status::Stale) {
+            tracing::warn!("{}", e.full_message());
+        }
+    }
+    res
+}
+
+fn run(
     replica: &Replica,
     op: Op,
     flags: u8,
@@ -15,7 +55,7 @@ pub fn execute(
     payload: &[u8],
 ) -> Result<Vec<u8>, ReplicaError> {
     let fua = flags & FLAG_FUA != 0;
-    let res = match op {
+    match op {
         Op::Read => {
             let mut buf = vec![0u8; length as usize];
             replica.read(offset, &mut buf).map(|()| buf)
@@ -37,15 +77,10 @@ pub fn execute(
             .encode()
             .to_vec())
         }
+        // Reached only without a session (never): sessions go through `set_generation_for`.
         Op::SetGeneration => replica.set_generation(offset).map(|()| Vec::new()),
         Op::Map => replica
             .map(offset, length as u64)
             .map(|m| data::encode_map(&m)),
-    };
-    if let Err(e) = &res {
-        if e.status() != Status::Invalid {
-            tracing::warn!("{}", e.full_message());
-        }
     }
-    res
 }

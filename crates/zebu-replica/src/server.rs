@@ -20,10 +20,8 @@ use zebu_proto::data::{
 };
 
 use crate::io_pool::IoPool;
-use crate::store::Replica;
+use crate::store::{Replica, Session};
 
-/// Replies queued for the writer of one connection, at most.
-const MAX_IN_FLIGHT: usize = 256;
 /// Memory one connection may hold in request and reply buffers, in units of [`UNIT_BYTES`]
 /// (64 MiB). Every request costs at least one unit, so this also bounds the requests in flight.
 const BUDGET_UNITS: u32 = 1024;
@@ -33,6 +31,8 @@ const UNIT_BYTES: u32 = 64 * 1024;
 fn cost(h: &RequestHeader) -> u32 {
     match h.op {
         Op::Read | Op::Write => 1 + h.length / UNIT_BYTES,
+        // An allocation map can be up to MAX_MAP_EXTENTS × 8 bytes (512 KiB).
+        Op::Map => 8,
         _ => 1,
     }
 }
@@ -60,6 +60,10 @@ fn reply(id: u64, status: Status, payload: Vec<u8>) -> Reply {
 
 /// A served replica and the signal that closes its connections when it is removed.
 type Served = (Arc<Replica>, watch::Sender<bool>);
+
+/// A replica connection after a successful handshake: the replica, the signal that closes the
+/// connection when the replica is removed, and the engine's session on the replica.
+type Accepted = (Arc<Replica>, watch::Receiver<bool>, Arc<Session>);
 
 /// Serves all replicas of one node.
 pub struct ReplicaServer {
@@ -157,10 +161,7 @@ impl ReplicaServer {
         }
     }
 
-    async fn handshake(
-        &self,
-        stream: &mut TcpStream,
-    ) -> Result<(Arc<Replica>, watch::Receiver<bool>), String> {
+    async fn handshake(&self, stream: &mut TcpStream) -> Result<Accepted, String> {
         let mut fixed = [0u8; HELLO_FIXED_BYTES];
         stream
             .read_exact(&mut fixed)
@@ -185,19 +186,21 @@ impl ReplicaServer {
         let checked = self.check_hello(&bytes);
         match checked {
             Ok((replica, stop)) => {
+                // The session starts at the generation the engine is told about.
+                let session = Session::new(&replica);
                 let w = Welcome {
                     version: PROTOCOL_VERSION,
                     status: WelcomeStatus::Ok,
                     size_bytes: replica.size_bytes(),
                     block_size: replica.block_size(),
-                    generation: replica.generation(),
+                    generation: session.generation(),
                     message: String::new(),
                 };
                 stream
                     .write_all(&w.encode())
                     .await
                     .map_err(|e| format!("writing welcome: {e}"))?;
-                Ok((replica, stop))
+                Ok((replica, stop, Arc::new(session)))
             }
             Err((status, msg)) => {
                 tracing::warn!("refused data connection: {msg}");
@@ -256,14 +259,16 @@ impl ReplicaServer {
     }
 
     async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {
-        let (replica, mut stop) =
+        let (replica, mut stop, session) =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
                 .await
                 .map_err(|_| "handshake timed out".to_string())??;
         let (rd, wr) = stream.into_split();
         // Buffered: one recv usually brings many requests (header and payload together).
         let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
-        let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+        // Room for a reply of every request the budget lets in, so an I/O thread's
+        // `blocking_send` never waits on a slow peer (the I/O threads serve every replica).
+        let (tx, mut rx) = mpsc::channel::<Reply>(BUDGET_UNITS as usize);
         let writer = tokio::spawn(async move {
             let mut w = BufWriter::with_capacity(256 * 1024, wr);
             while let Some(r) = rx.recv().await {
@@ -302,10 +307,9 @@ impl ReplicaServer {
                 }
                 if h.op == Op::Read {
                     // Data in the page cache is copied right here, without a hop to an I/O thread.
-                    let mut buf = vec![0u8; h.length as usize];
-                    let done = match replica.read_cached(h.offset, &mut buf) {
-                        Ok(true) => Some(reply(h.id, Status::Ok, buf)),
-                        Ok(false) => None,
+                    let done = match crate::ops::read_cached(&replica, &session, h.offset, h.length) {
+                        Ok(Some(buf)) => Some(reply(h.id, Status::Ok, buf)),
+                        Ok(None) => None,
                         Err(e) => Some(reply(h.id, e.status(), e.full_message().into_bytes())),
                     };
                     if let Some(r) = done {
@@ -316,8 +320,9 @@ impl ReplicaServer {
                 }
                 let tx = tx.clone();
                 let replica = replica.clone();
+                let session = session.clone();
                 self.pool.submit(move || {
-                    let r = execute(&replica, &h, payload);
+                    let r = execute(&replica, &session, &h, payload);
                     let _ = tx.blocking_send(r);
                     drop(permit);
                 });
@@ -331,8 +336,10 @@ impl ReplicaServer {
 }
 
 /// Run one request against the replica (on an I/O thread) and encode its reply.
-fn execute(replica: &Replica, h: &RequestHeader, payload: Vec<u8>) -> Reply {
-    match crate::ops::execute(replica, h.op, h.flags, h.offset, h.length, &payload) {
+fn execute(replica: &Replica, session: &Session, h: &RequestHeader, payload: Vec<u8>) -> Reply {
+    match crate::ops::execute(
+        replica, session, h.op, h.flags, h.offset, h.length, &payload,
+    ) {
         Ok(payload) => reply(h.id, Status::Ok, payload),
         Err(e) => reply(h.id, e.status(), e.full_message().into_bytes()),
     }

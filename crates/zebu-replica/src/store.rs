@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
 
 use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
 
@@ -364,6 +364,34 @@ pub struct Replica {
     stripes: Box<[Mutex<()>]>,
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
+    sync_lock: Mutex<()>,
+    /// Held shared by every operation of a [`Session`], exclusively while a session raises the
+    /// generation: an operation checks its session and completes entirely before or after a
+    /// take-over.
+    fence: RwLock<()>,
+}
+
+/// One engine's use of a replica (a data connection, or an in-process handle). It remembers the
+/// generation the engine last saw or set; once another engine raises the replica's generation,
+/// every further operation of this session is refused with [`ReplicaError::Stale`]. This fences
+/// off an old engine (a detached one, or one cut off from the manager) for good.
+#[derive(Debug)]
+pub struct Session {
+    generation: AtomicU64,
+}
+
+impl Session {
+    /// A session that starts at the replica's current generation.
+    pub fn new(replica: &Replica) -> Session {
+        Session {
+            generation: AtomicU64::new(replica.generation()),
+        }
+    }
+
+    /// The generation this session last saw or set.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
 }
 
 /// Facts about a replica, for INFO and status reports.
@@ -464,6 +492,8 @@ impl Replica {
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
+            sync_lock: Mutex::new(()),
+            fence: RwLock::new(()),
         }
     }
 
@@ -825,11 +855,55 @@ impl Replica {
 
     /// Make every completed write durable.
     pub fn flush(&self) -> Result<(), ReplicaError> {
+        // One sync at a time: the kernel reports a writeback error to one fsync caller only, so
+        // a concurrent caller could otherwise see success for lost data. Checking for poison
+        // after taking the lock makes every flush after a failed one fail too.
+        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.check_usable()?;
         if let Err(e) = self.head().sync() {
             self.poison(&e);
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// Run `op` for `session`, unless another session has raised the generation past it.
+    pub fn fenced<T>(
+        &self,
+        session: &Session,
+        op: impl FnOnce() -> Result<T, ReplicaError>,
+    ) -> Result<T, ReplicaError> {
+        let _shared = self.fence.read().unwrap_or_else(|p| p.into_inner());
+        self.check_session(session)?;
+        op()
+    }
+
+    fn check_session(&self, session: &Session) -> Result<(), ReplicaError> {
+        let (mine, current) = (
+            session.generation.load(Ordering::Acquire),
+            self.generation(),
+        );
+        if current > mine {
+            return Err(ReplicaError::Stale {
+                replica: self.name.clone(),
+                session: mine,
+                generation: current,
+            });
+        }
+        Ok(())
+    }
+
+    /// Raise the generation on behalf of `session` (refused if that session is already stale),
+    /// and move the session along with it.
+    pub fn set_generation_for(
+        &self,
+        session: &Session,
+        generation: u64,
+    ) -> Result<(), ReplicaError> {
+        let _exclusive = self.fence.write().unwrap_or_else(|p| p.into_inner());
+        self.check_session(session)?;
+        self.set_generation(generation)?;
+        session.generation.store(generation, Ordering::Release);
         Ok(())
     }
 
