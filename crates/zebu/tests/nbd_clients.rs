@@ -116,3 +116,48 @@ fn qemu_and_libnbd_clients_read_back_what_they_wrote() {
     ));
     assert_eq!(o.trim(), "ok");
 }
+
+#[test]
+fn detach_cuts_off_clients_that_are_still_connected() {
+    require("nbdsh");
+    require("qemu-io");
+    let c = Cluster::separate(17, 2);
+    let uri = c.create_attached("cut", "16MiB", 2, "node-1");
+    // One client stays connected across the detach; its later writes must not land.
+    let script = format!(
+        r#"
+import subprocess, os
+h.pwrite(b'a' * 4096, 0)
+h.flush()
+subprocess.run(['{zebu}', 'volume', 'detach', 'cut'], check=True, capture_output=True)
+try:
+    h.pwrite(b'b' * 4096, 0)
+    h.flush()
+    print('still-writable')
+except nbd.Error as e:
+    print('cut-off')
+"#,
+        zebu = ZEBU
+    );
+    let o = run(std::process::Command::new("nbdsh")
+        .args(["-u", &uri, "-c", &script])
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .env("ZEBU_API", &c.api)
+        .env("ZEBU_TOKEN", &c.token));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("cut-off"),
+        "a detached volume still took writes: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(c.volume("cut")["state"], "detached");
+    // Attach again: the data is the last acknowledged write, not the refused one.
+    let uri = c
+        .cli_ok(&["volume", "attach", "cut", "--node", "node-2"])
+        .trim()
+        .to_owned();
+    qemu_io(&uri, &["read -P 0x61 0 4096".into()]);
+}
