@@ -200,6 +200,90 @@ fn bad_requests_are_refused_and_change_nothing() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert_eq!(c.volume("keep")["state"], "attached");
+
+    // An unknown option gets NBD_REP_ERR_UNSUP; an unknown command gets EINVAL; the
+    // connection goes on working after both.
+    let mut s = TcpStream::connect(&nbd).unwrap();
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    let option = |s: &mut TcpStream, opt: u32, data: &[u8]| {
+        let mut m = b"IHAVEOPT".to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).unwrap();
+    };
+    let reply = |s: &mut TcpStream| -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut d = vec![0u8; len];
+        s.read_exact(&mut d).unwrap();
+        (kind, d)
+    };
+    option(&mut s, 99, b"junk");
+    let (kind, _) = reply(&mut s);
+    assert_eq!(
+        kind,
+        (1 << 31) + 1,
+        "unknown option must get NBD_REP_ERR_UNSUP"
+    );
+    // GO for an unknown export: NBD_REP_ERR_UNKNOWN, and the negotiation goes on.
+    let go = |name: &str| {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    };
+    option(&mut s, 7, &go("nope"));
+    let (kind, msg) = reply(&mut s);
+    assert_eq!(
+        kind,
+        (1 << 31) + 6,
+        "unknown export must get NBD_REP_ERR_UNKNOWN"
+    );
+    assert!(String::from_utf8_lossy(&msg).contains("nope"));
+    option(&mut s, 7, &go("keep"));
+    loop {
+        let (kind, _) = reply(&mut s);
+        if kind == 1 {
+            break; // ACK: transmission starts
+        }
+        assert_eq!(kind, 3, "GO answers with INFO replies, then ACK");
+    }
+    let request = |s: &mut TcpStream, kind: u16, handle: u64, offset: u64, len: u32| {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        s.write_all(&r).unwrap();
+    };
+    let simple = |s: &mut TcpStream| -> (u32, u64) {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).unwrap();
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
+    };
+    request(&mut s, 99, 7, 0, 0);
+    assert_eq!(simple(&mut s), (22, 7), "unknown command must get EINVAL");
+    request(&mut s, 0, 8, 16 << 20, 4096); // read past the end
+    assert_eq!(
+        simple(&mut s),
+        (22, 8),
+        "a read past the end must get EINVAL"
+    );
+    request(&mut s, 3, 9, 0, 0); // flush still works
+    assert_eq!(simple(&mut s), (0, 9));
+    request(&mut s, 2, 10, 0, 0); // DISC
+    let mut tail = Vec::new();
+    let _ = s.read_to_end(&mut tail);
+    assert!(tail.is_empty(), "nothing may follow DISC");
     let uri = c.volume("keep")["nbd_uri"].as_str().unwrap().to_owned();
     qemu_io(
         &uri,
