@@ -412,7 +412,7 @@ impl Engine {
                 match r {
                     Ok(_) => {}
                     Err(e) if is_stale(&e) => {
-                        self.close(format!("fenced off: {e}"));
+                        self.fenced(&e);
                         return;
                     }
                     Err(e) => {
@@ -483,14 +483,7 @@ impl Engine {
         for (m, r) in set.iter().zip(results) {
             match r {
                 Ok(_) => {}
-                Err(e) if is_stale(&e) => {
-                    let reason = format!("fenced off: {e}");
-                    self.close(reason.clone());
-                    return Err(EngineError::Closed {
-                        volume: self.volume.clone(),
-                        reason,
-                    });
-                }
+                Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
                 Err(e) if e.is_invalid_request() => invalid = Some(e),
                 Err(e) => failed.push((m.clone(), e.to_string())),
             }
@@ -518,6 +511,16 @@ impl Engine {
     async fn settled(&self) {
         if self.retiring.load(Ordering::SeqCst) > 0 {
             drop(self.membership.lock().await);
+        }
+    }
+
+    /// A replica answered `Stale`: a newer engine owns the volume. Stop serving it.
+    fn fenced(&self, e: &ClientError) -> EngineError {
+        let reason = format!("fenced off: {e}");
+        self.close(reason.clone());
+        EngineError::Closed {
+            volume: self.volume.clone(),
+            reason,
         }
     }
 
@@ -681,14 +684,7 @@ impl Engine {
                 .await
             {
                 Ok(b) => return Ok(b),
-                Err(e) if is_stale(&e) => {
-                    let reason = format!("fenced off: {e}");
-                    self.close(reason.clone());
-                    return Err(EngineError::Closed {
-                        volume: self.volume.clone(),
-                        reason,
-                    });
-                }
+                Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
                 Err(e) if e.is_invalid_request() => {
                     return Err(EngineError::Invalid {
                         volume: self.volume.clone(),
