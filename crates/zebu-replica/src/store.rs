@@ -267,11 +267,14 @@ impl Layer {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        self.data
-            .sync_data()
-            .map_err(|e| ReplicaError::io("fdatasync", &self.data_path, 0, e))?;
-        self.index
-            .sync_data()
+        // Both files at once: the filesystem can commit them in one journal transaction.
+        let (data, index) = std::thread::scope(|s| {
+            let index = s.spawn(|| self.index.sync_data());
+            (self.data.sync_data(), index.join())
+        });
+        data.map_err(|e| ReplicaError::io("fdatasync", &self.data_path, 0, e))?;
+        index
+            .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked")))
             .map_err(|e| ReplicaError::io("fdatasync", &self.index_path, 0, e))
     }
 
