@@ -9,9 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use zebu_proto::data::Op;
-use zebu_replica::{IoPool, Replica, Session};
+use zebu_replica::{IoPool, Replica, ReplicaError, Session};
 
-use crate::client::{ClientError, ReplicaClient};
+use crate::client::{Call, ClientError, ReplicaClient};
 
 /// A replica in the engine's own process and the I/O threads to use for it.
 #[derive(Clone)]
@@ -49,56 +49,35 @@ impl LocalReplica {
 }
 
 impl OpenLocal {
-    async fn call(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        length: u32,
-        payload: Option<Bytes>,
-        timeout: Duration,
-    ) -> Result<Bytes, ClientError> {
-        let name = || self.local.replica.name().to_owned();
-        if op == Op::Read {
+    async fn call(&self, call: Call, timeout: Duration) -> Result<Bytes, ClientError> {
+        let replica = &self.local.replica;
+        let failed = |e: ReplicaError| call.failed(replica.name(), e.status(), e.full_message());
+        if call.op == Op::Read {
             // Data in the page cache is copied right here, without a hop to an I/O thread.
-            match zebu_replica::ops::read_cached(&self.local.replica, &self.session, offset, length)
-            {
+            match zebu_replica::ops::read_cached(replica, &self.session, call.offset, call.length) {
                 Ok(Some(buf)) => return Ok(Bytes::from(buf)),
                 Ok(None) => {}
-                Err(e) => {
-                    return Err(ClientError::Failed {
-                        replica: name(),
-                        op,
-                        status: e.status(),
-                        message: e.full_message(),
-                    })
-                }
+                Err(e) => return Err(failed(e)),
             }
         }
         let (tx, rx) = oneshot::channel();
-        let replica = self.local.replica.clone();
-        let session = self.session.clone();
+        let (r, session, c) = (replica.clone(), self.session.clone(), call.clone());
         self.local.pool.submit(move || {
-            let p = payload.as_deref().unwrap_or(&[]);
+            let p = c.payload.as_deref().unwrap_or(&[]);
             let _ = tx.send(zebu_replica::ops::execute(
-                &replica, &session, op, flags, offset, length, p,
+                &r, &session, c.op, c.flags, c.offset, c.length, p,
             ));
         });
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(v))) => Ok(Bytes::from(v)),
-            Ok(Ok(Err(e))) => Err(ClientError::Failed {
-                replica: name(),
-                op,
-                status: e.status(),
-                message: e.full_message(),
-            }),
+            Ok(Ok(Err(e))) => Err(failed(e)),
             Ok(Err(_)) => Err(ClientError::Disconnected {
-                replica: name(),
+                replica: replica.name().to_owned(),
                 reason: "the I/O thread went away".into(),
             }),
             Err(_) => Err(ClientError::Timeout {
-                replica: name(),
-                op,
+                replica: replica.name().to_owned(),
+                op: call.op,
                 timeout_ms: timeout.as_millis() as u64,
             }),
         }
@@ -138,18 +117,10 @@ impl Backend {
         }
     }
 
-    pub async fn call(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        length: u32,
-        payload: Option<Bytes>,
-        timeout: Duration,
-    ) -> Result<Bytes, ClientError> {
+    pub async fn call(&self, call: Call, timeout: Duration) -> Result<Bytes, ClientError> {
         match self {
-            Backend::Remote(c) => c.call(op, flags, offset, length, payload, timeout).await,
-            Backend::Local(l) => l.call(op, flags, offset, length, payload, timeout).await,
+            Backend::Remote(c) => c.call(call, timeout).await,
+            Backend::Local(l) => l.call(call, timeout).await,
         }
     }
 }

@@ -66,7 +66,45 @@ impl ClientError {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, ClientError>>>>>;
+/// One request of the data protocol, as the engine issues it to any replica backend.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub op: Op,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// Byte offset in the volume (for SET_GENERATION: the new generation).
+    pub offset: u64,
+    /// Bytes of the range (a WRITE's payload length).
+    pub length: u32,
+    /// A WRITE's data.
+    pub payload: Option<Bytes>,
+}
+
+impl Call {
+    /// A request without flags or payload.
+    pub fn new(op: Op, offset: u64, length: u32) -> Call {
+        Call {
+            op,
+            flags: 0,
+            offset,
+            length,
+            payload: None,
+        }
+    }
+
+    /// The error a replica's failure status turns into, for this call.
+    pub fn failed(&self, replica: &str, status: Status, message: String) -> ClientError {
+        ClientError::Failed {
+            replica: replica.to_owned(),
+            op: self.op,
+            status,
+            message,
+        }
+    }
+}
+
+/// How a request in flight ends, as the reader task reports it.
+type Outcome = Result<Bytes, (Status, String)>;
 
 struct Frame {
     header: [u8; data::REQUEST_HEADER_BYTES],
@@ -76,15 +114,60 @@ struct Frame {
 /// Frames queued for the writer, at most (bounds memory when a replica is slow).
 const SEND_QUEUE: usize = 512;
 
-pub struct ReplicaClient {
+/// What the caller side and the two connection tasks share.
+struct Conn {
     replica: String,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    closed: AtomicBool,
+    close_reason: Mutex<String>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn disconnected(&self) -> ClientError {
+        ClientError::Disconnected {
+            replica: self.replica.clone(),
+            reason: self
+                .close_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    fn take(&self, id: u64) -> Option<oneshot::Sender<Outcome>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+    }
+
+    /// The connection is gone: remember why, and fail every request in flight (dropping their
+    /// senders makes each waiter report `disconnected`).
+    fn fail_all(&self, reason: String) {
+        {
+            let mut r = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
+            if r.is_empty() {
+                *r = reason;
+            }
+        }
+        self.closed.store(true, Ordering::Release);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+pub struct ReplicaClient {
     address: String,
     welcome: Welcome,
     tx: mpsc::Sender<Frame>,
-    pending: Pending,
+    conn: Arc<Conn>,
     next_id: AtomicU64,
-    closed: Arc<AtomicBool>,
-    close_reason: Arc<Mutex<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -93,33 +176,6 @@ impl Drop for ReplicaClient {
         for t in &self.tasks {
             t.abort();
         }
-    }
-}
-
-fn fail_all(
-    pending: &Pending,
-    closed: &AtomicBool,
-    reason_slot: &Mutex<String>,
-    replica: &str,
-    reason: String,
-) {
-    {
-        let mut r = reason_slot.lock().unwrap_or_else(|p| p.into_inner());
-        if r.is_empty() {
-            *r = reason.clone();
-        }
-    }
-    closed.store(true, Ordering::Release);
-    let drained: Vec<_> = pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
-    for (_, tx) in drained {
-        let _ = tx.send(Err(ClientError::Disconnected {
-            replica: replica.to_owned(),
-            reason: reason.clone(),
-        }));
     }
 }
 
@@ -186,17 +242,14 @@ impl ReplicaClient {
         // Buffered: one recv usually brings many replies (header and payload together).
         let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
         let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE);
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        let closed = Arc::new(AtomicBool::new(false));
-        let close_reason = Arc::new(Mutex::new(String::new()));
-
+        let conn = Arc::new(Conn {
+            replica: replica.to_owned(),
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            close_reason: Mutex::new(String::new()),
+        });
         let writer = {
-            let (pending, closed, reason, name) = (
-                pending.clone(),
-                closed.clone(),
-                close_reason.clone(),
-                replica.to_owned(),
-            );
+            let conn = conn.clone();
             tokio::spawn(async move {
                 let mut w = BufWriter::with_capacity(256 * 1024, wr);
                 let res: std::io::Result<()> = async {
@@ -214,20 +267,14 @@ impl ReplicaClient {
                     w.shutdown().await
                 }
                 .await;
-                let why = match res {
+                conn.fail_all(match res {
                     Ok(()) => "closed by the engine".to_string(),
                     Err(e) => format!("send failed: {e}"),
-                };
-                fail_all(&pending, &closed, &reason, &name, why);
+                });
             })
         };
         let reader = {
-            let (pending, closed, reason, name) = (
-                pending.clone(),
-                closed.clone(),
-                close_reason.clone(),
-                replica.to_owned(),
-            );
+            let conn = conn.clone();
             tokio::spawn(async move {
                 let why: String = async {
                     loop {
@@ -246,41 +293,27 @@ impl ReplicaClient {
                         if !payload.is_empty() && crc32c::crc32c(&payload) != h.payload_crc {
                             return "reply payload failed its checksum in transit".to_string();
                         }
-                        let waiter = pending
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&h.id);
-                        let Some(waiter) = waiter else {
-                            continue; // The request timed out and was abandoned.
-                        };
-                        let status = Status::from_u32(h.status);
-                        let result = if status == Status::Ok {
-                            Ok(Bytes::from(payload))
-                        } else {
-                            Err((status, String::from_utf8_lossy(&payload).into_owned()))
-                        };
-                        let _ =
-                            waiter.send(result.map_err(|(status, message)| ClientError::Failed {
-                                replica: name.clone(),
-                                op: Op::Ping, // replaced by the caller, which knows the op
-                                status,
-                                message,
-                            }));
+                        // No waiter: the request timed out and was abandoned.
+                        if let Some(waiter) = conn.take(h.id) {
+                            let status = Status::from_u32(h.status);
+                            let _ = waiter.send(if status == Status::Ok {
+                                Ok(Bytes::from(payload))
+                            } else {
+                                Err((status, String::from_utf8_lossy(&payload).into_owned()))
+                            });
+                        }
                     }
                 }
                 .await;
-                fail_all(&pending, &closed, &reason, &name, why);
+                conn.fail_all(why);
             })
         };
         ReplicaClient {
-            replica: replica.to_owned(),
             address: address.to_owned(),
             welcome,
             tx,
-            pending,
+            conn,
             next_id: AtomicU64::new(1),
-            closed,
-            close_reason,
             tasks: vec![writer, reader],
         }
     }
@@ -289,94 +322,64 @@ impl ReplicaClient {
         &self.welcome
     }
     pub fn replica(&self) -> &str {
-        &self.replica
+        &self.conn.replica
     }
     pub fn address(&self) -> &str {
         &self.address
     }
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    fn disconnected(&self) -> ClientError {
-        ClientError::Disconnected {
-            replica: self.replica.clone(),
-            reason: self
-                .close_reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        }
+        self.conn.is_closed()
     }
 
     /// Send one request and wait for its reply payload.
-    pub async fn call(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        length: u32,
-        payload: Option<Bytes>,
-        timeout: Duration,
-    ) -> Result<Bytes, ClientError> {
-        if self.is_closed() {
-            return Err(self.disconnected());
+    pub async fn call(&self, call: Call, timeout: Duration) -> Result<Bytes, ClientError> {
+        let conn = &self.conn;
+        if conn.is_closed() {
+            return Err(conn.disconnected());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let payload_crc = payload.as_ref().map(|p| crc32c::crc32c(p)).unwrap_or(0);
         let header = RequestHeader {
-            op,
-            flags,
+            op: call.op,
+            flags: call.flags,
             id,
-            offset,
-            length,
-            payload_crc,
+            offset: call.offset,
+            length: call.length,
+            payload_crc: call
+                .payload
+                .as_ref()
+                .map(|p| crc32c::crc32c(p))
+                .unwrap_or(0),
         }
         .encode();
         let (otx, orx) = oneshot::channel();
-        self.pending
+        conn.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, otx);
-        // Checked again under the map: a connection that died between the two checks has
+        // Checked again after registering: a connection that died between the two checks has
         // already drained the map, and this request would wait forever.
-        if self.is_closed() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            return Err(self.disconnected());
+        if conn.is_closed() {
+            conn.take(id);
+            return Err(conn.disconnected());
         }
+        let payload = call.payload.clone();
         let result = tokio::time::timeout(timeout, async {
             self.tx
                 .send(Frame { header, payload })
                 .await
-                .map_err(|_| self.disconnected())?;
-            orx.await.map_err(|_| self.disconnected())?
+                .map_err(|_| conn.disconnected())?;
+            orx.await.map_err(|_| conn.disconnected())
         })
         .await;
         match result {
-            Ok(Ok(b)) => Ok(b),
-            Ok(Err(ClientError::Failed {
-                replica,
-                status,
-                message,
-                ..
-            })) => Err(ClientError::Failed {
-                replica,
-                op,
-                status,
-                message,
-            }),
+            Ok(Ok(Ok(b))) => Ok(b),
+            Ok(Ok(Err((status, message)))) => Err(call.failed(&conn.replica, status, message)),
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                conn.take(id);
                 Err(ClientError::Timeout {
-                    replica: self.replica.clone(),
-                    op,
+                    replica: conn.replica.clone(),
+                    op: call.op,
                     timeout_ms: timeout.as_millis() as u64,
                 })
             }

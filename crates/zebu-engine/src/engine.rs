@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use zebu_proto::data::{self, MapExtent, Op, Status, FLAG_FUA};
 
 use crate::backend::{Backend, LocalReplica};
-use crate::client::{ClientError, ReplicaClient};
+use crate::client::{Call, ClientError, ReplicaClient};
 use crate::range_lock::RangeLock;
 
 /// Replica modes, as Longhorn names them.
@@ -404,7 +404,7 @@ impl Engine {
             let t = flush_timeout(self.io_timeout);
             let results = join_all(
                 set.iter()
-                    .map(|m| m.client().call(Op::SetGeneration, 0, next, 0, None, t)),
+                    .map(|m| m.client().call(Call::new(Op::SetGeneration, next, 0), t)),
             )
             .await;
             let mut failed = false;
@@ -460,24 +460,12 @@ impl Engine {
     }
 
     /// Send one mutating request to every in-sync member and settle failures.
-    async fn replicate(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        length: u32,
-        payload: Option<Bytes>,
-        timeout: Duration,
-    ) -> Result<(), EngineError> {
+    async fn replicate(&self, call: Call, timeout: Duration) -> Result<(), EngineError> {
         let set = self.in_sync();
         if set.is_empty() {
             return Err(self.no_replicas());
         }
-        let results = join_all(set.iter().map(|m| {
-            m.client()
-                .call(op, flags, offset, length, payload.clone(), timeout)
-        }))
-        .await;
+        let results = join_all(set.iter().map(|m| m.client().call(call.clone(), timeout))).await;
         let mut failed = Vec::new();
         let mut invalid = None;
         for (m, r) in set.iter().zip(results) {
@@ -570,8 +558,7 @@ impl Engine {
             return Ok(());
         }
         self.close(reason.to_owned());
-        self.replicate(Op::Flush, 0, 0, 0, None, flush_timeout(self.io_timeout))
-            .await
+        self.flush_entered().await
     }
 
     fn block_range(&self, offset: u64, length: u64) -> (u64, u64) {
@@ -605,8 +592,14 @@ impl Engine {
             (0, self.io_timeout)
         };
         let len = data.len() as u32;
-        self.replicate(Op::Write, flags, offset, len, Some(data), t)
-            .await
+        let call = Call {
+            op: Op::Write,
+            flags,
+            offset,
+            length: len,
+            payload: Some(data),
+        };
+        self.replicate(call, t).await
     }
 
     /// TRIM and WRITE_ZEROES: the range reads back as zeroes afterwards.
@@ -635,7 +628,14 @@ impl Engine {
         let end = offset + length;
         while at < end {
             let n = (end - at).min(1 << 30) as u32;
-            self.replicate(op, flags, at, n, None, t).await?;
+            let call = Call {
+                op,
+                flags,
+                offset: at,
+                length: n,
+                payload: None,
+            };
+            self.replicate(call, t).await?;
             at += n as u64;
         }
         Ok(())
@@ -648,7 +648,7 @@ impl Engine {
     }
 
     async fn flush_entered(&self) -> Result<(), EngineError> {
-        self.replicate(Op::Flush, 0, 0, 0, None, flush_timeout(self.io_timeout))
+        self.replicate(Call::new(Op::Flush, 0, 0), flush_timeout(self.io_timeout))
             .await
     }
 
@@ -680,7 +680,7 @@ impl Engine {
             }
             match m
                 .client()
-                .call(op, 0, offset, length, None, self.io_timeout)
+                .call(Call::new(op, offset, length), self.io_timeout)
                 .await
             {
                 Ok(b) => return Ok(b),
