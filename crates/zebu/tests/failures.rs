@@ -27,6 +27,8 @@ fn killing_replica_agents_degrades_without_errors_and_loses_nothing() {
     // A verifying write workload, throttled so it is still running when the agent dies.
     let fio_log = c.dir.path().join("fio.out");
     let fio = Command::new("fio")
+        // fio leaves its verify state file in its working directory.
+        .current_dir(c.dir.path())
         .args([
             "--name=w",
             "--ioengine=nbd",
