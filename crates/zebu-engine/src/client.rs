@@ -1,7 +1,8 @@
 //! Data-protocol client: one TCP connection from an engine to one replica, pipelined.
 //!
-//! Callers get a future per request; a writer task sends frames in submission order (batching
-//! them into few syscalls) and a reader task matches replies to requests by id. When the
+//! Callers get a future per request; each request writes its own frame (see [`crate::sender`]:
+//! straight from the caller's task when the socket is idle, queued in order otherwise) and a
+//! reader task matches replies to requests by id. When the
 //! connection breaks, every request in flight fails at once with `Disconnected`, and so does
 //! every later one: a client is never reconnected (a replica that went away must be rebuilt).
 
@@ -10,14 +11,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::sender::Sender;
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use zebu_proto::data::{
-    self, Hello, Op, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, PROTOCOL_VERSION,
+    Hello, Op, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, PROTOCOL_VERSION,
     REPLY_HEADER_BYTES, WELCOME_FIXED_BYTES,
 };
 
@@ -106,14 +109,6 @@ impl Call {
 /// How a request in flight ends, as the reader task reports it.
 type Outcome = Result<Bytes, (Status, String)>;
 
-struct Frame {
-    header: [u8; data::REQUEST_HEADER_BYTES],
-    payload: Option<Bytes>,
-}
-
-/// Frames queued for the writer, at most (bounds memory when a replica is slow).
-const SEND_QUEUE: usize = 512;
-
 /// What the caller side and the two connection tasks share.
 struct Conn {
     replica: String,
@@ -165,17 +160,15 @@ impl Conn {
 pub struct ReplicaClient {
     address: String,
     welcome: Welcome,
-    tx: mpsc::Sender<Frame>,
+    sender: Sender<OwnedWriteHalf>,
     conn: Arc<Conn>,
     next_id: AtomicU64,
-    tasks: Vec<JoinHandle<()>>,
+    reader: JoinHandle<()>,
 }
 
 impl Drop for ReplicaClient {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.reader.abort();
     }
 }
 
@@ -241,38 +234,12 @@ impl ReplicaClient {
         let (rd, wr) = stream.into_split();
         // Buffered: one recv usually brings many replies (header and payload together).
         let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
-        let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE);
         let conn = Arc::new(Conn {
             replica: replica.to_owned(),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(String::new()),
         });
-        let writer = {
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let mut w = BufWriter::with_capacity(256 * 1024, wr);
-                let res: std::io::Result<()> = async {
-                    while let Some(f) = rx.recv().await {
-                        let mut next = Some(f);
-                        while let Some(f) = next {
-                            w.write_all(&f.header).await?;
-                            if let Some(p) = &f.payload {
-                                w.write_all(p).await?;
-                            }
-                            next = rx.try_recv().ok();
-                        }
-                        w.flush().await?;
-                    }
-                    w.shutdown().await
-                }
-                .await;
-                conn.fail_all(match res {
-                    Ok(()) => "closed by the engine".to_string(),
-                    Err(e) => format!("send failed: {e}"),
-                });
-            })
-        };
         let reader = {
             let conn = conn.clone();
             tokio::spawn(async move {
@@ -311,10 +278,10 @@ impl ReplicaClient {
         ReplicaClient {
             address: address.to_owned(),
             welcome,
-            tx,
+            sender: Sender::new(wr),
             conn,
             next_id: AtomicU64::new(1),
-            tasks: vec![writer, reader],
+            reader,
         }
     }
 
@@ -362,12 +329,12 @@ impl ReplicaClient {
             conn.take(id);
             return Err(conn.disconnected());
         }
-        let payload = call.payload.clone();
+        let payload = call.payload.as_deref().unwrap_or(&[]);
+        if let Err(why) = self.sender.send(&[&header, payload]) {
+            conn.fail_all(why);
+            return Err(conn.disconnected());
+        }
         let result = tokio::time::timeout(timeout, async {
-            self.tx
-                .send(Frame { header, payload })
-                .await
-                .map_err(|_| conn.disconnected())?;
             orx.await.map_err(|_| conn.disconnected())
         })
         .await;

@@ -7,6 +7,7 @@ pub mod client;
 pub mod engine;
 pub mod nbd;
 pub mod range_lock;
+pub mod sender;
 
 pub use backend::LocalReplica;
 pub use engine::{Engine, EngineConfig, EngineError, MemberStatus, Mode, ReplicaTarget};

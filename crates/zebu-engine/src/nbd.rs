@@ -13,16 +13,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
 use zebu_proto::nbd::*;
 
 use crate::engine::{Engine, EngineError};
+use crate::sender::{Sender, TrySend};
 
-/// Replies queued for the writer of one connection, at most.
-const MAX_IN_FLIGHT: usize = 128;
 /// Memory one connection may hold in request and reply buffers, in 64 KiB units (64 MiB).
 /// Every request costs at least one unit, which also bounds the requests in flight.
 const BUDGET_UNITS: u32 = 1024;
@@ -32,6 +31,8 @@ pub const MAX_IO_BYTES: u32 = 32 << 20;
 /// Largest range one BLOCK_STATUS reply describes.
 const MAX_STATUS_BYTES: u64 = 1 << 30;
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a closing connection waits for its requests in flight to be answered.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The exports of one node: volume name → engine.
 #[derive(Default)]
@@ -131,7 +132,7 @@ impl NbdServer {
     async fn connection<R, W>(self: Arc<Self>, mut rd: R, mut wr: W) -> Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        W: AsyncWrite + TrySend + Unpin,
     {
         let neg = tokio::time::timeout(NEGOTIATION_TIMEOUT, self.negotiate(&mut rd, &mut wr))
             .await
@@ -410,23 +411,10 @@ struct Out {
 async fn transmission<R, W>(neg: Negotiated, mut rd: R, wr: W) -> Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: TrySend,
 {
-    let (tx, mut rx) = mpsc::channel::<Out>(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(256 * 1024, wr);
-        while let Some(o) = rx.recv().await {
-            let mut next = Some(o);
-            while let Some(o) = next {
-                for p in &o.parts {
-                    w.write_all(p).await?;
-                }
-                next = rx.try_recv().ok();
-            }
-            w.flush().await?;
-        }
-        w.shutdown().await
-    });
+    // Replies are written by the request tasks themselves (see `crate::sender`).
+    let sender = Arc::new(Sender::new(wr));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let neg = Arc::new(neg);
     let result: Result<()> = async {
@@ -470,22 +458,27 @@ where
                 payload = Bytes::from(buf);
             }
             if req.kind == CMD_DISC {
-                // Let requests in flight finish, then close.
-                drop(permit);
-                let _all = budget.acquire_many(BUDGET_UNITS).await;
+                // Requests in flight finish and are answered below, then the connection closes.
                 return Ok(());
             }
-            let (neg, tx) = (neg.clone(), tx.clone());
+            let (neg, sender) = (neg.clone(), sender.clone());
             tokio::spawn(async move {
                 let out = handle(&neg, req, payload).await;
-                let _ = tx.send(out).await;
+                let parts: Vec<&[u8]> = out.parts.iter().map(|p| &p[..]).collect();
+                // A failed send means the connection is broken; the reader sees that too.
+                let _ = sender.send(&parts);
                 drop(permit);
             });
         }
     }
     .await;
-    drop(tx);
-    let _ = writer.await;
+    // Every request in flight answers before the connection closes (unless the client has
+    // stopped reading its replies for a long time).
+    let _ = tokio::time::timeout(CLOSE_PATIENCE, async {
+        let _all = budget.acquire_many(BUDGET_UNITS).await;
+        sender.drain().await;
+    })
+    .await;
     result
 }
 

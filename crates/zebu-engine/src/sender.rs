@@ -1,0 +1,299 @@
+//! Sending frames on a socket shared by many request tasks, without a hop through a writer task.
+//!
+//! A request that finds the socket idle writes its frame right away, from its own task, with one
+//! vectored `send` (header and payload together, no copy). Only when the socket is full, or
+//! another frame is already waiting, is the frame copied into a queue that a flusher task drains
+//! in order (batching many frames into few syscalls under load). At queue depth 1 this saves a
+//! task wake-up per frame, which on a small VM is a large part of a request's latency.
+//!
+//! The queue needs no bound of its own: every frame in it belongs to a request in flight, and
+//! those are bounded by the callers (NBD connection budgets).
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// The write side of a socket that can be written without `&mut` (tokio's owned halves).
+pub trait TrySend: Send + Sync + 'static {
+    fn try_send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl TrySend for tokio::net::tcp::OwnedWriteHalf {
+    fn try_send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.try_write_vectored(bufs)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::OwnedWriteHalf::writable(self)
+    }
+}
+
+impl TrySend for tokio::net::unix::OwnedWriteHalf {
+    fn try_send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.try_write_vectored(bufs)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::unix::OwnedWriteHalf::writable(self)
+    }
+}
+
+struct State {
+    /// Bytes waiting for the flusher, in order.
+    queued: Vec<u8>,
+    /// The flusher owns the socket: new frames must queue behind what it is sending.
+    busy: bool,
+    /// Why sending failed; every later send fails too.
+    failed: Option<String>,
+}
+
+struct Shared<S> {
+    socket: S,
+    state: Mutex<State>,
+    wake: Notify,
+    /// Signalled whenever the flusher has emptied the queue (or given up).
+    drained: Notify,
+}
+
+/// A socket's sending side; see the module docs. Dropping it stops the flusher (frames still
+/// queued are abandoned: their requests fail with the connection).
+pub struct Sender<S: TrySend> {
+    shared: Arc<Shared<S>>,
+    flusher: JoinHandle<()>,
+}
+
+impl<S: TrySend> Drop for Sender<S> {
+    fn drop(&mut self) {
+        self.flusher.abort();
+    }
+}
+
+impl<S: TrySend> Sender<S> {
+    /// Must be called within a tokio runtime (it spawns the flusher).
+    pub fn new(socket: S) -> Sender<S> {
+        let shared = Arc::new(Shared {
+            socket,
+            state: Mutex::new(State {
+                queued: Vec::new(),
+                busy: false,
+                failed: None,
+            }),
+            wake: Notify::new(),
+            drained: Notify::new(),
+        });
+        let flusher = tokio::spawn(flush_loop(shared.clone()));
+        Sender { shared, flusher }
+    }
+
+    /// Send one frame made of `parts`, in order after every frame sent before. Returns once the
+    /// frame is written or queued; an error means the connection is broken.
+    pub fn send(&self, parts: &[&[u8]]) -> Result<(), String> {
+        let sh = &*self.shared;
+        let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &st.failed {
+            return Err(why.clone());
+        }
+        let mut done = 0usize;
+        if !st.busy {
+            let total: usize = parts.iter().map(|p| p.len()).sum();
+            while done < total {
+                let iov = slices_from(parts, done);
+                match sh.socket.try_send(&iov) {
+                    Ok(0) => {
+                        let why = "the peer closed the connection".to_string();
+                        st.failed = Some(why.clone());
+                        return Err(why);
+                    }
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let why = format!("send failed: {e}");
+                        st.failed = Some(why.clone());
+                        return Err(why);
+                    }
+                }
+            }
+            if done == total {
+                return Ok(());
+            }
+            st.busy = true;
+            sh.wake.notify_one();
+        }
+        append_from(&mut st.queued, parts, done);
+        Ok(())
+    }
+
+    /// Wait until every frame sent so far has been written to the socket (or sending failed).
+    pub async fn drain(&self) {
+        let sh = &*self.shared;
+        loop {
+            let drained = sh.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+                if !st.busy || st.failed.is_some() {
+                    return;
+                }
+            }
+            drained.await;
+        }
+    }
+
+    /// Why sending failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed
+            .clone()
+    }
+}
+
+/// `parts` without their first `skip` bytes, as I/O slices.
+fn slices_from<'a>(parts: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
+    let mut v = Vec::with_capacity(parts.len());
+    for p in parts {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        v.push(IoSlice::new(&p[skip..]));
+        skip = 0;
+    }
+    v
+}
+
+fn append_from(out: &mut Vec<u8>, parts: &[&[u8]], mut skip: usize) {
+    for p in parts {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        out.extend_from_slice(&p[skip..]);
+        skip = 0;
+    }
+}
+
+async fn flush_loop<S: TrySend>(sh: Arc<Shared<S>>) {
+    loop {
+        sh.wake.notified().await;
+        loop {
+            let buf = {
+                let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.queued.is_empty() {
+                    st.busy = false;
+                    sh.drained.notify_waiters();
+                    break;
+                }
+                std::mem::take(&mut st.queued)
+            };
+            if let Err(why) = write_all(&sh.socket, &buf).await {
+                let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.failed = Some(why);
+                st.queued = Vec::new();
+                sh.drained.notify_waiters();
+                return;
+            }
+        }
+    }
+}
+
+async fn write_all<S: TrySend>(socket: &S, buf: &[u8]) -> Result<(), String> {
+    let mut at = 0;
+    while at < buf.len() {
+        socket
+            .writable()
+            .await
+            .map_err(|e| format!("send failed: {e}"))?;
+        match socket.try_send(&[IoSlice::new(&buf[at..])]) {
+            Ok(0) => return Err("the peer closed the connection".into()),
+            Ok(n) => at += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(format!("send failed: {e}")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn slices_skip_whole_and_partial_parts() {
+        let parts: [&[u8]; 3] = [b"abc", b"", b"defg"];
+        let joined = |v: Vec<IoSlice<'_>>| v.iter().flat_map(|s| s.to_vec()).collect::<Vec<u8>>();
+        assert_eq!(joined(slices_from(&parts, 0)), b"abcdefg");
+        assert_eq!(joined(slices_from(&parts, 2)), b"cdefg");
+        assert_eq!(joined(slices_from(&parts, 3)), b"defg");
+        assert_eq!(joined(slices_from(&parts, 5)), b"fg");
+        let mut out = Vec::new();
+        append_from(&mut out, &parts, 4);
+        assert_eq!(out, b"efg");
+    }
+
+    /// Many frames from many tasks, far more than a socket buffer holds while the peer is not
+    /// reading: every frame arrives whole and each task's frames arrive in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_arrive_whole_and_in_order_under_backpressure() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let (_rd, wr) = client.into_split();
+        let sender = Arc::new(Sender::new(wr));
+        const TASKS: u8 = 8;
+        const FRAMES: u32 = 400;
+        const BODY: usize = 3000;
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let s = sender.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..FRAMES {
+                    let head = [t, (i >> 8) as u8, i as u8];
+                    let body = vec![t ^ (i as u8); BODY];
+                    s.send(&[&head, &body]).unwrap();
+                    if i % 50 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let drain = tokio::spawn({
+            let s = sender.clone();
+            async move { s.drain().await }
+        });
+        // The peer starts reading only now: most frames went through the queue.
+        let mut next = [0u32; TASKS as usize];
+        let mut frame = vec![0u8; 3 + BODY];
+        for _ in 0..(TASKS as u32 * FRAMES) {
+            server.read_exact(&mut frame).await.unwrap();
+            let (t, i) = (frame[0], (frame[1] as u32) << 8 | frame[2] as u32);
+            assert!(
+                t < TASKS,
+                "frame from an unknown task {t}: frames were torn"
+            );
+            assert_eq!(i, next[t as usize], "task {t}'s frames out of order");
+            assert!(
+                frame[3..].iter().all(|&b| b == t ^ (i as u8)),
+                "frame body torn"
+            );
+            next[t as usize] += 1;
+        }
+        drain.await.unwrap();
+        assert!(sender.failure().is_none());
+    }
+}
