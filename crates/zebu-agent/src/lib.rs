@@ -74,6 +74,39 @@ pub struct Agent {
     /// Replicas on disk that could not be opened or created, with why.
     replica_errors: Mutex<HashMap<String, (String, String)>>,
     secret: Mutex<Option<String>>,
+    /// Where NBD is also served over a unix socket (None if it could not be bound).
+    nbd_socket: Option<PathBuf>,
+}
+
+/// Bind the node's NBD unix socket. A socket file left by an earlier run is replaced; any other
+/// file in the way is an error (nothing is deleted that is not a socket).
+fn bind_unix(
+    path: &Path,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if path.as_os_str().len() >= 108 {
+        anyhow::bail!(
+            "the socket path {} is too long for a unix socket (use a shorter --data-dir)",
+            path.display()
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing the old socket {}", path.display()))?,
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; move it away to serve NBD on a unix socket",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restricting {} to its owner", path.display()))?;
+    l.set_nonblocking(true)?;
+    let _g = rt.enter();
+    Ok(tokio::net::UnixListener::from_std(l)?)
 }
 
 fn valid_object_name(name: &str) -> bool {
@@ -133,6 +166,18 @@ impl Agent {
         let nbd_listener = bind(cfg.nbd_port, "NBD")?;
         rt.spawn(server.clone().serve(data_listener));
         rt.spawn(nbd.clone().serve(nbd_listener));
+        // The same exports on a unix socket, for clients on this node.
+        let socket_path = cfg.data_dir.join("nbd.sock");
+        let nbd_socket = match bind_unix(&socket_path, rt) {
+            Ok(l) => {
+                rt.spawn(nbd.clone().serve_unix(l));
+                Some(socket_path)
+            }
+            Err(e) => {
+                tracing::warn!(node = %cfg.node, "NBD is served over TCP only: {e:#}");
+                None
+            }
+        };
         let agent = Arc::new(Agent {
             api: ApiClient::new(&cfg.manager_url, &cfg.token),
             replicas_dir,
@@ -141,6 +186,7 @@ impl Agent {
             engines: Mutex::new(HashMap::new()),
             replica_errors: Mutex::new(HashMap::new()),
             secret: Mutex::new(None),
+            nbd_socket,
             cfg,
         });
         agent.open_existing();
@@ -179,6 +225,13 @@ impl Agent {
             "nbd://{}:{}/{volume}",
             self.cfg.listen_ip, self.cfg.nbd_port
         )
+    }
+
+    /// The export over the node's unix socket, when it is served.
+    pub fn nbd_unix_uri(&self, volume: &str) -> Option<String> {
+        self.nbd_socket
+            .as_ref()
+            .map(|p| format!("nbd+unix:///{volume}?socket={}", p.display()))
     }
 
     /// Heartbeat until `shutdown` turns true, then stop engines cleanly.
@@ -264,6 +317,7 @@ impl Agent {
                     running: true,
                     generation: e.generation(),
                     nbd_uri: Some(self.nbd_uri(volume)),
+                    nbd_unix_uri: self.nbd_unix_uri(volume),
                     replicas: e
                         .members()
                         .into_iter()
@@ -284,6 +338,7 @@ impl Agent {
                     running: false,
                     generation: 0,
                     nbd_uri: None,
+                    nbd_unix_uri: None,
                     replicas: vec![],
                     error: None,
                 },
@@ -292,6 +347,7 @@ impl Agent {
                     running: false,
                     generation: 0,
                     nbd_uri: None,
+                    nbd_unix_uri: None,
                     replicas: vec![],
                     error: Some(error.clone()),
                 },

@@ -90,6 +90,9 @@ pub struct Volume {
     /// The node it should be attached to (null when it should be detached).
     pub desired_node: Option<String>,
     pub nbd_uri: Option<String>,
+    /// The same export over a unix socket, for clients on the attached node (lower latency).
+    #[serde(default)]
+    pub nbd_unix_uri: Option<String>,
     pub replicas: Vec<Replica>,
     /// What the manager is waiting for or what went wrong, if anything.
     pub message: Option<String>,
@@ -153,6 +156,8 @@ pub struct EngineReport {
     pub running: bool,
     pub generation: u64,
     pub nbd_uri: Option<String>,
+    #[serde(default)]
+    pub nbd_unix_uri: Option<String>,
     pub replicas: Vec<MemberReport>,
     pub error: Option<String>,
 }

@@ -1,7 +1,9 @@
 //! How an engine reaches one replica: over the data protocol (a replica on another node, or in
 //! another process), or directly in its own process (the replica on the engine's own node,
 //! served by the same agent). The direct path skips TCP, framing and checksumming in transit,
-//! and runs the same operations (`zebu_replica::ops`) on the replica server's I/O threads.
+//! and runs the same operations (`zebu_replica::ops`): quick ones right on the caller's thread
+//! when that thread serves a single client (an NBD connection's), the rest on the replica
+//! server's I/O threads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use zebu_proto::data::Op;
-use zebu_replica::{IoPool, Replica, ReplicaError, Session};
+use zebu_replica::{io_pool, ops, IoPool, Replica, ReplicaError, Session};
 
 use crate::client::{Call, ClientError, ReplicaClient};
 
@@ -52,19 +54,34 @@ impl OpenLocal {
     async fn call(&self, call: Call, timeout: Duration) -> Result<Bytes, ClientError> {
         let replica = &self.local.replica;
         let failed = |e: ReplicaError| call.failed(replica.name(), e.status(), e.full_message());
-        if call.op == Op::Read {
+        if call.op == Op::Read && call.length <= ops::QUICK_MAX_BYTES {
             // Data in the page cache is copied right here, without a hop to an I/O thread.
-            match zebu_replica::ops::read_cached(replica, &self.session, call.offset, call.length) {
+            match ops::read_cached(replica, &self.session, call.offset, call.length) {
                 Ok(Some(buf)) => return Ok(Bytes::from(buf)),
                 Ok(None) => {}
                 Err(e) => return Err(failed(e)),
             }
         }
+        let payload = call.payload.as_deref().unwrap_or(&[]);
+        if io_pool::is_dedicated() && ops::is_quick(call.op, call.flags, call.length) {
+            // This thread serves one client only (an NBD connection's): run it right here.
+            return ops::execute(
+                replica,
+                &self.session,
+                call.op,
+                call.flags,
+                call.offset,
+                call.length,
+                payload,
+            )
+            .map(Bytes::from)
+            .map_err(failed);
+        }
         let (tx, rx) = oneshot::channel();
         let (r, session, c) = (replica.clone(), self.session.clone(), call.clone());
         self.local.pool.submit(move || {
             let p = c.payload.as_deref().unwrap_or(&[]);
-            let _ = tx.send(zebu_replica::ops::execute(
+            let _ = tx.send(ops::execute(
                 &r, &session, c.op, c.flags, c.offset, c.length, p,
             ));
         });

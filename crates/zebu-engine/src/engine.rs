@@ -461,7 +461,10 @@ impl Engine {
 
     /// Send one mutating request to every in-sync member and settle failures.
     async fn replicate(&self, call: Call, timeout: Duration) -> Result<(), EngineError> {
-        let set = self.in_sync();
+        let mut set = self.in_sync();
+        // Remote members first: their requests are on the wire before an in-process member
+        // runs its own on this thread (see `backend`), so the copies proceed in parallel.
+        set.sort_by_key(|m| matches!(m.client, Some(Backend::Local(_))));
         if set.is_empty() {
             return Err(self.no_replicas());
         }

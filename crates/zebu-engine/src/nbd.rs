@@ -3,8 +3,10 @@
 //! Negotiation supports EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY,
 //! LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`); anything else gets
 //! `NBD_REP_ERR_UNSUP`. Transmission supports READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES
-//! (+NO_HOLE, FAST_ZERO), BLOCK_STATUS and DISC. Requests are pipelined: each runs as its own
-//! task (bounded per connection), replies go out in completion order through one writer task.
+//! (+NO_HOLE, FAST_ZERO), BLOCK_STATUS and DISC. Negotiation runs on the agent's data runtime;
+//! transmission then runs on a thread of the connection's own (see [`serve_on_thread`]).
+//! Requests are pipelined: each runs as its own task (bounded per connection) and writes its
+//! reply itself, in completion order (see [`crate::sender`]).
 //! Multi-conn is advertised: FLUSH goes to every replica of the volume and so covers writes
 //! completed on any connection. Malformed input closes that one connection and nothing else.
 
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
 use zebu_proto::nbd::*;
@@ -112,12 +114,8 @@ impl NbdServer {
                     let _ = stream.set_nodelay(true);
                     let this = self.clone();
                     tokio::spawn(async move {
-                        let (rd, wr) = stream.into_split();
-                        // Buffered: one recv usually brings several requests.
-                        let rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
-                        match this.connection(rd, wr).await {
-                            Ok(()) | Err(ConnError::Done) => {}
-                            Err(e) => tracing::debug!(%peer, "nbd connection closed: {e}"),
+                        if let Err(e) = this.connection(stream).await {
+                            tracing::debug!(%peer, "nbd connection closed: {e}");
                         }
                     });
                 }
@@ -129,15 +127,43 @@ impl NbdServer {
         }
     }
 
-    async fn connection<R, W>(self: Arc<Self>, mut rd: R, mut wr: W) -> Result<()>
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + TrySend + Unpin,
-    {
-        let neg = tokio::time::timeout(NEGOTIATION_TIMEOUT, self.negotiate(&mut rd, &mut wr))
+    /// Accept connections on a unix socket (clients on the same node) until it fails.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.connection(stream).await {
+                            tracing::debug!("nbd connection (unix socket) closed: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("nbd accept on the unix socket failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Negotiate here, then serve the connection on a thread of its own (see [`serve_on_thread`]).
+    async fn connection<S: Socket>(self: Arc<Self>, stream: S) -> Result<()> {
+        let (rd, mut wr) = stream.split();
+        // Buffered: one recv usually brings several requests.
+        let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+        let neg = match tokio::time::timeout(NEGOTIATION_TIMEOUT, self.negotiate(&mut rd, &mut wr))
             .await
-            .map_err(|_| ConnError::Protocol("negotiation timed out".into()))??;
-        transmission(neg, rd, wr).await
+        {
+            Ok(Ok(neg)) => neg,
+            Ok(Err(ConnError::Done)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(ConnError::Protocol("negotiation timed out".into())),
+        };
+        // Bytes the client sent right after negotiating must not be lost on the way.
+        let early = rd.buffer().to_vec();
+        let raw = S::unsplit(rd.into_inner(), wr)?;
+        serve_on_thread::<S>(neg, raw, early)
     }
 
     async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Negotiated>
@@ -401,6 +427,93 @@ fn parse_meta(d: &[u8]) -> Option<(String, Vec<String>)> {
         return None;
     }
     Some((name, queries))
+}
+
+/// A stream NBD is served on (TCP, or a unix socket for clients on this node): how to split it
+/// for negotiation, and how to move it to another runtime afterwards.
+trait Socket: Sized + Send + 'static {
+    type Rd: AsyncRead + Unpin + Send + 'static;
+    type Wr: AsyncWrite + TrySend + Unpin;
+    type Std: Send + 'static;
+    fn split(self) -> (Self::Rd, Self::Wr);
+    fn unsplit(rd: Self::Rd, wr: Self::Wr) -> std::io::Result<Self::Std>;
+    /// Register with the current runtime.
+    fn from_std(s: Self::Std) -> std::io::Result<Self>;
+}
+
+impl Socket for tokio::net::TcpStream {
+    type Rd = tokio::net::tcp::OwnedReadHalf;
+    type Wr = tokio::net::tcp::OwnedWriteHalf;
+    type Std = std::net::TcpStream;
+    fn split(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
+    }
+    fn unsplit(rd: Self::Rd, wr: Self::Wr) -> std::io::Result<Self::Std> {
+        rd.reunite(wr)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .into_std()
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(s)
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    type Rd = tokio::net::unix::OwnedReadHalf;
+    type Wr = tokio::net::unix::OwnedWriteHalf;
+    type Std = std::os::unix::net::UnixStream;
+    fn split(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
+    }
+    fn unsplit(rd: Self::Rd, wr: Self::Wr) -> std::io::Result<Self::Std> {
+        rd.reunite(wr)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .into_std()
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::UnixStream::from_std(s)
+    }
+}
+
+/// Serve one negotiated connection on a thread of its own, which runs the connection's request
+/// tasks on a single-threaded runtime. The thread belongs to this one client, so it may run
+/// quick page-cache I/O on the local replica itself (`zebu_replica::io_pool::dedicated`): a
+/// request from receipt to reply then needs no hop to another thread when the volume's data is
+/// local, which on a small VM is most of the cost of a request. Waits on the disk (FLUSH, FUA,
+/// uncached reads) and large transfers still go to the I/O pool, so requests keep overlapping.
+fn serve_on_thread<S: Socket>(neg: Negotiated, raw: S::Std, early: Vec<u8>) -> Result<()> {
+    let volume = neg.engine.volume().to_owned();
+    std::thread::Builder::new()
+        .name("zebu-nbd-conn".into())
+        .spawn(move || {
+            zebu_replica::io_pool::dedicated();
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(%volume, "cannot start an NBD connection's runtime: {e}");
+                    return;
+                }
+            };
+            let res = rt.block_on(async move {
+                let (rd, wr) = S::from_std(raw)?.split();
+                let rd = std::io::Cursor::new(early)
+                    .chain(tokio::io::BufReader::with_capacity(256 * 1024, rd));
+                transmission(neg, rd, wr).await
+            });
+            match res {
+                Ok(()) | Err(ConnError::Done) => {}
+                Err(e) => tracing::debug!(%volume, "nbd connection closed: {e}"),
+            }
+        })
+        .map_err(|e| {
+            ConnError::Io(std::io::Error::other(format!(
+                "starting a connection thread: {e}"
+            )))
+        })?;
+    Ok(())
 }
 
 /// One reply ready to be written: a header and optional payload pieces.

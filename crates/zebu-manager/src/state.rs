@@ -239,6 +239,7 @@ impl State {
             },
             desired_node: v.desired_node.clone(),
             nbd_uri: running.and_then(|e| e.nbd_uri.clone()),
+            nbd_unix_uri: running.and_then(|e| e.nbd_unix_uri.clone()),
             replicas,
             message,
         }

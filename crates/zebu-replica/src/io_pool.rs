@@ -6,11 +6,28 @@
 //! variable (no spinning: on a 2-core machine a spinning waiter steals the CPU the data path
 //! needs).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+
+thread_local! {
+    static DEDICATED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Mark the calling thread as dedicated to one client connection: it may run quick I/O (see
+/// [`crate::ops::is_quick`]) itself instead of handing it to the pool, since blocking it holds
+/// up nobody else.
+pub fn dedicated() {
+    DEDICATED.with(|d| d.set(true));
+}
+
+/// Whether the calling thread was marked with [`dedicated`].
+pub fn is_dedicated() -> bool {
+    DEDICATED.with(|d| d.get())
+}
 
 struct Pending {
     jobs: VecDeque<Job>,

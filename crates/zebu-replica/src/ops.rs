@@ -6,6 +6,23 @@ use zebu_proto::data::{self, Op, ReplicaInfo, Status, FLAG_FUA};
 use crate::store::Session;
 use crate::{Replica, ReplicaError};
 
+/// Largest request a connection's own thread runs itself. Larger transfers go to the I/O pool,
+/// where several overlap (a 1 MiB copy takes long enough to be worth a second core).
+pub const QUICK_MAX_BYTES: u32 = 64 * 1024;
+
+/// Requests quick enough for a connection's own thread: they touch only the page cache (and
+/// the in-memory index) and never wait for the disk, as long as the kernel is not throttling
+/// dirty pages. Reads are quick only when cached: see [`read_cached`].
+pub fn is_quick(op: Op, flags: u8, length: u32) -> bool {
+    match op {
+        Op::Write | Op::Trim | Op::WriteZeroes => {
+            flags & FLAG_FUA == 0 && length <= QUICK_MAX_BYTES
+        }
+        Op::Ping | Op::Info => true,
+        _ => false,
+    }
+}
+
 /// Read from the page cache only, right on the caller's thread: `Ok(None)` when the data is not
 /// all cached (then run [`execute`] on an I/O thread).
 pub fn read_cached(

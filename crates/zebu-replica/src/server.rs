@@ -21,8 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use zebu_proto::data::{
-    self, Hello, Op, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, FLAG_FUA,
-    HELLO_FIXED_BYTES, PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
+    self, Hello, Op, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, HELLO_FIXED_BYTES,
+    PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
 };
 
 use crate::io_pool::IoPool;
@@ -378,10 +378,10 @@ impl Replies {
 
 /// One engine's connection to one replica, served by a thread of its own.
 ///
-/// The thread reads requests and runs the quick ones itself: writes (into the page cache),
-/// trims, reads of cached data, PING and INFO. Requests that wait on the disk (FLUSH, FUA
-/// writes, uncached reads, generation changes, allocation maps) go to the shared I/O pool, so a
-/// slow fsync never holds up the writes behind it. Replies to the quick requests are batched:
+/// The thread reads requests and runs the quick ones itself ([`ops::is_quick`]: writes into the
+/// page cache, trims, small reads of cached data, PING and INFO). Requests that wait on the disk
+/// (FLUSH, FUA writes, uncached reads, generation changes, allocation maps) and large transfers
+/// go to the shared I/O pool, so a slow fsync never holds up the writes behind it. Replies to the quick requests are batched:
 /// they are sent when no further request is already buffered.
 struct Connection {
     replica: Arc<Replica>,
@@ -403,11 +403,7 @@ impl Connection {
                 Err(e) => return Err(format!("reading request: {e}")),
             }
             let h = RequestHeader::decode(&hb).map_err(|e| format!("bad request: {e}"))?;
-            let quick = match h.op {
-                Op::Write | Op::Trim | Op::WriteZeroes => h.flags & FLAG_FUA == 0,
-                Op::Ping | Op::Info => true,
-                _ => false,
-            };
+            let quick = ops::is_quick(h.op, h.flags, h.length);
             // Requests handed to the pool reserve their buffers before allocating them
             // (bounded memory per connection); a quick one holds only its own.
             let units = if quick { 0 } else { cost(&h) };
@@ -429,7 +425,7 @@ impl Connection {
                 self.budget.release(units);
                 continue;
             }
-            if h.op == Op::Read {
+            if h.op == Op::Read && h.length <= ops::QUICK_MAX_BYTES {
                 // Data in the page cache is copied right here, without a hop to an I/O thread.
                 let cached =
                     match ops::read_cached(&self.replica, &self.session, h.offset, h.length) {

@@ -55,6 +55,9 @@ fn show_volume(v: &Volume, out: Output) {
     println!("Robustness:  {}", v.robustness.as_str());
     println!("Node:        {}", v.node.as_deref().unwrap_or("-"));
     println!("NBD URI:     {}", v.nbd_uri.as_deref().unwrap_or("-"));
+    if let Some(u) = &v.nbd_unix_uri {
+        println!("NBD (local): {u}");
+    }
     if let Some(m) = &v.message {
         println!("Message:     {m}");
     }

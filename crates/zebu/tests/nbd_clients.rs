@@ -43,6 +43,17 @@ fn qemu_and_libnbd_clients_read_back_what_they_wrote() {
     let out = qemu_io(&uri, &reads);
     assert_eq!(out.matches("read ").count(), spots.len(), "{out}");
 
+    // The same export over the attached node's unix socket, for clients on that node.
+    let unix = c.volume("vol-a")["nbd_unix_uri"]
+        .as_str()
+        .expect("an attached volume has a unix-socket URI")
+        .to_owned();
+    assert!(unix.starts_with("nbd+unix:///vol-a?socket="), "{unix}");
+    let out = qemu_io(&unix, &reads);
+    assert_eq!(out.matches("read ").count(), spots.len(), "{out}");
+    let size = sh(&format!("nbdinfo --size '{unix}'"));
+    assert_eq!(size.trim(), (256u64 << 20).to_string());
+
     // A pattern check that must fail proves the checks above can fail.
     let (o, l, p) = spots[0];
     let wrong = run(std::process::Command::new("qemu-io").args([
