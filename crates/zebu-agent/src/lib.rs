@@ -167,7 +167,10 @@ impl Agent {
         rt.spawn(server.clone().serve(data_listener));
         rt.spawn(nbd.clone().serve(nbd_listener));
         // The same exports on a unix socket, for clients on this node.
-        let socket_path = cfg.data_dir.join("nbd.sock");
+        // Absolute, so the URI works from any directory.
+        let socket_path = std::fs::canonicalize(&cfg.data_dir)
+            .unwrap_or_else(|_| cfg.data_dir.clone())
+            .join("nbd.sock");
         let nbd_socket = match bind_unix(&socket_path, rt) {
             Ok(l) => {
                 rt.spawn(nbd.clone().serve_unix(l));

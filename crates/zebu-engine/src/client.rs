@@ -319,10 +319,11 @@ impl ReplicaClient {
         }
         .encode();
         let (otx, orx) = oneshot::channel();
-        conn.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, otx);
+        let alone = {
+            let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.insert(id, otx);
+            pending.len() == 1
+        };
         // Checked again after registering: a connection that died between the two checks has
         // already drained the map, and this request would wait forever.
         if conn.is_closed() {
@@ -330,7 +331,7 @@ impl ReplicaClient {
             return Err(conn.disconnected());
         }
         let payload = call.payload.as_deref().unwrap_or(&[]);
-        if let Err(why) = self.sender.send(&[&header, payload]) {
+        if let Err(why) = self.sender.send(&[&header, payload], alone) {
             conn.fail_all(why);
             return Err(conn.disconnected());
         }

@@ -11,6 +11,7 @@
 //! completed on any connection. Malformed input closes that one connection and nothing else.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -529,6 +530,8 @@ where
     // Replies are written by the request tasks themselves (see `crate::sender`).
     let sender = Arc::new(Sender::new(wr));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
+    // Requests being handled: a reply written while others are pending waits to be batched.
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let neg = Arc::new(neg);
     let result: Result<()> = async {
         loop {
@@ -574,12 +577,14 @@ where
                 // Requests in flight finish and are answered below, then the connection closes.
                 return Ok(());
             }
-            let (neg, sender) = (neg.clone(), sender.clone());
+            let (neg, sender, in_flight) = (neg.clone(), sender.clone(), in_flight.clone());
+            in_flight.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(async move {
                 let out = handle(&neg, req, payload).await;
                 let parts: Vec<&[u8]> = out.parts.iter().map(|p| &p[..]).collect();
                 // A failed send means the connection is broken; the reader sees that too.
-                let _ = sender.send(&parts);
+                let alone = in_flight.fetch_sub(1, Ordering::AcqRel) == 1;
+                let _ = sender.send(&parts, alone);
                 drop(permit);
             });
         }

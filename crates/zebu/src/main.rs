@@ -432,6 +432,9 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         println!("  qemu-img info {uri}");
         println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
         println!("  mkdir -p /tmp/zebu-fuse && nbdfuse /tmp/zebu-fuse/demo {uri} &   # then: losetup -f --show /tmp/zebu-fuse/demo");
+        if let Some(local) = &v.nbd_unix_uri {
+            println!("  on this machine, the same volume over a unix socket (faster): '{local}'");
+        }
     }
     println!("\nPress Ctrl-C to stop. Manage volumes with: zebu volume list");
     shutdown_signal().await;
