@@ -5,6 +5,8 @@
 //! wake-up per frame, which on a small VM is a large part of a request's latency. Under load
 //! (other requests in flight), when the socket is full, or when frames are already waiting, the
 //! frame is copied into a queue that a flusher task drains in order, many frames per syscall.
+//! Large frames (64 KiB and up) are written straight away whenever the socket is idle: batching
+//! them saves nothing and the copy would cost.
 //!
 //! The queue needs no bound of its own: every frame in it belongs to a request in flight, and
 //! those are bounded by the callers (NBD connection budgets).
@@ -39,6 +41,9 @@ impl TrySend for tokio::net::unix::OwnedWriteHalf {
         tokio::net::unix::OwnedWriteHalf::writable(self)
     }
 }
+
+/// Frames at least this large are written straight away even under load.
+const DIRECT_BYTES: usize = 64 * 1024;
 
 struct State {
     /// Bytes waiting for the flusher, in order.
@@ -97,11 +102,13 @@ impl<S: TrySend> Sender<S> {
             return Err(why.clone());
         }
         let mut done = 0usize;
-        if !st.busy && !alone {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        // A large frame gains nothing from batching, and queueing it would cost a copy.
+        let direct = alone || total >= DIRECT_BYTES;
+        if !st.busy && !direct {
             st.busy = true;
             sh.wake.notify_one();
         } else if !st.busy {
-            let total: usize = parts.iter().map(|p| p.len()).sum();
             while done < total {
                 let iov = slices_from(parts, done);
                 match sh.socket.try_send(&iov) {
