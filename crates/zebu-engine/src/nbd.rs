@@ -467,12 +467,39 @@ impl Socket for tokio::net::UnixStream {
         self.into_split()
     }
     fn unsplit(rd: Self::Rd, wr: Self::Wr) -> std::io::Result<Self::Std> {
-        rd.reunite(wr)
+        let s = rd
+            .reunite(wr)
             .map_err(|e| std::io::Error::other(e.to_string()))?
-            .into_std()
+            .into_std()?;
+        widen_send_buffer(&s);
+        Ok(s)
     }
     fn from_std(s: Self::Std) -> std::io::Result<Self> {
         tokio::net::UnixStream::from_std(s)
+    }
+}
+
+/// A unix stream socket's default send buffer (about 208 KiB) takes a 1 MiB read reply in
+/// several pieces, each waiting for the client to read; TCP loopback grows its buffers by
+/// itself. Ask for 4 MiB (the kernel caps it at `net.core.wmem_max`); failure only costs speed.
+fn widen_send_buffer(s: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: a valid socket fd, and a pointer to a c_int with its correct length.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "could not widen an NBD unix socket's send buffer: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
