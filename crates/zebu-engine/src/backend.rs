@@ -63,8 +63,9 @@ impl OpenLocal {
             }
         }
         let payload = call.payload.as_deref().unwrap_or(&[]);
-        if io_pool::is_dedicated() && ops::is_quick(call.op, call.flags, call.length) {
-            // This thread serves one client only (an NBD connection's): run it right here.
+        if io_pool::may_run_inline() && ops::is_quick(call.op, call.flags, call.length) {
+            // This thread serves one client only (an NBD connection's), which has few requests
+            // in flight: run it right here.
             return ops::execute(
                 replica,
                 &self.session,

@@ -605,12 +605,14 @@ where
                 return Ok(());
             }
             let (neg, sender, in_flight) = (neg.clone(), sender.clone(), in_flight.clone());
-            in_flight.fetch_add(1, Ordering::AcqRel);
+            zebu_replica::io_pool::set_in_flight(in_flight.fetch_add(1, Ordering::AcqRel) + 1);
             tokio::spawn(async move {
                 let out = handle(&neg, req, payload).await;
                 let parts: Vec<&[u8]> = out.parts.iter().map(|p| &p[..]).collect();
                 // A failed send means the connection is broken; the reader sees that too.
-                let alone = in_flight.fetch_sub(1, Ordering::AcqRel) == 1;
+                let before = in_flight.fetch_sub(1, Ordering::AcqRel);
+                zebu_replica::io_pool::set_in_flight(before - 1);
+                let alone = before == 1;
                 let _ = sender.send(&parts, alone);
                 drop(permit);
             });
