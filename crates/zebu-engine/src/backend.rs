@@ -62,29 +62,17 @@ impl OpenLocal {
                 Err(e) => return Err(failed(e)),
             }
         }
-        let payload = call.payload.as_deref().unwrap_or(&[]);
         if io_pool::may_run_inline() && ops::is_quick(call.op, call.flags, call.length) {
             // This thread serves one client only (an NBD connection's), which has few requests
             // in flight: run it right here.
-            return ops::execute(
-                replica,
-                &self.session,
-                call.op,
-                call.flags,
-                call.offset,
-                call.length,
-                payload,
-            )
-            .map(Bytes::from)
-            .map_err(failed);
+            return execute(replica, &self.session, &call)
+                .map(Bytes::from)
+                .map_err(failed);
         }
         let (tx, rx) = oneshot::channel();
         let (r, session, c) = (replica.clone(), self.session.clone(), call.clone());
         self.local.pool.submit(move || {
-            let p = c.payload.as_deref().unwrap_or(&[]);
-            let _ = tx.send(ops::execute(
-                &r, &session, c.op, c.flags, c.offset, c.length, p,
-            ));
+            let _ = tx.send(execute(&r, &session, &c));
         });
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(v))) => Ok(Bytes::from(v)),
@@ -100,6 +88,20 @@ impl OpenLocal {
             }),
         }
     }
+}
+
+/// Run `call` against an in-process replica (blocking).
+fn execute(replica: &Replica, session: &Session, call: &Call) -> Result<Vec<u8>, ReplicaError> {
+    let payload = call.payload.as_deref().unwrap_or(&[]);
+    ops::execute(
+        replica,
+        session,
+        call.op,
+        call.flags,
+        call.offset,
+        call.length,
+        payload,
+    )
 }
 
 /// The engine's handle on one replica.

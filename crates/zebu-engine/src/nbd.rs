@@ -11,6 +11,7 @@
 //! completed on any connection. Malformed input closes that one connection and nothing else.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -108,11 +109,20 @@ impl NbdServer {
         v
     }
 
+    /// Accept TCP connections until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.accept_loop::<tokio::net::TcpStream>(listener).await
+    }
+
+    /// Accept connections on a unix socket (clients on the same node) until it fails.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        self.accept_loop::<tokio::net::UnixStream>(listener).await
+    }
+
+    async fn accept_loop<S: Socket>(self: Arc<Self>, listener: S::Listener) {
         loop {
-            match listener.accept().await {
+            match S::accept(&listener).await {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
                     let this = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = this.connection(stream).await {
@@ -122,26 +132,6 @@ impl NbdServer {
                 }
                 Err(e) => {
                     tracing::warn!("nbd accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    /// Accept connections on a unix socket (clients on the same node) until it fails.
-    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = this.connection(stream).await {
-                            tracing::debug!("nbd connection (unix socket) closed: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("nbd accept on the unix socket failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -433,9 +423,12 @@ fn parse_meta(d: &[u8]) -> Option<(String, Vec<String>)> {
 /// A stream NBD is served on (TCP, or a unix socket for clients on this node): how to split it
 /// for negotiation, and how to move it to another runtime afterwards.
 trait Socket: Sized + Send + 'static {
+    type Listener: Send + Sync + 'static;
     type Rd: AsyncRead + Unpin + Send + 'static;
     type Wr: AsyncWrite + TrySend + Unpin;
     type Std: Send + 'static;
+    /// The next connection and a description of its peer, for logs.
+    fn accept(l: &Self::Listener) -> impl Future<Output = std::io::Result<(Self, String)>> + Send;
     fn split(self) -> (Self::Rd, Self::Wr);
     fn unsplit(rd: Self::Rd, wr: Self::Wr) -> std::io::Result<Self::Std>;
     /// Register with the current runtime.
@@ -443,6 +436,12 @@ trait Socket: Sized + Send + 'static {
 }
 
 impl Socket for tokio::net::TcpStream {
+    type Listener = TcpListener;
+    async fn accept(l: &TcpListener) -> std::io::Result<(Self, String)> {
+        let (s, peer) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, peer.to_string()))
+    }
     type Rd = tokio::net::tcp::OwnedReadHalf;
     type Wr = tokio::net::tcp::OwnedWriteHalf;
     type Std = std::net::TcpStream;
@@ -460,6 +459,11 @@ impl Socket for tokio::net::TcpStream {
 }
 
 impl Socket for tokio::net::UnixStream {
+    type Listener = UnixListener;
+    async fn accept(l: &UnixListener) -> std::io::Result<(Self, String)> {
+        let (s, _) = l.accept().await?;
+        Ok((s, "a client on the unix socket".to_string()))
+    }
     type Rd = tokio::net::unix::OwnedReadHalf;
     type Wr = tokio::net::unix::OwnedWriteHalf;
     type Std = std::os::unix::net::UnixStream;
