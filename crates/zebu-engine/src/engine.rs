@@ -121,6 +121,8 @@ pub struct MemberStatus {
 }
 
 struct Member {
+    /// Position in `Engine::members` (and in a [`Lanes`]).
+    index: usize,
     name: String,
     address: String,
     local: bool,
@@ -145,6 +147,8 @@ pub struct Engine {
     size_bytes: u64,
     block_size: u64,
     io_timeout: Duration,
+    /// Cluster secret, for the extra connections of [`Lanes`].
+    secret: String,
     members: Vec<Arc<Member>>,
     generation: AtomicU64,
     /// Serializes retirements (and the generation bumps that make them durable).
@@ -161,6 +165,17 @@ pub struct Engine {
     closed: watch::Sender<Option<String>>,
     /// Every request holds it shared; `shutdown` takes it exclusively to drain them.
     inflight: tokio::sync::RwLock<()>,
+}
+
+/// The connections a request uses, by member index: a [`Lanes`]' own, or none (empty); a
+/// member without one is reached over the engine's shared connection.
+type Via<'a> = &'a [Option<Backend>];
+
+fn backend<'a>(m: &'a Member, via: Via<'a>) -> &'a Backend {
+    match via.get(m.index) {
+        Some(Some(b)) => b,
+        _ => m.client(),
+    }
 }
 
 fn is_stale(e: &ClientError) -> bool {
@@ -231,7 +246,7 @@ impl Engine {
             .max();
         let mut members = Vec::new();
         let mut unreachable = Vec::new();
-        for (t, r) in cfg.replicas.iter().zip(results) {
+        for (index, (t, r)) in cfg.replicas.iter().zip(results).enumerate() {
             let (client, mode, error) = match r {
                 Ok(c) if c.opened().size_bytes != cfg.size_bytes => {
                     let e = format!(
@@ -264,6 +279,7 @@ impl Engine {
                 tracing::warn!(volume = %cfg.volume, "{error}");
             }
             members.push(Arc::new(Member {
+                index,
                 name: t.name.clone(),
                 address: t.address.clone(),
                 local: t.local,
@@ -300,6 +316,7 @@ impl Engine {
             size_bytes: cfg.size_bytes,
             block_size: block_size.max(512),
             io_timeout: cfg.io_timeout,
+            secret: cfg.secret.clone(),
             members,
             generation: AtomicU64::new(max_gen),
             membership: tokio::sync::Mutex::new(()),
@@ -460,7 +477,12 @@ impl Engine {
     }
 
     /// Send one mutating request to every in-sync member and settle failures.
-    async fn replicate(&self, call: Call, timeout: Duration) -> Result<(), EngineError> {
+    async fn replicate(
+        &self,
+        via: Via<'_>,
+        call: Call,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
         let mut set = self.in_sync();
         // Remote members first: their requests are on the wire before an in-process member
         // runs its own on this thread (see `backend`), so the copies proceed in parallel.
@@ -468,7 +490,11 @@ impl Engine {
         if set.is_empty() {
             return Err(self.no_replicas());
         }
-        let results = join_all(set.iter().map(|m| m.client().call(call.clone(), timeout))).await;
+        let results = join_all(
+            set.iter()
+                .map(|m| backend(m, via).call(call.clone(), timeout)),
+        )
+        .await;
         let mut failed = Vec::new();
         let mut invalid = None;
         for (m, r) in set.iter().zip(results) {
@@ -561,7 +587,7 @@ impl Engine {
             return Ok(());
         }
         self.close(reason.to_owned());
-        self.flush_entered().await
+        self.flush_entered(&[]).await
     }
 
     fn block_range(&self, offset: u64, length: u64) -> (u64, u64) {
@@ -570,6 +596,16 @@ impl Engine {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        self.write_via(&[], offset, data, fua).await
+    }
+
+    async fn write_via(
+        &self,
+        via: Via<'_>,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), EngineError> {
         let _in = self.enter().await?;
         self.check_range(offset, data.len() as u64)?;
         if data.len() > data::MAX_PAYLOAD_BYTES as usize {
@@ -582,7 +618,7 @@ impl Engine {
         }
         if data.is_empty() {
             return if fua {
-                self.flush_entered().await
+                self.flush_entered(via).await
             } else {
                 Ok(())
             };
@@ -602,12 +638,23 @@ impl Engine {
             length: len,
             payload: Some(data),
         };
-        self.replicate(call, t).await
+        self.replicate(via, call, t).await
     }
 
     /// TRIM and WRITE_ZEROES: the range reads back as zeroes afterwards.
     pub async fn zero(
         &self,
+        offset: u64,
+        length: u64,
+        trim: bool,
+        fua: bool,
+    ) -> Result<(), EngineError> {
+        self.zero_via(&[], offset, length, trim, fua).await
+    }
+
+    async fn zero_via(
+        &self,
+        via: Via<'_>,
         offset: u64,
         length: u64,
         trim: bool,
@@ -638,7 +685,7 @@ impl Engine {
                 length: n,
                 payload: None,
             };
-            self.replicate(call, t).await?;
+            self.replicate(via, call, t).await?;
             at += n as u64;
         }
         Ok(())
@@ -646,13 +693,21 @@ impl Engine {
 
     /// Make every acknowledged write durable on every in-sync replica.
     pub async fn flush(&self) -> Result<(), EngineError> {
-        let _in = self.enter().await?;
-        self.flush_entered().await
+        self.flush_via(&[]).await
     }
 
-    async fn flush_entered(&self) -> Result<(), EngineError> {
-        self.replicate(Call::new(Op::Flush, 0, 0), flush_timeout(self.io_timeout))
-            .await
+    async fn flush_via(&self, via: Via<'_>) -> Result<(), EngineError> {
+        let _in = self.enter().await?;
+        self.flush_entered(via).await
+    }
+
+    async fn flush_entered(&self, via: Via<'_>) -> Result<(), EngineError> {
+        self.replicate(
+            via,
+            Call::new(Op::Flush, 0, 0),
+            flush_timeout(self.io_timeout),
+        )
+        .await
     }
 
     /// Members to read from, in order of preference.
@@ -675,14 +730,19 @@ impl Engine {
     }
 
     /// Ask members in turn; transport failures retire the member, checksum failures skip it.
-    async fn read_like(&self, op: Op, offset: u64, length: u32) -> Result<Bytes, EngineError> {
+    async fn read_like(
+        &self,
+        via: Via<'_>,
+        op: Op,
+        offset: u64,
+        length: u32,
+    ) -> Result<Bytes, EngineError> {
         let mut last_err = String::new();
         for m in self.read_order() {
             if m.mode() != Mode::Rw {
                 continue;
             }
-            match m
-                .client()
+            match backend(&m, via)
                 .call(Call::new(op, offset, length), self.io_timeout)
                 .await
             {
@@ -719,12 +779,16 @@ impl Engine {
     }
 
     pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, EngineError> {
+        self.read_via(&[], offset, length).await
+    }
+
+    async fn read_via(&self, via: Via<'_>, offset: u64, length: u32) -> Result<Bytes, EngineError> {
         let _in = self.enter().await?;
         self.check_range(offset, length as u64)?;
         if length == 0 {
             return Ok(Bytes::new());
         }
-        let b = self.read_like(Op::Read, offset, length).await?;
+        let b = self.read_like(via, Op::Read, offset, length).await?;
         if b.len() != length as usize {
             return Err(EngineError::NoReplicas {
                 volume: self.volume.clone(),
@@ -739,9 +803,18 @@ impl Engine {
 
     /// Allocation map of a range (for NBD BLOCK_STATUS). May cover less than asked.
     pub async fn map(&self, offset: u64, length: u32) -> Result<Vec<MapExtent>, EngineError> {
+        self.map_via(&[], offset, length).await
+    }
+
+    async fn map_via(
+        &self,
+        via: Via<'_>,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<MapExtent>, EngineError> {
         let _in = self.enter().await?;
         self.check_range(offset, length as u64)?;
-        let b = self.read_like(Op::Map, offset, length).await?;
+        let b = self.read_like(via, Op::Map, offset, length).await?;
         data::decode_map(&b).map_err(|e| EngineError::NoReplicas {
             volume: self.volume.clone(),
             detail: format!("a replica sent a bad allocation map: {e}"),
@@ -754,5 +827,112 @@ impl Engine {
             .iter()
             .map(|m| (m.name.clone(), m.address.clone()))
             .collect()
+    }
+}
+
+/// One frontend connection's own connections to the volume's remote replicas.
+///
+/// Requests made through it are the engine's requests (same membership, same range lock, same
+/// retirement rules); only the sockets differ. Each lane joins the engine's session on its
+/// replica (`SHARE_SESSION` / `JOIN_SESSION`), so fencing and generation bumps hold for it
+/// exactly as for the engine's own connection. Open it on the thread that serves the frontend
+/// connection: the lanes' replies are then read there, and a request completes without a hop
+/// to another thread. A member whose lane cannot be opened is reached over the engine's own
+/// connection instead.
+pub struct Lanes {
+    engine: Arc<Engine>,
+    via: Vec<Option<Backend>>,
+}
+
+impl Engine {
+    /// Open lanes to every remote replica in the set (see [`Lanes`]).
+    pub async fn lanes(self: &Arc<Self>) -> Lanes {
+        let opens = self.members.iter().map(|m| async move {
+            let Some(Backend::Remote(shared)) = &m.client else {
+                return None;
+            };
+            if m.mode() == Mode::Err {
+                return None;
+            }
+            match self.open_lane(m, shared).await {
+                Ok(lane) => Some(Backend::Remote(lane)),
+                Err(e) => {
+                    tracing::info!(volume = %self.volume, replica = %m.name, "using the engine's shared connection: no connection of its own: {e}");
+                    None
+                }
+            }
+        });
+        Lanes {
+            engine: self.clone(),
+            via: join_all(opens).await,
+        }
+    }
+
+    async fn open_lane(
+        &self,
+        m: &Member,
+        shared: &ReplicaClient,
+    ) -> Result<ReplicaClient, ClientError> {
+        let t = self.io_timeout;
+        let share = Call::new(Op::ShareSession, 0, 0);
+        let token = shared.call(share.clone(), t).await?;
+        let token = <[u8; 8]>::try_from(&token[..]).map_err(|_| {
+            share.failed(
+                &m.name,
+                Status::Invalid,
+                format!("session token of {} bytes, expected 8", token.len()),
+            )
+        })?;
+        let lane = ReplicaClient::connect(
+            &m.address,
+            &self.volume,
+            &m.name,
+            self.generation(),
+            &self.secret,
+            t,
+        )
+        .await?;
+        lane.call(Call::new(Op::JoinSession, u64::from_le_bytes(token), 0), t)
+            .await?;
+        Ok(lane)
+    }
+}
+
+impl Lanes {
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// How many members are reached over a lane of their own.
+    pub fn open_count(&self) -> usize {
+        self.via.iter().filter(|b| b.is_some()).count()
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        self.engine.write_via(&self.via, offset, data, fua).await
+    }
+
+    pub async fn zero(
+        &self,
+        offset: u64,
+        length: u64,
+        trim: bool,
+        fua: bool,
+    ) -> Result<(), EngineError> {
+        self.engine
+            .zero_via(&self.via, offset, length, trim, fua)
+            .await
+    }
+
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        self.engine.flush_via(&self.via).await
+    }
+
+    pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, EngineError> {
+        self.engine.read_via(&self.via, offset, length).await
+    }
+
+    pub async fn map(&self, offset: u64, length: u32) -> Result<Vec<MapExtent>, EngineError> {
+        self.engine.map_via(&self.via, offset, length).await
     }
 }

@@ -10,5 +10,5 @@ pub mod range_lock;
 pub mod sender;
 
 pub use backend::LocalReplica;
-pub use engine::{Engine, EngineConfig, EngineError, MemberStatus, Mode, ReplicaTarget};
+pub use engine::{Engine, EngineConfig, EngineError, Lanes, MemberStatus, Mode, ReplicaTarget};
 pub use nbd::NbdServer;

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
 use zebu_proto::nbd::*;
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, Lanes};
 use crate::sender::{Sender, TrySend};
 
 /// Memory one connection may hold in request and reply buffers, in 64 KiB units (64 MiB).
@@ -563,6 +563,9 @@ where
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     // Requests being handled: a reply written while others are pending waits to be batched.
     let in_flight = Arc::new(AtomicUsize::new(0));
+    // This connection's own sockets to the remote replicas: their replies are read on this
+    // thread, so a replicated write completes here without a hop to another thread.
+    let lanes = Arc::new(neg.engine.lanes().await);
     let neg = Arc::new(neg);
     let result: Result<()> = async {
         loop {
@@ -608,10 +611,11 @@ where
                 // Requests in flight finish and are answered below, then the connection closes.
                 return Ok(());
             }
-            let (neg, sender, in_flight) = (neg.clone(), sender.clone(), in_flight.clone());
+            let (neg, lanes) = (neg.clone(), lanes.clone());
+            let (sender, in_flight) = (sender.clone(), in_flight.clone());
             zebu_replica::io_pool::set_in_flight(in_flight.fetch_add(1, Ordering::AcqRel) + 1);
             tokio::spawn(async move {
-                let out = handle(&neg, req, payload).await;
+                let out = handle(&neg, &lanes, req, payload).await;
                 let parts: Vec<&[u8]> = out.parts.iter().map(|p| &p[..]).collect();
                 // A failed send means the connection is broken; the reader sees that too.
                 let before = in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -660,9 +664,8 @@ fn error_out(neg: &Negotiated, req: &Request, error: u32, msg: &str) -> Out {
     }
 }
 
-async fn handle(neg: &Negotiated, req: Request, payload: Bytes) -> Out {
-    let engine = &neg.engine;
-    let size = engine.size_bytes();
+async fn handle(neg: &Negotiated, engine: &Lanes, req: Request, payload: Bytes) -> Out {
+    let size = neg.engine.size_bytes();
     let in_range = req
         .offset
         .checked_add(req.length as u64)

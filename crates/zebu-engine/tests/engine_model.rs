@@ -359,3 +359,109 @@ async fn shutdown_flushes_and_refuses_further_io() {
     ));
     assert!(matches!(e.flush().await, Err(EngineError::Closed { .. })));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_share_the_engines_session_and_fencing() {
+    let mut c = cluster(3).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    // Replica 0 is in-process; 1 and 2 get connections of the lanes' own.
+    let lanes = e.lanes().await;
+    assert_eq!(lanes.open_count(), 2);
+    lanes
+        .write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &e.read(0, BS as u32).await.unwrap()[..],
+        &vec![1u8; BS as usize][..]
+    );
+    // Replica 2 goes away; the engine retires it and raises the survivors' generation over
+    // its own connection. The lanes' connections are in the same session: they go on.
+    let g0 = e.generation();
+    c.tasks[2].abort();
+    let victim = c.servers[2].list()[0].clone();
+    c.servers[2].remove(victim.name());
+    drop(c.servers.remove(2));
+    e.write(BS, Bytes::from(vec![2u8; BS as usize]), false)
+        .await
+        .unwrap();
+    assert!(e.generation() > g0);
+    for i in 2..10u64 {
+        lanes
+            .write(i * BS, Bytes::from(vec![i as u8; BS as usize]), false)
+            .await
+            .unwrap();
+    }
+    lanes.flush().await.unwrap();
+    assert!(e.closed_reason().is_none(), "{:?}", e.closed_reason());
+    let modes: Vec<Mode> = e.members().iter().map(|m| m.mode).collect();
+    assert_eq!(modes, vec![Mode::Rw, Mode::Rw, Mode::Err]);
+    for i in 2..10u64 {
+        assert_eq!(
+            &lanes.read(i * BS, BS as u32).await.unwrap()[..],
+            &vec![i as u8; BS as usize][..]
+        );
+    }
+    // A newer engine takes the volume over: the old engine's lanes are fenced off too, and
+    // nothing they send afterwards reaches a replica.
+    let survivors: Vec<ReplicaTarget> = c.targets[..2].to_vec();
+    let new = Engine::start(config(survivors, SECRET)).await.unwrap();
+    assert!(new.generation() > e.generation());
+    let err = lanes
+        .write(0, Bytes::from(vec![9u8; BS as usize]), false)
+        .await
+        .expect_err("the old engine's lanes must be fenced off");
+    assert!(matches!(err, EngineError::Closed { .. }), "{err}");
+    for s in &c.servers {
+        let r = s.list()[0].clone();
+        let mut b = vec![0u8; BS as usize];
+        r.read(0, &mut b).unwrap();
+        assert_eq!(
+            b,
+            vec![1u8; BS as usize],
+            "a fenced lane wrote to {}",
+            r.name()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_an_unknown_session_is_refused() {
+    use zebu_engine::client::{Call, ClientError, ReplicaClient};
+    use zebu_proto::data::{Op, Status};
+    let c = cluster(2).await;
+    let t = &c.targets[1];
+    let client =
+        ReplicaClient::connect(&t.address, "v", &t.name, 0, SECRET, Duration::from_secs(5))
+            .await
+            .unwrap();
+    let err = client
+        .call(
+            Call::new(Op::JoinSession, 0x1234, 0),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("no such session");
+    match &err {
+        ClientError::Failed {
+            status, message, ..
+        } => {
+            assert_eq!(*status, Status::Invalid);
+            assert!(message.contains("no session 0x1234"), "{message}");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+    // The connection stays usable in its own session, and a shared token is stable.
+    let a = client
+        .call(Call::new(Op::ShareSession, 0, 0), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let b = client
+        .call(Call::new(Op::ShareSession, 0, 0), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, b);
+}

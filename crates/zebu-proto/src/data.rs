@@ -1,4 +1,4 @@
-//! The engine ↔ replica data protocol, version 1.
+//! The engine ↔ replica data protocol, version 2.
 //!
 //! A connection starts with a handshake ([`Hello`] from the engine, [`Welcome`] from the replica
 //! server) and then carries framed requests and replies. Every request has an id chosen by the
@@ -8,8 +8,8 @@
 
 use thiserror::Error;
 
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version spoken by this build (2 added SHARE_SESSION and JOIN_SESSION).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"ZEBUDATA";
 /// First bytes of a [`Welcome`].
@@ -80,6 +80,14 @@ pub enum Op {
     SetGeneration = 8,
     /// Allocation map of `length` bytes at `offset`: see [`MapExtent`].
     Map = 9,
+    /// Name this connection's session so other connections can join it: the reply payload is
+    /// the session's token (8 bytes, little-endian; the same token every time it is asked).
+    ShareSession = 10,
+    /// Make this connection part of the session whose token is in `offset` (from
+    /// [`Op::ShareSession`] on another connection to the same replica). Connections of one
+    /// session are fenced together: a generation raised on one moves them all along. Send it
+    /// before any other request on the connection.
+    JoinSession = 11,
 }
 
 impl Op {
@@ -94,6 +102,8 @@ impl Op {
             7 => Op::Info,
             8 => Op::SetGeneration,
             9 => Op::Map,
+            10 => Op::ShareSession,
+            11 => Op::JoinSession,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }

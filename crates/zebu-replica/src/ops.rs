@@ -99,5 +99,10 @@ fn run(
         Op::Map => replica
             .map(offset, length as u64)
             .map(|m| data::encode_map(&m)),
+        // They change which session a connection belongs to: the data server answers them.
+        Op::ShareSession | Op::JoinSession => Err(ReplicaError::Invalid {
+            replica: replica.name().to_owned(),
+            reason: format!("{op:?} is only answered over a data connection"),
+        }),
     }
 }

@@ -394,6 +394,8 @@ struct Connection {
 impl Connection {
     fn serve(&self, stream: std::net::TcpStream) -> Result<(), String> {
         let mut rd = std::io::BufReader::with_capacity(256 * 1024, stream);
+        // JOIN_SESSION replaces it with a session shared with other connections.
+        let mut session = self.session.clone();
         loop {
             let mut hb = [0u8; REQUEST_HEADER_BYTES];
             self.fill_or_flush(&rd, REQUEST_HEADER_BYTES);
@@ -403,6 +405,26 @@ impl Connection {
                 Err(e) => return Err(format!("reading request: {e}")),
             }
             let h = RequestHeader::decode(&hb).map_err(|e| format!("bad request: {e}"))?;
+            match h.op {
+                Op::ShareSession => {
+                    let token = self.replica.share_session(&session);
+                    let r = reply(h.id, Status::Ok, token.to_le_bytes().to_vec());
+                    self.replies.send(&r, false);
+                    continue;
+                }
+                Op::JoinSession => {
+                    let r = match self.replica.join_session(h.offset) {
+                        Ok(shared) => {
+                            session = shared;
+                            reply(h.id, Status::Ok, Vec::new())
+                        }
+                        Err(e) => reply(h.id, e.status(), e.full_message().into_bytes()),
+                    };
+                    self.replies.send(&r, false);
+                    continue;
+                }
+                _ => {}
+            }
             let quick = ops::is_quick(h.op, h.flags, h.length);
             // Requests handed to the pool reserve their buffers before allocating them
             // (bounded memory per connection); a quick one holds only its own.
@@ -427,12 +449,11 @@ impl Connection {
             }
             if h.op == Op::Read && h.length <= ops::QUICK_MAX_BYTES {
                 // Data in the page cache is copied right here, without a hop to an I/O thread.
-                let cached =
-                    match ops::read_cached(&self.replica, &self.session, h.offset, h.length) {
-                        Ok(Some(buf)) => Some(reply(h.id, Status::Ok, buf)),
-                        Ok(None) => None,
-                        Err(e) => Some(reply(h.id, e.status(), e.full_message().into_bytes())),
-                    };
+                let cached = match ops::read_cached(&self.replica, &session, h.offset, h.length) {
+                    Ok(Some(buf)) => Some(reply(h.id, Status::Ok, buf)),
+                    Ok(None) => None,
+                    Err(e) => Some(reply(h.id, e.status(), e.full_message().into_bytes())),
+                };
                 if let Some(r) = cached {
                     self.replies.send(&r, false);
                     self.budget.release(units);
@@ -440,11 +461,11 @@ impl Connection {
                 }
             }
             if quick {
-                let r = execute(&self.replica, &self.session, &h, payload);
+                let r = execute(&self.replica, &session, &h, payload);
                 self.replies.send(&r, false);
                 continue;
             }
-            let (replica, session) = (self.replica.clone(), self.session.clone());
+            let (replica, session) = (self.replica.clone(), session.clone());
             let (replies, budget) = (self.replies.clone(), self.budget.clone());
             self.pool.submit(move || {
                 let r = execute(&replica, &session, &h, payload);

@@ -20,12 +20,13 @@
 //! Limits: the chain is fixed at open time in this version (snapshots come later); the index of
 //! a layer costs 8 bytes of memory per written block plus 16 bytes per 16 MiB of volume.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
 use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
 
@@ -372,15 +373,23 @@ pub struct Replica {
     /// generation: an operation checks its session and completes entirely before or after a
     /// take-over.
     fence: RwLock<()>,
+    /// Sessions that other connections may join, by token (see [`Replica::share_session`]).
+    shared: Mutex<HashMap<u64, Weak<Session>>>,
 }
 
 /// One engine's use of a replica (a data connection, or an in-process handle). It remembers the
 /// generation the engine last saw or set; once another engine raises the replica's generation,
 /// every further operation of this session is refused with [`ReplicaError::Stale`]. This fences
 /// off an old engine (a detached one, or one cut off from the manager) for good.
+///
+/// One engine may use a session over several connections (one per NBD connection, so each reads
+/// its replies on its own thread): they share the `Session`, so a generation raised over one
+/// moves them all along, and a take-over fences them all.
 #[derive(Debug)]
 pub struct Session {
     generation: AtomicU64,
+    /// Set once the session is shared: the token other connections join it with.
+    token: OnceLock<u64>,
 }
 
 impl Session {
@@ -388,6 +397,7 @@ impl Session {
     pub fn new(replica: &Replica) -> Session {
         Session {
             generation: AtomicU64::new(replica.generation()),
+            token: OnceLock::new(),
         }
     }
 
@@ -497,7 +507,40 @@ impl Replica {
             poison_reason: Mutex::new(String::new()),
             sync_lock: Mutex::new(()),
             fence: RwLock::new(()),
+            shared: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Let other connections join `session`: returns its token (the same one every time). The
+    /// replica keeps only a weak reference: the session ends with its last connection.
+    pub fn share_session(&self, session: &Arc<Session>) -> u64 {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        *session.token.get_or_init(|| {
+            shared.retain(|_, s| s.strong_count() > 0);
+            loop {
+                // Zero is never a token, and a token names one session only.
+                let t: u64 = rand::random();
+                if t != 0 && !shared.contains_key(&t) {
+                    shared.insert(t, Arc::downgrade(session));
+                    return t;
+                }
+            }
+        })
+    }
+
+    /// The shared session with this token, for a connection that joins it.
+    pub fn join_session(&self, token: u64) -> Result<Arc<Session>, ReplicaError> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&token)
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| ReplicaError::Invalid {
+                replica: self.name.clone(),
+                reason: format!(
+                    "no session {token:#x} to join: it was never shared on this replica, or every connection of it has closed; open a new session instead"
+                ),
+            })
     }
 
     pub fn name(&self) -> &str {
