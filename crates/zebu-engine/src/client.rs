@@ -81,6 +81,8 @@ pub struct Call {
     pub length: u32,
     /// A WRITE's data.
     pub payload: Option<Bytes>,
+    /// The payload's CRC32C, when already known: computed once per request, not per replica.
+    pub payload_crc: Option<u32>,
 }
 
 impl Call {
@@ -92,7 +94,17 @@ impl Call {
             offset,
             length,
             payload: None,
+            payload_crc: None,
         }
+    }
+
+    /// Compute the payload's CRC32C now, so that copies of this call sent to several replicas
+    /// share it.
+    pub fn with_payload_crc(mut self) -> Call {
+        if let (Some(p), None) = (&self.payload, self.payload_crc) {
+            self.payload_crc = Some(crc32c::crc32c(p));
+        }
+        self
     }
 
     /// The error a replica's failure status turns into, for this call.
@@ -253,10 +265,11 @@ impl ReplicaClient {
                             Ok(h) => h,
                             Err(e) => return format!("bad reply: {e}"),
                         };
-                        let mut payload = vec![0u8; h.length as usize];
-                        if let Err(e) = rd.read_exact(&mut payload).await {
-                            return format!("receive failed: {e}");
-                        }
+                        let payload =
+                            match crate::payload::read_payload(&mut rd, h.length as usize).await {
+                                Ok(p) => p,
+                                Err(e) => return format!("receive failed: {e}"),
+                            };
                         if !payload.is_empty() && crc32c::crc32c(&payload) != h.payload_crc {
                             return "reply payload failed its checksum in transit".to_string();
                         }
@@ -264,7 +277,7 @@ impl ReplicaClient {
                         if let Some(waiter) = conn.take(h.id) {
                             let status = Status::from_u32(h.status);
                             let _ = waiter.send(if status == Status::Ok {
-                                Ok(Bytes::from(payload))
+                                Ok(payload)
                             } else {
                                 Err((status, String::from_utf8_lossy(&payload).into_owned()))
                             });
@@ -311,11 +324,11 @@ impl ReplicaClient {
             id,
             offset: call.offset,
             length: call.length,
-            payload_crc: call
-                .payload
-                .as_ref()
-                .map(|p| crc32c::crc32c(p))
-                .unwrap_or(0),
+            payload_crc: match (&call.payload, call.payload_crc) {
+                (_, Some(crc)) => crc,
+                (Some(p), None) => crc32c::crc32c(p),
+                (None, None) => 0,
+            },
         }
         .encode();
         let (otx, orx) = oneshot::channel();

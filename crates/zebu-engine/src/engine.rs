@@ -490,6 +490,15 @@ impl Engine {
         if set.is_empty() {
             return Err(self.no_replicas());
         }
+        let remotes = set
+            .iter()
+            .filter(|m| matches!(backend(m, via), Backend::Remote(_)))
+            .count();
+        let call = if remotes > 1 {
+            call.with_payload_crc()
+        } else {
+            call
+        };
         let results = join_all(
             set.iter()
                 .map(|m| backend(m, via).call(call.clone(), timeout)),
@@ -637,6 +646,7 @@ impl Engine {
             offset,
             length: len,
             payload: Some(data),
+            payload_crc: None,
         };
         self.replicate(via, call, t).await
     }
@@ -684,6 +694,7 @@ impl Engine {
                 offset: at,
                 length: n,
                 payload: None,
+                payload_crc: None,
             };
             self.replicate(via, call, t).await?;
             at += n as u64;

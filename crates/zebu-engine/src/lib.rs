@@ -6,6 +6,7 @@ pub mod backend;
 pub mod client;
 pub mod engine;
 pub mod nbd;
+pub mod payload;
 pub mod range_lock;
 pub mod sender;
 

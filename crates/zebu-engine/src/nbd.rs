@@ -603,9 +603,7 @@ where
                         req.length
                     )));
                 }
-                let mut buf = vec![0u8; req.length as usize];
-                rd.read_exact(&mut buf).await?;
-                payload = Bytes::from(buf);
+                payload = crate::payload::read_payload(&mut rd, req.length as usize).await?;
             }
             if req.kind == CMD_DISC {
                 // Requests in flight finish and are answered below, then the connection closes.

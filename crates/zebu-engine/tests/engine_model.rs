@@ -384,9 +384,18 @@ async fn lanes_share_the_engines_session_and_fencing() {
     let victim = c.servers[2].list()[0].clone();
     c.servers[2].remove(victim.name());
     drop(c.servers.remove(2));
-    e.write(BS, Bytes::from(vec![2u8; BS as usize]), false)
-        .await
-        .unwrap();
+    // Its connections close a moment after the removal; write until the engine notices.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while e.members()[2].mode != Mode::Err {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica 2 was never retired"
+        );
+        e.write(BS, Bytes::from(vec![2u8; BS as usize]), false)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(e.generation() > g0);
     for i in 2..10u64 {
         lanes

@@ -430,9 +430,8 @@ impl Connection {
             // (bounded memory per connection); a quick one holds only its own.
             let units = if quick { 0 } else { cost(&h) };
             self.budget.acquire(units);
-            let mut payload = vec![0u8; h.payload_len()];
-            self.fill_or_flush(&rd, payload.len());
-            rd.read_exact(&mut payload)
+            self.fill_or_flush(&rd, h.payload_len());
+            let payload = read_payload(&mut rd, h.payload_len())
                 .map_err(|e| format!("reading payload: {e}"))?;
             if h.op == Op::Write && crc32c::crc32c(&payload) != h.payload_crc {
                 let msg = format!(
@@ -482,6 +481,17 @@ impl Connection {
             self.replies.flush();
         }
     }
+}
+
+/// Read exactly `n` bytes into a fresh buffer, without zeroing it first (on a 1 MiB write that
+/// costs as much as a checksum pass).
+fn read_payload(rd: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(n);
+    rd.by_ref().take(n as u64).read_to_end(&mut buf)?;
+    if buf.len() != n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
 }
 
 /// Run one request against the replica (on an I/O thread) and encode its reply.

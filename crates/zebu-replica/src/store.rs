@@ -346,6 +346,28 @@ fn pread_nowait(file: &File, buf: &mut [u8], at: u64) -> bool {
     n >= 0 && n as usize == buf.len()
 }
 
+/// Largest piece of a data file written by one `pwrite` (aligned to file offsets).
+///
+/// On ext4 since Linux 6.16 the page cache allocates a folio as large as the write that creates
+/// it (up to 2 MiB), and every later write into a folio walks all of its buffer heads. A volume
+/// filled by large writes (a copy, a restore, a rebuild) then pays 20–80 µs of CPU for each 4 KiB
+/// overwrite, where it pays 2–5 µs in folios of 64 KiB or less. Writing in aligned pieces of
+/// 64 KiB keeps the folios that small, for 15–30% more CPU per MiB on large writes.
+const WRITE_PIECE_BYTES: u64 = 64 * 1024;
+
+/// `pwrite` all of `buf` at `at`, in pieces that end on multiples of [`WRITE_PIECE_BYTES`].
+fn write_in_pieces(file: &File, buf: &[u8], at: u64) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = at + done as u64;
+        let room = (WRITE_PIECE_BYTES - pos % WRITE_PIECE_BYTES) as usize;
+        let n = room.min(buf.len() - done);
+        file.write_all_at(&buf[done..done + n], pos)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Where a block's current contents live.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Source {
@@ -824,9 +846,7 @@ impl Replica {
         };
         let head = self.head();
         let at = first * bs;
-        let res = head
-            .data
-            .write_all_at(blocks, at)
+        let res = write_in_pieces(&head.data, blocks, at)
             .map_err(|e| ReplicaError::io("write", &head.data_path, at, e))
             .and_then(|()| {
                 let entries: Vec<u64> = blocks
