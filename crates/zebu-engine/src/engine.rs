@@ -15,7 +15,7 @@
 //!   data fails its checksum does not fail the read: the next replica is asked.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -169,12 +169,12 @@ pub struct Engine {
 
 /// The connections a request uses, by member index: a [`Lanes`]' own, or none (empty); a
 /// member without one is reached over the engine's shared connection.
-type Via<'a> = &'a [Option<Backend>];
+type Via<'a> = &'a [OnceLock<Backend>];
 
 fn backend<'a>(m: &'a Member, via: Via<'a>) -> &'a Backend {
-    match via.get(m.index) {
-        Some(Some(b)) => b,
-        _ => m.client(),
+    match via.get(m.index).and_then(OnceLock::get) {
+        Some(b) => b,
+        None => m.client(),
     }
 }
 
@@ -848,34 +848,59 @@ impl Engine {
 /// replica (`SHARE_SESSION` / `JOIN_SESSION`), so fencing and generation bumps hold for it
 /// exactly as for the engine's own connection. Open it on the thread that serves the frontend
 /// connection: the lanes' replies are then read there, and a request completes without a hop
-/// to another thread. A member whose lane cannot be opened is reached over the engine's own
-/// connection instead.
+/// to another thread. Lanes open in the background: until a member's lane is open (or if it
+/// cannot be opened), that member is reached over the engine's own connection, so a slow or
+/// unreachable replica never holds up a new frontend connection.
 pub struct Lanes {
     engine: Arc<Engine>,
-    via: Vec<Option<Backend>>,
+    via: Arc<[OnceLock<Backend>]>,
+    opening: tokio::task::JoinHandle<()>,
+    settled: watch::Receiver<bool>,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        self.opening.abort();
+    }
 }
 
 impl Engine {
-    /// Open lanes to every remote replica in the set (see [`Lanes`]).
-    pub async fn lanes(self: &Arc<Self>) -> Lanes {
-        let opens = self.members.iter().map(|m| async move {
-            let Some(Backend::Remote(shared)) = &m.client else {
-                return None;
-            };
-            if m.mode() == Mode::Err {
-                return None;
-            }
-            match self.open_lane(m, shared).await {
-                Ok(lane) => Some(Backend::Remote(lane)),
-                Err(e) => {
-                    tracing::info!(volume = %self.volume, replica = %m.name, "using the engine's shared connection: no connection of its own: {e}");
-                    None
-                }
-            }
-        });
+    /// Start opening lanes to every remote replica in the set (see [`Lanes`]). Call it inside
+    /// the runtime that serves the frontend connection.
+    pub fn lanes(self: &Arc<Self>) -> Lanes {
+        let via: Arc<[OnceLock<Backend>]> = self.members.iter().map(|_| OnceLock::new()).collect();
+        let (done, settled) = watch::channel(false);
+        let opening = {
+            let (engine, via) = (self.clone(), via.clone());
+            tokio::spawn(async move {
+                let opens = engine.members.iter().map(|m| {
+                    let (engine, via) = (&engine, &via);
+                    async move {
+                        let Some(Backend::Remote(shared)) = &m.client else {
+                            return;
+                        };
+                        if m.mode() == Mode::Err {
+                            return;
+                        }
+                        match engine.open_lane(m, shared).await {
+                            Ok(lane) => {
+                                let _ = via[m.index].set(Backend::Remote(lane));
+                            }
+                            Err(e) => {
+                                tracing::info!(volume = %engine.volume, replica = %m.name, "no connection of its own, using the engine's: {e}");
+                            }
+                        }
+                    }
+                });
+                join_all(opens).await;
+                let _ = done.send(true);
+            })
+        };
         Lanes {
             engine: self.clone(),
-            via: join_all(opens).await,
+            via,
+            opening,
+            settled,
         }
     }
 
@@ -914,9 +939,12 @@ impl Lanes {
         &self.engine
     }
 
-    /// How many members are reached over a lane of their own.
-    pub fn open_count(&self) -> usize {
-        self.via.iter().filter(|b| b.is_some()).count()
+    /// Wait until every lane is open or has failed to open; then how many members are reached
+    /// over a lane of their own.
+    pub async fn opened(&self) -> usize {
+        let mut settled = self.settled.clone();
+        let _ = settled.wait_for(|done| *done).await;
+        self.via.iter().filter(|b| b.get().is_some()).count()
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {

@@ -565,7 +565,7 @@ where
     let in_flight = Arc::new(AtomicUsize::new(0));
     // This connection's own sockets to the remote replicas: their replies are read on this
     // thread, so a replicated write completes here without a hop to another thread.
-    let lanes = Arc::new(neg.engine.lanes().await);
+    let lanes = Arc::new(neg.engine.lanes());
     let neg = Arc::new(neg);
     let result: Result<()> = async {
         loop {

@@ -109,23 +109,41 @@ proptest! {
         rt.block_on(async {
             let c = cluster(3).await;
             let e = Engine::start(config(c.targets.clone(), SECRET)).await.unwrap();
+            // Odd steps go through a frontend connection's lanes, even ones through the engine's
+            // own connections: both must see one volume.
+            let lanes = e.lanes();
+            assert_eq!(lanes.opened().await, 2);
             let mut model = vec![0u8; SIZE as usize];
-            // Issue writes of each batch concurrently where they do not overlap a read.
-            for s in steps {
+            for (i, s) in steps.into_iter().enumerate() {
+                let via_lanes = i % 2 == 1;
                 match s {
                     Step::Write { offset, len, seed, fua } => {
                         let d = pattern(len, seed);
-                        e.write(offset, Bytes::from(d.clone()), fua).await.unwrap();
+                        let data = Bytes::from(d.clone());
+                        if via_lanes {
+                            lanes.write(offset, data, fua).await.unwrap();
+                        } else {
+                            e.write(offset, data, fua).await.unwrap();
+                        }
                         model[offset as usize..(offset + len) as usize].copy_from_slice(&d);
                     }
                     Step::Zero { offset, len, trim } => {
-                        e.zero(offset, len, trim, false).await.unwrap();
+                        if via_lanes {
+                            lanes.zero(offset, len, trim, false).await.unwrap();
+                        } else {
+                            e.zero(offset, len, trim, false).await.unwrap();
+                        }
                         model[offset as usize..(offset + len) as usize].fill(0);
                     }
                     Step::Read { offset, len } => {
-                        let got = e.read(offset, len as u32).await.unwrap();
+                        let got = if via_lanes {
+                            lanes.read(offset, len as u32).await.unwrap()
+                        } else {
+                            e.read(offset, len as u32).await.unwrap()
+                        };
                         assert_eq!(&got[..], &model[offset as usize..(offset + len) as usize]);
                     }
+                    Step::Flush if via_lanes => lanes.flush().await.unwrap(),
                     Step::Flush => e.flush().await.unwrap(),
                 }
             }
@@ -367,8 +385,8 @@ async fn lanes_share_the_engines_session_and_fencing() {
         .await
         .unwrap();
     // Replica 0 is in-process; 1 and 2 get connections of the lanes' own.
-    let lanes = e.lanes().await;
-    assert_eq!(lanes.open_count(), 2);
+    let lanes = e.lanes();
+    assert_eq!(lanes.opened().await, 2);
     lanes
         .write(0, Bytes::from(vec![1u8; BS as usize]), false)
         .await
@@ -473,4 +491,38 @@ async fn joining_an_unknown_session_is_refused() {
         .unwrap();
     assert_eq!(a.len(), 8);
     assert_eq!(a, b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_that_cannot_open_falls_back_to_the_engines_connection() {
+    let c = cluster(3).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    // Replica 1's server stops accepting; its open connection (the engine's) stays up.
+    c.tasks[1].abort();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let lanes = e.lanes();
+    assert_eq!(lanes.opened().await, 1, "only replica 2 gets a lane");
+    for i in 0..8u64 {
+        lanes
+            .write(i * BS, Bytes::from(vec![i as u8 + 1; BS as usize]), false)
+            .await
+            .unwrap();
+    }
+    lanes.flush().await.unwrap();
+    assert!(e.members().iter().all(|m| m.mode == Mode::Rw));
+    for s in &c.servers {
+        let r = s.list()[0].clone();
+        for i in 0..8u64 {
+            let mut b = vec![0u8; BS as usize];
+            r.read(i * BS, &mut b).unwrap();
+            assert_eq!(
+                b,
+                vec![i as u8 + 1; BS as usize],
+                "{} at block {i}",
+                r.name()
+            );
+        }
+    }
 }
