@@ -611,13 +611,12 @@ where
             }
             let (neg, lanes) = (neg.clone(), lanes.clone());
             let (sender, in_flight) = (sender.clone(), in_flight.clone());
-            zebu_replica::io_pool::set_in_flight(in_flight.fetch_add(1, Ordering::AcqRel) + 1);
+            in_flight.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(async move {
                 let out = handle(&neg, &lanes, req, payload).await;
                 let parts: Vec<&[u8]> = out.parts.iter().map(|p| &p[..]).collect();
                 // A failed send means the connection is broken; the reader sees that too.
                 let before = in_flight.fetch_sub(1, Ordering::AcqRel);
-                zebu_replica::io_pool::set_in_flight(before - 1);
                 let alone = before == 1;
                 let _ = sender.send(&parts, alone);
                 drop(permit);

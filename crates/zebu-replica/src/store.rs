@@ -26,7 +26,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
 use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
 
@@ -368,6 +368,14 @@ fn write_in_pieces(file: &File, buf: &[u8], at: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Syncs started and completed (numbered from 1), for [`Replica::flush`].
+#[derive(Default)]
+struct SyncState {
+    started: u64,
+    completed: u64,
+    running: bool,
+}
+
 /// Where a block's current contents live.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Source {
@@ -390,7 +398,9 @@ pub struct Replica {
     stripes: Box<[Mutex<()>]>,
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
-    sync_lock: Mutex<()>,
+    /// Group commit of flushes: see [`Replica::flush`].
+    syncs: Mutex<SyncState>,
+    sync_done: Condvar,
     /// Held shared by every operation of a [`Session`], exclusively while a session raises the
     /// generation: an operation checks its session and completes entirely before or after a
     /// take-over.
@@ -527,7 +537,8 @@ impl Replica {
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
-            sync_lock: Mutex::new(()),
+            syncs: Mutex::new(SyncState::default()),
+            sync_done: Condvar::new(),
             fence: RwLock::new(()),
             shared: Mutex::new(HashMap::new()),
         }
@@ -920,17 +931,39 @@ impl Replica {
     }
 
     /// Make every completed write durable.
+    ///
+    /// Group commit: a sync that *starts* after this call began covers every write completed
+    /// before it, so concurrent flushes share one: a flush that arrives while a sync runs waits
+    /// for it to end, and then either runs the next sync itself or waits for the one another
+    /// waiter started. Only one sync runs at a time, because the kernel reports a writeback
+    /// error to one fsync caller only: a concurrent caller could otherwise see success for lost
+    /// data. A failed sync poisons the replica, and every flush that waited on it fails too.
     pub fn flush(&self) -> Result<(), ReplicaError> {
-        // One sync at a time: the kernel reports a writeback error to one fsync caller only, so
-        // a concurrent caller could otherwise see success for lost data. Checking for poison
-        // after taking the lock makes every flush after a failed one fail too.
-        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.check_usable()?;
-        if let Err(e) = self.head().sync() {
-            self.poison(&e);
-            return Err(e);
+        let mut st = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        let need = st.started + 1;
+        loop {
+            if st.completed >= need {
+                drop(st);
+                return self.check_usable();
+            }
+            if !st.running {
+                break;
+            }
+            st = self.sync_done.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        Ok(())
+        st.running = true;
+        st.started += 1;
+        let mine = st.started;
+        drop(st);
+        let res = self
+            .check_usable()
+            .and_then(|()| self.head().sync().inspect_err(|e| self.poison(e)));
+        let mut st = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        st.running = false;
+        st.completed = mine;
+        drop(st);
+        self.sync_done.notify_all();
+        res
     }
 
     /// Run `op` for `session`, unless another session has raised the generation past it.
@@ -1114,6 +1147,41 @@ mod tests {
             let mut all = vec![0u8; SIZE as usize];
             r.read(0, &mut all).unwrap();
             prop_assert_eq!(all, model);
+        }
+    }
+
+    #[test]
+    fn concurrent_writes_and_flushes_complete_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), "v", "v-r", SIZE, BS as u32).unwrap();
+        let blocks = SIZE / BS;
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let r = &r;
+                s.spawn(move || {
+                    for i in (t..blocks).step_by(4) {
+                        r.write(i * BS, &vec![(i % 251) as u8 + 1; BS as usize], false)
+                            .unwrap();
+                        r.flush().unwrap();
+                    }
+                });
+            }
+        });
+        let st = r.syncs.lock().unwrap();
+        assert!(!st.running);
+        assert_eq!(st.started, st.completed);
+        assert!(
+            st.started <= blocks,
+            "{} syncs for {blocks} flushes",
+            st.started
+        );
+        drop(st);
+        drop(r);
+        let r = Replica::open(dir.path()).unwrap();
+        for i in 0..blocks {
+            let mut b = vec![0u8; BS as usize];
+            r.read(i * BS, &mut b).unwrap();
+            assert_eq!(b, vec![(i % 251) as u8 + 1; BS as usize], "block {i}");
         }
     }
 
