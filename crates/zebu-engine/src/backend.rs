@@ -101,6 +101,7 @@ fn execute(replica: &Replica, session: &Session, call: &Call) -> Result<Vec<u8>,
         call.offset,
         call.length,
         payload,
+        None,
     )
 }
 

@@ -526,3 +526,50 @@ async fn a_lane_that_cannot_open_falls_back_to_the_engines_connection() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_damaged_in_transit_is_refused_and_changes_nothing() {
+    use zebu_engine::client::{Call, ClientError, ReplicaClient};
+    use zebu_proto::data::{Op, Status};
+    let c = cluster(2).await;
+    let t = &c.targets[1];
+    let client =
+        ReplicaClient::connect(&t.address, "v", &t.name, 0, SECRET, Duration::from_secs(5))
+            .await
+            .unwrap();
+    let data = Bytes::from(vec![5u8; 2 * BS as usize]);
+    let good = zebu_proto::crc32c(&data);
+    let call = Call {
+        op: Op::Write,
+        flags: 0,
+        offset: BS,
+        length: data.len() as u32,
+        payload: Some(data),
+        payload_crc: Some(good ^ 0x8000_0000),
+    };
+    match client.call(call.clone(), Duration::from_secs(5)).await {
+        Err(ClientError::Failed {
+            status, message, ..
+        }) => {
+            assert_eq!(status, Status::PayloadChecksum);
+            assert!(message.contains("checksum in transit"), "{message}");
+        }
+        other => panic!("expected a checksum refusal, got {other:?}"),
+    }
+    let r = c.servers[1].list()[0].clone();
+    let mut b = vec![1u8; 2 * BS as usize];
+    r.read(BS, &mut b).unwrap();
+    assert_eq!(
+        b,
+        vec![0u8; 2 * BS as usize],
+        "the damaged write reached the disk"
+    );
+    // The connection stays usable, and the same write with its true checksum lands.
+    let call = Call {
+        payload_crc: Some(good),
+        ..call
+    };
+    client.call(call, Duration::from_secs(5)).await.unwrap();
+    r.read(BS, &mut b).unwrap();
+    assert_eq!(b, vec![5u8; 2 * BS as usize]);
+}

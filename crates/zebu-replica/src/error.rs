@@ -31,6 +31,8 @@ pub enum ReplicaError {
     },
     #[error("replica {replica}: {reason}")]
     Invalid { replica: String, reason: String },
+    #[error("replica {replica}: write payload at offset {offset} failed its checksum in transit")]
+    TransitChecksum { replica: String, offset: u64 },
     #[error(
         "replica {replica} refuses I/O after an earlier failure ({reason}); it must be rebuilt"
     )]
@@ -77,6 +79,7 @@ impl ReplicaError {
             | ReplicaError::Invalid { .. }
             | ReplicaError::AlreadyExists { .. } => Status::Invalid,
             ReplicaError::Poisoned { .. } => Status::Poisoned,
+            ReplicaError::TransitChecksum { .. } => Status::PayloadChecksum,
             ReplicaError::Stale { .. } => Status::Stale,
         }
     }

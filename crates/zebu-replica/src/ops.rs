@@ -39,6 +39,9 @@ pub fn read_cached(
 
 /// Run one operation for `session`; returns the reply payload. Blocking: call it on an I/O
 /// thread. Everything but PING and INFO is refused once the session is stale (fencing).
+/// `payload_crc` is the CRC32C a WRITE's payload carried over the network, checked before
+/// anything is written (None when the payload never left this process).
+#[allow(clippy::too_many_arguments)]
 pub fn execute(
     replica: &Replica,
     session: &Session,
@@ -47,13 +50,15 @@ pub fn execute(
     offset: u64,
     length: u32,
     payload: &[u8],
+    payload_crc: Option<u32>,
 ) -> Result<Vec<u8>, ReplicaError> {
+    let run = |op| run(replica, op, flags, offset, length, payload, payload_crc);
     let res = match op {
-        Op::Ping | Op::Info => run(replica, op, flags, offset, length, payload),
+        Op::Ping | Op::Info => run(op),
         Op::SetGeneration => replica
             .set_generation_for(session, offset)
             .map(|()| Vec::new()),
-        _ => replica.fenced(session, || run(replica, op, flags, offset, length, payload)),
+        _ => replica.fenced(session, || run(op)),
     };
     if let Err(e) = &res {
         if !matches!(e.status(), Status::Invalid | Status::Stale) {
@@ -70,6 +75,7 @@ fn run(
     offset: u64,
     length: u32,
     payload: &[u8],
+    payload_crc: Option<u32>,
 ) -> Result<Vec<u8>, ReplicaError> {
     let fua = flags & FLAG_FUA != 0;
     match op {
@@ -77,7 +83,9 @@ fn run(
             let mut buf = vec![0u8; length as usize];
             replica.read(offset, &mut buf).map(|()| buf)
         }
-        Op::Write => replica.write(offset, payload, fua).map(|()| Vec::new()),
+        Op::Write => replica
+            .write_checked(offset, payload, fua, payload_crc)
+            .map(|()| Vec::new()),
         Op::Flush => replica.flush().map(|()| Vec::new()),
         Op::Trim | Op::WriteZeroes => replica
             .zero(offset, length as u64, fua)

@@ -398,6 +398,8 @@ pub struct Replica {
     stripes: Box<[Mutex<()>]>,
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
+    /// Joins per-block CRC32Cs into the CRC32C of a whole write (transit check).
+    crc_shift: zebu_proto::CrcShift,
     /// Group commit of flushes: see [`Replica::flush`].
     syncs: Mutex<SyncState>,
     sync_done: Condvar,
@@ -525,15 +527,17 @@ impl Replica {
     }
 
     fn assemble(dir: &Path, meta: ReplicaMeta, layers: Vec<Layer>) -> Replica {
+        let block_size = meta.block_size;
         Replica {
             dir: dir.to_owned(),
             volume: meta.volume.clone(),
             name: meta.replica.clone(),
             size_bytes: meta.size_bytes,
-            block_size: meta.block_size,
+            block_size,
             generation: AtomicU64::new(meta.generation),
             layers,
             meta: Mutex::new(meta),
+            crc_shift: zebu_proto::CrcShift::new(block_size as usize),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
@@ -826,6 +830,20 @@ impl Replica {
 
     /// Write `data` at `offset`; with `fua`, it is durable before this returns.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ReplicaError> {
+        self.write_checked(offset, data, fua, None)
+    }
+
+    /// [`Replica::write`] of a payload that crossed the network with CRC32C `transit`: nothing is
+    /// written unless the payload still matches it. For a block-aligned write the check joins
+    /// the per-block checksums the index needs anyway ([`zebu_proto::CrcShift`]), so the payload
+    /// is read once, not twice.
+    pub fn write_checked(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        transit: Option<u32>,
+    ) -> Result<(), ReplicaError> {
         self.check_usable()?;
         self.check_range(offset, data.len() as u64)?;
         if data.is_empty() {
@@ -835,6 +853,15 @@ impl Replica {
         let (first, end) = self.block_span(offset, data.len() as u64);
         let _guards = self.lock_blocks(first, end);
         let aligned = offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs);
+        let corrupt_in_transit = || ReplicaError::TransitChecksum {
+            replica: self.name.clone(),
+            offset,
+        };
+        if let Some(expected) = transit.filter(|_| !aligned) {
+            if crc32c::crc32c(data) != expected {
+                return Err(corrupt_in_transit());
+            }
+        }
         let merged;
         let blocks: &[u8] = if aligned {
             data
@@ -855,15 +882,24 @@ impl Replica {
             merged = buf;
             &merged
         };
+        let crcs: Vec<u32> = blocks
+            .chunks_exact(bs as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        if let Some(expected) = transit.filter(|_| aligned) {
+            let whole = crcs[1..]
+                .iter()
+                .fold(crcs[0], |acc, &c| self.crc_shift.combine(acc, c));
+            if whole != expected {
+                return Err(corrupt_in_transit());
+            }
+        }
         let head = self.head();
         let at = first * bs;
         let res = write_in_pieces(&head.data, blocks, at)
             .map_err(|e| ReplicaError::io("write", &head.data_path, at, e))
             .and_then(|()| {
-                let entries: Vec<u64> = blocks
-                    .chunks_exact(bs as usize)
-                    .map(|b| ENTRY_PRESENT | crc32c::crc32c(b) as u64)
-                    .collect();
+                let entries: Vec<u64> = crcs.iter().map(|&c| ENTRY_PRESENT | c as u64).collect();
                 head.put_entries(first, &entries)
             });
         if let Err(e) = res {
@@ -1182,6 +1218,35 @@ mod tests {
             let mut b = vec![0u8; BS as usize];
             r.read(i * BS, &mut b).unwrap();
             assert_eq!(b, vec![(i % 251) as u8 + 1; BS as usize], "block {i}");
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_its_transit_checksum_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), "v", "v-r", SIZE, BS as u32).unwrap();
+        r.write(0, &vec![7u8; 4 * BS as usize], false).unwrap();
+        // Aligned (checked by joining per-block checksums) and unaligned (checked directly).
+        for (offset, len) in [(0u64, 3 * BS as usize), (100, 2 * BS as usize + 5)] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let good = crc32c::crc32c(&data);
+            let err = r
+                .write_checked(offset, &data, false, Some(good ^ 1))
+                .expect_err("a payload that does not match its checksum must be refused");
+            assert!(matches!(err, ReplicaError::TransitChecksum { .. }), "{err}");
+            assert_eq!(err.status(), zebu_proto::data::Status::PayloadChecksum);
+            let mut b = vec![0u8; 4 * BS as usize];
+            r.read(0, &mut b).unwrap();
+            assert_eq!(
+                b,
+                vec![7u8; 4 * BS as usize],
+                "a refused write changed data"
+            );
+            r.write_checked(offset, &data, false, Some(good)).unwrap();
+            let mut b = vec![0u8; len];
+            r.read(offset, &mut b).unwrap();
+            assert_eq!(b, data);
+            r.write(0, &vec![7u8; 4 * BS as usize], false).unwrap();
         }
     }
 
