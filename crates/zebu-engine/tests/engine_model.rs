@@ -6,7 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use tokio::net::TcpListener;
+use zebu_engine::client::{Call, ClientError, ReplicaClient};
 use zebu_engine::{Engine, EngineConfig, EngineError, LocalReplica, Mode, ReplicaTarget};
+use zebu_proto::data::{Op, Status};
 use zebu_replica::{Replica, ReplicaServer};
 
 const BS: u64 = 4096;
@@ -316,17 +318,7 @@ async fn a_newer_engine_fences_off_the_old_one() {
         &new.read(0, BS as u32).await.unwrap()[..],
         &vec![1u8; BS as usize][..]
     );
-    for s in &c.servers {
-        let r = s.list()[0].clone();
-        let mut b = vec![0u8; BS as usize];
-        r.read(0, &mut b).unwrap();
-        assert_eq!(
-            b,
-            vec![1u8; BS as usize],
-            "the fenced engine's write reached {}",
-            r.name()
-        );
-    }
+    assert_every_replica_holds(&c, 0, 1, "the fenced engine's write reached it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,29 +433,35 @@ async fn lanes_share_the_engines_session_and_fencing() {
         .await
         .expect_err("the old engine's lanes must be fenced off");
     assert!(matches!(err, EngineError::Closed { .. }), "{err}");
+    assert_every_replica_holds(&c, 0, 1, "a fenced lane wrote to it");
+}
+
+/// Every replica still served stores block `block` as `byte` repeated.
+fn assert_every_replica_holds(c: &Cluster, block: u64, byte: u8, why: &str) {
     for s in &c.servers {
         let r = s.list()[0].clone();
         let mut b = vec![0u8; BS as usize];
-        r.read(0, &mut b).unwrap();
+        r.read(block * BS, &mut b).unwrap();
         assert_eq!(
             b,
-            vec![1u8; BS as usize],
-            "a fenced lane wrote to {}",
+            vec![byte; BS as usize],
+            "{} block {block}: {why}",
             r.name()
         );
     }
 }
 
+/// A bare data-protocol connection to one replica, as an engine opens it.
+async fn raw_client(t: &ReplicaTarget) -> ReplicaClient {
+    ReplicaClient::connect(&t.address, "v", &t.name, 0, SECRET, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joining_an_unknown_session_is_refused() {
-    use zebu_engine::client::{Call, ClientError, ReplicaClient};
-    use zebu_proto::data::{Op, Status};
     let c = cluster(2).await;
-    let t = &c.targets[1];
-    let client =
-        ReplicaClient::connect(&t.address, "v", &t.name, 0, SECRET, Duration::from_secs(5))
-            .await
-            .unwrap();
+    let client = raw_client(&c.targets[1]).await;
     let err = client
         .call(
             Call::new(Op::JoinSession, 0x1234, 0),
@@ -512,31 +510,15 @@ async fn a_lane_that_cannot_open_falls_back_to_the_engines_connection() {
     }
     lanes.flush().await.unwrap();
     assert!(e.members().iter().all(|m| m.mode == Mode::Rw));
-    for s in &c.servers {
-        let r = s.list()[0].clone();
-        for i in 0..8u64 {
-            let mut b = vec![0u8; BS as usize];
-            r.read(i * BS, &mut b).unwrap();
-            assert_eq!(
-                b,
-                vec![i as u8 + 1; BS as usize],
-                "{} at block {i}",
-                r.name()
-            );
-        }
+    for i in 0..8u64 {
+        assert_every_replica_holds(&c, i, i as u8 + 1, "a write over a lane is missing");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_damaged_in_transit_is_refused_and_changes_nothing() {
-    use zebu_engine::client::{Call, ClientError, ReplicaClient};
-    use zebu_proto::data::{Op, Status};
     let c = cluster(2).await;
-    let t = &c.targets[1];
-    let client =
-        ReplicaClient::connect(&t.address, "v", &t.name, 0, SECRET, Duration::from_secs(5))
-            .await
-            .unwrap();
+    let client = raw_client(&c.targets[1]).await;
     let data = Bytes::from(vec![5u8; 2 * BS as usize]);
     let good = zebu_proto::crc32c(&data);
     let call = Call {
