@@ -376,6 +376,38 @@ struct SyncState {
     running: bool,
 }
 
+/// The sync [`Replica::flush`] is running. Dropping it ends the sync and wakes the waiters; if
+/// it ends without [`SyncRunning::finish`] (a panic), the replica is poisoned first, so no waiter
+/// takes an unfinished sync for a durable one.
+struct SyncRunning<'a> {
+    replica: &'a Replica,
+    number: u64,
+    finished: bool,
+}
+
+impl SyncRunning<'_> {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for SyncRunning<'_> {
+    fn drop(&mut self) {
+        let r = self.replica;
+        if !self.finished {
+            r.poison(&ReplicaError::Invalid {
+                replica: r.name.clone(),
+                reason: "a data sync was interrupted".into(),
+            });
+        }
+        let mut st = r.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        st.running = false;
+        st.completed = self.number;
+        drop(st);
+        r.sync_done.notify_all();
+    }
+}
+
 /// Where a block's current contents live.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Source {
@@ -989,16 +1021,16 @@ impl Replica {
         }
         st.running = true;
         st.started += 1;
-        let mine = st.started;
+        let running = SyncRunning {
+            replica: self,
+            number: st.started,
+            finished: false,
+        };
         drop(st);
         let res = self
             .check_usable()
             .and_then(|()| self.head().sync().inspect_err(|e| self.poison(e)));
-        let mut st = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
-        st.running = false;
-        st.completed = mine;
-        drop(st);
-        self.sync_done.notify_all();
+        running.finish();
         res
     }
 
