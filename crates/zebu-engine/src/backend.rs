@@ -63,8 +63,7 @@ impl OpenLocal {
             }
         }
         if io_pool::may_run_inline() && ops::is_quick(call.op, call.flags, call.length) {
-            // This thread serves one client only (an NBD connection's), which has few requests
-            // in flight: run it right here.
+            // This thread serves one client only (an NBD connection's): run it right here.
             return execute(replica, &self.session, &call)
                 .map(Bytes::from)
                 .map_err(failed);

@@ -935,10 +935,6 @@ impl Engine {
 }
 
 impl Lanes {
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
     /// Wait until every lane is open or has failed to open; then how many members are reached
     /// over a lane of their own.
     pub async fn opened(&self) -> usize {

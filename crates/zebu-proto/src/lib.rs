@@ -26,7 +26,6 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
 /// its images of the 32 single-bit states, folded into four byte-indexed tables.
 #[derive(Clone)]
 pub struct CrcShift {
-    len: usize,
     tables: Box<[[u32; 256]; 4]>,
 }
 
@@ -45,20 +44,10 @@ impl CrcShift {
                     .fold(0, |acc, b| acc ^ cols[8 * k + b]);
             }
         }
-        CrcShift { len, tables }
+        CrcShift { tables }
     }
 
-    /// The piece length this operator joins.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: an operator for empty pieces is the identity, and is never built.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// `crc(A ‖ B)` from `crc(A)` and `crc(B)`, where B is [`CrcShift::len`] bytes.
+    /// `crc(A ‖ B)` from `crc(A)` and `crc(B)`, where B is as long as this operator was built for.
     #[inline]
     pub fn combine(&self, a: u32, b: u32) -> u32 {
         let t = &self.tables;
