@@ -25,6 +25,9 @@ use zebu_replica::{Replica, ReplicaServer};
 
 pub const DEFAULT_DATA_PORT: u16 = 10700;
 pub const DEFAULT_NBD_PORT: u16 = 10809;
+/// How long an NBD connection's thread polls before it sleeps, by default (see
+/// `zebu_engine::busy_poll`).
+pub const DEFAULT_BUSY_POLL_US: u64 = zebu_engine::busy_poll::DEFAULT_WINDOW.as_micros() as u64;
 /// A failed engine start is retried after this long.
 const ENGINE_RETRY: Duration = Duration::from_secs(5);
 /// A replica that does not answer a request within this time leaves the set.
@@ -56,6 +59,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// I/O threads of the replica server.
     pub io_threads: usize,
+    /// How long an NBD connection's thread may poll before it sleeps (zero: never).
+    pub busy_poll: Duration,
 }
 
 enum EngineSlot {
@@ -152,7 +157,7 @@ impl Agent {
             )
         })?;
         let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
-        let nbd = NbdServer::new();
+        let nbd = NbdServer::new(cfg.busy_poll);
         let rt = data_runtime();
         let bind = |port: u16, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
             let addr = std::net::SocketAddr::new(cfg.listen_ip, port);

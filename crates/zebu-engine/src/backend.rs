@@ -68,6 +68,8 @@ impl OpenLocal {
                 .map(Bytes::from)
                 .map_err(failed);
         }
+        // The job runs on an I/O thread: this thread sleeps without polling meanwhile.
+        let _blind = crate::busy_poll::blind();
         let (tx, rx) = oneshot::channel();
         let (r, session, c) = (replica.clone(), self.session.clone(), call.clone());
         self.local.pool.submit(move || {

@@ -176,6 +176,8 @@ pub struct ReplicaClient {
     conn: Arc<Conn>,
     next_id: AtomicU64,
     reader: JoinHandle<()>,
+    /// The socket's registration with the poller of the thread it was started on, if any.
+    watched: crate::busy_poll::WatchToken,
 }
 
 impl Drop for ReplicaClient {
@@ -243,6 +245,10 @@ impl ReplicaClient {
     }
 
     fn start(stream: TcpStream, replica: &str, address: &str, welcome: Welcome) -> ReplicaClient {
+        // A lane, started on an NBD connection's thread, is polled there before it sleeps (the
+        // reader below runs on that thread and keeps the registration).
+        let watch = crate::busy_poll::watch(std::os::fd::AsRawFd::as_raw_fd(&stream));
+        let watched = watch.token();
         let (rd, wr) = stream.into_split();
         // Buffered: one recv usually brings many replies (header and payload together).
         let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
@@ -255,6 +261,7 @@ impl ReplicaClient {
         let reader = {
             let conn = conn.clone();
             tokio::spawn(async move {
+                let _watch = watch;
                 let why: String = async {
                     loop {
                         let mut hb = [0u8; REPLY_HEADER_BYTES];
@@ -295,6 +302,7 @@ impl ReplicaClient {
             conn,
             next_id: AtomicU64::new(1),
             reader,
+            watched,
         }
     }
 
@@ -313,6 +321,8 @@ impl ReplicaClient {
 
     /// Send one request and wait for its reply payload.
     pub async fn call(&self, call: Call, timeout: Duration) -> Result<Bytes, ClientError> {
+        // Replies read by another thread's task: the calling thread must not poll meanwhile.
+        let _blind = (!self.watched.is_here()).then(crate::busy_poll::blind);
         let conn = &self.conn;
         if conn.is_closed() {
             return Err(conn.disconnected());

@@ -3,6 +3,7 @@
 //! ([`nbd`]).
 
 pub mod backend;
+pub mod busy_poll;
 pub mod client;
 pub mod engine;
 pub mod nbd;

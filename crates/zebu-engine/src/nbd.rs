@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -39,9 +40,10 @@ const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The exports of one node: volume name → engine.
-#[derive(Default)]
 pub struct NbdServer {
     exports: RwLock<HashMap<String, Arc<Engine>>>,
+    /// How long a connection's thread may poll before it sleeps (see [`crate::busy_poll`]).
+    busy_poll: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +73,13 @@ fn errno(e: &EngineError) -> u32 {
 }
 
 impl NbdServer {
-    pub fn new() -> Arc<NbdServer> {
-        Arc::new(NbdServer::default())
+    /// `busy_poll`: how long a connection's thread may poll its sockets before it sleeps
+    /// (zero: never; see [`crate::busy_poll`]).
+    pub fn new(busy_poll: Duration) -> Arc<NbdServer> {
+        Arc::new(NbdServer {
+            exports: RwLock::default(),
+            busy_poll,
+        })
     }
 
     pub fn add(&self, engine: Arc<Engine>) {
@@ -154,7 +161,7 @@ impl NbdServer {
         // Bytes the client sent right after negotiating must not be lost on the way.
         let early = rd.buffer().to_vec();
         let raw = S::unsplit(rd.into_inner(), wr)?;
-        serve_on_thread::<S>(neg, raw, early)
+        serve_on_thread::<S>(neg, raw, early, self.busy_poll)
     }
 
     async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Negotiated>
@@ -426,7 +433,7 @@ trait Socket: Sized + Send + 'static {
     type Listener: Send + Sync + 'static;
     type Rd: AsyncRead + Unpin + Send + 'static;
     type Wr: AsyncWrite + TrySend + Unpin;
-    type Std: Send + 'static;
+    type Std: Send + AsRawFd + 'static;
     /// The next connection and a description of its peer, for logs.
     fn accept(l: &Self::Listener) -> impl Future<Output = std::io::Result<(Self, String)>> + Send;
     fn split(self) -> (Self::Rd, Self::Wr);
@@ -487,7 +494,6 @@ impl Socket for tokio::net::UnixStream {
 /// several pieces, each waiting for the client to read; TCP loopback grows its buffers by
 /// itself. Ask for 4 MiB (the kernel caps it at `net.core.wmem_max`); failure only costs speed.
 fn widen_send_buffer(s: &std::os::unix::net::UnixStream) {
-    use std::os::fd::AsRawFd;
     let size: libc::c_int = 4 << 20;
     // SAFETY: a valid socket fd, and a pointer to a c_int with its correct length.
     let rc = unsafe {
@@ -513,14 +519,25 @@ fn widen_send_buffer(s: &std::os::unix::net::UnixStream) {
 /// request from receipt to reply then needs no hop to another thread when the volume's data is
 /// local, which on a small VM is most of the cost of a request. Waits on the disk (FLUSH, FUA,
 /// uncached reads) and large transfers still go to the I/O pool, so requests keep overlapping.
-fn serve_on_thread<S: Socket>(neg: Negotiated, raw: S::Std, early: Vec<u8>) -> Result<()> {
+fn serve_on_thread<S: Socket>(
+    neg: Negotiated,
+    raw: S::Std,
+    early: Vec<u8>,
+    busy_poll: Duration,
+) -> Result<()> {
     let volume = neg.engine.volume().to_owned();
     std::thread::Builder::new()
         .name("zebu-nbd-conn".into())
         .spawn(move || {
             zebu_replica::io_pool::dedicated();
+            // Between a reply and the client's next request, poll instead of sleeping (a
+            // wake-up costs more than the request on a VM).
+            crate::busy_poll::enable(busy_poll);
+            let _watch = crate::busy_poll::watch(raw.as_raw_fd());
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(crate::busy_poll::before_park)
+                .on_thread_unpark(crate::busy_poll::after_unpark)
                 .build()
             {
                 Ok(rt) => rt,
@@ -612,6 +629,7 @@ where
             let (neg, lanes) = (neg.clone(), lanes.clone());
             let (sender, in_flight) = (sender.clone(), in_flight.clone());
             in_flight.fetch_add(1, Ordering::AcqRel);
+            let counted = crate::busy_poll::request();
             tokio::spawn(async move {
                 let out = handle(&neg, &lanes, req, payload).await;
                 let parts: Vec<&[u8]> = out.parts.iter().map(|p| &p[..]).collect();
@@ -620,6 +638,7 @@ where
                 let alone = before == 1;
                 let _ = sender.send(&parts, alone);
                 drop(permit);
+                drop(counted);
             });
         }
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
-use zebu_agent::{Agent, AgentConfig, DEFAULT_DATA_PORT, DEFAULT_NBD_PORT};
+use zebu_agent::{Agent, AgentConfig, DEFAULT_BUSY_POLL_US, DEFAULT_DATA_PORT, DEFAULT_NBD_PORT};
 use zebu_api::{ApiClient, CreateVolume, VolumeState};
 use zebu_manager::Manager;
 
@@ -80,6 +80,12 @@ struct UpArgs {
     /// Do not create and attach the `demo` volume.
     #[arg(long)]
     no_demo: bool,
+    /// How long, in microseconds, an NBD connection's thread polls its sockets before it
+    /// sleeps, while a client has at most one request in flight. Saves a thread wake-up per
+    /// request (on a VM most of a 4 KiB write's latency) for some CPU; the window adapts per
+    /// connection and drops to zero while a connection is idle. 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US")]
+    busy_poll_us: u64,
 }
 
 #[derive(Args)]
@@ -115,6 +121,12 @@ struct AgentArgs {
     /// API token (default: $ZEBU_TOKEN, else ./zebu-data/admin.token).
     #[arg(long, env = "ZEBU_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// How long, in microseconds, an NBD connection's thread polls its sockets before it
+    /// sleeps, while a client has at most one request in flight. Saves a thread wake-up per
+    /// request (on a VM most of a 4 KiB write's latency) for some CPU; the window adapts per
+    /// connection and drops to zero while a connection is idle. 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US")]
+    busy_poll_us: u64,
 }
 
 #[derive(Args, Clone)]
@@ -323,6 +335,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         token,
         heartbeat_interval: Duration::from_secs(1),
         io_threads: 4,
+        busy_poll: Duration::from_micros(a.busy_poll_us),
     })?;
     let (tx, rx) = watch::channel(false);
     let run = tokio::spawn(agent.run(rx));
@@ -369,6 +382,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             token: token.clone(),
             heartbeat_interval: Duration::from_secs(1),
             io_threads: 3,
+            busy_poll: Duration::from_micros(a.busy_poll_us),
         })?;
         agents.push(tokio::spawn(agent.run(stop_rx.clone())));
     }
