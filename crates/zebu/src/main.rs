@@ -83,8 +83,9 @@ struct UpArgs {
     /// How long, in microseconds, an NBD connection's thread polls its sockets before it
     /// sleeps, while a client has at most one request in flight. Saves a thread wake-up per
     /// request (on a VM most of a 4 KiB write's latency) for some CPU; the window adapts per
-    /// connection and drops to zero while a connection is idle. 0 turns it off.
-    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US")]
+    /// connection and drops to zero while a connection is idle. 0 turns it off; at most 1000.
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US",
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
     busy_poll_us: u64,
 }
 
@@ -124,8 +125,9 @@ struct AgentArgs {
     /// How long, in microseconds, an NBD connection's thread polls its sockets before it
     /// sleeps, while a client has at most one request in flight. Saves a thread wake-up per
     /// request (on a VM most of a 4 KiB write's latency) for some CPU; the window adapts per
-    /// connection and drops to zero while a connection is idle. 0 turns it off.
-    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US")]
+    /// connection and drops to zero while a connection is idle. 0 turns it off; at most 1000.
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US",
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
     busy_poll_us: u64,
 }
 
