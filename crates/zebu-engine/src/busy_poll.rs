@@ -371,15 +371,17 @@ mod tests {
                 .build()
                 .unwrap();
             // The other thread sends while the runtime polls (it is the only poller: the tests
-            // that poll take turns). A few rounds, in case a poll ends just as it sends.
-            for _ in 0..5 {
+            // that poll take turns). On a loaded machine the sender may not run within the
+            // window, so up to 100 rounds, each with the whole window again (a miss shrinks it).
+            for _ in 0..100 {
+                with_poller(|p| p.window = p.max).unwrap();
                 let got = rt.block_on(async {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let task = tokio::spawn(rx);
                     std::thread::spawn(move || {
                         let t = Instant::now();
                         while POLLING.load(Ordering::Acquire) == 0
-                            && t.elapsed() < Duration::from_secs(1)
+                            && t.elapsed() < Duration::from_millis(20)
                         {
                             std::hint::spin_loop();
                         }
