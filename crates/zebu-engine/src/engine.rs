@@ -741,14 +741,17 @@ impl Engine {
     }
 
     /// Ask members in turn; transport failures retire the member, checksum failures skip it.
+    /// Returns the answer and the members that failed their checksum before it (read repair
+    /// mends them: see [`Engine::repair`]).
     async fn read_like(
         &self,
         via: Via<'_>,
         op: Op,
         offset: u64,
         length: u32,
-    ) -> Result<Bytes, EngineError> {
+    ) -> Result<(Bytes, Vec<Arc<Member>>), EngineError> {
         let mut last_err = String::new();
+        let mut damaged = Vec::new();
         for m in self.read_order() {
             if m.mode() != Mode::Rw {
                 continue;
@@ -757,7 +760,7 @@ impl Engine {
                 .call(Call::new(op, offset, length), self.io_timeout)
                 .await
             {
-                Ok(b) => return Ok(b),
+                Ok(b) => return Ok((b, damaged)),
                 Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
                 Err(e) if e.is_invalid_request() => {
                     return Err(EngineError::Invalid {
@@ -773,6 +776,7 @@ impl Engine {
                 ) => {
                     tracing::error!(volume = %self.volume, "{e}; reading from another replica");
                     last_err = e.to_string();
+                    damaged.push(m.clone());
                 }
                 Err(e) => {
                     last_err = e.to_string();
@@ -799,7 +803,10 @@ impl Engine {
         if length == 0 {
             return Ok(Bytes::new());
         }
-        let b = self.read_like(via, Op::Read, offset, length).await?;
+        let (b, damaged) = self.read_like(via, Op::Read, offset, length).await?;
+        if !damaged.is_empty() {
+            self.repair(via, offset, length, damaged).await;
+        }
         if b.len() != length as usize {
             return Err(EngineError::NoReplicas {
                 volume: self.volume.clone(),
@@ -810,6 +817,82 @@ impl Engine {
             });
         }
         Ok(b)
+    }
+
+    /// Read repair: `damaged` members failed their checksum on a read of `[offset, +length)`
+    /// that another member answered. Copy the blocks from a member that reads them cleanly over
+    /// the damaged members' copies, so the volume has all its copies of them again (a torn
+    /// write after a crash, or a bad disk sector, heals on first read). Under the write lock of
+    /// those blocks, so no write to them can fall between the good read and the copy; whole
+    /// blocks, so no replica has to read its damaged block to merge a partial one. A member the
+    /// copy fails on is retired, as on any failed write.
+    async fn repair(&self, via: Via<'_>, offset: u64, length: u32, mut damaged: Vec<Arc<Member>>) {
+        const PIECE: u64 = 1 << 20;
+        let (s, e) = self.block_range(offset, length as u64);
+        let _g = self.ranges.lock(s, e).await;
+        let mut at = s;
+        while at < e {
+            let n = (e - at).min(PIECE) as u32;
+            // Every other copy is read too, so all damaged ones are found, not only those the
+            // first read happened to meet.
+            let mut good = None;
+            let mut failed = Vec::new();
+            for m in self.read_order() {
+                if damaged.iter().any(|d| d.index == m.index) {
+                    continue;
+                }
+                match backend(&m, via)
+                    .call(Call::new(Op::Read, at, n), self.io_timeout)
+                    .await
+                {
+                    Ok(b) if b.len() == n as usize => {
+                        good.get_or_insert(b);
+                    }
+                    Err(ClientError::Failed {
+                        status: Status::Checksum,
+                        ..
+                    }) => damaged.push(m),
+                    Err(e) if is_stale(&e) => {
+                        self.fenced(&e);
+                        return;
+                    }
+                    // Not a copy to take or to mend; a transport failure retires the member on
+                    // its next write, as always.
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            let Some(good) = good else {
+                tracing::error!(volume = %self.volume, offset = at, length = n, "read repair: no replica reads these blocks cleanly; they stay as they are");
+                return;
+            };
+            for m in damaged.iter().filter(|m| m.mode() == Mode::Rw) {
+                let call = Call {
+                    op: Op::Write,
+                    flags: 0,
+                    offset: at,
+                    length: n,
+                    payload: Some(good.clone()),
+                    payload_crc: None,
+                };
+                match backend(m, via).call(call, self.io_timeout).await {
+                    Ok(_) => {
+                        tracing::warn!(volume = %self.volume, replica = %m.name, offset = at, length = n, "read repair: rewrote blocks that failed their checksum with a good copy");
+                    }
+                    Err(e) if is_stale(&e) => {
+                        self.fenced(&e);
+                        return;
+                    }
+                    Err(e) if e.is_invalid_request() => {
+                        tracing::error!(volume = %self.volume, replica = %m.name, "read repair refused: {e}");
+                    }
+                    Err(e) => failed.push((m.clone(), format!("read repair: {e}"))),
+                }
+            }
+            if !failed.is_empty() {
+                self.retire(&failed).await;
+            }
+            at += n as u64;
+        }
     }
 
     /// Allocation map of a range (for NBD BLOCK_STATUS). May cover less than asked.
@@ -825,7 +908,7 @@ impl Engine {
     ) -> Result<Vec<MapExtent>, EngineError> {
         let _in = self.enter().await?;
         self.check_range(offset, length as u64)?;
-        let b = self.read_like(via, Op::Map, offset, length).await?;
+        let (b, _) = self.read_like(via, Op::Map, offset, length).await?;
         data::decode_map(&b).map_err(|e| EngineError::NoReplicas {
             volume: self.volume.clone(),
             detail: format!("a replica sent a bad allocation map: {e}"),

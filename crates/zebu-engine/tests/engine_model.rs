@@ -555,3 +555,95 @@ async fn a_write_damaged_in_transit_is_refused_and_changes_nothing() {
     r.read(BS, &mut b).unwrap();
     assert_eq!(b, vec![5u8; 2 * BS as usize]);
 }
+
+/// Change block `block` of replica `i`'s data file behind its back, as a bad sector or a write
+/// torn by a crash would: its index entry no longer matches.
+fn damage(c: &Cluster, i: usize, block: u64) {
+    use std::os::unix::fs::FileExt;
+    let data = std::fs::read_dir(c._dirs[i].path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .expect("a layer data file");
+    let f = std::fs::OpenOptions::new().write(true).open(data).unwrap();
+    f.write_all_at(&[0x5a; 100], block * BS + 1000).unwrap();
+    let r = c.servers[i].list()[0].clone();
+    let mut b = vec![0u8; BS as usize];
+    let err = r
+        .read(block * BS, &mut b)
+        .expect_err("the damage must be seen");
+    assert!(err.to_string().contains("checksum"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_mends_damaged_copies_from_a_good_one() {
+    let c = cluster(3).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    e.write(4 * BS, Bytes::from(vec![7u8; 4 * BS as usize]), false)
+        .await
+        .unwrap();
+    e.flush().await.unwrap();
+    // Two of three copies damaged, one of them the local one (always read first), in blocks
+    // 5 and 6; the read covers parts of them only.
+    damage(&c, 0, 5);
+    damage(&c, 1, 6);
+    let got = e.read(5 * BS + 100, BS as u32).await.unwrap();
+    assert_eq!(
+        got,
+        vec![7u8; BS as usize],
+        "the read returns the good copy"
+    );
+    for b in 4..8 {
+        assert_every_replica_holds(&c, b, 7, "read repair rewrote the damaged blocks");
+    }
+    for m in e.members() {
+        assert_eq!(
+            m.mode,
+            Mode::Rw,
+            "{}: a mended replica stays in the set",
+            m.name
+        );
+    }
+    // A read whose first copy is clean costs no other reads: damage elsewhere stays unseen.
+    damage(&c, 2, 4);
+    assert_eq!(
+        e.read(4 * BS, 4 * BS as u32).await.unwrap(),
+        vec![7u8; 4 * BS as usize]
+    );
+    let r2 = c.servers[2].list()[0].clone();
+    assert!(r2.read(4 * BS, &mut vec![0u8; BS as usize]).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_damaged_on_every_copy_fails_its_read_and_changes_nothing() {
+    let c = cluster(2).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    e.write(0, Bytes::from(vec![3u8; 2 * BS as usize]), false)
+        .await
+        .unwrap();
+    damage(&c, 0, 1);
+    damage(&c, 1, 1);
+    let err = e.read(0, 2 * BS as u32).await.expect_err("no good copy");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_every_replica_holds(&c, 0, 3, "a failed read wrote nothing");
+    for i in 0..2 {
+        let r = c.servers[i].list()[0].clone();
+        let mut b = vec![0u8; BS as usize];
+        assert!(
+            r.read(BS, &mut b).is_err(),
+            "replica {i}: still damaged, not papered over"
+        );
+    }
+    for m in e.members() {
+        assert_eq!(
+            m.mode,
+            Mode::Rw,
+            "{}: damage is not a transport failure",
+            m.name
+        );
+    }
+}
