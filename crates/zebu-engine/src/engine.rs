@@ -76,6 +76,13 @@ pub enum EngineError {
         #[source]
         source: ClientError,
     },
+    #[error("volume {volume}: the data at {offset}+{length} is damaged on every replica that holds it ({detail}); write those blocks anew to use them again")]
+    Damaged {
+        volume: String,
+        offset: u64,
+        length: u64,
+        detail: String,
+    },
     #[error("volume {volume} cannot start: {reason}")]
     Start { volume: String, reason: String },
     #[error("volume {volume} is no longer served by this engine: {reason}")]
@@ -176,6 +183,17 @@ fn backend<'a>(m: &'a Member, via: Via<'a>) -> &'a Backend {
         Some(b) => b,
         None => m.client(),
     }
+}
+
+/// The replica found a stored block that fails its checksum.
+fn is_damage(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Failed {
+            status: Status::Checksum,
+            ..
+        }
+    )
 }
 
 fn is_stale(e: &ClientError) -> bool {
@@ -506,12 +524,24 @@ impl Engine {
         .await;
         let mut failed = Vec::new();
         let mut invalid = None;
+        let mut damaged = Vec::new();
+        let mut took = false;
         for (m, r) in set.iter().zip(results) {
             match r {
-                Ok(_) => {}
+                Ok(_) => took = true,
                 Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
                 Err(e) if e.is_invalid_request() => invalid = Some(e),
+                // The member met a damaged block it had to merge a partial write into, and
+                // applied nothing: mended below, not retired.
+                Err(e) if is_damage(&e) => damaged.push((m.clone(), e)),
                 Err(e) => failed.push((m.clone(), e.to_string())),
+            }
+        }
+        if took {
+            for (m, _) in std::mem::take(&mut damaged) {
+                if let Err(why) = self.mend(via, &m, &call, timeout).await {
+                    failed.push((m, why));
+                }
             }
         }
         // Retire failed members first, even when another member called the request invalid:
@@ -525,12 +555,60 @@ impl Engine {
                 source,
             });
         }
+        // No member took it, and some found the blocks damaged: the request fails (nothing was
+        // written anywhere), and they stay in the set, as their other blocks are sound.
+        if let Some((_, e)) = damaged.first() {
+            return Err(self.damaged(call.offset, call.length.into(), e.to_string()));
+        }
         // Success needs at least one member that took the request and is still in the set.
-        if !set.iter().any(|m| m.mode() != Mode::Err) {
+        if !took || !set.iter().any(|m| m.mode() != Mode::Err) {
             return Err(self.no_replicas());
         }
         self.settled().await;
         Ok(())
+    }
+
+    /// `m` refused a mutation (holding the range lock) because a partial block at its edge
+    /// failed its checksum, while other members applied it: copy those edge blocks over from a
+    /// clean copy, then send `m` the request again. Taking an edge block from before or after
+    /// the request makes no difference: merging the request into either gives the same block.
+    async fn mend(
+        &self,
+        via: Via<'_>,
+        m: &Arc<Member>,
+        call: &Call,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let bs = self.block_size;
+        let (s, e) = self.block_range(call.offset, call.length.into());
+        let mut edges = Vec::new();
+        if !call.offset.is_multiple_of(bs) {
+            edges.push(s);
+        }
+        if !(call.offset + u64::from(call.length)).is_multiple_of(bs) && !edges.contains(&(e - bs))
+        {
+            edges.push(e - bs);
+        }
+        for b in edges {
+            if !self.copy_over(via, b, b + bs, vec![m.clone()]).await {
+                return Err(format!(
+                    "a damaged block at offset {b} could not be mended, so it missed a write"
+                ));
+            }
+        }
+        match backend(m, via).call(call.clone(), timeout).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("a write after mending a damaged block: {e}")),
+        }
+    }
+
+    fn damaged(&self, offset: u64, length: u64, detail: String) -> EngineError {
+        EngineError::Damaged {
+            volume: self.volume.clone(),
+            offset,
+            length,
+            detail,
+        }
     }
 
     /// Wait until no retirement is pending (see `retiring`).
@@ -768,12 +846,7 @@ impl Engine {
                         source: e,
                     })
                 }
-                Err(
-                    e @ ClientError::Failed {
-                        status: Status::Checksum,
-                        ..
-                    },
-                ) => {
+                Err(e) if is_damage(&e) => {
                     tracing::error!(volume = %self.volume, "{e}; reading from another replica");
                     last_err = e.to_string();
                     damaged.push(m.clone());
@@ -786,6 +859,9 @@ impl Engine {
         }
         if self.in_sync().is_empty() {
             return Err(self.no_replicas());
+        }
+        if !damaged.is_empty() {
+            return Err(self.damaged(offset, length.into(), last_err));
         }
         Err(EngineError::NoReplicas {
             volume: self.volume.clone(),
@@ -820,23 +896,28 @@ impl Engine {
     }
 
     /// Read repair: `damaged` members failed their checksum on a read of `[offset, +length)`
-    /// that another member answered. Copy the blocks from a member that reads them cleanly over
-    /// the damaged members' copies, so the volume has all its copies of them again (a torn
-    /// write after a crash, or a bad disk sector, heals on first read). Under the write lock of
-    /// those blocks, so no write to them can fall between the good read and the copy; whole
-    /// blocks, so no replica has to read its damaged block to merge a partial one. A member the
-    /// copy fails on is retired, as on any failed write.
-    async fn repair(&self, via: Via<'_>, offset: u64, length: u32, mut damaged: Vec<Arc<Member>>) {
-        const PIECE: u64 = 1 << 20;
+    /// that another member answered. Under the write lock of those blocks (so no write to them
+    /// can fall between the good read and the copy), copy them over the damaged copies, so the
+    /// volume has all its copies again: a write torn by a crash, or a bad disk sector, heals on
+    /// its first read.
+    async fn repair(&self, via: Via<'_>, offset: u64, length: u32, damaged: Vec<Arc<Member>>) {
         let (s, e) = self.block_range(offset, length as u64);
         let _g = self.ranges.lock(s, e).await;
+        self.copy_over(via, s, e, damaged).await;
+    }
+
+    /// Copy the whole blocks `[s, e)` from a member that reads them cleanly over the `damaged`
+    /// members' copies; the caller holds the range lock. Every other RW member is read too, so
+    /// all damaged copies are found, not only those a first read happened to meet. A member
+    /// the copy fails on is retired, as on any failed write. Returns whether every damaged
+    /// member got a clean copy.
+    async fn copy_over(&self, via: Via<'_>, s: u64, e: u64, mut damaged: Vec<Arc<Member>>) -> bool {
+        const PIECE: u64 = 1 << 20;
+        let mut mended = true;
         let mut at = s;
         while at < e {
             let n = (e - at).min(PIECE) as u32;
-            // Every other copy is read too, so all damaged ones are found, not only those the
-            // first read happened to meet.
             let mut good = None;
-            let mut failed = Vec::new();
             for m in self.read_order() {
                 if damaged.iter().any(|d| d.index == m.index) {
                     continue;
@@ -848,13 +929,10 @@ impl Engine {
                     Ok(b) if b.len() == n as usize => {
                         good.get_or_insert(b);
                     }
-                    Err(ClientError::Failed {
-                        status: Status::Checksum,
-                        ..
-                    }) => damaged.push(m),
+                    Err(e) if is_damage(&e) => damaged.push(m),
                     Err(e) if is_stale(&e) => {
                         self.fenced(&e);
-                        return;
+                        return false;
                     }
                     // Not a copy to take or to mend; a transport failure retires the member on
                     // its next write, as always.
@@ -863,9 +941,10 @@ impl Engine {
             }
             let Some(good) = good else {
                 tracing::error!(volume = %self.volume, offset = at, length = n, "read repair: no replica reads these blocks cleanly; they stay as they are");
-                return;
+                return false;
             };
-            for m in damaged.iter().filter(|m| m.mode() == Mode::Rw) {
+            let mut failed = Vec::new();
+            for m in damaged.iter().filter(|m| m.mode() != Mode::Err) {
                 let call = Call {
                     op: Op::Write,
                     flags: 0,
@@ -880,12 +959,15 @@ impl Engine {
                     }
                     Err(e) if is_stale(&e) => {
                         self.fenced(&e);
-                        return;
+                        return false;
                     }
-                    Err(e) if e.is_invalid_request() => {
-                        tracing::error!(volume = %self.volume, replica = %m.name, "read repair refused: {e}");
+                    Err(e) => {
+                        mended = false;
+                        if !e.is_invalid_request() {
+                            failed.push((m.clone(), format!("read repair: {e}")));
+                        }
+                        tracing::error!(volume = %self.volume, replica = %m.name, "read repair failed: {e}");
                     }
-                    Err(e) => failed.push((m.clone(), format!("read repair: {e}"))),
                 }
             }
             if !failed.is_empty() {
@@ -893,6 +975,7 @@ impl Engine {
             }
             at += n as u64;
         }
+        mended
     }
 
     /// Allocation map of a range (for NBD BLOCK_STATUS). May cover less than asked.

@@ -67,7 +67,9 @@ struct Negotiated {
 fn errno(e: &EngineError) -> u32 {
     match e {
         EngineError::OutOfRange { .. } | EngineError::Invalid { .. } => EINVAL,
-        EngineError::NoReplicas { .. } | EngineError::Start { .. } => EIO,
+        EngineError::NoReplicas { .. }
+        | EngineError::Damaged { .. }
+        | EngineError::Start { .. } => EIO,
         EngineError::Closed { .. } => ESHUTDOWN,
     }
 }

@@ -628,7 +628,14 @@ async fn a_block_damaged_on_every_copy_fails_its_read_and_changes_nothing() {
     damage(&c, 0, 1);
     damage(&c, 1, 1);
     let err = e.read(0, 2 * BS as u32).await.expect_err("no good copy");
+    assert!(matches!(err, EngineError::Damaged { .. }), "{err}");
     assert!(err.to_string().contains("checksum"), "{err}");
+    // A write merged into the damaged block is refused too: no replica can merge it.
+    let err = e
+        .write(BS + 100, Bytes::from(vec![9u8; 100]), false)
+        .await
+        .expect_err("no replica can merge into the block");
+    assert!(matches!(err, EngineError::Damaged { .. }), "{err}");
     assert_every_replica_holds(&c, 0, 3, "a failed read wrote nothing");
     for i in 0..2 {
         let r = c.servers[i].list()[0].clone();
@@ -643,6 +650,53 @@ async fn a_block_damaged_on_every_copy_fails_its_read_and_changes_nothing() {
             m.mode,
             Mode::Rw,
             "{}: damage is not a transport failure",
+            m.name
+        );
+    }
+}
+
+/// Every replica's copy of the whole volume.
+fn images(c: &Cluster) -> Vec<Vec<u8>> {
+    c.servers
+        .iter()
+        .map(|s| {
+            let mut all = vec![0u8; SIZE as usize];
+            s.list()[0].read(0, &mut all).unwrap();
+            all
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_write_over_a_damaged_block_mends_it_and_keeps_the_replica() {
+    let c = cluster(3).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    e.write(0, Bytes::from(vec![7u8; 16 * BS as usize]), false)
+        .await
+        .unwrap();
+    // A write into the middle of block 5, damaged on a remote replica; a zeroing from inside
+    // block 1 to inside block 9, whose last block is damaged on the local one.
+    damage(&c, 1, 5);
+    e.write(5 * BS + 100, Bytes::from(vec![9u8; 200]), false)
+        .await
+        .unwrap();
+    damage(&c, 0, 9);
+    e.zero(BS + 10, 8 * BS, false, false).await.unwrap();
+
+    let mut want = vec![7u8; SIZE as usize];
+    want[16 * BS as usize..].fill(0);
+    want[(5 * BS + 100) as usize..(5 * BS + 300) as usize].fill(9);
+    want[(BS + 10) as usize..(9 * BS + 10) as usize].fill(0);
+    for (i, img) in images(&c).iter().enumerate() {
+        assert!(img == &want, "replica {i} differs from what was written");
+    }
+    for m in e.members() {
+        assert_eq!(
+            m.mode,
+            Mode::Rw,
+            "{}: a mended replica stays in the set",
             m.name
         );
     }

@@ -959,6 +959,17 @@ impl Replica {
         let head_partial = offset % bs;
         let mut start = offset;
         let end_off = offset + length;
+        // Both edges are merged (read, checked, rewritten): check the last one before the first
+        // is changed, so a damaged block there refuses the request with nothing changed.
+        if head_partial != 0 && !end_off.is_multiple_of(bs) && offset / bs != end_off / bs {
+            let last = end_off / bs;
+            self.read_blocks(
+                last,
+                last + 1,
+                &mut vec![0u8; bs as usize],
+                ReadMode::Unlocked,
+            )?;
+        }
         if head_partial != 0 {
             let n = (bs - head_partial).min(length);
             self.write(offset, &vec![0u8; n as usize], false)?;
@@ -1301,6 +1312,42 @@ mod tests {
         assert!(msg.contains("v-r-x") && msg.contains("12288"), "{msg}");
         // Other blocks still read.
         r.read(0, &mut buf).unwrap();
+    }
+
+    #[test]
+    fn a_partial_write_or_zeroing_over_a_damaged_edge_block_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), "v", "v-r-x", SIZE, BS as u32).unwrap();
+        r.write(0, &vec![7u8; 8 * BS as usize], false).unwrap();
+        let (data_path, _) = layer_paths(dir.path(), 1);
+        let f = OpenOptions::new().write(true).open(data_path).unwrap();
+        f.write_all_at(&[8u8], 5 * BS + 100).unwrap();
+        let damaged = |err: ReplicaError| {
+            assert!(
+                matches!(err, ReplicaError::Checksum { offset, .. } if offset == 5 * BS),
+                "{err}"
+            )
+        };
+        // Writes and zeroings that start in block 1 and end inside block 5.
+        let (offset, len) = (BS + 10, 4 * BS);
+        damaged(
+            r.write(offset, &vec![1u8; len as usize], false)
+                .unwrap_err(),
+        );
+        damaged(r.zero(offset, len, false).unwrap_err());
+        let mut b = vec![0u8; 5 * BS as usize];
+        r.read(0, &mut b).unwrap();
+        assert_eq!(
+            b,
+            vec![7u8; 5 * BS as usize],
+            "a refused request changed data"
+        );
+        // Once block 5 is written whole again, both go through.
+        r.write(5 * BS, &vec![7u8; BS as usize], false).unwrap();
+        r.zero(offset, len, false).unwrap();
+        r.read(0, &mut b).unwrap();
+        assert!(b[..(BS + 10) as usize].iter().all(|&x| x == 7));
+        assert!(b[(BS + 10) as usize..].iter().all(|&x| x == 0));
     }
 
     #[test]
