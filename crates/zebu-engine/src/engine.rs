@@ -185,6 +185,53 @@ fn backend<'a>(m: &'a Member, via: Via<'a>) -> &'a Backend {
     }
 }
 
+/// The requests that write `good` (whole blocks from `offset`) over a damaged copy: runs of
+/// zero blocks as WRITE_ZEROES, so blocks that are holes on the source (the neighbours of a
+/// damaged block, mostly) do not become allocated data on the copy; the rest as writes.
+fn copy_calls(good: &Bytes, offset: u64, block_size: usize) -> Vec<Call> {
+    let mut calls = Vec::new();
+    let mut run: Option<(usize, bool)> = None;
+    let blocks = good.len() / block_size;
+    for i in 0..=blocks {
+        let zero = (i < blocks).then(|| {
+            good[i * block_size..(i + 1) * block_size]
+                .iter()
+                .all(|&b| b == 0)
+        });
+        match (run, zero) {
+            (Some((_, z)), Some(zero)) if z == zero => continue,
+            (Some((start, z)), _) => {
+                let (from, to) = (start * block_size, i * block_size);
+                let at = offset + from as u64;
+                let len = (to - from) as u32;
+                calls.push(if z {
+                    Call::new(Op::WriteZeroes, at, len)
+                } else {
+                    Call {
+                        op: Op::Write,
+                        flags: 0,
+                        offset: at,
+                        length: len,
+                        payload: Some(good.slice(from..to)),
+                        payload_crc: None,
+                    }
+                });
+            }
+            (None, _) => {}
+        }
+        run = zero.map(|z| (i, z));
+    }
+    calls
+}
+
+/// Why [`Engine::mend`] did not mend a member.
+enum NotMended {
+    /// The member missed the write: retire it.
+    Failed(String),
+    /// A newer engine owns the volume.
+    Fenced(EngineError),
+}
+
 /// The replica found a stored block that fails its checksum.
 fn is_damage(e: &ClientError) -> bool {
     matches!(
@@ -525,10 +572,10 @@ impl Engine {
         let mut failed = Vec::new();
         let mut invalid = None;
         let mut damaged = Vec::new();
-        let mut took = false;
+        let mut took = Vec::new();
         for (m, r) in set.iter().zip(results) {
             match r {
-                Ok(_) => took = true,
+                Ok(_) => took.push(m.clone()),
                 Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
                 Err(e) if e.is_invalid_request() => invalid = Some(e),
                 // The member met a damaged block it had to merge a partial write into, and
@@ -537,11 +584,20 @@ impl Engine {
                 Err(e) => failed.push((m.clone(), e.to_string())),
             }
         }
-        if took {
+        // Edge blocks are mended from RW members only: those are the copies that are read.
+        if took.iter().any(|m| m.mode() == Mode::Rw) {
             for (m, _) in std::mem::take(&mut damaged) {
-                if let Err(why) = self.mend(via, &m, &call, timeout).await {
-                    failed.push((m, why));
+                match self.mend(via, &m, &call, timeout).await {
+                    Ok(()) => {}
+                    Err(NotMended::Failed(why)) => failed.push((m, why)),
+                    Err(NotMended::Fenced(e)) => return Err(e),
                 }
+            }
+        } else if !damaged.is_empty() {
+            // The request fails, so a rebuilding member that applied it is now ahead of the rest.
+            for m in took.drain(..) {
+                let why = "it applied a write that every in-sync replica refused".to_owned();
+                failed.push((m, why));
             }
         }
         // Retire failed members first, even when another member called the request invalid:
@@ -561,7 +617,7 @@ impl Engine {
             return Err(self.damaged(call.offset, call.length.into(), e.to_string()));
         }
         // Success needs at least one member that took the request and is still in the set.
-        if !took || !set.iter().any(|m| m.mode() != Mode::Err) {
+        if took.is_empty() || !set.iter().any(|m| m.mode() != Mode::Err) {
             return Err(self.no_replicas());
         }
         self.settled().await;
@@ -578,7 +634,7 @@ impl Engine {
         m: &Arc<Member>,
         call: &Call,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotMended> {
         let bs = self.block_size;
         let (s, e) = self.block_range(call.offset, call.length.into());
         let mut edges = Vec::new();
@@ -590,15 +646,22 @@ impl Engine {
             edges.push(e - bs);
         }
         for b in edges {
-            if !self.copy_over(via, b, b + bs, vec![m.clone()]).await {
-                return Err(format!(
+            if !self
+                .copy_over(via, b, b + bs, vec![m.clone()])
+                .await
+                .map_err(NotMended::Fenced)?
+            {
+                return Err(NotMended::Failed(format!(
                     "a damaged block at offset {b} could not be mended, so it missed a write"
-                ));
+                )));
             }
         }
         match backend(m, via).call(call.clone(), timeout).await {
             Ok(_) => Ok(()),
-            Err(e) => Err(format!("a write after mending a damaged block: {e}")),
+            Err(e) if is_stale(&e) => Err(NotMended::Fenced(self.fenced(&e))),
+            Err(e) => Err(NotMended::Failed(format!(
+                "a write after mending a damaged block: {e}"
+            ))),
         }
     }
 
@@ -830,6 +893,8 @@ impl Engine {
     ) -> Result<(Bytes, Vec<Arc<Member>>), EngineError> {
         let mut last_err = String::new();
         let mut damaged = Vec::new();
+        let mut first_damage = None;
+        let mut unreachable = false;
         for m in self.read_order() {
             if m.mode() != Mode::Rw {
                 continue;
@@ -848,11 +913,12 @@ impl Engine {
                 }
                 Err(e) if is_damage(&e) => {
                     tracing::error!(volume = %self.volume, "{e}; reading from another replica");
-                    last_err = e.to_string();
+                    first_damage.get_or_insert_with(|| e.to_string());
                     damaged.push(m.clone());
                 }
                 Err(e) => {
                     last_err = e.to_string();
+                    unreachable = true;
                     self.retire(&[(m.clone(), last_err.clone())]).await;
                 }
             }
@@ -860,8 +926,9 @@ impl Engine {
         if self.in_sync().is_empty() {
             return Err(self.no_replicas());
         }
-        if !damaged.is_empty() {
-            return Err(self.damaged(offset, length.into(), last_err));
+        // Damaged only when every copy asked said so: one that failed otherwise may be sound.
+        if let (Some(detail), false) = (first_damage, unreachable) {
+            return Err(self.damaged(offset, length.into(), detail));
         }
         Err(EngineError::NoReplicas {
             volume: self.volume.clone(),
@@ -881,7 +948,7 @@ impl Engine {
         }
         let (b, damaged) = self.read_like(via, Op::Read, offset, length).await?;
         if !damaged.is_empty() {
-            self.repair(via, offset, length, damaged).await;
+            self.repair(via, offset, length, damaged).await?;
         }
         if b.len() != length as usize {
             return Err(EngineError::NoReplicas {
@@ -900,18 +967,31 @@ impl Engine {
     /// can fall between the good read and the copy), copy them over the damaged copies, so the
     /// volume has all its copies again: a write torn by a crash, or a bad disk sector, heals on
     /// its first read.
-    async fn repair(&self, via: Via<'_>, offset: u64, length: u32, damaged: Vec<Arc<Member>>) {
+    /// Fails only if the engine turns out to be fenced off.
+    async fn repair(
+        &self,
+        via: Via<'_>,
+        offset: u64,
+        length: u32,
+        damaged: Vec<Arc<Member>>,
+    ) -> Result<(), EngineError> {
         let (s, e) = self.block_range(offset, length as u64);
         let _g = self.ranges.lock(s, e).await;
-        self.copy_over(via, s, e, damaged).await;
+        self.copy_over(via, s, e, damaged).await.map(|_| ())
     }
 
     /// Copy the whole blocks `[s, e)` from a member that reads them cleanly over the `damaged`
     /// members' copies; the caller holds the range lock. Every other RW member is read too, so
     /// all damaged copies are found, not only those a first read happened to meet. A member
     /// the copy fails on is retired, as on any failed write. Returns whether every damaged
-    /// member got a clean copy.
-    async fn copy_over(&self, via: Via<'_>, s: u64, e: u64, mut damaged: Vec<Arc<Member>>) -> bool {
+    /// member got a clean copy, or the error of an engine fenced off meanwhile.
+    async fn copy_over(
+        &self,
+        via: Via<'_>,
+        s: u64,
+        e: u64,
+        mut damaged: Vec<Arc<Member>>,
+    ) -> Result<bool, EngineError> {
         const PIECE: u64 = 1 << 20;
         let mut mended = true;
         let mut at = s;
@@ -930,10 +1010,7 @@ impl Engine {
                         good.get_or_insert(b);
                     }
                     Err(e) if is_damage(&e) => damaged.push(m),
-                    Err(e) if is_stale(&e) => {
-                        self.fenced(&e);
-                        return false;
-                    }
+                    Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
                     // Not a copy to take or to mend; a transport failure retires the member on
                     // its next write, as always.
                     Ok(_) | Err(_) => {}
@@ -941,41 +1018,33 @@ impl Engine {
             }
             let Some(good) = good else {
                 tracing::error!(volume = %self.volume, offset = at, length = n, "read repair: no replica reads these blocks cleanly; they stay as they are");
-                return false;
+                return Ok(false);
             };
+            let calls = copy_calls(&good, at, self.block_size as usize);
             let mut failed = Vec::new();
-            for m in damaged.iter().filter(|m| m.mode() != Mode::Err) {
-                let call = Call {
-                    op: Op::Write,
-                    flags: 0,
-                    offset: at,
-                    length: n,
-                    payload: Some(good.clone()),
-                    payload_crc: None,
-                };
-                match backend(m, via).call(call, self.io_timeout).await {
-                    Ok(_) => {
-                        tracing::warn!(volume = %self.volume, replica = %m.name, offset = at, length = n, "read repair: rewrote blocks that failed their checksum with a good copy");
-                    }
-                    Err(e) if is_stale(&e) => {
-                        self.fenced(&e);
-                        return false;
-                    }
-                    Err(e) => {
-                        mended = false;
-                        if !e.is_invalid_request() {
-                            failed.push((m.clone(), format!("read repair: {e}")));
+            'members: for m in damaged.iter().filter(|m| m.mode() != Mode::Err) {
+                for call in &calls {
+                    match backend(m, via).call(call.clone(), self.io_timeout).await {
+                        Ok(_) => {}
+                        Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
+                        Err(e) => {
+                            mended = false;
+                            tracing::error!(volume = %self.volume, replica = %m.name, "read repair failed: {e}");
+                            if !e.is_invalid_request() {
+                                failed.push((m.clone(), format!("read repair: {e}")));
+                            }
+                            continue 'members;
                         }
-                        tracing::error!(volume = %self.volume, replica = %m.name, "read repair failed: {e}");
                     }
                 }
+                tracing::warn!(volume = %self.volume, replica = %m.name, offset = at, length = n, "read repair: rewrote blocks that failed their checksum with a good copy");
             }
             if !failed.is_empty() {
                 self.retire(&failed).await;
             }
             at += n as u64;
         }
-        mended
+        Ok(mended)
     }
 
     /// Allocation map of a range (for NBD BLOCK_STATUS). May cover less than asked.
@@ -1135,5 +1204,37 @@ impl Lanes {
 
     pub async fn map(&self, offset: u64, length: u32) -> Result<Vec<MapExtent>, EngineError> {
         self.engine.map_via(&self.via, offset, length).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_writes_data_runs_and_zeroes_zero_runs() {
+        let bs = 8;
+        // Blocks: zero, data, data, zero, zero, data.
+        let mut good = vec![0u8; 6 * bs];
+        for b in [1, 2, 5] {
+            good[b * bs + 3] = b as u8;
+        }
+        let good = Bytes::from(good);
+        let calls = copy_calls(&good, 1000, bs);
+        let got: Vec<(Op, u64, u32, Option<Bytes>)> = calls
+            .into_iter()
+            .map(|c| (c.op, c.offset, c.length, c.payload))
+            .collect();
+        let (b, len) = (bs as u64, bs as u32);
+        assert_eq!(
+            got,
+            vec![
+                (Op::WriteZeroes, 1000, len, None),
+                (Op::Write, 1000 + b, 2 * len, Some(good.slice(bs..3 * bs))),
+                (Op::WriteZeroes, 1000 + 3 * b, 2 * len, None),
+                (Op::Write, 1000 + 5 * b, len, Some(good.slice(5 * bs..))),
+            ]
+        );
+        assert!(copy_calls(&Bytes::new(), 0, bs).is_empty());
     }
 }

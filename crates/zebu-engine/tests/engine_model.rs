@@ -636,7 +636,14 @@ async fn a_block_damaged_on_every_copy_fails_its_read_and_changes_nothing() {
         .await
         .expect_err("no replica can merge into the block");
     assert!(matches!(err, EngineError::Damaged { .. }), "{err}");
-    assert_every_replica_holds(&c, 0, 3, "a failed read wrote nothing");
+    // So is a zeroing from inside the clean block 0 to inside the damaged block 1, and block 0
+    // is left as it was (no replica zeroes one edge before it finds the other damaged).
+    let err = e
+        .zero(100, BS, false, false)
+        .await
+        .expect_err("no replica can merge into the block");
+    assert!(matches!(err, EngineError::Damaged { .. }), "{err}");
+    assert_every_replica_holds(&c, 0, 3, "a refused request wrote nothing");
     for i in 0..2 {
         let r = c.servers[i].list()[0].clone();
         let mut b = vec![0u8; BS as usize];
