@@ -187,16 +187,8 @@ async fn concurrent_overlapping_writes_leave_replicas_identical() {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut images = Vec::new();
-    for s in &c.servers {
-        for r in s.list() {
-            let mut all = vec![0u8; SIZE as usize];
-            r.read(0, &mut all).unwrap();
-            images.push(all);
-        }
-    }
     assert!(
-        images.windows(2).all(|w| w[0] == w[1]),
+        images(&c).windows(2).all(|w| w[0] == w[1]),
         "replicas diverged under overlapping writes"
     );
 }
@@ -598,14 +590,7 @@ async fn a_read_mends_damaged_copies_from_a_good_one() {
     for b in 4..8 {
         assert_every_replica_holds(&c, b, 7, "read repair rewrote the damaged blocks");
     }
-    for m in e.members() {
-        assert_eq!(
-            m.mode,
-            Mode::Rw,
-            "{}: a mended replica stays in the set",
-            m.name
-        );
-    }
+    assert_all_in_sync(&e, "a mended replica stays in the set");
     // A read whose first copy is clean costs no other reads: damage elsewhere stays unseen.
     damage(&c, 2, 4);
     assert_eq!(
@@ -652,13 +637,13 @@ async fn a_block_damaged_on_every_copy_fails_its_read_and_changes_nothing() {
             "replica {i}: still damaged, not papered over"
         );
     }
+    assert_all_in_sync(&e, "damage is not a transport failure");
+}
+
+/// Every member is still RW.
+fn assert_all_in_sync(e: &Engine, why: &str) {
     for m in e.members() {
-        assert_eq!(
-            m.mode,
-            Mode::Rw,
-            "{}: damage is not a transport failure",
-            m.name
-        );
+        assert_eq!(m.mode, Mode::Rw, "{}: {why}", m.name);
     }
 }
 
@@ -699,12 +684,5 @@ async fn a_partial_write_over_a_damaged_block_mends_it_and_keeps_the_replica() {
     for (i, img) in images(&c).iter().enumerate() {
         assert!(img == &want, "replica {i} differs from what was written");
     }
-    for m in e.members() {
-        assert_eq!(
-            m.mode,
-            Mode::Rw,
-            "{}: a mended replica stays in the set",
-            m.name
-        );
-    }
+    assert_all_in_sync(&e, "a mended replica stays in the set");
 }
