@@ -28,6 +28,10 @@ pub const DEFAULT_NBD_PORT: u16 = 10809;
 /// How long an NBD connection's thread polls before it sleeps, by default (see
 /// `zebu_engine::busy_poll`).
 pub const DEFAULT_BUSY_POLL_US: u64 = zebu_engine::busy_poll::DEFAULT_WINDOW.as_micros() as u64;
+/// Seconds between scrubs of an attached volume, by default (a week).
+pub const DEFAULT_SCRUB_INTERVAL_S: u64 = 7 * 24 * 3600;
+/// Scrub speed limit by default, in MiB of volume data per second.
+pub const DEFAULT_SCRUB_MIBS: u64 = 32;
 /// A failed engine start is retried after this long.
 const ENGINE_RETRY: Duration = Duration::from_secs(5);
 /// A replica that does not answer a request within this time leaves the set.
@@ -61,6 +65,17 @@ pub struct AgentConfig {
     pub io_threads: usize,
     /// How long an NBD connection's thread may poll before it sleeps (zero: never).
     pub busy_poll: Duration,
+    /// Background scrubs of attached volumes.
+    pub scrub: Scrub,
+}
+
+/// Background scrubs of attached volumes (see [`Engine::scrub`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Scrub {
+    /// Time between scrubs of a volume, the first one after attach; zero: never.
+    pub interval: Duration,
+    /// Speed limit in bytes of volume data per second; zero: none.
+    pub rate: u64,
 }
 
 enum EngineSlot {
@@ -524,6 +539,9 @@ impl Agent {
             match result {
                 Ok(engine) => {
                     this.nbd.add(engine.clone());
+                    if !this.cfg.scrub.interval.is_zero() {
+                        data_runtime().spawn(scrub_loop(engine.clone(), this.cfg.scrub));
+                    }
                     tracing::info!(node = %this.cfg.node, volume = %spec.volume, uri = %this.nbd_uri(&spec.volume), "volume attached");
                     map.insert(spec.volume.clone(), EngineSlot::Running(engine));
                 }
@@ -548,6 +566,42 @@ impl Agent {
                 Err(e) => {
                     tracing::error!(node = %self.cfg.node, "deleting replica {}: {e}", dir.display())
                 }
+            }
+        }
+    }
+}
+
+/// Scrub an attached volume every `scrub.interval` until its engine stops serving.
+async fn scrub_loop(engine: Arc<Engine>, scrub: Scrub) {
+    let volume = engine.volume().to_owned();
+    loop {
+        tokio::select! {
+            _ = engine.wait_closed() => return,
+            _ = tokio::time::sleep(scrub.interval) => {}
+        }
+        let started = Instant::now();
+        tracing::info!(%volume, "scrub started");
+        match engine.scrub(scrub.rate).await {
+            Ok(r) => {
+                let took = started.elapsed().as_secs_f64();
+                let summary = format!(
+                    "scrub done in {took:.1} s: {} MiB of replica data checked; 1 MiB pieces with damage mended: {}, with damage left: {}, with copies that differ: {}",
+                    r.read_bytes >> 20,
+                    r.mended,
+                    r.unmended,
+                    r.differing
+                );
+                if r.unmended > 0 || r.differing > 0 {
+                    tracing::error!(%volume, "{summary}");
+                } else if r.mended > 0 {
+                    tracing::warn!(%volume, "{summary}");
+                } else {
+                    tracing::info!(%volume, "{summary}");
+                }
+            }
+            Err(e) => {
+                tracing::info!(%volume, "scrub stopped: {e}");
+                return;
             }
         }
     }

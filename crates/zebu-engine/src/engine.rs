@@ -224,6 +224,21 @@ fn copy_calls(good: &Bytes, offset: u64, block_size: usize) -> Vec<Call> {
     calls
 }
 
+/// What one [`Engine::scrub`] pass found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Bytes of the volume covered so far.
+    pub scanned_bytes: u64,
+    /// Bytes read from all replicas together (holes are skipped).
+    pub read_bytes: u64,
+    /// Pieces (1 MiB) in which damaged copies were rewritten from a clean one.
+    pub mended: u64,
+    /// Pieces with a damaged copy that could not be mended (no clean copy, or a failed write).
+    pub unmended: u64,
+    /// Pieces where two copies with valid checksums differ (reported, left as they are).
+    pub differing: u64,
+}
+
 /// Why [`Engine::mend`] did not mend a member.
 enum NotMended {
     /// The member missed the write: retire it.
@@ -1017,7 +1032,7 @@ impl Engine {
                 }
             }
             let Some(good) = good else {
-                tracing::error!(volume = %self.volume, offset = at, length = n, "read repair: no replica reads these blocks cleanly; they stay as they are");
+                tracing::error!(volume = %self.volume, offset = at, length = n, "repair: no replica reads these blocks cleanly; they stay as they are");
                 return Ok(false);
             };
             let calls = copy_calls(&good, at, self.block_size as usize);
@@ -1029,15 +1044,15 @@ impl Engine {
                         Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
                         Err(e) => {
                             mended = false;
-                            tracing::error!(volume = %self.volume, replica = %m.name, "read repair failed: {e}");
+                            tracing::error!(volume = %self.volume, replica = %m.name, "repair failed: {e}");
                             if !e.is_invalid_request() {
-                                failed.push((m.clone(), format!("read repair: {e}")));
+                                failed.push((m.clone(), format!("repairing a damaged block: {e}")));
                             }
                             continue 'members;
                         }
                     }
                 }
-                tracing::warn!(volume = %self.volume, replica = %m.name, offset = at, length = n, "read repair: rewrote blocks that failed their checksum with a good copy");
+                tracing::warn!(volume = %self.volume, replica = %m.name, offset = at, length = n, "repair: rewrote blocks that failed their checksum with a clean copy");
             }
             if !failed.is_empty() {
                 self.retire(&failed).await;
@@ -1045,6 +1060,100 @@ impl Engine {
             at += n as u64;
         }
         Ok(mended)
+    }
+
+    /// Scrub: read every stored block of every RW replica and mend the copies that fail their
+    /// checksum from a clean one, so damage in data that is never read is found and repaired
+    /// too, while other copies still hold the data. Piece by piece (1 MiB), each under its
+    /// write lock (writes to that piece wait for one read per replica); pieces that read as
+    /// zeroes (holes) are skipped. Paced to at most `rate` bytes per second of pieces that hold
+    /// data (0: unpaced). Ends early with the engine's error when it stops serving.
+    pub async fn scrub(&self, rate: u64) -> Result<ScrubReport, EngineError> {
+        const PIECE: u64 = 1 << 20;
+        let started = tokio::time::Instant::now();
+        let mut report = ScrubReport::default();
+        let (mut at, mut checked) = (0, 0);
+        while at < self.size_bytes {
+            let n = (self.size_bytes - at).min(PIECE) as u32;
+            let holds_data = {
+                let _in = self.enter().await?;
+                let data = !self.all_zero(at, n).await?;
+                if data {
+                    self.scrub_piece(at, n, &mut report).await?;
+                }
+                data
+            };
+            at += u64::from(n);
+            report.scanned_bytes = at;
+            // Pacing: the next piece with data starts no sooner than `rate` allows.
+            if holds_data && rate > 0 {
+                checked += u64::from(n);
+                let due = Duration::from_secs_f64(checked as f64 / rate as f64);
+                tokio::time::sleep_until(started + due).await;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Whether the range reads as zeroes, by its allocation map (nothing stored to check).
+    async fn all_zero(&self, offset: u64, length: u32) -> Result<bool, EngineError> {
+        let (b, _) = self.read_like(&[], Op::Map, offset, length).await?;
+        let extents = data::decode_map(&b).map_err(|e| EngineError::NoReplicas {
+            volume: self.volume.clone(),
+            detail: format!("a replica sent a bad allocation map: {e}"),
+        })?;
+        let zero: u64 = extents
+            .iter()
+            .take_while(|x| x.flags & data::EXTENT_ZERO != 0)
+            .map(|x| u64::from(x.length))
+            .sum();
+        Ok(zero >= u64::from(length))
+    }
+
+    async fn scrub_piece(
+        &self,
+        at: u64,
+        n: u32,
+        report: &mut ScrubReport,
+    ) -> Result<(), EngineError> {
+        let _g = self.ranges.lock(at, at + u64::from(n)).await;
+        let mut damaged = Vec::new();
+        let mut clean: Option<(Arc<Member>, Bytes)> = None;
+        for m in self.read_order() {
+            match m
+                .client()
+                .call(Call::new(Op::Read, at, n), self.io_timeout)
+                .await
+            {
+                Ok(b) => {
+                    report.read_bytes += b.len() as u64;
+                    match &clean {
+                        None => clean = Some((m.clone(), b)),
+                        Some((first, c)) if *c != b => {
+                            report.differing += 1;
+                            tracing::error!(volume = %self.volume, offset = at, length = n, "scrub: replicas {} and {} hold different data here, both with valid checksums", first.name, m.name);
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Err(e) if is_damage(&e) => {
+                    tracing::error!(volume = %self.volume, "scrub: {e}");
+                    damaged.push(m);
+                }
+                Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
+                // Left to the next write to settle, as for any read.
+                Err(e) => tracing::warn!(volume = %self.volume, replica = %m.name, "scrub: {e}"),
+            }
+        }
+        if damaged.is_empty() {
+            return Ok(());
+        }
+        if clean.is_some() && self.copy_over(&[], at, at + u64::from(n), damaged).await? {
+            report.mended += 1;
+        } else {
+            report.unmended += 1;
+        }
+        Ok(())
     }
 
     /// Allocation map of a range (for NBD BLOCK_STATUS). May cover less than asked.

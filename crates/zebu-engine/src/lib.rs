@@ -12,5 +12,7 @@ pub mod range_lock;
 pub mod sender;
 
 pub use backend::LocalReplica;
-pub use engine::{Engine, EngineConfig, EngineError, Lanes, MemberStatus, Mode, ReplicaTarget};
+pub use engine::{
+    Engine, EngineConfig, EngineError, Lanes, MemberStatus, Mode, ReplicaTarget, ScrubReport,
+};
 pub use nbd::NbdServer;

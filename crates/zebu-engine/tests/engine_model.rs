@@ -7,7 +7,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tokio::net::TcpListener;
 use zebu_engine::client::{Call, ClientError, ReplicaClient};
-use zebu_engine::{Engine, EngineConfig, EngineError, LocalReplica, Mode, ReplicaTarget};
+use zebu_engine::{
+    Engine, EngineConfig, EngineError, LocalReplica, Mode, ReplicaTarget, ScrubReport,
+};
 use zebu_proto::data::{Op, Status};
 use zebu_replica::{Replica, ReplicaServer};
 
@@ -685,4 +687,52 @@ async fn a_partial_write_over_a_damaged_block_mends_it_and_keeps_the_replica() {
         assert!(img == &want, "replica {i} differs from what was written");
     }
     assert_all_in_sync(&e, "a mended replica stays in the set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_mends_damage_no_read_meets() {
+    let c = cluster(3).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    e.write(2 * BS, Bytes::from(vec![5u8; 8 * BS as usize]), false)
+        .await
+        .unwrap();
+    // Reads go to the local replica first: damage on the others is never met by a read.
+    damage(&c, 1, 3);
+    damage(&c, 2, 9);
+    let r = e.scrub(0).await.unwrap();
+    assert_eq!(
+        r,
+        ScrubReport {
+            scanned_bytes: SIZE,
+            read_bytes: 3 * SIZE - 2 * SIZE,
+            mended: 1,
+            unmended: 0,
+            differing: 0,
+        }
+    );
+    for b in 2..10 {
+        assert_every_replica_holds(&c, b, 5, "the scrub mended every copy");
+    }
+    assert_all_in_sync(&e, "a scrub retires nobody for damage");
+
+    // Damage on every copy: reported, and nothing changed.
+    for i in 0..3 {
+        damage(&c, i, 4);
+    }
+    let r = e.scrub(0).await.unwrap();
+    assert_eq!((r.mended, r.unmended), (0, 1), "{r:?}");
+    for i in 0..3 {
+        let r = c.servers[i].list()[0].clone();
+        assert!(r.read(4 * BS, &mut vec![0u8; BS as usize]).is_err());
+    }
+    assert_all_in_sync(&e, "a scrub retires nobody for damage");
+
+    // A volume of holes reads nothing.
+    let c = cluster(2).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    assert_eq!(e.scrub(0).await.unwrap().read_bytes, 0);
 }

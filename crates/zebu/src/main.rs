@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
-use zebu_agent::{Agent, AgentConfig, DEFAULT_BUSY_POLL_US, DEFAULT_DATA_PORT, DEFAULT_NBD_PORT};
+use zebu_agent::{
+    Agent, AgentConfig, Scrub, DEFAULT_BUSY_POLL_US, DEFAULT_DATA_PORT, DEFAULT_NBD_PORT,
+    DEFAULT_SCRUB_INTERVAL_S, DEFAULT_SCRUB_MIBS,
+};
 use zebu_api::{ApiClient, CreateVolume, VolumeState};
 use zebu_manager::Manager;
 
@@ -80,6 +83,13 @@ struct UpArgs {
     /// Do not create and attach the `demo` volume.
     #[arg(long)]
     no_demo: bool,
+    #[command(flatten)]
+    serving: ServingArgs,
+}
+
+/// How a node serves the volumes attached to it (for `up` and `agent`).
+#[derive(Args)]
+struct ServingArgs {
     /// How long, in microseconds, an NBD connection's thread polls its sockets before it
     /// sleeps, while a client has at most one request in flight. Saves a thread wake-up per
     /// request (on a VM most of a 4 KiB write's latency) for some CPU; the window adapts per
@@ -87,6 +97,27 @@ struct UpArgs {
     #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US",
           value_parser = clap::value_parser!(u64).range(0..=1000))]
     busy_poll_us: u64,
+    /// Seconds between scrubs of each attached volume: every stored block of every replica is
+    /// read and checked, and damaged copies are rewritten from a clean one (damage that reads
+    /// never meet is found too). The first scrub runs this long after attach. 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_SCRUB_INTERVAL_S, value_name = "SECS")]
+    scrub_interval: u64,
+    /// Scrub speed limit, in MiB of volume data per second (each MiB is read from every
+    /// replica), so scrubs leave the disks to the workload. 0: unlimited.
+    #[arg(long, default_value_t = DEFAULT_SCRUB_MIBS, value_name = "MIB")]
+    scrub_rate: u64,
+}
+
+impl ServingArgs {
+    fn busy_poll(&self) -> Duration {
+        Duration::from_micros(self.busy_poll_us)
+    }
+    fn scrub(&self) -> Scrub {
+        Scrub {
+            interval: Duration::from_secs(self.scrub_interval),
+            rate: self.scrub_rate.saturating_mul(1 << 20),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -122,13 +153,8 @@ struct AgentArgs {
     /// API token (default: $ZEBU_TOKEN, else ./zebu-data/admin.token).
     #[arg(long, env = "ZEBU_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// How long, in microseconds, an NBD connection's thread polls its sockets before it
-    /// sleeps, while a client has at most one request in flight. Saves a thread wake-up per
-    /// request (on a VM most of a 4 KiB write's latency) for some CPU; the window adapts per
-    /// connection and drops to zero while a connection is idle. 0 turns it off; at most 1000.
-    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US",
-          value_parser = clap::value_parser!(u64).range(0..=1000))]
-    busy_poll_us: u64,
+    #[command(flatten)]
+    serving: ServingArgs,
 }
 
 #[derive(Args, Clone)]
@@ -337,7 +363,8 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         token,
         heartbeat_interval: Duration::from_secs(1),
         io_threads: 4,
-        busy_poll: Duration::from_micros(a.busy_poll_us),
+        busy_poll: a.serving.busy_poll(),
+        scrub: a.serving.scrub(),
     })?;
     let (tx, rx) = watch::channel(false);
     let run = tokio::spawn(agent.run(rx));
@@ -384,7 +411,8 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             token: token.clone(),
             heartbeat_interval: Duration::from_secs(1),
             io_threads: 3,
-            busy_poll: Duration::from_micros(a.busy_poll_us),
+            busy_poll: a.serving.busy_poll(),
+            scrub: a.serving.scrub(),
         })?;
         agents.push(tokio::spawn(agent.run(stop_rx.clone())));
     }

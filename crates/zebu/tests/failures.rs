@@ -1,6 +1,7 @@
 //! Replica failures while a workload runs: the workload sees no error, the failed replica goes
 //! ERR for good, the volume degrades and keeps serving down to its last replica. A block damaged
-//! on one replica's disk reads correctly and is mended from a good copy.
+//! on one replica's disk reads correctly and is mended from a good copy; damage no read meets is
+//! found and mended by the background scrub.
 
 mod common;
 use common::*;
@@ -132,7 +133,7 @@ fn a_block_damaged_on_disk_reads_correctly_and_is_mended() {
 
     qemu_io(&uri, &["read -P 0x44 0 1M".into()]);
     let log = c.log("node-1");
-    assert!(log.contains("read repair: rewrote"), "node-1 log:\n{log}");
+    assert!(log.contains("repair: rewrote"), "node-1 log:\n{log}");
     let v = c.volume("heal");
     assert_eq!(v["robustness"], "healthy", "{v}");
 
@@ -181,4 +182,44 @@ fn a_block_damaged_on_disk_reads_correctly_and_is_mended() {
     let mut want = vec![0x44u8; 1 << 20];
     want[512 << 10..516 << 10].fill(0x45);
     assert!(img[..1 << 20] == want[..], "mended data");
+}
+
+#[test]
+fn the_background_scrub_mends_damage_no_read_meets() {
+    require("qemu-io");
+    let mut c = Cluster::separate_with(20, 3, &["--scrub-interval", "2", "--scrub-rate", "0"]);
+    let uri = c.create_attached("scrubbed", "64MiB", 3, "node-1");
+    qemu_io(&uri, &["write -P 0x66 8M 2M".into()]);
+    // Reads go to node-1's copy: the damage on node-2's is never met by a read.
+    let r2 = replica_on(&c, "scrubbed", "node-2");
+    let dir = c.replica_dir(1, r2["name"].as_str().unwrap());
+    damage_on_disk(&dir, 9 << 20);
+    let log = wait_until("a scrub that mends", Duration::from_secs(30), || {
+        let log = c.log("node-1");
+        log.contains("with damage mended: 1,").then_some(log)
+    });
+    assert!(log.contains("repair: rewrote"), "node-1 log:\n{log}");
+    assert!(
+        log.contains("scrub done") && log.contains("checked"),
+        "node-1 log:\n{log}"
+    );
+
+    // Offline, with every block's checksum verified: node-2's copy holds the data again.
+    c.cli_ok(&["volume", "detach", "scrubbed"]);
+    c.kill_all();
+    let out = c.dir.path().join("scrubbed.img");
+    let o = run(Command::new(ZEBU)
+        .args(["replica", "export", "--dir"])
+        .arg(&dir)
+        .arg(&out));
+    assert!(
+        o.status.success(),
+        "export of the scrubbed replica: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let img = std::fs::read(&out).unwrap();
+    assert!(
+        img[8 << 20..10 << 20].iter().all(|&b| b == 0x66),
+        "mended data"
+    );
 }

@@ -119,6 +119,7 @@ fn ext4_on_a_volume_survives_umount_fsck_and_cluster_restart() {
         agents: vec![],
         up: None,
         token: String::new(),
+        agent_args: vec![],
     };
     let d = c.dir.path().display().to_string();
     let uri = start_up(&mut c);

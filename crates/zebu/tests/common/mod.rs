@@ -65,6 +65,8 @@ pub struct Cluster {
     pub agents: Vec<Option<Child>>,
     pub up: Option<Child>,
     pub token: String,
+    /// Extra arguments for every `zebu agent`.
+    pub agent_args: Vec<String>,
 }
 
 impl Drop for Cluster {
@@ -95,6 +97,11 @@ impl Cluster {
 
     /// A manager and `nodes` agents, each its own process.
     pub fn separate(net: u8, nodes: usize) -> Cluster {
+        Cluster::separate_with(net, nodes, &[])
+    }
+
+    /// [`Cluster::separate`], with extra arguments for every agent.
+    pub fn separate_with(net: u8, nodes: usize, agent_args: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("zebu-test-")
             .tempdir()
@@ -108,6 +115,7 @@ impl Cluster {
             agents: Vec::new(),
             up: None,
             token: String::new(),
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         c.start_manager();
         for i in 0..nodes {
@@ -151,6 +159,7 @@ impl Cluster {
             ])
             .arg(self.dir.path().join(&name))
             .args(["--listen", &self.node_ip(i), "--token", &self.token])
+            .args(&self.agent_args)
             .stdout(log_file(self.dir.path(), &format!("{name}.out")))
             .stderr(log_file(self.dir.path(), &name))
             .spawn()
