@@ -540,7 +540,8 @@ impl Agent {
                 Ok(engine) => {
                     this.nbd.add(engine.clone());
                     if !this.cfg.scrub.interval.is_zero() {
-                        data_runtime().spawn(scrub_loop(engine.clone(), this.cfg.scrub));
+                        let record = this.cfg.data_dir.join("scrubs").join(&spec.volume);
+                        data_runtime().spawn(scrub_loop(engine.clone(), this.cfg.scrub, record));
                     }
                     tracing::info!(node = %this.cfg.node, volume = %spec.volume, uri = %this.nbd_uri(&spec.volume), "volume attached");
                     map.insert(spec.volume.clone(), EngineSlot::Running(engine));
@@ -571,13 +572,42 @@ impl Agent {
     }
 }
 
-/// Scrub an attached volume every `scrub.interval` until its engine stops serving.
-async fn scrub_loop(engine: Arc<Engine>, scrub: Scrub) {
+/// Scrub an attached volume every `scrub.interval` until its engine stops serving. When the
+/// last scrub ended (at first, when the volume was first attached here) is kept in `record`
+/// (seconds since the epoch), so restarts do not put the next scrub off again.
+async fn scrub_loop(engine: Arc<Engine>, scrub: Scrub, record: PathBuf) {
     let volume = engine.volume().to_owned();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let remember = |at: u64| {
+        let tmp = record.with_extension("tmp");
+        let res = std::fs::create_dir_all(record.parent().unwrap_or(Path::new(".")))
+            .and_then(|()| std::fs::write(&tmp, format!("{at}\n")))
+            .and_then(|()| std::fs::rename(&tmp, &record));
+        if let Err(e) = res {
+            tracing::warn!(%volume, "cannot record the scrub time in {}: {e}", record.display());
+        }
+    };
+    let last = match std::fs::read_to_string(&record) {
+        Ok(t) => t.trim().parse().ok(),
+        Err(_) => None,
+    };
+    let mut last = last.unwrap_or_else(|| {
+        let t = now();
+        remember(t);
+        t
+    });
     loop {
+        let wait = Duration::from_secs(
+            last.saturating_add(scrub.interval.as_secs())
+                .saturating_sub(now()),
+        );
         tokio::select! {
             _ = engine.wait_closed() => return,
-            _ = tokio::time::sleep(scrub.interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let started = Instant::now();
         tracing::info!(%volume, "scrub started");
@@ -599,10 +629,13 @@ async fn scrub_loop(engine: Arc<Engine>, scrub: Scrub) {
                     tracing::info!(%volume, "{summary}");
                 }
             }
-            Err(e) => {
+            Err(e @ zebu_engine::EngineError::Closed { .. }) => {
                 tracing::info!(%volume, "scrub stopped: {e}");
                 return;
             }
+            Err(e) => tracing::error!(%volume, "scrub failed, tried again in one interval: {e}"),
         }
+        last = now();
+        remember(last);
     }
 }

@@ -997,9 +997,9 @@ impl Engine {
 
     /// Copy the whole blocks `[s, e)` from a member that reads them cleanly over the `damaged`
     /// members' copies; the caller holds the range lock. Every other RW member is read too, so
-    /// all damaged copies are found, not only those a first read happened to meet. A member
-    /// the copy fails on is retired, as on any failed write. Returns whether every damaged
-    /// member got a clean copy, or the error of an engine fenced off meanwhile.
+    /// all damaged copies are found, not only those a first read happened to meet. Returns
+    /// whether every damaged member got a clean copy, or the error of an engine fenced off
+    /// meanwhile.
     async fn copy_over(
         &self,
         via: Via<'_>,
@@ -1035,44 +1035,60 @@ impl Engine {
                 tracing::error!(volume = %self.volume, offset = at, length = n, "repair: no replica reads these blocks cleanly; they stay as they are");
                 return Ok(false);
             };
-            let calls = copy_calls(&good, at, self.block_size as usize);
-            let mut failed = Vec::new();
-            'members: for m in damaged.iter().filter(|m| m.mode() != Mode::Err) {
-                for call in &calls {
-                    match backend(m, via).call(call.clone(), self.io_timeout).await {
-                        Ok(_) => {}
-                        Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
-                        Err(e) => {
-                            mended = false;
-                            tracing::error!(volume = %self.volume, replica = %m.name, "repair failed: {e}");
-                            if !e.is_invalid_request() {
-                                failed.push((m.clone(), format!("repairing a damaged block: {e}")));
-                            }
-                            continue 'members;
-                        }
-                    }
-                }
-                tracing::warn!(volume = %self.volume, replica = %m.name, offset = at, length = n, "repair: rewrote blocks that failed their checksum with a clean copy");
-            }
-            if !failed.is_empty() {
-                self.retire(&failed).await;
-            }
+            mended &= self.write_over(via, at, &good, &damaged).await?;
             at += n as u64;
         }
         Ok(mended)
     }
 
+    /// Write `good` (whole blocks at `at`) over the `damaged` members' copies; the caller holds
+    /// the range lock. A member the copy fails on is retired, as on any failed write. Returns
+    /// whether every one got it, or the error of an engine fenced off meanwhile.
+    async fn write_over(
+        &self,
+        via: Via<'_>,
+        at: u64,
+        good: &Bytes,
+        damaged: &[Arc<Member>],
+    ) -> Result<bool, EngineError> {
+        let calls = copy_calls(good, at, self.block_size as usize);
+        let mut failed = Vec::new();
+        'members: for m in damaged.iter().filter(|m| m.mode() != Mode::Err) {
+            for call in &calls {
+                match backend(m, via).call(call.clone(), self.io_timeout).await {
+                    Ok(_) => {}
+                    Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
+                    Err(e) => {
+                        tracing::error!(volume = %self.volume, replica = %m.name, "repair failed: {e}");
+                        if !e.is_invalid_request() {
+                            failed.push((m.clone(), format!("repairing a damaged block: {e}")));
+                        }
+                        continue 'members;
+                    }
+                }
+            }
+            tracing::warn!(volume = %self.volume, replica = %m.name, offset = at, length = good.len(), "repair: rewrote blocks that failed their checksum with a clean copy");
+        }
+        let all = failed.is_empty();
+        if !all {
+            self.retire(&failed).await;
+        }
+        Ok(all)
+    }
+
     /// Scrub: read every stored block of every RW replica and mend the copies that fail their
     /// checksum from a clean one, so damage in data that is never read is found and repaired
     /// too, while other copies still hold the data. Piece by piece (1 MiB), each under its
-    /// write lock (writes to that piece wait for one read per replica); pieces that read as
-    /// zeroes (holes) are skipped. Paced to at most `rate` bytes per second of pieces that hold
-    /// data (0: unpaced). Ends early with the engine's error when it stops serving.
+    /// write lock (writes to that piece wait for one read per replica); pieces that every
+    /// replica's allocation map shows as zeroes are skipped. Paced to at most `rate` bytes per
+    /// second of pieces that hold data (0: unpaced), piece by piece, so a stall is never made
+    /// up for by a burst. A replica that fails a read otherwise than by damage is retired, as
+    /// on any read. Ends early with the engine's error when it stops serving.
     pub async fn scrub(&self, rate: u64) -> Result<ScrubReport, EngineError> {
         const PIECE: u64 = 1 << 20;
-        let started = tokio::time::Instant::now();
         let mut report = ScrubReport::default();
-        let (mut at, mut checked) = (0, 0);
+        let mut due = tokio::time::Instant::now();
+        let mut at = 0;
         while at < self.size_bytes {
             let n = (self.size_bytes - at).min(PIECE) as u32;
             let holds_data = {
@@ -1085,29 +1101,41 @@ impl Engine {
             };
             at += u64::from(n);
             report.scanned_bytes = at;
-            // Pacing: the next piece with data starts no sooner than `rate` allows.
             if holds_data && rate > 0 {
-                checked += u64::from(n);
-                let due = Duration::from_secs_f64(checked as f64 / rate as f64);
-                tokio::time::sleep_until(started + due).await;
+                due = due.max(tokio::time::Instant::now())
+                    + Duration::from_secs_f64(f64::from(n) / rate as f64);
+                tokio::time::sleep_until(due).await;
             }
         }
         Ok(report)
     }
 
-    /// Whether the range reads as zeroes, by its allocation map (nothing stored to check).
+    /// Whether every RW member's allocation map shows the range as zeroes (nothing stored to
+    /// check). Any doubt (an error, a map that covers less) says no.
     async fn all_zero(&self, offset: u64, length: u32) -> Result<bool, EngineError> {
-        let (b, _) = self.read_like(&[], Op::Map, offset, length).await?;
-        let extents = data::decode_map(&b).map_err(|e| EngineError::NoReplicas {
-            volume: self.volume.clone(),
-            detail: format!("a replica sent a bad allocation map: {e}"),
-        })?;
-        let zero: u64 = extents
-            .iter()
-            .take_while(|x| x.flags & data::EXTENT_ZERO != 0)
-            .map(|x| u64::from(x.length))
-            .sum();
-        Ok(zero >= u64::from(length))
+        for m in self.read_order() {
+            let b = match m
+                .client()
+                .call(Call::new(Op::Map, offset, length), self.io_timeout)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
+                Err(_) => return Ok(false),
+            };
+            let Ok(extents) = data::decode_map(&b) else {
+                return Ok(false);
+            };
+            let zero: u64 = extents
+                .iter()
+                .take_while(|x| x.flags & data::EXTENT_ZERO != 0)
+                .map(|x| u64::from(x.length))
+                .sum();
+            if zero < u64::from(length) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     async fn scrub_piece(
@@ -1118,19 +1146,21 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let _g = self.ranges.lock(at, at + u64::from(n)).await;
         let mut damaged = Vec::new();
+        let mut failed = Vec::new();
         let mut clean: Option<(Arc<Member>, Bytes)> = None;
+        let mut differ = false;
         for m in self.read_order() {
             match m
                 .client()
                 .call(Call::new(Op::Read, at, n), self.io_timeout)
                 .await
             {
-                Ok(b) => {
+                Ok(b) if b.len() == n as usize => {
                     report.read_bytes += b.len() as u64;
                     match &clean {
                         None => clean = Some((m.clone(), b)),
                         Some((first, c)) if *c != b => {
-                            report.differing += 1;
+                            differ = true;
                             tracing::error!(volume = %self.volume, offset = at, length = n, "scrub: replicas {} and {} hold different data here, both with valid checksums", first.name, m.name);
                         }
                         Some(_) => {}
@@ -1141,17 +1171,25 @@ impl Engine {
                     damaged.push(m);
                 }
                 Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
-                // Left to the next write to settle, as for any read.
-                Err(e) => tracing::warn!(volume = %self.volume, replica = %m.name, "scrub: {e}"),
+                Ok(b) => failed.push((m, format!("a read of {n} bytes returned {}", b.len()))),
+                Err(e) => failed.push((m, e.to_string())),
             }
+        }
+        report.differing += u64::from(differ);
+        if !failed.is_empty() {
+            self.retire(&failed).await;
         }
         if damaged.is_empty() {
             return Ok(());
         }
-        if clean.is_some() && self.copy_over(&[], at, at + u64::from(n), damaged).await? {
-            report.mended += 1;
-        } else {
-            report.unmended += 1;
+        match clean {
+            Some((_, good)) if self.write_over(&[], at, &good, &damaged).await? => {
+                report.mended += 1
+            }
+            _ => {
+                tracing::error!(volume = %self.volume, offset = at, length = n, "scrub: damaged blocks left as they are: no replica reads them cleanly, or a copy failed");
+                report.unmended += 1
+            }
         }
         Ok(())
     }

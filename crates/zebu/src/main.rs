@@ -97,13 +97,15 @@ struct ServingArgs {
     #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_name = "US",
           value_parser = clap::value_parser!(u64).range(0..=1000))]
     busy_poll_us: u64,
-    /// Seconds between scrubs of each attached volume: every stored block of every replica is
-    /// read and checked, and damaged copies are rewritten from a clean one (damage that reads
-    /// never meet is found too). The first scrub runs this long after attach. 0 turns it off.
+    /// Seconds from the end of one scrub of an attached volume to the start of the next: every
+    /// stored block of every replica is read and checked, and damaged copies are rewritten
+    /// from a clean one (damage that reads never meet is found too). The first runs this long
+    /// after the volume is first attached on the node; the time of the last one is kept in
+    /// DATA_DIR/scrubs, so restarts keep the schedule. 0 turns scrubs off.
     #[arg(long, default_value_t = DEFAULT_SCRUB_INTERVAL_S, value_name = "SECS")]
     scrub_interval: u64,
-    /// Scrub speed limit, in MiB of volume data per second (each MiB is read from every
-    /// replica), so scrubs leave the disks to the workload. 0: unlimited.
+    /// Scrub speed limit for each volume, in MiB of volume data per second (each MiB is read
+    /// from every replica), so scrubs leave the disks to the workload. 0: unlimited.
     #[arg(long, default_value_t = DEFAULT_SCRUB_MIBS, value_name = "MIB")]
     scrub_rate: u64,
 }

@@ -203,6 +203,13 @@ fn the_background_scrub_mends_damage_no_read_meets() {
         log.contains("scrub done") && log.contains("checked"),
         "node-1 log:\n{log}"
     );
+    let record = c.dir.path().join("node-1/scrubs/scrubbed");
+    let at: u64 = std::fs::read_to_string(&record)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("the time of the last scrub, kept for restarts");
+    assert!(at > 1_700_000_000, "{at}");
 
     // Offline, with every block's checksum verified: node-2's copy holds the data again.
     c.cli_ok(&["volume", "detach", "scrubbed"]);
