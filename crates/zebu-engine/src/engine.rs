@@ -587,20 +587,23 @@ impl Engine {
         let mut failed = Vec::new();
         let mut invalid = None;
         let mut damaged = Vec::new();
-        let mut took = Vec::new();
-        for (m, r) in set.iter().zip(results) {
+        let (mut took, mut took_rw) = (false, false);
+        for (m, r) in set.iter().zip(&results) {
             match r {
-                Ok(_) => took.push(m.clone()),
-                Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
-                Err(e) if e.is_invalid_request() => invalid = Some(e),
+                Ok(_) => {
+                    took = true;
+                    took_rw |= m.mode() == Mode::Rw;
+                }
+                Err(e) if is_stale(e) => return Err(self.fenced(e)),
+                Err(e) if e.is_invalid_request() => invalid = Some(e.clone()),
                 // The member met a damaged block it had to merge a partial write into, and
                 // applied nothing: mended below, not retired.
-                Err(e) if is_damage(&e) => damaged.push((m.clone(), e)),
+                Err(e) if is_damage(e) => damaged.push((m.clone(), e.to_string())),
                 Err(e) => failed.push((m.clone(), e.to_string())),
             }
         }
         // Edge blocks are mended from RW members only: those are the copies that are read.
-        if took.iter().any(|m| m.mode() == Mode::Rw) {
+        if took_rw {
             for (m, _) in std::mem::take(&mut damaged) {
                 match self.mend(via, &m, &call, timeout).await {
                     Ok(()) => {}
@@ -610,9 +613,9 @@ impl Engine {
             }
         } else if !damaged.is_empty() {
             // The request fails, so a rebuilding member that applied it is now ahead of the rest.
-            for m in took.drain(..) {
+            for (m, _) in set.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
                 let why = "it applied a write that every in-sync replica refused".to_owned();
-                failed.push((m, why));
+                failed.push((m.clone(), why));
             }
         }
         // Retire failed members first, even when another member called the request invalid:
@@ -628,11 +631,11 @@ impl Engine {
         }
         // No member took it, and some found the blocks damaged: the request fails (nothing was
         // written anywhere), and they stay in the set, as their other blocks are sound.
-        if let Some((_, e)) = damaged.first() {
-            return Err(self.damaged(call.offset, call.length.into(), e.to_string()));
+        if let Some((_, e)) = damaged.into_iter().next() {
+            return Err(self.damaged(call.offset, call.length.into(), e));
         }
         // Success needs at least one member that took the request and is still in the set.
-        if took.is_empty() || !set.iter().any(|m| m.mode() != Mode::Err) {
+        if !took || !set.iter().any(|m| m.mode() != Mode::Err) {
             return Err(self.no_replicas());
         }
         self.settled().await;
