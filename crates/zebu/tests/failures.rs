@@ -120,6 +120,25 @@ fn damage_on_disk(dir: &std::path::Path, offset: u64) {
     f.write_all_at(&[0x5a; 100], offset + 1000).unwrap();
 }
 
+/// The replica in `dir` as a raw image, read offline by `zebu replica export`, which verifies
+/// every block's checksum.
+fn export_verified(c: &Cluster, dir: &std::path::Path) -> Vec<u8> {
+    let out = c.dir.path().join("export.img");
+    let o = run(Command::new(ZEBU)
+        .args(["replica", "export", "--dir"])
+        .arg(dir)
+        .arg(&out));
+    assert!(
+        o.status.success(),
+        "export of {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let img = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    img
+}
+
 #[test]
 fn a_block_damaged_on_disk_reads_correctly_and_is_mended() {
     require("qemu-io");
@@ -168,17 +187,7 @@ fn a_block_damaged_on_disk_reads_correctly_and_is_mended() {
 
     // Offline, with every block's checksum verified, the mended copy holds the data.
     c.cli_ok(&["volume", "detach", "heal"]);
-    let out = c.dir.path().join("heal.img");
-    let o = run(Command::new(ZEBU)
-        .args(["replica", "export", "--dir"])
-        .arg(&dir)
-        .arg(&out));
-    assert!(
-        o.status.success(),
-        "export of the mended replica: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let img = std::fs::read(&out).unwrap();
+    let img = export_verified(&c, &dir);
     let mut want = vec![0x44u8; 1 << 20];
     want[512 << 10..516 << 10].fill(0x45);
     assert!(img[..1 << 20] == want[..], "mended data");
@@ -214,17 +223,7 @@ fn the_background_scrub_mends_damage_no_read_meets() {
     // Offline, with every block's checksum verified: node-2's copy holds the data again.
     c.cli_ok(&["volume", "detach", "scrubbed"]);
     c.kill_all();
-    let out = c.dir.path().join("scrubbed.img");
-    let o = run(Command::new(ZEBU)
-        .args(["replica", "export", "--dir"])
-        .arg(&dir)
-        .arg(&out));
-    assert!(
-        o.status.success(),
-        "export of the scrubbed replica: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let img = std::fs::read(&out).unwrap();
+    let img = export_verified(&c, &dir);
     assert!(
         img[8 << 20..10 << 20].iter().all(|&b| b == 0x66),
         "mended data"
