@@ -56,6 +56,15 @@ async fn cluster(n: usize) -> Cluster {
     c
 }
 
+/// `n` replica servers and an engine started over them.
+async fn started(n: usize) -> (Cluster, Arc<Engine>) {
+    let c = cluster(n).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    (c, e)
+}
+
 fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
     EngineConfig {
         volume: "v".into(),
@@ -168,10 +177,7 @@ proptest! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_overlapping_writes_leave_replicas_identical() {
-    let c = cluster(3).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (c, e) = started(3).await;
     let mut tasks = Vec::new();
     for i in 0..64u64 {
         let e = e.clone();
@@ -349,10 +355,7 @@ async fn start_refuses_missing_or_older_replicas_when_asked_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_and_refuses_further_io() {
-    let c = cluster(2).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (_c, e) = started(2).await;
     e.write(0, Bytes::from(vec![9u8; BS as usize]), false)
         .await
         .unwrap();
@@ -487,10 +490,7 @@ async fn joining_an_unknown_session_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lane_that_cannot_open_falls_back_to_the_engines_connection() {
-    let c = cluster(3).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (c, e) = started(3).await;
     // Replica 1's server stops accepting; its open connection (the engine's) stays up.
     c.tasks[1].abort();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -571,10 +571,7 @@ fn damage(c: &Cluster, i: usize, block: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_mends_damaged_copies_from_a_good_one() {
-    let c = cluster(3).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (c, e) = started(3).await;
     e.write(4 * BS, Bytes::from(vec![7u8; 4 * BS as usize]), false)
         .await
         .unwrap();
@@ -605,10 +602,7 @@ async fn a_read_mends_damaged_copies_from_a_good_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_damaged_on_every_copy_fails_its_read_and_changes_nothing() {
-    let c = cluster(2).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (c, e) = started(2).await;
     e.write(0, Bytes::from(vec![3u8; 2 * BS as usize]), false)
         .await
         .unwrap();
@@ -663,10 +657,7 @@ fn images(c: &Cluster) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_write_over_a_damaged_block_mends_it_and_keeps_the_replica() {
-    let c = cluster(3).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (c, e) = started(3).await;
     e.write(0, Bytes::from(vec![7u8; 16 * BS as usize]), false)
         .await
         .unwrap();
@@ -691,10 +682,7 @@ async fn a_partial_write_over_a_damaged_block_mends_it_and_keeps_the_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrub_mends_damage_no_read_meets() {
-    let c = cluster(3).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (c, e) = started(3).await;
     e.write(2 * BS, Bytes::from(vec![5u8; 8 * BS as usize]), false)
         .await
         .unwrap();
@@ -746,9 +734,6 @@ async fn a_scrub_mends_damage_no_read_meets() {
     assert_eq!(b, vec![1u8; BS as usize]);
 
     // A volume of holes reads nothing.
-    let c = cluster(2).await;
-    let e = Engine::start(config(c.targets.clone(), SECRET))
-        .await
-        .unwrap();
+    let (_c, e) = started(2).await;
     assert_eq!(e.scrub(0).await.unwrap().read_bytes, 0);
 }
