@@ -93,6 +93,9 @@ pub struct Agent {
     engines: Mutex<HashMap<String, EngineSlot>>,
     /// Replicas on disk that could not be opened or created, with why.
     replica_errors: Mutex<HashMap<String, (String, String)>>,
+    /// Assigned replicas that are not on disk and were not to be created: volume and where the
+    /// agent looked. Looked for again on every reconcile, so a folder put back is opened.
+    missing: Mutex<HashMap<String, (String, String)>>,
     secret: Mutex<Option<String>>,
     /// Where NBD is also served over a unix socket (None if it could not be bound).
     nbd_socket: Option<PathBuf>,
@@ -208,6 +211,7 @@ impl Agent {
             nbd,
             engines: Mutex::new(HashMap::new()),
             replica_errors: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
             secret: Mutex::new(None),
             nbd_socket,
             cfg,
@@ -318,6 +322,7 @@ impl Agent {
                 error: r
                     .is_poisoned()
                     .then(|| format!("replica {} refuses I/O after a disk error", r.name())),
+                missing: false,
             })
             .collect();
         for (name, (volume, err)) in self.replica_errors.lock().unwrap().iter() {
@@ -327,6 +332,17 @@ impl Agent {
                 generation: 0,
                 size_bytes: 0,
                 error: Some(err.clone()),
+                missing: false,
+            });
+        }
+        for (name, (volume, err)) in self.missing.lock().unwrap().iter() {
+            replicas.push(ReplicaReport {
+                name: name.clone(),
+                volume: volume.clone(),
+                generation: 0,
+                size_bytes: 0,
+                error: Some(err.clone()),
+                missing: true,
             });
         }
         let engines = self
@@ -339,6 +355,7 @@ impl Agent {
                     volume: volume.clone(),
                     running: true,
                     generation: e.generation(),
+                    epoch: e.epoch(),
                     nbd_uri: Some(self.nbd_uri(volume)),
                     nbd_unix_uri: self.nbd_unix_uri(volume),
                     replicas: e
@@ -360,6 +377,7 @@ impl Agent {
                     volume: volume.clone(),
                     running: false,
                     generation: 0,
+                    epoch: 0,
                     nbd_uri: None,
                     nbd_unix_uri: None,
                     replicas: vec![],
@@ -369,6 +387,7 @@ impl Agent {
                     volume: volume.clone(),
                     running: false,
                     generation: 0,
+                    epoch: 0,
                     nbd_uri: None,
                     nbd_unix_uri: None,
                     replicas: vec![],
@@ -408,7 +427,27 @@ impl Agent {
                 continue; // Reported; a person or a later rebuild decides.
             }
             let dir = self.replicas_dir.join(&spec.name);
-            let result = if dir.join(zebu_replica::meta::META_FILE).exists() {
+            let on_disk = dir.join(zebu_replica::meta::META_FILE).exists();
+            if !on_disk && !spec.create {
+                // Never recreate a replica that existed: an empty copy would stand in for its
+                // data (a disk that did not mount, a mistyped --data-dir, a deleted folder).
+                let why = format!(
+                    "replica {} is missing from node {}'s disk: {} does not exist; it was not recreated empty. If the disk is not mounted or --data-dir is wrong, fix that: the replica is opened again as soon as it is back",
+                    spec.name,
+                    self.cfg.node,
+                    dir.join(zebu_replica::meta::META_FILE).display()
+                );
+                let mut missing = self.missing.lock().unwrap();
+                if !missing.contains_key(&spec.name) {
+                    tracing::error!(node = %self.cfg.node, "{why}");
+                }
+                missing.insert(spec.name.clone(), (spec.volume.clone(), why));
+                continue;
+            }
+            if self.missing.lock().unwrap().remove(&spec.name).is_some() {
+                tracing::info!(node = %self.cfg.node, replica = %spec.name, "replica {} is on disk again", dir.display());
+            }
+            let result = if on_disk {
                 Replica::open(&dir).and_then(|r| {
                     if r.volume() != spec.volume || r.size_bytes() != spec.size_bytes {
                         Err(zebu_replica::ReplicaError::Invalid {
@@ -527,6 +566,7 @@ impl Agent {
             connect_patience: Duration::from_secs(3),
             require_all: true,
             min_generation: spec.min_generation,
+            epoch: spec.epoch,
         };
         let this = self.clone();
         data_runtime().spawn(async move {
@@ -560,6 +600,7 @@ impl Agent {
         }
         self.server.remove(name);
         self.replica_errors.lock().unwrap().remove(name);
+        self.missing.lock().unwrap().remove(name);
         let dir = self.replicas_dir.join(name);
         if dir.exists() {
             match std::fs::remove_dir_all(&dir) {

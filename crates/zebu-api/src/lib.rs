@@ -113,6 +113,21 @@ pub struct Node {
     pub disk_free_bytes: u64,
 }
 
+/// A cluster-wide setting (Longhorn's names and units).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    pub name: String,
+    /// The value in force (the default unless a person set one).
+    pub value: String,
+    pub default: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetSetting {
+    pub value: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateVolume {
     pub name: String,
@@ -140,6 +155,11 @@ pub struct ReplicaReport {
     pub size_bytes: u64,
     /// Set when the replica could not be opened or created, or refuses I/O.
     pub error: Option<String>,
+    /// The replica is not on this node's disk at all (its directory or `replica.meta` is
+    /// missing), and the agent was not told to create it: `error` says where it looked. Not a
+    /// durable failure: the replica comes back when its directory does.
+    #[serde(default)]
+    pub missing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,6 +175,9 @@ pub struct EngineReport {
     /// True once the engine serves I/O; false while starting or after a failed start.
     pub running: bool,
     pub generation: u64,
+    /// The epoch the engine was started with (see [`EngineSpec::epoch`]).
+    #[serde(default)]
+    pub epoch: u64,
     pub nbd_uri: Option<String>,
     #[serde(default)]
     pub nbd_unix_uri: Option<String>,
@@ -181,6 +204,10 @@ pub struct ReplicaSpec {
     pub volume: String,
     pub size_bytes: u64,
     pub block_size: u32,
+    /// Create the replica, empty, if it is not on disk. Only for a replica no node has ever
+    /// reported: one that was there once and is gone is reported missing, never recreated.
+    #[serde(default)]
+    pub create: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +225,11 @@ pub struct EngineSpec {
     /// The highest generation the manager has seen on any of these replicas: the engine refuses
     /// to start if the freshest replica it reaches is older (a fresher one is missing).
     pub min_generation: u64,
+    /// The fence for this attachment: issued (and persisted) by the manager each time the
+    /// volume is attached, sent to every replica in the handshake; replicas refuse engines of a
+    /// lower epoch from then on.
+    #[serde(default)]
+    pub epoch: u64,
     pub replicas: Vec<EngineReplica>,
 }
 
@@ -345,6 +377,21 @@ impl ApiClient {
     }
     pub async fn list_nodes(&self) -> Result<Vec<Node>, ClientError> {
         self.get("/v1/nodes").await
+    }
+    pub async fn list_settings(&self) -> Result<Vec<Setting>, ClientError> {
+        self.get("/v1/settings").await
+    }
+    pub async fn get_setting(&self, name: &str) -> Result<Setting, ClientError> {
+        self.get(&format!("/v1/settings/{name}")).await
+    }
+    pub async fn set_setting(&self, name: &str, value: &str) -> Result<Setting, ClientError> {
+        self.post(
+            &format!("/v1/settings/{name}"),
+            &SetSetting {
+                value: value.to_owned(),
+            },
+        )
+        .await
     }
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Assignment, ClientError> {
         self.post("/v1/agent/heartbeat", hb).await

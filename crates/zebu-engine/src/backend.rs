@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
-use zebu_proto::data::Op;
+use zebu_proto::data::{Op, WelcomeStatus};
 use zebu_replica::{io_pool, ops, IoPool, Replica, ReplicaError, Session};
 
 use crate::client::{Call, ClientError, ReplicaClient};
@@ -41,12 +41,30 @@ impl LocalReplica {
         LocalReplica { replica, pool }
     }
 
-    /// Open a new session (one per engine).
-    pub fn open(&self) -> OpenLocal {
-        OpenLocal {
-            local: self.clone(),
-            session: Arc::new(Session::new(&self.replica)),
+    /// Open a new session (one per engine) of an engine of `epoch`: the replica records the
+    /// epoch first, as a remote one does in its handshake, and refuses an older one.
+    pub async fn open(&self, epoch: u64) -> Result<OpenLocal, ClientError> {
+        let r = self.replica.clone();
+        let admitted = tokio::task::spawn_blocking(move || r.accept_epoch(epoch))
+            .await
+            .map_err(|e| format!("recording the engine's epoch failed: {e}"))
+            .and_then(|r| r.map_err(|e| e.full_message()));
+        if let Err(message) = admitted {
+            let status = if self.replica.epoch() > epoch {
+                WelcomeStatus::Fenced
+            } else {
+                WelcomeStatus::Unavailable
+            };
+            return Err(ClientError::Refused {
+                replica: self.replica.name().to_owned(),
+                status,
+                message,
+            });
         }
+        Ok(OpenLocal {
+            local: self.clone(),
+            session: Arc::new(Session::new(&self.replica, epoch)),
+        })
     }
 }
 

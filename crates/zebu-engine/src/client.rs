@@ -187,13 +187,13 @@ impl Drop for ReplicaClient {
 }
 
 impl ReplicaClient {
-    /// Connect and handshake. `generation` is what the engine expects; the replica's own is in
-    /// [`ReplicaClient::welcome`].
+    /// Connect and handshake with the engine's `epoch` (the fence); the replica's generation
+    /// (the evidence) is in [`ReplicaClient::welcome`].
     pub async fn connect(
         address: &str,
         volume: &str,
         replica: &str,
-        generation: u64,
+        epoch: u64,
         secret: &str,
         timeout: Duration,
     ) -> Result<ReplicaClient, ClientError> {
@@ -206,7 +206,7 @@ impl ReplicaClient {
             version: PROTOCOL_VERSION,
             volume: volume.to_owned(),
             replica: replica.to_owned(),
-            generation,
+            epoch,
             secret: secret.to_owned(),
         };
         let fut = async {

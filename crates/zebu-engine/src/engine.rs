@@ -116,6 +116,10 @@ pub struct EngineConfig {
     pub require_all: bool,
     /// Refuse to start if the freshest reachable replica's generation is below this.
     pub min_generation: u64,
+    /// The fence: issued by the manager for this attachment (persisted there first). Every
+    /// replica records it before it answers, and refuses every engine of a lower epoch from then
+    /// on; an engine whose epoch is below a replica's is refused at once.
+    pub epoch: u64,
 }
 
 /// Status of one replica as the engine sees it.
@@ -156,6 +160,8 @@ pub struct Engine {
     io_timeout: Duration,
     /// Cluster secret, for the extra connections of [`Lanes`].
     secret: String,
+    /// The fence this engine holds on every replica (see [`EngineConfig::epoch`]).
+    epoch: u64,
     members: Vec<Arc<Member>>,
     generation: AtomicU64,
     /// Serializes retirements (and the generation bumps that make them durable).
@@ -277,6 +283,14 @@ impl Drop for RetiringGuard<'_> {
     }
 }
 
+/// How often the engine checks that every member on another node answers, with or without
+/// client I/O, so a dead replica of an idle volume leaves the set (and shows) within seconds.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// A member that does not answer a keepalive PING within this time is retired. PING runs on
+/// the replica connection's own thread without touching the disk, so only a dead, frozen or
+/// cut-off peer misses it. Interval + timeout stay under 10 s.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Flush (or a FUA write) may wait on a slow disk far longer than a normal request.
 fn flush_timeout(io: Duration) -> Duration {
     io.max(Duration::from_secs(60))
@@ -294,7 +308,7 @@ impl Engine {
         }
         let connects = cfg.replicas.iter().map(|t| async {
             if let Some(l) = &t.in_process {
-                return Ok(Backend::Local(l.open()));
+                return l.open(cfg.epoch).await.map(Backend::Local);
             }
             let deadline = tokio::time::Instant::now() + cfg.connect_patience;
             loop {
@@ -302,7 +316,7 @@ impl Engine {
                     &t.address,
                     &cfg.volume,
                     &t.name,
-                    0,
+                    cfg.epoch,
                     &cfg.secret,
                     cfg.io_timeout,
                 )
@@ -316,19 +330,42 @@ impl Engine {
                 }
             }
         });
-        let results = join_all(connects).await;
+        let connected = join_all(connects).await;
+        // Fence first, evidence after: only now that every reachable replica has accepted this
+        // engine's epoch (no older engine can move a generation any more) are the generations
+        // read. A Welcome's generation may predate an older engine's last bump elsewhere.
+        let results = join_all(
+            connected
+                .into_iter()
+                .zip(&cfg.replicas)
+                .map(|(r, t)| async move {
+                    let c = r?;
+                    let info = c.call(Call::new(Op::Info, 0, 0), cfg.io_timeout).await?;
+                    let generation = data::ReplicaInfo::decode(&info)
+                        .map_err(|e| {
+                            Call::new(Op::Info, 0, 0).failed(
+                                &t.name,
+                                Status::Invalid,
+                                format!("bad INFO reply: {e}"),
+                            )
+                        })?
+                        .generation;
+                    Ok::<_, ClientError>((c, generation))
+                }),
+        )
+        .await;
         let mut block_size = 0u64;
         let max_gen = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
-            .filter(|c| c.opened().size_bytes == cfg.size_bytes)
-            .map(|c| c.opened().generation)
+            .filter(|(c, _)| c.opened().size_bytes == cfg.size_bytes)
+            .map(|(_, g)| *g)
             .max();
         let mut members = Vec::new();
         let mut unreachable = Vec::new();
         for (index, (t, r)) in cfg.replicas.iter().zip(results).enumerate() {
             let (client, mode, error) = match r {
-                Ok(c) if c.opened().size_bytes != cfg.size_bytes => {
+                Ok((c, _)) if c.opened().size_bytes != cfg.size_bytes => {
                     let e = format!(
                         "replica {} has size {} but the volume has size {}",
                         t.name,
@@ -337,16 +374,16 @@ impl Engine {
                     );
                     (None, Mode::Err, e)
                 }
-                Ok(c) if Some(c.opened().generation) != max_gen => {
+                Ok((_, g)) if Some(g) != max_gen => {
                     let e = format!(
                         "replica {} is stale: generation {} is below the freshest replica's {}",
                         t.name,
-                        c.opened().generation,
+                        g,
                         max_gen.unwrap_or(0)
                     );
                     (None, Mode::Err, e)
                 }
-                Ok(c) => {
+                Ok((c, _)) => {
                     block_size = block_size.max(c.opened().block_size as u64);
                     (Some(c), Mode::Rw, String::new())
                 }
@@ -397,6 +434,7 @@ impl Engine {
             block_size: block_size.max(512),
             io_timeout: cfg.io_timeout,
             secret: cfg.secret.clone(),
+            epoch: cfg.epoch,
             members,
             generation: AtomicU64::new(max_gen),
             membership: tokio::sync::Mutex::new(()),
@@ -418,11 +456,41 @@ impl Engine {
             ));
         }
         tracing::info!(volume = %engine.volume, generation = engine.generation(), "engine started");
+        tokio::spawn(keepalive(Arc::downgrade(&engine)));
         Ok(engine)
     }
 
     pub fn volume(&self) -> &str {
         &self.volume
+    }
+
+    /// PING every member on another node; retire those that do not answer in time (see
+    /// [`KEEPALIVE_INTERVAL`]), exactly as a failed write would.
+    async fn ping_members(&self) {
+        let Ok(_serving) = self.enter().await else {
+            return;
+        };
+        let set: Vec<Arc<Member>> = self
+            .in_sync()
+            .into_iter()
+            .filter(|m| matches!(m.client, Some(Backend::Remote(_))))
+            .collect();
+        let results = join_all(set.iter().map(|m| {
+            m.client()
+                .call(Call::new(Op::Ping, 0, 0), KEEPALIVE_TIMEOUT)
+        }))
+        .await;
+        let failed: Vec<(Arc<Member>, String)> = set
+            .iter()
+            .zip(results)
+            .filter_map(|(m, r)| {
+                r.err()
+                    .map(|e| (m.clone(), format!("it stopped answering keepalives: {e}")))
+            })
+            .collect();
+        if !failed.is_empty() {
+            self.retire(&failed).await;
+        }
     }
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -432,6 +500,9 @@ impl Engine {
     }
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// A receiver that changes whenever a replica changes mode.
@@ -1236,6 +1307,20 @@ impl Engine {
 /// to another thread. Lanes open in the background: until a member's lane is open (or if it
 /// cannot be opened), that member is reached over the engine's own connection, so a slow or
 /// unreachable replica never holds up a new frontend connection.
+/// Ping the members every [`KEEPALIVE_INTERVAL`] until the engine stops serving or is dropped.
+async fn keepalive(engine: std::sync::Weak<Engine>) {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        let Some(e) = engine.upgrade() else {
+            return;
+        };
+        if e.closed_reason().is_some() {
+            return;
+        }
+        e.ping_members().await;
+    }
+}
+
 pub struct Lanes {
     engine: Arc<Engine>,
     via: Arc<[OnceLock<Backend>]>,
@@ -1308,7 +1393,7 @@ impl Engine {
             &m.address,
             &self.volume,
             &m.name,
-            self.generation(),
+            self.epoch,
             &self.secret,
             t,
         )

@@ -75,6 +75,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         connect_patience: Duration::from_millis(300),
         require_all: false,
         min_generation: 0,
+        epoch: 0,
     }
 }
 
@@ -319,6 +320,81 @@ async fn a_newer_engine_fences_off_the_old_one() {
         &vec![1u8; BS as usize][..]
     );
     assert_every_replica_holds(&c, 0, 1, "the fenced engine's write reached it");
+}
+
+fn with_epoch(mut cfg: EngineConfig, epoch: u64) -> EngineConfig {
+    cfg.epoch = epoch;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_epoch_fences_the_old_engine_and_an_older_one_is_refused() {
+    let c = cluster(3).await;
+    let old = Engine::start(with_epoch(config(c.targets.clone(), SECRET), 1))
+        .await
+        .unwrap();
+    old.write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
+    let new = Engine::start(with_epoch(config(c.targets.clone(), SECRET), 2))
+        .await
+        .unwrap();
+    for (s, dir) in c.servers.iter().zip(&c._dirs) {
+        let r = &s.list()[0];
+        assert_eq!(r.epoch(), 2, "{} did not record the new epoch", r.name());
+        // Durable: it is in replica.meta, which a restart reads.
+        let meta = zebu_replica::meta::ReplicaMeta::load(dir.path()).unwrap();
+        assert_eq!(meta.epoch, 2, "{} epoch not durable", r.name());
+    }
+    let err = old
+        .write(0, Bytes::from(vec![2u8; BS as usize]), false)
+        .await
+        .expect_err("the old engine must be fenced off");
+    assert!(matches!(err, EngineError::Closed { .. }), "{err}");
+    assert!(err.to_string().contains("epoch"), "{err}");
+    // An engine of an older attachment cannot even start.
+    let err = Engine::start(with_epoch(config(c.targets.clone(), SECRET), 1))
+        .await
+        .err()
+        .expect("an older epoch must be refused");
+    assert!(err.to_string().contains("newer engine"), "{err}");
+    assert!(new.members().iter().all(|m| m.mode == Mode::Rw));
+    assert_every_replica_holds(&c, 0, 1, "the fenced engine's write reached it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_racing_never_both_acknowledge_writes() {
+    for trial in 0..20u64 {
+        let c = cluster(3).await;
+        let (a, b) = tokio::join!(
+            Engine::start(with_epoch(config(c.targets.clone(), SECRET), 2 * trial + 1)),
+            Engine::start(with_epoch(config(c.targets.clone(), SECRET), 2 * trial + 2)),
+        );
+        // Nobody can refuse the highest epoch.
+        let b = b.unwrap_or_else(|e| panic!("trial {trial}: the newer engine failed: {e}"));
+        // Both race writes to the same block; once both starts returned, every replica holds
+        // the newer epoch, so the older engine acknowledges nothing.
+        let block = Bytes::from(vec![0xbb; BS as usize]);
+        let a_acked = match &a {
+            Ok(a) => {
+                let older = Bytes::from(vec![0xaa; BS as usize]);
+                let (ra, rb) =
+                    tokio::join!(a.write(0, older, false), b.write(0, block.clone(), false));
+                rb.unwrap_or_else(|e| panic!("trial {trial}: the newer engine's write: {e}"));
+                ra.is_ok()
+            }
+            Err(_) => false,
+        };
+        assert!(!a_acked, "trial {trial}: both engines acknowledged a write");
+        b.write(BS, block.clone(), true).await.unwrap();
+        assert_eq!(&b.read(0, BS as u32).await.unwrap()[..], &block[..]);
+        for m in b.members().iter().filter(|m| m.mode == Mode::Rw) {
+            let s = c.servers.iter().find(|s| s.get(&m.name).is_some()).unwrap();
+            let mut buf = vec![0u8; BS as usize];
+            s.get(&m.name).unwrap().read(0, &mut buf).unwrap();
+            assert_eq!(buf, block.to_vec(), "trial {trial}: {} differs", m.name);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 //! full assignment (level-triggered, idempotent), so a lost message is repaired by the next one.
 
 pub mod error;
+pub mod settings;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -17,7 +18,9 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use zebu_api::{Assignment, AttachVolume, CreateVolume, Heartbeat, Node, Volume};
+use zebu_api::{
+    Assignment, AttachVolume, CreateVolume, Heartbeat, Node, SetSetting, Setting, Volume,
+};
 use zebu_store::RedbStore;
 
 use crate::error::ApiError;
@@ -110,6 +113,8 @@ impl Manager {
             .route("/volumes/{name}/attach", post(attach_volume))
             .route("/volumes/{name}/detach", post(detach_volume))
             .route("/nodes", get(list_nodes))
+            .route("/settings", get(list_settings))
+            .route("/settings/{name}", get(get_setting).post(set_setting))
             .route("/agent/heartbeat", post(heartbeat))
             .layer(middleware::from_fn_with_state(self.clone(), require_token));
         Router::new()
@@ -130,9 +135,22 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {listen} (is another manager running? choose another with --listen/--api)"))?;
     tracing::info!("manager API on http://{listen}");
-    axum::serve(listener, manager.router())
+    // Reconcilers with timers of their own (not driven by heartbeats).
+    let ticker = {
+        let m = manager.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                m.state().tick();
+            }
+        })
+    };
+    let served = axum::serve(listener, manager.router())
         .with_graceful_shutdown(shutdown)
-        .await?;
+        .await;
+    ticker.abort();
+    served?;
     Ok(())
 }
 
@@ -214,6 +232,31 @@ async fn detach_volume(
 
 async fn list_nodes(AxState(m): AxState<Shared>) -> ApiResult<Vec<Node>> {
     Ok(Json(m.state().nodes()))
+}
+
+async fn list_settings(AxState(m): AxState<Shared>) -> ApiResult<Vec<Setting>> {
+    Ok(Json(m.state().settings()))
+}
+
+async fn get_setting(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Setting> {
+    m.state().setting(&name).map(Json)
+}
+
+async fn set_setting(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<SetSetting>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Setting> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid request body: {}; send {{\"value\": \"...\"}}",
+            e.body_text()
+        ))
+    })?;
+    m.state().set_setting(&name, &req.value).map(Json)
 }
 
 async fn heartbeat(

@@ -22,13 +22,20 @@ use crate::error::ApiError;
 
 /// A node whose last heartbeat is older than this is not ready.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
-pub const DEFAULT_REPLICA_COUNT: u32 = 3;
 pub const BLOCK_SIZE: u32 = 4096;
 pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 
 const VOLUMES: &str = "volumes";
 const REPLICAS: &str = "replicas";
 const NODES: &str = "nodes";
+const SETTINGS: &str = "settings";
+
+/// A setting a person set (see [`crate::settings`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingRecord {
+    pub name: String,
+    pub value: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
@@ -40,6 +47,10 @@ pub struct VolumeRecord {
     pub deleting: bool,
     /// Every replica has been reported by its node at least once.
     pub created: bool,
+    /// The fence of the current (or last) attachment: raised and persisted with every attach,
+    /// before any engine is told about it. Never lowered.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,8 +59,13 @@ pub struct ReplicaRecord {
     pub volume: String,
     pub node: String,
     pub mode: ReplicaMode,
+    /// The highest generation its node has reported (never lowered).
     pub generation: u64,
     pub error: Option<String>,
+    /// Its node has reported it on disk at least once. Until then the node is told to create
+    /// it; after, never again (a replica gone from disk is missing, not new).
+    #[serde(default)]
+    pub seen: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +88,11 @@ pub struct State {
     volumes: BTreeMap<String, VolumeRecord>,
     replicas: BTreeMap<String, ReplicaRecord>,
     nodes: BTreeMap<String, NodeRecord>,
+    /// Values people set, by name (validated); the rest take their defaults.
+    settings: BTreeMap<String, String>,
     live: HashMap<String, Live>,
+    /// Readiness of each node when [`State::tick`] last looked, to log each change once.
+    was_ready: HashMap<String, bool>,
 }
 
 fn store_err(e: StoreError) -> ApiError {
@@ -105,29 +125,121 @@ fn random_suffix() -> String {
 
 impl State {
     pub fn load(store: Arc<dyn MetaStore>, secret: String) -> Result<State, StoreError> {
-        let volumes = store
+        let volumes: BTreeMap<String, VolumeRecord> = store
             .list::<VolumeRecord>(VOLUMES)?
             .into_iter()
             .map(|v| (v.name.clone(), v))
             .collect();
-        let replicas = store
+        let mut replicas: BTreeMap<String, ReplicaRecord> = store
             .list::<ReplicaRecord>(REPLICAS)?
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
+        // Records from before `seen` existed: every replica of a created volume was reported.
+        for r in replicas.values_mut() {
+            if volumes
+                .get(&r.volume)
+                .is_some_and(|v: &VolumeRecord| v.created)
+            {
+                r.seen = true;
+            }
+        }
         let nodes = store
             .list::<NodeRecord>(NODES)?
             .into_iter()
             .map(|n| (n.name.clone(), n))
             .collect();
+        let mut settings = BTreeMap::new();
+        for r in store.list::<SettingRecord>(SETTINGS)? {
+            match crate::settings::def(&r.name).and_then(|d| d.parse(&r.value)) {
+                Ok(v) => {
+                    settings.insert(r.name, v);
+                }
+                Err(e) => tracing::warn!(
+                    "stored setting {} = {:?} is ignored, its default applies: {}",
+                    r.name,
+                    r.value,
+                    e.message
+                ),
+            }
+        }
         Ok(State {
             store,
             secret,
             volumes,
             replicas,
             nodes,
+            settings,
             live: HashMap::new(),
+            was_ready: HashMap::new(),
         })
+    }
+
+    /// The node-health reconciler's step, run every second by a timer of its own: log each
+    /// node that went not-ready (and back) once, with the reason.
+    pub fn tick(&mut self) {
+        for n in self.nodes.keys() {
+            let ready = self.node_ready(n);
+            let before = self.was_ready.insert(n.clone(), ready);
+            match (before, ready) {
+                (Some(true), false) => {
+                    let age = self.live.get(n).map_or(0, |l| l.seen.elapsed().as_secs());
+                    let replicas = self.replicas.values().filter(|r| r.node == *n).count();
+                    let engines: Vec<&str> = self
+                        .volumes
+                        .values()
+                        .filter(|v| v.desired_node.as_deref() == Some(n.as_str()))
+                        .map(|v| v.name.as_str())
+                        .collect();
+                    tracing::warn!(
+                        node = %n,
+                        "node is not ready: no heartbeat for {age} s; it holds {replicas} replica(s) and the engines of volumes [{}]",
+                        engines.join(", ")
+                    );
+                }
+                (Some(false), true) => tracing::info!(node = %n, "node is ready again"),
+                _ => {}
+            }
+        }
+    }
+
+    pub fn settings(&self) -> Vec<zebu_api::Setting> {
+        crate::settings::DEFS
+            .iter()
+            .map(|d| d.view(self.settings.get(d.name).map(String::as_str)))
+            .collect()
+    }
+
+    pub fn setting(&self, name: &str) -> Result<zebu_api::Setting, ApiError> {
+        let d = crate::settings::def(name)?;
+        Ok(d.view(self.settings.get(d.name).map(String::as_str)))
+    }
+
+    /// Validate and store a setting; a refused value changes nothing.
+    pub fn set_setting(&mut self, name: &str, value: &str) -> Result<zebu_api::Setting, ApiError> {
+        let d = crate::settings::def(name)?;
+        let v = d.parse(value)?;
+        let rec = SettingRecord {
+            name: d.name.into(),
+            value: v.clone(),
+        };
+        self.store.put(SETTINGS, d.name, &rec).map_err(store_err)?;
+        let old = self.settings.insert(d.name.into(), v.clone());
+        if old.as_deref() != Some(v.as_str()) {
+            tracing::info!(setting = d.name, value = %v, "setting changed");
+        }
+        self.setting(name)
+    }
+
+    /// A whole-number setting's value in force.
+    pub fn setting_u64(&self, name: &str) -> u64 {
+        let d = crate::settings::def(name).expect("invariant: settings are read by known names");
+        self.settings
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or(d.default_value())
+            .parse()
+            .expect("invariant: whole-number settings hold validated numbers")
     }
 
     fn node_ready(&self, node: &str) -> bool {
@@ -169,9 +281,19 @@ impl State {
                 node: r.node.clone(),
                 mode: r.mode,
                 generation: r.generation,
-                error: r.error.clone(),
+                error: r.error.clone().or_else(|| self.missing_on_disk(r)),
             })
             .collect();
+        // Replicas that could serve now: in sync, on a ready node, on its disk.
+        let usable = self
+            .volume_replicas(&v.name)
+            .into_iter()
+            .filter(|r| {
+                r.mode == ReplicaMode::RW
+                    && self.node_ready(&r.node)
+                    && self.missing_on_disk(r).is_none()
+            })
+            .count() as u32;
         let running = v
             .desired_node
             .as_deref()
@@ -200,11 +322,17 @@ impl State {
             .iter()
             .filter(|r| r.mode == ReplicaMode::RW)
             .count() as u32;
-        let robustness = if !v.created {
+        // Attached, but the engine's node is down: nobody can reach the volume, and what its
+        // replicas hold now is not known here.
+        let engine_node_down = v
+            .desired_node
+            .as_deref()
+            .is_some_and(|n| !self.node_ready(n));
+        let robustness = if !v.created || engine_node_down {
             Robustness::Unknown
-        } else if rw == 0 {
+        } else if rw == 0 || usable == 0 {
             Robustness::Faulted
-        } else if rw < v.replica_count {
+        } else if usable < v.replica_count {
             Robustness::Degraded
         } else {
             Robustness::Healthy
@@ -216,12 +344,17 @@ impl State {
                 .and_then(|n| self.engine_report(n, &v.name))
             {
                 Some(e) if e.error.is_some() => e.error.clone(),
-                _ if !self.node_ready(n) => Some(format!("node {n} is not ready (no heartbeat)")),
+                _ if !self.node_ready(n) => Some(format!(
+                    "node {n}, where the engine runs, is not ready (no heartbeat): the volume cannot be reached until it is back"
+                )),
                 _ if self.missing_member(&v.name).is_some() => self.missing_member(&v.name),
                 _ => Some(format!("waiting for the engine on node {n} to start")),
             }
         } else if rw == 0 && v.created {
             Some("every replica has failed; the volume cannot serve I/O".into())
+        } else if v.created && usable < rw {
+            // Detached (or serving) with an in-sync replica out of reach: say which.
+            self.missing_member(&v.name)
         } else {
             None
         };
@@ -304,7 +437,8 @@ impl State {
                 "volume size {size_bytes} bytes is over the 64 TiB limit"
             )));
         }
-        let count = replica_count.unwrap_or(DEFAULT_REPLICA_COUNT);
+        let count = replica_count
+            .unwrap_or_else(|| self.setting_u64(crate::settings::DEFAULT_REPLICA_COUNT) as u32);
         if count == 0 {
             return Err(ApiError::bad_request(
                 "a volume needs at least one replica".into(),
@@ -336,6 +470,7 @@ impl State {
             desired_node: None,
             deleting: false,
             created: false,
+            epoch: 0,
         };
         let replicas: Vec<ReplicaRecord> = ready
             .iter()
@@ -347,6 +482,7 @@ impl State {
                 mode: ReplicaMode::RW,
                 generation: 0,
                 error: None,
+                seen: false,
             })
             .collect();
         let vbytes = serde_json::to_vec(&record).expect("records serialize");
@@ -470,8 +606,12 @@ impl State {
         }
         let mut v = v;
         v.desired_node = Some(node.clone());
+        // A new fence for the new attachment, persisted before any engine hears of it: every
+        // engine of an earlier attachment is refused by each replica this one reaches.
+        v.epoch += 1;
+        let epoch = v.epoch;
         self.save_volume(v)?;
-        tracing::info!(volume = name, node = %node, "volume attaching");
+        tracing::info!(volume = name, node = %node, epoch, "volume attaching");
         self.volume(name)
     }
 
@@ -519,8 +659,14 @@ impl State {
                 if rec.node != node {
                     continue; // Not ours to report on.
                 }
+                if r.missing {
+                    // Observed, not recorded: the replica is back when its folder is.
+                    continue;
+                }
                 let mut next = rec.clone();
-                next.generation = r.generation;
+                // Evidence never goes backwards: an older copy put back does not lower it.
+                next.generation = rec.generation.max(r.generation);
+                next.seen = true;
                 if let Some(err) = &r.error {
                     next.mode = ReplicaMode::ERR;
                     next.error = Some(err.clone());
@@ -532,12 +678,12 @@ impl State {
         }
         // Replica modes seen by engines on this node. ERR is final until a rebuild.
         for e in &hb.engines {
-            if self
-                .volumes
-                .get(&e.volume)
-                .and_then(|v| v.desired_node.as_deref())
-                != Some(node.as_str())
-            {
+            // Only the current attachment's engine speaks for the members: an engine of an
+            // earlier epoch (a node that was cut off and came back) is fenced, not a witness.
+            let current = self.volumes.get(&e.volume).is_some_and(|v| {
+                v.desired_node.as_deref() == Some(node.as_str()) && v.epoch == e.epoch
+            });
+            if !current {
                 continue;
             }
             for m in &e.replicas {
@@ -565,8 +711,12 @@ impl State {
             self.replicas.insert(r.name.clone(), r);
         }
         // Deleted volumes: a replica this node no longer has on disk is gone.
-        let on_disk: std::collections::HashSet<&str> =
-            hb.replicas.iter().map(|r| r.name.as_str()).collect();
+        let on_disk: std::collections::HashSet<&str> = hb
+            .replicas
+            .iter()
+            .filter(|r| !r.missing)
+            .map(|r| r.name.as_str())
+            .collect();
         let gone: Vec<String> = self
             .replicas
             .values()
@@ -590,22 +740,25 @@ impl State {
             tracing::info!(volume = %name, "volume deleted");
         }
         // Volumes whose replicas have all been seen are created.
-        let newly_created: Vec<VolumeRecord> =
-            self.volumes
-                .values()
-                .filter(|v| !v.created && !v.deleting)
-                .filter(|v| {
-                    let reps = self.volume_replicas(&v.name);
-                    !reps.is_empty()
-                        && reps.iter().all(|r| {
-                            r.node == node && on_disk.contains(r.name.as_str())
-                                || self.live.get(&r.node).is_some_and(|l| {
-                                    l.report.replicas.iter().any(|x| x.name == r.name)
-                                })
-                        })
-                })
-                .cloned()
-                .collect();
+        let newly_created: Vec<VolumeRecord> = self
+            .volumes
+            .values()
+            .filter(|v| !v.created && !v.deleting)
+            .filter(|v| {
+                let reps = self.volume_replicas(&v.name);
+                !reps.is_empty()
+                    && reps.iter().all(|r| {
+                        r.node == node && on_disk.contains(r.name.as_str())
+                            || self.live.get(&r.node).is_some_and(|l| {
+                                l.report
+                                    .replicas
+                                    .iter()
+                                    .any(|x| x.name == r.name && !x.missing)
+                            })
+                    })
+            })
+            .cloned()
+            .collect();
         for mut v in newly_created {
             v.created = true;
             self.save_volume(v)?;
@@ -636,6 +789,7 @@ impl State {
                     volume: v.name.clone(),
                     size_bytes: v.size_bytes,
                     block_size: v.block_size,
+                    create: !r.seen,
                 });
             }
         }
@@ -663,6 +817,7 @@ impl State {
                 volume: v.name.clone(),
                 size_bytes: v.size_bytes,
                 min_generation: members.iter().map(|r| r.generation).max().unwrap_or(0),
+                epoch: v.epoch,
                 replicas: members
                     .iter()
                     .filter_map(|r| {
@@ -684,6 +839,23 @@ impl State {
         }
     }
 
+    /// Why `r` is not on its node's disk, when its node (ready) says so.
+    fn missing_on_disk(&self, r: &ReplicaRecord) -> Option<String> {
+        let l = self.live.get(&r.node)?;
+        if l.seen.elapsed() >= NODE_DOWN_AFTER {
+            return None;
+        }
+        l.report
+            .replicas
+            .iter()
+            .find(|x| x.name == r.name && x.missing)
+            .map(|x| {
+                x.error
+                    .clone()
+                    .unwrap_or_else(|| "missing from disk".into())
+            })
+    }
+
     /// Why an engine for `volume` cannot start yet: an in-sync member whose node is down or does
     /// not serve it.
     fn missing_member(&self, volume: &str) -> Option<String> {
@@ -696,6 +868,8 @@ impl State {
                         "waiting for node {} (holds replica {}) to come back",
                         r.node, r.name
                     ))
+                } else if let Some(why) = self.missing_on_disk(r) {
+                    Some(format!("waiting for replica {}: {why}", r.name))
                 } else if !self
                     .live
                     .get(&r.node)

@@ -9,7 +9,7 @@
 use thiserror::Error;
 
 /// Protocol version spoken by this build (2 added SHARE_SESSION and JOIN_SESSION).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// First bytes of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"ZEBUDATA";
 /// First bytes of a [`Welcome`].
@@ -161,6 +161,10 @@ pub enum WelcomeStatus {
     UnknownReplica = 3,
     VolumeMismatch = 4,
     Malformed = 5,
+    /// The replica has accepted a higher epoch: a newer engine owns the volume.
+    Fenced = 6,
+    /// The replica could not record the epoch (a disk error): it refuses I/O until rebuilt.
+    Unavailable = 7,
 }
 
 impl WelcomeStatus {
@@ -171,6 +175,8 @@ impl WelcomeStatus {
             2 => WelcomeStatus::AuthFailed,
             3 => WelcomeStatus::UnknownReplica,
             4 => WelcomeStatus::VolumeMismatch,
+            6 => WelcomeStatus::Fenced,
+            7 => WelcomeStatus::Unavailable,
             _ => WelcomeStatus::Malformed,
         }
     }
@@ -201,8 +207,10 @@ pub struct Hello {
     pub version: u16,
     pub volume: String,
     pub replica: String,
-    /// The generation the engine expects; the replica answers with its own.
-    pub generation: u64,
+    /// The engine's epoch (the fence, issued by the manager per attachment). A replica that has
+    /// accepted a higher one refuses the connection (`Fenced`); a higher one than it has is
+    /// recorded durably before the Welcome, and fences every session of a lower epoch.
+    pub epoch: u64,
     pub secret: String,
 }
 
@@ -215,7 +223,7 @@ impl Hello {
         out.extend_from_slice(&HELLO_MAGIC);
         put_u16(&mut out, self.version);
         put_u16(&mut out, 0);
-        put_u64(&mut out, self.generation);
+        put_u64(&mut out, self.epoch);
         put_u16(&mut out, self.volume.len() as u16);
         put_u16(&mut out, self.replica.len() as u16);
         put_u16(&mut out, self.secret.len() as u16);
@@ -299,7 +307,7 @@ impl Hello {
             version: u16_at(bytes, 8),
             volume,
             replica,
-            generation: u64_at(bytes, 12),
+            epoch: u64_at(bytes, 12),
             secret,
         })
     }
@@ -605,7 +613,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             volume: "vol-1".into(),
             replica: "vol-1-r-abc".into(),
-            generation: 7,
+            epoch: 7,
             secret: "s3cret".into(),
         };
         let bytes = h.encode();

@@ -43,6 +43,12 @@ pub enum ReplicaError {
         session: u64,
         generation: u64,
     },
+    #[error("replica {replica} has accepted engine epoch {epoch}, newer than this engine's {session_epoch}: a newer engine owns the volume")]
+    Fenced {
+        replica: String,
+        session_epoch: u64,
+        epoch: u64,
+    },
     #[error("replica metadata {path} is unusable: {reason}")]
     BadMeta { path: PathBuf, reason: String },
     #[error("replica index {path} is damaged at block {block}: {reason}")]
@@ -80,7 +86,7 @@ impl ReplicaError {
             | ReplicaError::AlreadyExists { .. } => Status::Invalid,
             ReplicaError::Poisoned { .. } => Status::Poisoned,
             ReplicaError::TransitChecksum { .. } => Status::PayloadChecksum,
-            ReplicaError::Stale { .. } => Status::Stale,
+            ReplicaError::Stale { .. } | ReplicaError::Fenced { .. } => Status::Stale,
         }
     }
 

@@ -13,8 +13,11 @@ use crate::error::ReplicaError;
 pub const META_FILE: &str = "replica.meta";
 const META_TMP_FILE: &str = "replica.meta.tmp";
 pub const META_MAGIC: [u8; 8] = *b"ZEBUMETA";
-pub const META_FORMAT_VERSION: u32 = 1;
-const FIXED_BYTES: usize = 40;
+/// Written by this build; version 1 (no epoch) is still read, as epoch 0.
+pub const META_FORMAT_VERSION: u32 = 2;
+/// Fixed part before the names: version 1 has no epoch field.
+const FIXED_BYTES_V1: usize = 40;
+const FIXED_BYTES: usize = 48;
 const MAX_LAYERS: u32 = 1024;
 const MAX_NAME: usize = 255;
 
@@ -37,6 +40,9 @@ pub struct ReplicaMeta {
     /// Raised by the engine whenever the replica set changes; the freshest replica has the
     /// highest generation.
     pub generation: u64,
+    /// The highest engine epoch this replica has accepted (the fence): sessions of a lower
+    /// epoch are refused. Never lowered.
+    pub epoch: u64,
     /// Bottom (oldest) first; the last layer is the live head that takes writes.
     pub layers: Vec<LayerMeta>,
 }
@@ -49,6 +55,7 @@ impl ReplicaMeta {
         out.extend_from_slice(&self.block_size.to_le_bytes());
         out.extend_from_slice(&self.size_bytes.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&(self.volume.len() as u16).to_le_bytes());
         out.extend_from_slice(&(self.replica.len() as u16).to_le_bytes());
         out.extend_from_slice(&(self.layers.len() as u32).to_le_bytes());
@@ -67,11 +74,11 @@ impl ReplicaMeta {
 
     /// Decode and validate; `Err(reason)` says what is wrong with the bytes.
     pub fn decode(b: &[u8]) -> Result<ReplicaMeta, String> {
-        if b.len() < FIXED_BYTES + 4 {
+        if b.len() < FIXED_BYTES_V1 + 4 {
             return Err(format!(
                 "file is {} bytes, shorter than the {} byte minimum",
                 b.len(),
-                FIXED_BYTES + 4
+                FIXED_BYTES_V1 + 4
             ));
         }
         if b[0..8] != META_MAGIC {
@@ -86,15 +93,25 @@ impl ReplicaMeta {
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let version = u32_at(8);
-        if version != META_FORMAT_VERSION {
-            return Err(format!("format version {version} is not supported (this build reads {META_FORMAT_VERSION})"));
+        let fixed = match version {
+            1 => FIXED_BYTES_V1,
+            META_FORMAT_VERSION => FIXED_BYTES,
+            _ => return Err(format!("format version {version} is not supported (this build reads 1 and {META_FORMAT_VERSION})")),
+        };
+        if body.len() < fixed {
+            return Err(format!(
+                "file is {} bytes, too short for format version {version}",
+                b.len()
+            ));
         }
         let block_size = u32_at(12);
         let size_bytes = u64_at(16);
         let generation = u64_at(24);
-        let vlen = u16_at(32) as usize;
-        let rlen = u16_at(34) as usize;
-        let nlayers = u32_at(36);
+        let epoch = if version == 1 { 0 } else { u64_at(32) };
+        let names_at = fixed - 8;
+        let vlen = u16_at(names_at) as usize;
+        let rlen = u16_at(names_at + 2) as usize;
+        let nlayers = u32_at(names_at + 4);
         if nlayers == 0 || nlayers > MAX_LAYERS {
             return Err(format!(
                 "layer count {nlayers} is out of range 1..={MAX_LAYERS}"
@@ -109,7 +126,7 @@ impl ReplicaMeta {
                 "block size {block_size} / size {size_bytes} are inconsistent"
             ));
         }
-        let mut at = FIXED_BYTES;
+        let mut at = fixed;
         let take_str = |n: usize, at: &mut usize| -> Result<String, String> {
             if n > MAX_NAME || *at + n > body.len() {
                 return Err("truncated or oversized name".into());
@@ -146,6 +163,7 @@ impl ReplicaMeta {
             size_bytes,
             block_size,
             generation,
+            epoch,
             layers,
         })
     }
@@ -187,6 +205,7 @@ mod tests {
             size_bytes: 1 << 30,
             block_size: 4096,
             generation: 9,
+            epoch: 5,
             layers: vec![
                 LayerMeta {
                     id: 1,
@@ -216,6 +235,30 @@ mod tests {
             );
         }
         assert!(ReplicaMeta::decode(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn version_1_reads_as_epoch_0() {
+        let m = sample();
+        let v2 = m.encode();
+        // Version 1: the same without the epoch field at bytes 32..40.
+        let mut v1 = v2[..v2.len() - 4].to_vec();
+        v1.drain(32..40);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let old = ReplicaMeta::decode(&v1).unwrap();
+        assert_eq!(old.epoch, 0);
+        assert_eq!(old.generation, m.generation);
+        assert_eq!(old.layers, m.layers);
+        // Unknown versions are refused.
+        let mut v9 = v2[..v2.len() - 4].to_vec();
+        v9[8..12].copy_from_slice(&9u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v9);
+        v9.extend_from_slice(&crc.to_le_bytes());
+        assert!(ReplicaMeta::decode(&v9)
+            .unwrap_err()
+            .contains("not supported"));
     }
 
     #[test]

@@ -71,6 +71,8 @@ type Served = (Arc<Replica>, watch::Sender<bool>);
 /// A replica connection after a successful handshake: the replica, the signal that closes the
 /// connection when the replica is removed, and the engine's session on the replica.
 type Accepted = (Arc<Replica>, watch::Receiver<bool>, Arc<Session>);
+/// A Hello that passed its checks: the replica, its stop signal and the engine's epoch.
+type Hailed = (Arc<Replica>, watch::Receiver<bool>, u64);
 
 /// Serves all replicas of one node.
 pub struct ReplicaServer {
@@ -190,11 +192,30 @@ impl ReplicaServer {
             .read_exact(&mut bytes[HELLO_FIXED_BYTES..])
             .await
             .map_err(|e| format!("reading hello: {e}"))?;
-        let checked = self.check_hello(&bytes);
+        let mut checked = self.check_hello(&bytes);
+        if let Ok((replica, _, epoch)) = &checked {
+            // The fence first: a durable metadata replace when the epoch is new.
+            let (r, epoch) = (replica.clone(), *epoch);
+            let admitted = tokio::task::spawn_blocking(move || r.accept_epoch(epoch))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::ReplicaError::Invalid {
+                        replica: replica.name().to_owned(),
+                        reason: format!("recording the engine's epoch failed: {e}"),
+                    })
+                });
+            if let Err(e) = admitted {
+                let status = match e {
+                    crate::ReplicaError::Fenced { .. } => WelcomeStatus::Fenced,
+                    _ => WelcomeStatus::Unavailable,
+                };
+                checked = Err((status, e.full_message()));
+            }
+        }
         match checked {
-            Ok((replica, stop)) => {
-                // The session starts at the generation the engine is told about.
-                let session = Session::new(&replica);
+            Ok((replica, stop, epoch)) => {
+                // The session starts at the replica's generation, in the engine's epoch.
+                let session = Session::new(&replica, epoch);
                 let w = Welcome {
                     version: PROTOCOL_VERSION,
                     status: WelcomeStatus::Ok,
@@ -219,10 +240,7 @@ impl ReplicaServer {
         }
     }
 
-    fn check_hello(
-        &self,
-        bytes: &[u8],
-    ) -> Result<(Arc<Replica>, watch::Receiver<bool>), (WelcomeStatus, String)> {
+    fn check_hello(&self, bytes: &[u8]) -> Result<Hailed, (WelcomeStatus, String)> {
         let hello = Hello::decode(bytes).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
         if hello.version != PROTOCOL_VERSION {
             return Err((
@@ -262,7 +280,7 @@ impl ReplicaServer {
                 ),
             ));
         }
-        Ok((replica, stop))
+        Ok((replica, stop, hello.epoch))
     }
 
     async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {

@@ -427,6 +427,8 @@ pub struct Replica {
     layers: Vec<Layer>,
     meta: Mutex<ReplicaMeta>,
     generation: AtomicU64,
+    /// The highest engine epoch accepted (the fence; durable in `replica.meta`).
+    epoch: AtomicU64,
     stripes: Box<[Mutex<()>]>,
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
@@ -453,15 +455,19 @@ pub struct Replica {
 /// moves them all along, and a take-over fences them all.
 #[derive(Debug)]
 pub struct Session {
+    /// The engine's epoch: once the replica accepts a higher one, this session is fenced.
+    epoch: u64,
     generation: AtomicU64,
     /// Set once the session is shared: the token other connections join it with.
     token: OnceLock<u64>,
 }
 
 impl Session {
-    /// A session that starts at the replica's current generation.
-    pub fn new(replica: &Replica) -> Session {
+    /// A session of an engine of `epoch` (see [`Replica::accept_epoch`]), starting at the
+    /// replica's current generation.
+    pub fn new(replica: &Replica, epoch: u64) -> Session {
         Session {
+            epoch,
             generation: AtomicU64::new(replica.generation()),
             token: OnceLock::new(),
         }
@@ -470,6 +476,10 @@ impl Session {
     /// The generation this session last saw or set.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 
@@ -536,6 +546,7 @@ impl Replica {
             size_bytes,
             block_size,
             generation: 0,
+            epoch: 0,
             layers: vec![LayerMeta {
                 id: head_id,
                 created_unix,
@@ -567,6 +578,7 @@ impl Replica {
             size_bytes: meta.size_bytes,
             block_size,
             generation: AtomicU64::new(meta.generation),
+            epoch: AtomicU64::new(meta.epoch),
             layers,
             meta: Mutex::new(meta),
             crc_shift: zebu_proto::CrcShift::new(block_size as usize),
@@ -629,6 +641,10 @@ impl Replica {
     }
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+    /// The highest engine epoch accepted (see [`Replica::accept_epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
@@ -1056,7 +1072,48 @@ impl Replica {
         op()
     }
 
+    /// Admit an engine of `epoch` (its handshake): refused if a higher epoch was accepted
+    /// before; a higher one than recorded is made durable first (crash-safe metadata replace),
+    /// and from then on every session of a lower epoch is refused (`Fenced`). Taken under the
+    /// fence's write lock, so an operation of an older session lands entirely before it or
+    /// not at all. On a poisoned replica the epoch is kept in memory only (it refuses I/O
+    /// anyway, and must be rebuilt).
+    pub fn accept_epoch(&self, epoch: u64) -> Result<(), ReplicaError> {
+        let _exclusive = self.fence.write().unwrap_or_else(|p| p.into_inner());
+        let current = self.epoch();
+        if epoch < current {
+            return Err(ReplicaError::Fenced {
+                replica: self.name.clone(),
+                session_epoch: epoch,
+                epoch: current,
+            });
+        }
+        if epoch == current {
+            return Ok(());
+        }
+        if !self.is_poisoned() {
+            let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = meta.clone();
+            next.epoch = epoch;
+            if let Err(e) = next.store(&self.dir) {
+                self.poison(&e);
+                return Err(e);
+            }
+            *meta = next;
+        }
+        self.epoch.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
     fn check_session(&self, session: &Session) -> Result<(), ReplicaError> {
+        let epoch = self.epoch();
+        if epoch > session.epoch {
+            return Err(ReplicaError::Fenced {
+                replica: self.name.clone(),
+                session_epoch: session.epoch,
+                epoch,
+            });
+        }
         let (mine, current) = (
             session.generation.load(Ordering::Acquire),
             self.generation(),

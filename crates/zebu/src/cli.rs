@@ -6,7 +6,7 @@ use anyhow::bail;
 use zebu_api::{ApiClient, CreateVolume, Volume, VolumeState};
 
 use crate::size::{human, parse_size};
-use crate::{default_token, ClientArgs, NodeCmd, Output, VolumeCmd};
+use crate::{default_token, ClientArgs, NodeCmd, Output, SettingCmd, VolumeCmd};
 
 fn client(c: &ClientArgs) -> ApiClient {
     ApiClient::new(&c.api, &default_token(c.token.clone()))
@@ -114,16 +114,15 @@ pub async fn wait_for(
     }
 }
 
-pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
+pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         VolumeCmd::Create {
             name,
             size,
             replicas,
-            client: ca,
         } => {
             let size_bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
-            let c = client(&ca);
+            let c = client(ca);
             let v = c
                 .create_volume(&CreateVolume {
                     name: name.clone(),
@@ -141,8 +140,8 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        VolumeCmd::List { client: ca } => {
-            let vols = client(&ca).list_volumes().await?;
+        VolumeCmd::List => {
+            let vols = client(ca).list_volumes().await?;
             if ca.output == Output::Json {
                 return {
                     let _: () = print_json(&vols);
@@ -181,17 +180,16 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                     .collect(),
             );
         }
-        VolumeCmd::Get { name, client: ca } => {
-            let v = client(&ca).get_volume(&name).await?;
+        VolumeCmd::Get { name } => {
+            let v = client(ca).get_volume(&name).await?;
             show_volume(&v, ca.output);
         }
         VolumeCmd::Attach {
             name,
             node,
             no_wait,
-            client: ca,
         } => {
-            let c = client(&ca);
+            let c = client(ca);
             let mut v = c.attach_volume(&name, node).await?;
             if !no_wait {
                 v = wait_for(&c, &name, Duration::from_secs(90), |v| {
@@ -207,12 +205,8 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                 println!("volume {name} is {}", v.state.as_str());
             }
         }
-        VolumeCmd::Detach {
-            name,
-            no_wait,
-            client: ca,
-        } => {
-            let c = client(&ca);
+        VolumeCmd::Detach { name, no_wait } => {
+            let c = client(ca);
             let mut v = c.detach_volume(&name).await?;
             if !no_wait {
                 v = wait_for(&c, &name, Duration::from_secs(60), |v| {
@@ -226,12 +220,8 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                 println!("volume {name} is {}", v.state.as_str());
             }
         }
-        VolumeCmd::Delete {
-            name,
-            no_wait,
-            client: ca,
-        } => {
-            let c = client(&ca);
+        VolumeCmd::Delete { name, no_wait } => {
+            let c = client(ca);
             let v = c.delete_volume(&name).await?;
             if !no_wait {
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -256,10 +246,10 @@ pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
+pub async fn node(cmd: NodeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
-        NodeCmd::List { client: ca } => {
-            let nodes = client(&ca).list_nodes().await?;
+        NodeCmd::List => {
+            let nodes = client(ca).list_nodes().await?;
             if ca.output == Output::Json {
                 return {
                     let _: () = print_json(&nodes);
@@ -282,6 +272,55 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
                     })
                     .collect(),
             );
+        }
+    }
+    Ok(())
+}
+
+pub async fn setting(cmd: SettingCmd, ca: &ClientArgs) -> anyhow::Result<()> {
+    let c = client(ca);
+    let show = |s: &zebu_api::Setting| {
+        println!("Name:        {}", s.name);
+        println!("Value:       {}", s.value);
+        println!("Default:     {}", s.default);
+        println!("Description: {}", s.description);
+    };
+    match cmd {
+        SettingCmd::List => {
+            let all = c.list_settings().await?;
+            if ca.output == Output::Json {
+                print_json(&all);
+                return Ok(());
+            }
+            table(
+                &["NAME", "VALUE", "DEFAULT", "DESCRIPTION"],
+                all.iter()
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.value.clone(),
+                            s.default.clone(),
+                            s.description.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        SettingCmd::Get { name } => {
+            let s = c.get_setting(&name).await?;
+            if ca.output == Output::Json {
+                print_json(&s);
+            } else {
+                show(&s);
+            }
+        }
+        SettingCmd::Set { name, value } => {
+            let s = c.set_setting(&name, &value).await?;
+            if ca.output == Output::Json {
+                print_json(&s);
+            } else {
+                println!("setting {} is {}", s.name, s.value);
+            }
         }
     }
     Ok(())

@@ -30,6 +30,9 @@ use zebu_manager::Manager;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// --api, --token and -o: accepted before or after the subcommand, as kubectl takes them.
+    #[command(flatten)]
+    client: TopClientArgs,
 }
 
 #[derive(Subcommand)]
@@ -41,11 +44,11 @@ enum Command {
     /// Run a node agent (replicas, engines, NBD server) as its own process.
     Agent(AgentArgs),
     /// Create, inspect, attach, detach and delete volumes.
-    #[command(subcommand)]
-    Volume(VolumeCmd),
+    Volume(Group<VolumeCmd>),
     /// Inspect nodes.
-    #[command(subcommand)]
-    Node(NodeCmd),
+    Node(Group<NodeCmd>),
+    /// List, show and change cluster-wide settings (Longhorn's names and units).
+    Setting(Group<SettingCmd>),
     /// Work on a replica directory directly, without the cluster (recovery by hand).
     #[command(subcommand)]
     Replica(ReplicaCmd),
@@ -159,22 +162,70 @@ struct AgentArgs {
     serving: ServingArgs,
 }
 
-#[derive(Args, Clone)]
-struct ClientArgs {
-    /// URL of the manager's REST API.
-    #[arg(
-        long,
-        env = "ZEBU_API",
-        default_value = "http://127.0.0.1:9500",
-        global = true
-    )]
-    api: String,
+/// The client options as given before the subcommand (`zebu --api URL volume list`).
+#[derive(Args, Clone, Default)]
+struct TopClientArgs {
+    /// URL of the manager's REST API (default: $ZEBU_API, else http://127.0.0.1:9500).
+    #[arg(long = "api", value_name = "URL")]
+    client_api: Option<String>,
     /// API token (default: $ZEBU_TOKEN, else the contents of ./zebu-data/admin.token).
-    #[arg(long, env = "ZEBU_TOKEN", hide_env_values = true, global = true)]
+    #[arg(long = "token", value_name = "TOKEN")]
+    client_token: Option<String>,
+    /// Output format: table (default) or json.
+    #[arg(short = 'o', long = "output", value_enum)]
+    client_output: Option<Output>,
+}
+
+/// The client options of a CLI command group, accepted anywhere after its name
+/// (`zebu volume list --api URL`, `zebu volume -o json get NAME`).
+#[derive(Args, Clone, Default)]
+struct GroupClientArgs {
+    /// URL of the manager's REST API (default: $ZEBU_API, else http://127.0.0.1:9500).
+    #[arg(long, value_name = "URL", global = true)]
+    api: Option<String>,
+    /// API token (default: $ZEBU_TOKEN, else the contents of ./zebu-data/admin.token).
+    #[arg(long, global = true)]
     token: Option<String>,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    /// Output format: table (default) or json.
+    #[arg(short = 'o', long, value_enum, global = true)]
+    output: Option<Output>,
+}
+
+/// Where the CLI sends its requests and how it prints answers.
+#[derive(Clone)]
+struct ClientArgs {
+    api: String,
+    token: Option<String>,
     output: Output,
+}
+
+impl ClientArgs {
+    /// Options after the subcommand win over those before it, both over the environment.
+    fn resolve(top: &TopClientArgs, group: &GroupClientArgs) -> ClientArgs {
+        ClientArgs {
+            api: group
+                .api
+                .clone()
+                .or_else(|| top.client_api.clone())
+                .or_else(|| std::env::var("ZEBU_API").ok().filter(|s| !s.is_empty()))
+                .unwrap_or_else(|| "http://127.0.0.1:9500".into()),
+            token: group
+                .token
+                .clone()
+                .or_else(|| top.client_token.clone())
+                .or_else(|| std::env::var("ZEBU_TOKEN").ok().filter(|s| !s.is_empty())),
+            output: group.output.or(top.client_output).unwrap_or(Output::Table),
+        }
+    }
+}
+
+/// A CLI command group with its client options.
+#[derive(Args)]
+struct Group<C: Subcommand + clap::FromArgMatches> {
+    #[command(subcommand)]
+    cmd: C,
+    #[command(flatten)]
+    client: GroupClientArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -191,23 +242,14 @@ enum VolumeCmd {
         /// Size, e.g. 1GiB, 512MiB, 10G (K/M/G/T and Ki/Mi/Gi/Ti are powers of 1024; KB/MB/GB/TB of 1000).
         #[arg(long)]
         size: String,
-        /// Number of replicas (default 3).
+        /// Number of replicas (default: the default-replica-count setting, 3 unless changed).
         #[arg(long)]
         replicas: Option<u32>,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// List volumes.
-    List {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    List,
     /// Show one volume and its replicas.
-    Get {
-        name: String,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Get { name: String },
     /// Attach a volume to a node and print its NBD URI once it serves I/O.
     Attach {
         name: String,
@@ -217,34 +259,43 @@ enum VolumeCmd {
         /// Do not wait for the volume to be attached.
         #[arg(long)]
         no_wait: bool,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Detach a volume (its NBD export goes away; data stays).
     Detach {
         name: String,
         #[arg(long)]
         no_wait: bool,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Delete a detached volume and all its replicas.
     Delete {
         name: String,
         #[arg(long)]
         no_wait: bool,
-        #[command(flatten)]
-        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingCmd {
+    /// List every setting with its value, default and meaning.
+    List,
+    /// Show one setting.
+    Get {
+        /// e.g. replica-replenishment-wait-interval (see `zebu setting list`).
+        name: String,
+    },
+    /// Change a setting; the manager checks the value and keeps it across restarts.
+    Set {
+        name: String,
+        /// The new value, in the setting's unit (see `zebu setting list`).
+        #[arg(allow_hyphen_values = true)]
+        value: String,
     },
 }
 
 #[derive(Subcommand)]
 enum NodeCmd {
     /// List nodes and whether they are ready.
-    List {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    List,
 }
 
 fn default_token(explicit: Option<String>) -> String {
@@ -279,13 +330,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("the control runtime must start");
+    let top = cli.client.clone();
+    let top_given =
+        top.client_api.is_some() || top.client_token.is_some() || top.client_output.is_some();
+    if server && top_given {
+        eprintln!("error: --api, --token and -o before the subcommand are for CLI commands (volume, node, setting); give a server's own options after its name, e.g. `zebu up --api 127.0.0.1:9500`");
+        std::process::exit(2);
+    }
     let result = rt.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
             Command::Manager(a) => manager(a).await,
             Command::Agent(a) => agent(a).await,
-            Command::Volume(c) => cli::volume(c).await,
-            Command::Node(c) => cli::node(c).await,
+            Command::Volume(g) => cli::volume(g.cmd, &ClientArgs::resolve(&top, &g.client)).await,
+            Command::Node(g) => cli::node(g.cmd, &ClientArgs::resolve(&top, &g.client)).await,
+            Command::Setting(g) => cli::setting(g.cmd, &ClientArgs::resolve(&top, &g.client)).await,
             Command::Replica(ReplicaCmd::Export { dir, output }) => replica_export(&dir, &output),
         }
     });

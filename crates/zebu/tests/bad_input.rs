@@ -163,7 +163,7 @@ fn bad_requests_are_refused_and_change_nothing() {
         version: PROTOCOL_VERSION,
         volume: "keep".into(),
         replica: replica.clone(),
-        generation: 0,
+        epoch: 0,
         secret: "wrong".into(),
     };
     let w = handshake(&addr, &hello);
@@ -183,6 +183,12 @@ fn bad_requests_are_refused_and_change_nothing() {
         WelcomeStatus::VolumeMismatch
     );
     hello.volume = "keep".into();
+    // The volume was attached once: its replicas have accepted epoch 1, and refuse an engine
+    // of an older attachment.
+    let w = handshake(&addr, &hello);
+    assert_eq!(w.status, WelcomeStatus::Fenced, "{w:?}");
+    assert!(w.message.contains("newer engine"), "{w:?}");
+    hello.epoch = 1;
     assert_eq!(handshake(&addr, &hello).status, WelcomeStatus::Ok);
     // Garbage on the data port closes that connection only.
     let mut s = TcpStream::connect(&addr).unwrap();

@@ -1,0 +1,315 @@
+//! Issue 10, a volume that heals itself: settings, a replica never made from nothing, faults
+//! seen without I/O. (Rebuild, resync and salvage land in later steps; see docs/healing.md.)
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn setting(c: &Cluster, name: &str) -> String {
+    c.cli_json(&["setting", "get", name]).unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn settings_are_validated_kept_and_used() {
+    let mut c = Cluster::separate(21, 2);
+    let all = c.cli_json(&["setting", "list"]).unwrap();
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "replica-replenishment-wait-interval",
+        "stale-replica-timeout",
+        "concurrent-replica-rebuild-per-node-limit",
+        "replica-rebuild-bandwidth-limit",
+        "auto-salvage",
+        "default-replica-count",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    assert_eq!(setting(&c, "replica-replenishment-wait-interval"), "600");
+    assert_eq!(
+        setting(&c, "concurrent-replica-rebuild-per-node-limit"),
+        "5"
+    );
+    assert_eq!(setting(&c, "replica-rebuild-bandwidth-limit"), "0");
+    assert_eq!(setting(&c, "auto-salvage"), "true");
+    let table = c.cli_ok(&["setting", "list"]);
+    assert!(table.starts_with("NAME"), "{table}");
+
+    // Bad names and values: a clear error, nothing changed.
+    for (args, expect) in [
+        (
+            vec!["setting", "set", "no-such-thing", "1"],
+            "does not exist",
+        ),
+        (vec!["setting", "get", "no-such-thing"], "does not exist"),
+        (
+            vec![
+                "setting",
+                "set",
+                "replica-replenishment-wait-interval",
+                "-5",
+            ],
+            "from 0 to 86400",
+        ),
+        (
+            vec![
+                "setting",
+                "set",
+                "replica-replenishment-wait-interval",
+                "ten",
+            ],
+            "from 0 to 86400",
+        ),
+        (
+            vec!["setting", "set", "auto-salvage", "yes"],
+            "true or false",
+        ),
+        (
+            vec!["setting", "set", "default-replica-count", "0"],
+            "from 1 to 20",
+        ),
+    ] {
+        let o = c.cli(&args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        let err = stderr_of(&o);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    assert_eq!(c.cli_json(&["setting", "list"]).unwrap(), all);
+
+    // Good values are kept across a manager restart (kill -9).
+    c.cli_ok(&[
+        "setting",
+        "set",
+        "replica-replenishment-wait-interval",
+        "30",
+    ]);
+    c.cli_ok(&["setting", "set", "auto-salvage", "false"]);
+    c.cli_ok(&["setting", "set", "default-replica-count", "2"]);
+    if let Some(mut m) = c.manager.take() {
+        m.kill().unwrap();
+        m.wait().unwrap();
+    }
+    c.start_manager();
+    c.wait_nodes_ready(2);
+    assert_eq!(setting(&c, "replica-replenishment-wait-interval"), "30");
+    assert_eq!(setting(&c, "auto-salvage"), "false");
+
+    // default-replica-count applies to a volume created without --replicas.
+    c.cli_ok(&["volume", "create", "two", "--size", "16MiB"]);
+    assert_eq!(c.volume("two")["replica_count"], 2);
+}
+
+#[test]
+fn client_options_go_before_or_after_the_subcommand() {
+    let c = Cluster::separate(22, 1);
+    c.cli_ok(&[
+        "volume",
+        "create",
+        "opt",
+        "--size",
+        "8MiB",
+        "--replicas",
+        "1",
+    ]);
+    // No ZEBU_API / ZEBU_TOKEN in the environment: only the options say where to go.
+    let run_clean = |args: &[&str]| {
+        run(Command::new(ZEBU)
+            .args(args)
+            .env_remove("ZEBU_API")
+            .env_remove("ZEBU_TOKEN"))
+    };
+    let orders: Vec<Vec<&str>> = vec![
+        vec![
+            "--api", &c.api, "--token", &c.token, "-o", "json", "volume", "list",
+        ],
+        vec![
+            "volume", "list", "--api", &c.api, "--token", &c.token, "-o", "json",
+        ],
+        vec![
+            "volume", "--api", &c.api, "list", "-o", "json", "--token", &c.token,
+        ],
+        vec![
+            "-o", "json", "volume", "list", "--api", &c.api, "--token", &c.token,
+        ],
+    ];
+    for args in orders {
+        let o = run_clean(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr_of(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v[0]["name"], "opt", "{args:?}");
+    }
+    // After the subcommand wins over before it.
+    let o = run_clean(&[
+        "--api",
+        "http://127.0.0.1:1",
+        "node",
+        "list",
+        "--api",
+        &c.api,
+        "--token",
+        &c.token,
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    // A server command refuses client options given before it, with a hint.
+    let o = run_clean(&["--api", &c.api, "up"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("after its name"),
+        "{}",
+        stderr_of(&o)
+    );
+}
+
+fn only_replica(v: &Value) -> Value {
+    let reps = v["replicas"].as_array().unwrap();
+    assert_eq!(reps.len(), 1, "{v}");
+    reps[0].clone()
+}
+
+#[test]
+fn a_replica_missing_from_disk_is_reported_never_recreated_and_comes_back() {
+    require("qemu-io");
+    let mut c = Cluster::separate(23, 1);
+    let uri = c.create_attached("solo", "16MiB", 1, "node-1");
+    qemu_io(&uri, &["write -P 0x5a 1M 1M".into(), "flush".into()]);
+    c.cli_ok(&["volume", "detach", "solo"]);
+    let before = only_replica(&c.volume("solo"));
+    let name = before["name"].as_str().unwrap().to_owned();
+    let generation = before["generation"].as_u64().unwrap();
+    assert!(generation > 0, "{before}");
+
+    // The node comes back with its replicas folder gone (a data disk that did not mount).
+    c.kill_agent(0);
+    let replicas = c.dir.path().join("node-1").join("replicas");
+    let away = c.dir.path().join("node-1").join("replicas.away");
+    std::fs::rename(&replicas, &away).unwrap();
+    c.start_agent(0);
+    c.wait_nodes_ready(1);
+
+    let v = wait_until(
+        "the replica reported missing",
+        Duration::from_secs(20),
+        || {
+            let v = c.volume("solo");
+            only_replica(&v)["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("missing"))
+                .then_some(v)
+        },
+    );
+    assert_eq!(v["robustness"], "faulted", "{v}");
+    let r = only_replica(&v);
+    assert!(
+        r["error"].as_str().unwrap().contains("not recreated"),
+        "{r}"
+    );
+    // The recorded evidence did not go backwards.
+    assert_eq!(r["generation"].as_u64().unwrap(), generation, "{r}");
+
+    // Attaching waits and says why; nothing is created in the replica's place.
+    let o = c.cli(&["volume", "attach", "solo", "--node", "node-1", "--no-wait"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let v = wait_until(
+        "a message naming the missing replica",
+        Duration::from_secs(10),
+        || {
+            let v = c.volume("solo");
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&name) && m.contains("missing"))
+                .then_some(v)
+        },
+    );
+    assert_eq!(v["state"], "attaching", "{v}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !replicas.join(&name).exists(),
+        "the replica was recreated empty in {}",
+        replicas.display()
+    );
+    assert_eq!(c.volume("solo")["state"], "attaching");
+
+    // The folder put back: the replica is opened, the volume attaches with its data.
+    std::fs::rename(away.join(&name), replicas.join(&name)).unwrap();
+    let v = wait_until("the volume attached again", Duration::from_secs(30), || {
+        let v = c.volume("solo");
+        (v["state"] == "attached").then_some(v)
+    });
+    assert_eq!(v["robustness"], "healthy", "{v}");
+    assert!(only_replica(&v)["error"].is_null(), "{v}");
+    let uri = v["nbd_uri"].as_str().unwrap().to_owned();
+    qemu_io(&uri, &["read -P 0x5a 1M 1M".into()]);
+}
+
+#[test]
+fn a_dead_replica_of_an_idle_volume_is_seen_within_seconds() {
+    let mut c = Cluster::separate(24, 3);
+    c.create_attached("idle", "16MiB", 3, "node-1");
+    assert_eq!(c.volume("idle")["robustness"], "healthy");
+
+    // No client I/O at all: the engine's keepalives find the dead member.
+    c.kill_agent(2);
+    let killed = Instant::now();
+    let v = wait_until("node-3's replica ERR", Duration::from_secs(30), || {
+        let v = c.volume("idle");
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["node"] == "node-3" && r["mode"] == "ERR")
+            .then_some(v)
+    });
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the dead replica was noticed only after {took:?}: {v}"
+    );
+    assert_eq!(v["robustness"], "degraded", "{v}");
+    let r3 = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == "node-3")
+        .unwrap()
+        .clone();
+    assert!(r3["error"].as_str().unwrap().contains("keepalive"), "{r3}");
+
+    // The node's state change is logged once, with the reason.
+    wait_until(
+        "the manager's log of node-3",
+        Duration::from_secs(20),
+        || c.log("manager").contains("node is not ready").then_some(()),
+    );
+    let log = c.log("manager");
+    assert_eq!(
+        log.matches("node is not ready").count(),
+        1,
+        "logged more than once:\n{log}"
+    );
+    assert!(log.contains("no heartbeat for"), "{log}");
+
+    // The engine's node goes down: the volume is not `healthy` or `degraded` while nobody can
+    // reach it.
+    c.kill_agent(0);
+    let v = wait_until("robustness unknown", Duration::from_secs(30), || {
+        let v = c.volume("idle");
+        (v["robustness"] == "unknown").then_some(v)
+    });
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("node-1"),
+        "{v}"
+    );
+}
