@@ -552,3 +552,16 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     // Every agent has flushed its engines; the process exits now.
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks (duplicate names between global and local options, ...),
+    /// which otherwise run only in debug builds.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
