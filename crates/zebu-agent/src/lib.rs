@@ -325,25 +325,19 @@ impl Agent {
                 missing: false,
             })
             .collect();
-        for (name, (volume, err)) in self.replica_errors.lock().unwrap().iter() {
-            replicas.push(ReplicaReport {
-                name: name.clone(),
-                volume: volume.clone(),
-                generation: 0,
-                size_bytes: 0,
-                error: Some(err.clone()),
-                missing: false,
-            });
-        }
-        for (name, (volume, err)) in self.missing.lock().unwrap().iter() {
-            replicas.push(ReplicaReport {
-                name: name.clone(),
-                volume: volume.clone(),
-                generation: 0,
-                size_bytes: 0,
-                error: Some(err.clone()),
-                missing: true,
-            });
+        // Replicas that are not served: unreadable on disk, or not on disk at all.
+        let unserved = [(&self.replica_errors, false), (&self.missing, true)];
+        for (list, missing) in unserved {
+            for (name, (volume, err)) in list.lock().unwrap().iter() {
+                replicas.push(ReplicaReport {
+                    name: name.clone(),
+                    volume: volume.clone(),
+                    generation: 0,
+                    size_bytes: 0,
+                    error: Some(err.clone()),
+                    missing,
+                });
+            }
         }
         let engines = self
             .engines
