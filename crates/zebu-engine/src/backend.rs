@@ -35,6 +35,10 @@ impl std::fmt::Debug for LocalReplica {
     }
 }
 
+/// How long opening an in-process session may take (a remote handshake has the same bound on
+/// the server).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl LocalReplica {
     /// `replica`, whose blocking I/O runs on `pool`.
     pub fn new(replica: Arc<Replica>, pool: Arc<IoPool>) -> LocalReplica {
@@ -45,10 +49,21 @@ impl LocalReplica {
     /// epoch first, as a remote one does in its handshake, and refuses an older one.
     pub async fn open(&self, epoch: u64) -> Result<OpenLocal, ClientError> {
         let r = self.replica.clone();
-        let admitted = tokio::task::spawn_blocking(move || r.accept_epoch(epoch))
-            .await
-            .map_err(|e| format!("recording the engine's epoch failed: {e}"))
-            .and_then(|r| r.map_err(|e| e.full_message()));
+        // As a remote handshake is bounded: the fence waits for operations in flight, and one
+        // stuck on a dead disk must not hold the engine's start for ever.
+        let admitted = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio::task::spawn_blocking(move || r.accept_epoch(epoch)),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "recording the engine's epoch took over {} s (a replica operation is stuck)",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )
+        })
+        .and_then(|j| j.map_err(|e| format!("recording the engine's epoch failed: {e}")))
+        .and_then(|r| r.map_err(|e| e.full_message()));
         if let Err(message) = admitted {
             let status = if self.replica.epoch() > epoch {
                 WelcomeStatus::Fenced

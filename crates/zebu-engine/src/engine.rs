@@ -178,6 +178,8 @@ pub struct Engine {
     closed: watch::Sender<Option<String>>,
     /// Every request holds it shared; `shutdown` takes it exclusively to drain them.
     inflight: tokio::sync::RwLock<()>,
+    /// A replica answered `Stale`: a newer engine owns the volume (see `settled`).
+    fenced_off: std::sync::atomic::AtomicBool,
 }
 
 /// The connections a request uses, by member index: a [`Lanes`]' own, or none (empty); a
@@ -286,10 +288,6 @@ impl Drop for RetiringGuard<'_> {
 /// How often the engine checks that every member on another node answers, with or without
 /// client I/O, so a dead replica of an idle volume leaves the set (and shows) within seconds.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-/// A member that does not answer a keepalive PING within this time is retired. PING runs on
-/// the replica connection's own thread without touching the disk, so only a dead, frozen or
-/// cut-off peer misses it. Interval + timeout stay under 10 s.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Flush (or a FUA write) may wait on a slow disk far longer than a normal request.
 fn flush_timeout(io: Duration) -> Duration {
@@ -330,30 +328,19 @@ impl Engine {
                 }
             }
         });
-        let connected = join_all(connects).await;
-        // Fence first, evidence after: only now that every reachable replica has accepted this
-        // engine's epoch (no older engine can move a generation any more) are the generations
-        // read. A Welcome's generation may predate an older engine's last bump elsewhere.
-        let results = join_all(
-            connected
-                .into_iter()
-                .zip(&cfg.replicas)
-                .map(|(r, t)| async move {
-                    let c = r?;
-                    let info = c.call(Call::new(Op::Info, 0, 0), cfg.io_timeout).await?;
-                    let generation = data::ReplicaInfo::decode(&info)
-                        .map_err(|e| {
-                            Call::new(Op::Info, 0, 0).failed(
-                                &t.name,
-                                Status::Invalid,
-                                format!("bad INFO reply: {e}"),
-                            )
-                        })?
-                        .generation;
-                    Ok::<_, ClientError>((c, generation))
-                }),
-        )
-        .await;
+        // Fence first, evidence after: a replica sends its Welcome (with its generation) only
+        // once it has durably accepted this engine's epoch, so no older engine can move that
+        // generation any more.
+        let results: Vec<Result<(Backend, u64), ClientError>> = join_all(connects)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.map(|c| {
+                    let g = c.opened().generation;
+                    (c, g)
+                })
+            })
+            .collect();
         let mut block_size = 0u64;
         let max_gen = results
             .iter()
@@ -444,6 +431,7 @@ impl Engine {
             retiring: AtomicUsize::new(0),
             closed: watch::channel(None).0,
             inflight: tokio::sync::RwLock::new(()),
+            fenced_off: std::sync::atomic::AtomicBool::new(false),
         });
         // Every replica left out now must be older than every replica in the set.
         {
@@ -464,8 +452,10 @@ impl Engine {
         &self.volume
     }
 
-    /// PING every member on another node; retire those that do not answer in time (see
-    /// [`KEEPALIVE_INTERVAL`]), exactly as a failed write would.
+    /// PING every member on another node; retire those whose connection broke or that do not
+    /// answer within the I/O timeout (see [`KEEPALIVE_INTERVAL`]), exactly as a failed write
+    /// would — but never the last member in sync: with no client request failing, keeping it
+    /// costs nothing, and a write that meets a dead member retires it anyway.
     async fn ping_members(&self) {
         let Ok(_serving) = self.enter().await else {
             return;
@@ -475,10 +465,10 @@ impl Engine {
             .into_iter()
             .filter(|m| matches!(m.client, Some(Backend::Remote(_))))
             .collect();
-        let results = join_all(set.iter().map(|m| {
-            m.client()
-                .call(Call::new(Op::Ping, 0, 0), KEEPALIVE_TIMEOUT)
-        }))
+        let results = join_all(
+            set.iter()
+                .map(|m| m.client().call(Call::new(Op::Ping, 0, 0), self.io_timeout)),
+        )
         .await;
         let failed: Vec<(Arc<Member>, String)> = set
             .iter()
@@ -488,9 +478,20 @@ impl Engine {
                     .map(|e| (m.clone(), format!("it stopped answering keepalives: {e}")))
             })
             .collect();
-        if !failed.is_empty() {
-            self.retire(&failed).await;
+        if failed.is_empty() {
+            return;
         }
+        let left = self
+            .in_sync()
+            .iter()
+            .filter(|m| !failed.iter().any(|(f, _)| Arc::ptr_eq(f, m)))
+            .count();
+        if left == 0 {
+            let why: Vec<&str> = failed.iter().map(|(_, w)| w.as_str()).collect();
+            tracing::warn!(volume = %self.volume, "no member answers keepalives ({}); none is retired, as none would be left", why.join("; "));
+            return;
+        }
+        self.retire(&failed).await;
     }
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -709,8 +710,7 @@ impl Engine {
         if !took || !set.iter().any(|m| m.mode() != Mode::Err) {
             return Err(self.no_replicas());
         }
-        self.settled().await;
-        Ok(())
+        self.settled().await
     }
 
     /// `m` refused a mutation (holding the range lock) because a partial block at its edge
@@ -763,16 +763,26 @@ impl Engine {
         }
     }
 
-    /// Wait until no retirement is pending (see `retiring`).
-    async fn settled(&self) {
+    /// Wait until no retirement is pending (see `retiring`). Fails if the engine was fenced
+    /// meanwhile: a retirement whose generation bump a newer engine refused is not durable, so
+    /// a request that skipped the retired member must not be acknowledged.
+    async fn settled(&self) -> Result<(), EngineError> {
         if self.retiring.load(Ordering::SeqCst) > 0 {
             drop(self.membership.lock().await);
         }
+        if !self.fenced_off.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(EngineError::Closed {
+            volume: self.volume.clone(),
+            reason: self.closed_reason().unwrap_or_default(),
+        })
     }
 
     /// A replica answered `Stale`: a newer engine owns the volume. Stop serving it.
     fn fenced(&self, e: &ClientError) -> EngineError {
         let reason = format!("fenced off: {e}");
+        self.fenced_off.store(true, Ordering::Release);
         self.close(reason.clone());
         EngineError::Closed {
             volume: self.volume.clone(),

@@ -362,6 +362,75 @@ async fn a_newer_epoch_fences_the_old_engine_and_an_older_one_is_refused() {
     assert_every_replica_holds(&c, 0, 1, "the fenced engine's write reached it");
 }
 
+/// A TCP proxy in front of `target` that stops forwarding (both ways) once `frozen` is set:
+/// a replica that hangs without closing its connection.
+async fn freezable_proxy(target: String, frozen: Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut r, mut w) in [(cr, sw), (sr, cw)].map(|(r, w)| (r, w)) {
+                let frozen = frozen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let Ok(n) = r.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        while frozen.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_retirement_is_fenced_is_not_acknowledged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = cluster(3).await;
+    let frozen = Arc::new(AtomicBool::new(false));
+    let mut targets = c.targets.clone();
+    targets[1].address = freezable_proxy(targets[1].address.clone(), frozen.clone()).await;
+    let mut cfg = with_epoch(config(targets, SECRET), 1);
+    cfg.io_timeout = Duration::from_millis(600);
+    let old = Engine::start(cfg).await.unwrap();
+    // Replica 1 hangs: the write lands on 0 and 2 and waits for 1 until its timeout.
+    frozen.store(true, Ordering::SeqCst);
+    let write = {
+        let old = old.clone();
+        tokio::spawn(async move {
+            old.write(0, Bytes::from(vec![7u8; BS as usize]), false)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Meanwhile a newer engine takes the replicas it reaches (its handshake, done directly).
+    for i in [0, 2] {
+        c.servers[i].list()[0].accept_epoch(2).unwrap();
+    }
+    let r = write.await.unwrap();
+    // Retiring replica 1 needs a generation bump on 0 and 2, which the newer epoch refuses: the
+    // write was never made durable as "replica 1 is out", so it must not be acknowledged.
+    let err = r.expect_err("a write whose retirement was fenced was acknowledged");
+    assert!(matches!(err, EngineError::Closed { .. }), "{err}");
+    frozen.store(false, Ordering::SeqCst);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_racing_never_both_acknowledge_writes() {
     for trial in 0..20u64 {

@@ -63,9 +63,16 @@ pub struct ReplicaRecord {
     pub generation: u64,
     pub error: Option<String>,
     /// Its node has reported it on disk at least once. Until then the node is told to create
-    /// it; after, never again (a replica gone from disk is missing, not new).
+    /// it; after, never again (a replica gone from disk is missing, not new). Absent (`None`)
+    /// only in records written before the field existed: see [`State::load`].
     #[serde(default)]
-    pub seen: bool,
+    pub seen: Option<bool>,
+}
+
+impl ReplicaRecord {
+    fn seen(&self) -> bool {
+        self.seen == Some(true)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,13 +142,14 @@ impl State {
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
-        // Records from before `seen` existed: every replica of a created volume was reported.
+        // Records from before `seen` existed: every replica of a created volume was reported
+        // (replicas were made only with their volume then). A stored `false` stays false.
         for r in replicas.values_mut() {
-            if volumes
-                .get(&r.volume)
-                .is_some_and(|v: &VolumeRecord| v.created)
-            {
-                r.seen = true;
+            if r.seen.is_none() {
+                let created = volumes
+                    .get(&r.volume)
+                    .is_some_and(|v: &VolumeRecord| v.created);
+                r.seen = Some(created);
             }
         }
         let nodes = store
@@ -482,7 +490,7 @@ impl State {
                 mode: ReplicaMode::RW,
                 generation: 0,
                 error: None,
-                seen: false,
+                seen: Some(false),
             })
             .collect();
         let vbytes = serde_json::to_vec(&record).expect("records serialize");
@@ -666,7 +674,7 @@ impl State {
                 let mut next = rec.clone();
                 // Evidence never goes backwards: an older copy put back does not lower it.
                 next.generation = rec.generation.max(r.generation);
-                next.seen = true;
+                next.seen = Some(true);
                 if let Some(err) = &r.error {
                     next.mode = ReplicaMode::ERR;
                     next.error = Some(err.clone());
@@ -789,7 +797,7 @@ impl State {
                     volume: v.name.clone(),
                     size_bytes: v.size_bytes,
                     block_size: v.block_size,
-                    create: !r.seen,
+                    create: !r.seen(),
                 });
             }
         }

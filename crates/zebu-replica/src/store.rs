@@ -1076,9 +1076,15 @@ impl Replica {
     /// before; a higher one than recorded is made durable first (crash-safe metadata replace),
     /// and from then on every session of a lower epoch is refused (`Fenced`). Taken under the
     /// fence's write lock, so an operation of an older session lands entirely before it or
-    /// not at all. On a poisoned replica the epoch is kept in memory only (it refuses I/O
-    /// anyway, and must be rebuilt).
+    /// not at all. A poisoned replica records it too (its data path failed, its metadata may
+    /// not have). If the metadata cannot be replaced, the handshake fails, and the epoch is
+    /// still raised in memory (the old file is intact, or the new one already in place): the
+    /// replica is not poisoned for it, as its data is untouched.
     pub fn accept_epoch(&self, epoch: u64) -> Result<(), ReplicaError> {
+        // Epochs only go up: an equal one needs no lock (lanes handshake often).
+        if epoch == self.epoch() {
+            return Ok(());
+        }
         let _exclusive = self.fence.write().unwrap_or_else(|p| p.into_inner());
         let current = self.epoch();
         if epoch < current {
@@ -1091,18 +1097,14 @@ impl Replica {
         if epoch == current {
             return Ok(());
         }
-        if !self.is_poisoned() {
-            let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            let mut next = meta.clone();
-            next.epoch = epoch;
-            if let Err(e) = next.store(&self.dir) {
-                self.poison(&e);
-                return Err(e);
-            }
-            *meta = next;
-        }
+        let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = meta.clone();
+        next.epoch = epoch;
+        let stored = next.store(&self.dir);
+        // Kept either way, so a later replace (a generation bump) carries it.
+        *meta = next;
         self.epoch.store(epoch, Ordering::Release);
-        Ok(())
+        stored
     }
 
     fn check_session(&self, session: &Session) -> Result<(), ReplicaError> {
