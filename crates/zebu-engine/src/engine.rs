@@ -28,6 +28,9 @@ use crate::backend::{Backend, LocalReplica};
 use crate::client::{Call, ClientError, ReplicaClient};
 use crate::range_lock::RangeLock;
 
+mod rebuild;
+pub use rebuild::{RebuildDone, RebuildProgress};
+
 /// Replica modes, as Longhorn names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -87,6 +90,8 @@ pub enum EngineError {
     Start { volume: String, reason: String },
     #[error("volume {volume} is no longer served by this engine: {reason}")]
     Closed { volume: String, reason: String },
+    #[error("volume {volume}: rebuild stopped: {reason}")]
+    Rebuild { volume: String, reason: String },
 }
 
 /// Where to find one replica of the volume.
@@ -129,6 +134,8 @@ pub struct MemberStatus {
     pub mode: Mode,
     /// Why the replica left the set (empty while RW).
     pub error: String,
+    /// While WO: how far its rebuild is.
+    pub rebuild: Option<RebuildProgress>,
 }
 
 struct Member {
@@ -140,6 +147,8 @@ struct Member {
     client: Option<Backend>,
     mode: AtomicU8,
     error: Mutex<String>,
+    /// While WO: how far its rebuild is.
+    progress: Mutex<Option<RebuildProgress>>,
 }
 
 impl Member {
@@ -162,7 +171,9 @@ pub struct Engine {
     secret: String,
     /// The fence this engine holds on every replica (see [`EngineConfig::epoch`]).
     epoch: u64,
-    members: Vec<Arc<Member>>,
+    /// Replaced whole (copy on write, under `membership`) when a member joins; read without
+    /// waiting on anything but a short lock.
+    members: std::sync::RwLock<Arc<Vec<Arc<Member>>>>,
     generation: AtomicU64,
     /// Serializes retirements (and the generation bumps that make them durable).
     membership: tokio::sync::Mutex<()>,
@@ -390,6 +401,7 @@ impl Engine {
                 client,
                 mode: AtomicU8::new(mode as u8),
                 error: Mutex::new(error),
+                progress: Mutex::new(None),
             }));
         }
         if cfg.require_all && !unreachable.is_empty() {
@@ -422,7 +434,7 @@ impl Engine {
             io_timeout: cfg.io_timeout,
             secret: cfg.secret.clone(),
             epoch: cfg.epoch,
-            members,
+            members: std::sync::RwLock::new(Arc::new(members)),
             generation: AtomicU64::new(max_gen),
             membership: tokio::sync::Mutex::new(()),
             ranges: RangeLock::default(),
@@ -512,19 +524,33 @@ impl Engine {
     }
 
     pub fn members(&self) -> Vec<MemberStatus> {
-        self.members
+        self.all()
             .iter()
             .map(|m| MemberStatus {
                 name: m.name.clone(),
                 mode: m.mode(),
                 error: m.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                rebuild: m
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .filter(|_| m.mode() == Mode::Wo),
             })
             .collect()
     }
 
+    /// Every member, in order (their `index`).
+    fn all(&self) -> Arc<Vec<Arc<Member>>> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Members that take writes (RW and WO).
     fn in_sync(&self) -> Vec<Arc<Member>> {
-        self.members
+        self.all()
             .iter()
             .filter(|m| matches!(m.mode(), Mode::Rw | Mode::Wo))
             .cloned()
@@ -545,7 +571,7 @@ impl Engine {
 
     fn no_replicas(&self) -> EngineError {
         let detail: Vec<String> = self
-            .members
+            .all()
             .iter()
             .map(|m| {
                 format!(
@@ -561,11 +587,17 @@ impl Engine {
         }
     }
 
-    /// Raise the generation of every in-sync member to `generation + 1`, retiring members that
-    /// fail, until a round succeeds on all remaining ones. Caller holds `membership`.
+    /// Raise the generation of every RW member to `generation + 1`, retiring members that
+    /// fail, until a round succeeds on all remaining ones. Caller holds `membership`. A
+    /// rebuilding (WO) member is left at its lower generation until it is complete, so that a
+    /// crash mid-rebuild leaves it stale, never passing for a full copy.
     async fn bump_generation(&self) {
         loop {
-            let set = self.in_sync();
+            let set: Vec<Arc<Member>> = self
+                .in_sync()
+                .into_iter()
+                .filter(|m| m.mode() == Mode::Rw)
+                .collect();
             if set.is_empty() {
                 return;
             }
@@ -964,7 +996,7 @@ impl Engine {
     /// Members to read from, in order of preference.
     fn read_order(&self) -> Vec<Arc<Member>> {
         let mut rw: Vec<Arc<Member>> = self
-            .members
+            .all()
             .iter()
             .filter(|m| m.mode() == Mode::Rw)
             .cloned()
@@ -1300,7 +1332,7 @@ impl Engine {
 
     /// Addresses of members, for status output.
     pub fn member_addresses(&self) -> Vec<(String, String)> {
-        self.members
+        self.all()
             .iter()
             .map(|m| (m.name.clone(), m.address.clone()))
             .collect()
@@ -1348,12 +1380,13 @@ impl Engine {
     /// Start opening lanes to every remote replica in the set (see [`Lanes`]). Call it inside
     /// the runtime that serves the frontend connection.
     pub fn lanes(self: &Arc<Self>) -> Lanes {
-        let via: Arc<[OnceLock<Backend>]> = self.members.iter().map(|_| OnceLock::new()).collect();
+        let via: Arc<[OnceLock<Backend>]> = self.all().iter().map(|_| OnceLock::new()).collect();
         let (done, settled) = watch::channel(false);
         let opening = {
             let (engine, via) = (self.clone(), via.clone());
             tokio::spawn(async move {
-                let opens = engine.members.iter().map(|m| {
+                let all = engine.all();
+                let opens = all.iter().map(|m| {
                     let (engine, via) = (&engine, &via);
                     async move {
                         let Some(Backend::Remote(shared)) = &m.client else {

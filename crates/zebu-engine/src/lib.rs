@@ -13,6 +13,7 @@ pub mod sender;
 
 pub use backend::LocalReplica;
 pub use engine::{
-    Engine, EngineConfig, EngineError, Lanes, MemberStatus, Mode, ReplicaTarget, ScrubReport,
+    Engine, EngineConfig, EngineError, Lanes, MemberStatus, Mode, RebuildDone, RebuildProgress,
+    ReplicaTarget, ScrubReport,
 };
 pub use nbd::NbdServer;

@@ -69,7 +69,8 @@ fn errno(e: &EngineError) -> u32 {
         EngineError::OutOfRange { .. } | EngineError::Invalid { .. } => EINVAL,
         EngineError::NoReplicas { .. }
         | EngineError::Damaged { .. }
-        | EngineError::Start { .. } => EIO,
+        | EngineError::Start { .. }
+        | EngineError::Rebuild { .. } => EIO,
         EngineError::Closed { .. } => ESHUTDOWN,
     }
 }

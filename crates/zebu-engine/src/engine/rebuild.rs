@@ -1,0 +1,301 @@
+//! Rebuild: a replica joins a running engine and is filled from the members in sync.
+//!
+//! 1. The target is connected (with the engine's epoch, so it is fenced like any member) and
+//!    joins as `WO`: from that moment every write, zeroing and flush reaches it too.
+//! 2. Piece by piece (1 MiB), under the piece's range lock — so no live write to that piece
+//!    runs meanwhile, and none can be overtaken by the copy — the piece's allocation map is read
+//!    from an RW member, its data runs are read there and written to the target (zero blocks as
+//!    WRITE_ZEROES, so holes stay holes). On a target that was empty at the start, holes are
+//!    skipped; on one that held data, they are zeroed.
+//! 3. The target is flushed, turns `RW`, and the generation of every RW member, the target
+//!    included, is raised. Until then the target keeps its lower generation (generation bumps
+//!    skip WO members), so a crash mid-rebuild leaves it stale, never passing for a full copy.
+//!
+//! A live write that fails on the target retires it (`ERR`) as for any member, and the rebuild
+//! stops. The copy is paced to `rate` bytes per second (0: unpaced).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zebu_proto::data::{self, Op, EXTENT_HOLE};
+
+use super::{copy_calls, flush_timeout, Engine, EngineError, Member, Mode, ReplicaTarget};
+use crate::backend::Backend;
+use crate::client::{Call, ClientError, ReplicaClient};
+
+/// Bytes copied under one range lock.
+const PIECE_BYTES: u64 = 1 << 20;
+
+/// How far a rebuild is (reported while the member is WO).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildProgress {
+    /// `"full"` (the target held nothing) or `"delta"` (it held data: only what differs needs to
+    /// change, though this version still walks the whole volume).
+    pub kind: &'static str,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildDone {
+    pub kind: &'static str,
+    /// Bytes of data written to the target (holes skipped are not counted).
+    pub bytes_copied: u64,
+    pub duration: Duration,
+}
+
+impl Engine {
+    fn rebuild_err(&self, reason: String) -> EngineError {
+        EngineError::Rebuild {
+            volume: self.volume.clone(),
+            reason,
+        }
+    }
+
+    /// Add `target` to the set and fill it from the members in sync (see the module docs);
+    /// returns once it is RW. Fails, leaving the target out of the set (ERR), if the target
+    /// fails, the engine stops serving, or no RW member can be read.
+    pub async fn rebuild(
+        self: &Arc<Self>,
+        target: ReplicaTarget,
+        rate: u64,
+    ) -> Result<RebuildDone, EngineError> {
+        let started = Instant::now();
+        if self.all().iter().any(|m| m.name == target.name) {
+            return Err(self.rebuild_err(format!(
+                "replica {} is already a member of the set",
+                target.name
+            )));
+        }
+        let backend = match &target.in_process {
+            Some(l) => l.open(self.epoch).await.map(Backend::Local),
+            None => ReplicaClient::connect(
+                &target.address,
+                &self.volume,
+                &target.name,
+                self.epoch,
+                &self.secret,
+                self.io_timeout,
+            )
+            .await
+            .map(Backend::Remote),
+        }
+        .map_err(|e| self.rebuild_err(format!("cannot reach the new replica: {e}")))?;
+        let opened = backend.opened();
+        if opened.size_bytes != self.size_bytes {
+            return Err(self.rebuild_err(format!(
+                "replica {} has size {} but the volume has {}",
+                target.name, opened.size_bytes, self.size_bytes
+            )));
+        }
+        let info = backend
+            .call(Call::new(Op::Info, 0, 0), self.io_timeout)
+            .await
+            .map_err(|e| self.rebuild_err(e.to_string()))?;
+        let info = data::ReplicaInfo::decode(&info)
+            .map_err(|e| self.rebuild_err(format!("bad INFO reply: {e}")))?;
+        let fresh = info.allocated_bytes == 0;
+        let kind = if fresh { "full" } else { "delta" };
+        let member = {
+            let _m = self.membership.lock().await;
+            // Joining under `membership`: no retirement's generation bump is half done, and the
+            // target's generation must be below the set's, or it would be the fresher copy.
+            if opened.generation >= self.generation() {
+                return Err(self.rebuild_err(format!(
+                    "replica {} is at generation {}, not below the set's {}: it may hold writes the set lacks, refusing to overwrite it",
+                    target.name,
+                    opened.generation,
+                    self.generation()
+                )));
+            }
+            let mut all = self.members.write().unwrap_or_else(|p| p.into_inner());
+            let member = Arc::new(Member {
+                index: all.len(),
+                name: target.name.clone(),
+                address: target.address.clone(),
+                local: target.local,
+                client: Some(backend),
+                mode: std::sync::atomic::AtomicU8::new(Mode::Wo as u8),
+                error: std::sync::Mutex::new(String::new()),
+                progress: std::sync::Mutex::new(Some(RebuildProgress {
+                    kind,
+                    bytes_done: 0,
+                    bytes_total: self.size_bytes,
+                })),
+            });
+            let mut next: Vec<Arc<Member>> = all.iter().cloned().collect();
+            next.push(member.clone());
+            *all = Arc::new(next);
+            drop(all);
+            self.changes.send_modify(|v| *v += 1);
+            member
+        };
+        tracing::info!(volume = %self.volume, replica = %target.name, kind, "rebuild started");
+        match self.copy_into(&member, fresh, rate, started).await {
+            Ok(copied) => {
+                let done = RebuildDone {
+                    kind,
+                    bytes_copied: copied,
+                    duration: started.elapsed(),
+                };
+                tracing::info!(volume = %self.volume, replica = %target.name, kind, bytes_copied = copied, ms = done.duration.as_millis() as u64, "rebuild done: the replica is RW");
+                Ok(done)
+            }
+            Err(e) => {
+                self.mark_err(&member, &format!("its rebuild failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Steps 2 and 3 of the module docs; returns the data bytes written.
+    async fn copy_into(
+        &self,
+        target: &Arc<Member>,
+        fresh: bool,
+        rate: u64,
+        started: Instant,
+    ) -> Result<u64, EngineError> {
+        let mut copied = 0u64;
+        let mut at = 0u64;
+        while at < self.size_bytes {
+            let end = (at + PIECE_BYTES).min(self.size_bytes);
+            {
+                let _serving = self.enter().await?;
+                if target.mode() != Mode::Wo {
+                    let why = target
+                        .error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    return Err(self.rebuild_err(format!("the new replica left the set: {why}")));
+                }
+                let _piece = self.ranges.lock(at, end).await;
+                copied += self.copy_piece(target, at, end, fresh).await?;
+            }
+            at = end;
+            if let Some(p) = target
+                .progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                p.bytes_done = at;
+            }
+            if rate > 0 {
+                let due = Duration::from_secs_f64(at as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let t = flush_timeout(self.io_timeout);
+        target
+            .client()
+            .call(Call::new(Op::Flush, 0, 0), t)
+            .await
+            .map_err(|e| self.rebuild_err(format!("flushing the new replica: {e}")))?;
+        let _m = self.membership.lock().await;
+        if target.mode() != Mode::Wo {
+            return Err(self.rebuild_err("the new replica left the set".into()));
+        }
+        target
+            .mode
+            .store(Mode::Rw as u8, std::sync::atomic::Ordering::Release);
+        self.bump_generation().await;
+        if self.fenced_off.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(EngineError::Closed {
+                volume: self.volume.clone(),
+                reason: self.closed_reason().unwrap_or_default(),
+            });
+        }
+        if target.mode() != Mode::Rw {
+            return Err(
+                self.rebuild_err("the new replica failed while its generation was raised".into())
+            );
+        }
+        self.changes.send_modify(|v| *v += 1);
+        Ok(copied)
+    }
+
+    /// Copy `[at, end)` from an RW member to `target`; the caller holds the range lock.
+    async fn copy_piece(
+        &self,
+        target: &Member,
+        at: u64,
+        end: u64,
+        fresh: bool,
+    ) -> Result<u64, EngineError> {
+        let len = (end - at) as u32;
+        let mut last = String::from("no member is in sync");
+        for source in self.read_order() {
+            match self.copy_from(&source, target, at, len, fresh).await {
+                Ok(n) => return Ok(n),
+                // The target failed: the rebuild is over.
+                Err((true, e)) => return Err(self.rebuild_err(e)),
+                // The source could not be read: try the next one.
+                Err((false, e)) => last = e,
+            }
+        }
+        Err(self.rebuild_err(format!(
+            "no member in sync could be read at {at}+{len}: {last}"
+        )))
+    }
+
+    /// Errors say whether the target (true) or the source (false) failed.
+    async fn copy_from(
+        &self,
+        source: &Member,
+        target: &Member,
+        at: u64,
+        len: u32,
+        fresh: bool,
+    ) -> Result<u64, (bool, String)> {
+        let t = self.io_timeout;
+        let src = source.client();
+        let map = src
+            .call(Call::new(Op::Map, at, len), t)
+            .await
+            .map_err(|e| (false, e.to_string()))?;
+        let extents = data::decode_map(&map).map_err(|e| (false, e.to_string()))?;
+        let covered: u64 = extents.iter().map(|x| u64::from(x.length)).sum();
+        if covered != u64::from(len) {
+            // A map stops early only past 65536 extents, far more than one piece holds.
+            return Err((
+                false,
+                format!("allocation map of {at}+{len} covers {covered} bytes"),
+            ));
+        }
+        let mut copied = 0u64;
+        let mut off = at;
+        let send = |c: Call| async move {
+            target
+                .client()
+                .call(c, t)
+                .await
+                .map_err(|e: ClientError| (true, e.to_string()))
+        };
+        for x in extents {
+            let n = x.length;
+            if x.flags & EXTENT_HOLE != 0 {
+                if !fresh {
+                    send(Call::new(Op::WriteZeroes, off, n)).await?;
+                }
+            } else {
+                let good = src
+                    .call(Call::new(Op::Read, off, n), t)
+                    .await
+                    .map_err(|e| (false, e.to_string()))?;
+                for c in copy_calls(&good, off, self.block_size as usize) {
+                    if c.op == Op::Write {
+                        copied += u64::from(c.length);
+                    }
+                    send(c).await?;
+                }
+            }
+            off += u64::from(n);
+        }
+        Ok(copied)
+    }
+}
