@@ -17,8 +17,8 @@ use anyhow::Context;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use zebu_api::{
-    ApiClient, Assignment, EngineReport, EngineSpec, Heartbeat, MemberReport, ReplicaMode,
-    ReplicaReport,
+    ApiClient, Assignment, EngineReplica, EngineReport, EngineSpec, Heartbeat, LastRebuild,
+    MemberReport, RebuildStatus, ReplicaMode, ReplicaReport,
 };
 use zebu_engine::{Engine, EngineConfig, LocalReplica, Mode, NbdServer, ReplicaTarget};
 use zebu_replica::{Replica, ReplicaServer};
@@ -34,6 +34,8 @@ pub const DEFAULT_SCRUB_INTERVAL_S: u64 = 7 * 24 * 3600;
 pub const DEFAULT_SCRUB_MIBS: u64 = 32;
 /// A failed engine start is retried after this long.
 const ENGINE_RETRY: Duration = Duration::from_secs(5);
+/// A failed rebuild is tried again after this long (if the manager still asks for it).
+const REBUILD_RETRY: Duration = Duration::from_secs(5);
 /// A replica that does not answer a request within this time leaves the set.
 const IO_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -78,6 +80,13 @@ pub struct Scrub {
     pub rate: u64,
 }
 
+/// This agent's rebuilds, by replica.
+enum RebuildState {
+    Running,
+    Failed { at: Instant },
+    Done(LastRebuild),
+}
+
 enum EngineSlot {
     Starting,
     Running(Arc<Engine>),
@@ -97,6 +106,7 @@ pub struct Agent {
     /// agent looked. Looked for again on every reconcile, so a folder put back is opened.
     missing: Mutex<HashMap<String, (String, String)>>,
     secret: Mutex<Option<String>>,
+    rebuilds: Mutex<HashMap<String, RebuildState>>,
     /// Where NBD is also served over a unix socket (None if it could not be bound).
     nbd_socket: Option<PathBuf>,
 }
@@ -212,6 +222,7 @@ impl Agent {
             engines: Mutex::new(HashMap::new()),
             replica_errors: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
+            rebuilds: Mutex::new(HashMap::new()),
             secret: Mutex::new(None),
             nbd_socket,
             cfg,
@@ -308,6 +319,39 @@ impl Agent {
         }
     }
 
+    /// The engine's members as the manager should see them: a failed member says whether its
+    /// last rebuild here failed (else its failure is the one that made it leave the set, which
+    /// the manager knew before it asked for the rebuild).
+    fn member_reports(&self, e: &Engine) -> Vec<MemberReport> {
+        let rebuilds = self.rebuilds.lock().unwrap();
+        e.members()
+            .into_iter()
+            .map(|m| {
+                let last_rebuild = match rebuilds.get(&m.name) {
+                    Some(RebuildState::Done(d)) if m.mode == Mode::Rw => Some(d.clone()),
+                    _ => None,
+                };
+                MemberReport {
+                    mode: match m.mode {
+                        Mode::Rw => ReplicaMode::RW,
+                        Mode::Wo => ReplicaMode::WO,
+                        Mode::Err => ReplicaMode::ERR,
+                    },
+                    error: (!m.error.is_empty()).then_some(m.error),
+                    rebuild: m.rebuild.map(|p| RebuildStatus {
+                        kind: p.kind.into(),
+                        bytes_done: p.bytes_done,
+                        bytes_total: p.bytes_total,
+                    }),
+                    last_rebuild,
+                    rebuild_failed: m.mode == Mode::Err
+                        && matches!(rebuilds.get(&m.name), Some(RebuildState::Failed { .. })),
+                    name: m.name,
+                }
+            })
+            .collect()
+    }
+
     fn report(&self) -> Heartbeat {
         let (total, free) = disk_stats(&self.cfg.data_dir);
         let mut replicas: Vec<ReplicaReport> = self
@@ -352,19 +396,7 @@ impl Agent {
                     epoch: e.epoch(),
                     nbd_uri: Some(self.nbd_uri(volume)),
                     nbd_unix_uri: self.nbd_unix_uri(volume),
-                    replicas: e
-                        .members()
-                        .into_iter()
-                        .map(|m| MemberReport {
-                            name: m.name,
-                            mode: match m.mode {
-                                Mode::Rw => ReplicaMode::RW,
-                                Mode::Wo => ReplicaMode::WO,
-                                Mode::Err => ReplicaMode::ERR,
-                            },
-                            error: (!m.error.is_empty()).then_some(m.error),
-                        })
-                        .collect(),
+                    replicas: self.member_reports(e),
                     error: None,
                 },
                 EngineSlot::Starting => EngineReport {
@@ -520,6 +552,7 @@ impl Agent {
                 }
             }
         }
+        self.start_rebuilds(&a);
         for e in to_stop {
             self.nbd.remove(e.volume());
             tracing::info!(node = %self.cfg.node, volume = %e.volume(), "engine stopping (detached)");
@@ -531,30 +564,76 @@ impl Agent {
         }
     }
 
+    /// How the engine reaches a replica: in-process when it lives on this node.
+    fn target(&self, r: &EngineReplica) -> ReplicaTarget {
+        let local = r.node == self.cfg.node;
+        let in_process = self
+            .server
+            .get(&r.name)
+            .filter(|_| local)
+            .map(|replica| LocalReplica::new(replica, self.server.pool()));
+        ReplicaTarget {
+            name: r.name.clone(),
+            address: r.address.clone(),
+            local,
+            in_process,
+        }
+    }
+
+    /// Start the rebuilds the manager asks of running engines (one at a time per replica; a
+    /// failed one is tried again after [`REBUILD_RETRY`]).
+    fn start_rebuilds(self: &Arc<Self>, a: &Assignment) {
+        let engines = self.engines.lock().unwrap();
+        let mut rebuilds = self.rebuilds.lock().unwrap();
+        for spec in &a.engines {
+            let Some(EngineSlot::Running(engine)) = engines.get(&spec.volume) else {
+                continue;
+            };
+            for r in &spec.rebuild {
+                let start = match rebuilds.get(&r.name) {
+                    None | Some(RebuildState::Done(_)) => !engine
+                        .members()
+                        .iter()
+                        .any(|m| m.name == r.name && m.mode != Mode::Err),
+                    Some(RebuildState::Failed { at }) => at.elapsed() >= REBUILD_RETRY,
+                    Some(RebuildState::Running) => false,
+                };
+                if !start {
+                    continue;
+                }
+                rebuilds.insert(r.name.clone(), RebuildState::Running);
+                let (this, engine, target, rate) = (
+                    self.clone(),
+                    engine.clone(),
+                    self.target(r),
+                    spec.rebuild_rate,
+                );
+                let name = r.name.clone();
+                data_runtime().spawn(async move {
+                    let result = engine.rebuild(target, rate).await;
+                    let state = match result {
+                        Ok(done) => RebuildState::Done(LastRebuild {
+                            kind: done.kind.into(),
+                            bytes_copied: done.bytes_copied,
+                            duration_ms: done.duration.as_millis() as u64,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(node = %this.cfg.node, replica = %name, "rebuild failed, tried again later: {e}");
+                            RebuildState::Failed { at: Instant::now() }
+                        }
+                    };
+                    this.rebuilds.lock().unwrap().insert(name, state);
+                });
+            }
+        }
+    }
+
     fn spawn_engine(self: &Arc<Self>, spec: EngineSpec) {
         let secret = self.secret.lock().unwrap().clone().unwrap_or_default();
         let cfg = EngineConfig {
             volume: spec.volume.clone(),
             size_bytes: spec.size_bytes,
-            replicas: spec
-                .replicas
-                .iter()
-                .map(|r| {
-                    let local = r.node == self.cfg.node;
-                    // The replica on this node is reached in-process, without the network.
-                    let in_process = self
-                        .server
-                        .get(&r.name)
-                        .filter(|_| local)
-                        .map(|replica| LocalReplica::new(replica, self.server.pool()));
-                    ReplicaTarget {
-                        name: r.name.clone(),
-                        address: r.address.clone(),
-                        local,
-                        in_process,
-                    }
-                })
-                .collect(),
+            replicas: spec.replicas.iter().map(|r| self.target(r)).collect(),
             secret,
             io_timeout: IO_TIMEOUT,
             connect_patience: Duration::from_secs(3),

@@ -65,6 +65,24 @@ impl ReplicaMode {
     }
 }
 
+/// A rebuild in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    /// `full` (the replica was empty) or `delta` (it held data from before it left).
+    pub kind: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// The last rebuild that completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRebuild {
+    pub kind: String,
+    /// Bytes of data written to the replica (holes are not counted).
+    pub bytes_copied: u64,
+    pub duration_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replica {
     pub name: String,
@@ -75,6 +93,11 @@ pub struct Replica {
     pub generation: u64,
     /// Why the replica left the set, when it is ERR.
     pub error: Option<String>,
+    /// While WO: the rebuild's progress, as the engine reports it.
+    #[serde(default)]
+    pub rebuild: Option<RebuildStatus>,
+    #[serde(default)]
+    pub last_rebuild: Option<LastRebuild>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +190,14 @@ pub struct MemberReport {
     pub name: String,
     pub mode: ReplicaMode,
     pub error: Option<String>,
+    #[serde(default)]
+    pub rebuild: Option<RebuildStatus>,
+    /// Set once a rebuild of this member completed on this engine.
+    #[serde(default)]
+    pub last_rebuild: Option<LastRebuild>,
+    /// ERR because its last rebuild failed (not the older failure that made it leave the set).
+    #[serde(default)]
+    pub rebuild_failed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,7 +261,14 @@ pub struct EngineSpec {
     /// lower epoch from then on.
     #[serde(default)]
     pub epoch: u64,
+    /// The members in sync (RW): every one must answer before the engine serves.
     pub replicas: Vec<EngineReplica>,
+    /// Replicas to add to the running engine by rebuild (WO until they are complete).
+    #[serde(default)]
+    pub rebuild: Vec<EngineReplica>,
+    /// Speed limit of each rebuild, bytes per second (0: none).
+    #[serde(default)]
+    pub rebuild_rate: u64,
 }
 
 /// What the manager wants a node to run (the answer to a heartbeat). Level-triggered: the full

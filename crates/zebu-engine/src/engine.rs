@@ -139,7 +139,7 @@ pub struct MemberStatus {
 }
 
 struct Member {
-    /// Position in `Engine::members` (and in a [`Lanes`]).
+    /// Unique in the engine, never reused: the member's slot in a [`Lanes`].
     index: usize,
     name: String,
     address: String,
@@ -191,6 +191,8 @@ pub struct Engine {
     inflight: tokio::sync::RwLock<()>,
     /// A replica answered `Stale`: a newer engine owns the volume (see `settled`).
     fenced_off: std::sync::atomic::AtomicBool,
+    /// The next member's `index`: never reused, so a [`Lanes`]' slot names one member only.
+    next_index: AtomicUsize,
 }
 
 /// The connections a request uses, by member index: a [`Lanes`]' own, or none (empty); a
@@ -444,6 +446,7 @@ impl Engine {
             closed: watch::channel(None).0,
             inflight: tokio::sync::RwLock::new(()),
             fenced_off: std::sync::atomic::AtomicBool::new(false),
+            next_index: AtomicUsize::new(cfg.replicas.len()),
         });
         // Every replica left out now must be older than every replica in the set.
         {
@@ -1380,12 +1383,15 @@ impl Engine {
     /// Start opening lanes to every remote replica in the set (see [`Lanes`]). Call it inside
     /// the runtime that serves the frontend connection.
     pub fn lanes(self: &Arc<Self>) -> Lanes {
-        let via: Arc<[OnceLock<Backend>]> = self.all().iter().map(|_| OnceLock::new()).collect();
+        // One snapshot of the members for both the slots and the opening: a member that joins
+        // later (a rebuild) has a higher index and is reached over the engine's connection.
+        let all = self.all();
+        let slots = all.iter().map(|m| m.index + 1).max().unwrap_or(0);
+        let via: Arc<[OnceLock<Backend>]> = (0..slots).map(|_| OnceLock::new()).collect();
         let (done, settled) = watch::channel(false);
         let opening = {
             let (engine, via) = (self.clone(), via.clone());
             tokio::spawn(async move {
-                let all = engine.all();
                 let opens = all.iter().map(|m| {
                     let (engine, via) = (&engine, &via);
                     async move {

@@ -20,6 +20,9 @@ use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 
 use crate::error::ApiError;
 
+mod replenish;
+mod schedule;
+
 /// A node whose last heartbeat is older than this is not ready.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
 pub const BLOCK_SIZE: u32 = 4096;
@@ -67,12 +70,44 @@ pub struct ReplicaRecord {
     /// only in records written before the field existed: see [`State::load`].
     #[serde(default)]
     pub seen: Option<bool>,
+    /// When it last went ERR (Unix seconds): replaced once that is longer ago than
+    /// `replica-replenishment-wait-interval`.
+    #[serde(default)]
+    pub failed_at_unix: Option<u64>,
+    #[serde(default)]
+    pub last_rebuild: Option<zebu_api::LastRebuild>,
 }
 
 impl ReplicaRecord {
+    /// A replica to be created on `node` (never reported yet).
+    fn new(volume: &str, node: &str, mode: ReplicaMode) -> ReplicaRecord {
+        ReplicaRecord {
+            name: format!("{volume}-r-{}", random_suffix()),
+            volume: volume.to_owned(),
+            node: node.to_owned(),
+            mode,
+            generation: 0,
+            error: None,
+            seen: Some(false),
+            failed_at_unix: None,
+            last_rebuild: None,
+        }
+    }
+
     fn seen(&self) -> bool {
         self.seen == Some(true)
     }
+
+    /// Seconds since it failed (ERR), when known.
+    fn failed_for_s(&self) -> Option<u64> {
+        self.failed_at_unix.map(|t| now_unix().saturating_sub(t))
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,9 +218,15 @@ impl State {
         })
     }
 
-    /// The node-health reconciler's step, run every second by a timer of its own: log each
-    /// node that went not-ready (and back) once, with the reason.
+    /// The reconcilers that run on a timer of their own (every second), not on heartbeats:
+    /// replica health and rebuild ([`State::replenish`]), then node health.
     pub fn tick(&mut self) {
+        self.replenish();
+        self.log_node_changes();
+    }
+
+    /// Log each node that went not-ready (and back) once, with the reason.
+    fn log_node_changes(&mut self) {
         for n in self.nodes.keys() {
             let ready = self.node_ready(n);
             let before = self.was_ready.insert(n.clone(), ready);
@@ -290,6 +331,11 @@ impl State {
                 mode: r.mode,
                 generation: r.generation,
                 error: r.error.clone().or_else(|| self.missing_on_disk(r)),
+                rebuild: (r.mode == ReplicaMode::WO)
+                    .then(|| self.member_report(v, &r.name))
+                    .flatten()
+                    .and_then(|m| m.rebuild.clone()),
+                last_rebuild: r.last_rebuild.clone(),
             })
             .collect();
         // Replicas that could serve now: in sync, on a ready node, on its disk.
@@ -453,23 +499,13 @@ impl State {
             ));
         }
         // Hard anti-affinity: one replica per node, on nodes that are up.
-        let mut ready: Vec<(u32, String)> = self
-            .ready_nodes()
-            .iter()
-            .map(|n| {
-                (
-                    self.replicas.values().filter(|r| r.node == n.name).count() as u32,
-                    n.name.clone(),
-                )
-            })
-            .collect();
+        let ready = self.candidate_nodes(name);
         if (ready.len() as u32) < count {
             return Err(ApiError::bad_request(format!(
                 "volume {name} wants {count} replicas but only {} node(s) are ready, and replicas of one volume never share a node; lower --replicas or add nodes",
                 ready.len()
             )));
         }
-        ready.sort();
         let record = VolumeRecord {
             name: name.to_owned(),
             size_bytes,
@@ -483,15 +519,7 @@ impl State {
         let replicas: Vec<ReplicaRecord> = ready
             .iter()
             .take(count as usize)
-            .map(|(_, node)| ReplicaRecord {
-                name: format!("{name}-r-{}", random_suffix()),
-                volume: name.to_owned(),
-                node: node.clone(),
-                mode: ReplicaMode::RW,
-                generation: 0,
-                error: None,
-                seen: Some(false),
-            })
+            .map(|node| ReplicaRecord::new(name, node, ReplicaMode::RW))
             .collect();
         let vbytes = serde_json::to_vec(&record).expect("records serialize");
         let rbytes: Vec<(String, Vec<u8>)> = replicas
@@ -676,6 +704,9 @@ impl State {
                 next.generation = rec.generation.max(r.generation);
                 next.seen = Some(true);
                 if let Some(err) = &r.error {
+                    if next.mode != ReplicaMode::ERR {
+                        next.failed_at_unix = Some(now_unix());
+                    }
                     next.mode = ReplicaMode::ERR;
                     next.error = Some(err.clone());
                 }
@@ -684,7 +715,7 @@ impl State {
                 }
             }
         }
-        // Replica modes seen by engines on this node. ERR is final until a rebuild.
+        // Replica modes seen by engines on this node: failures, and rebuilds that completed.
         for e in &hb.engines {
             // Only the current attachment's engine speaks for the members: an engine of an
             // earlier epoch (a node that was cut off and came back) is fenced, not a witness.
@@ -695,23 +726,41 @@ impl State {
                 continue;
             }
             for m in &e.replicas {
-                if m.mode != ReplicaMode::ERR {
+                let Some(rec) = self.replicas.get(&m.name) else {
+                    continue;
+                };
+                if rec.volume != e.volume {
                     continue;
                 }
-                if let Some(rec) = self.replicas.get(&m.name) {
-                    if rec.volume == e.volume && rec.mode != ReplicaMode::ERR {
-                        let mut next = changed
-                            .iter()
-                            .find(|c| c.name == m.name)
-                            .cloned()
-                            .unwrap_or_else(|| rec.clone());
+                let mut next = changed
+                    .iter()
+                    .find(|c| c.name == m.name)
+                    .cloned()
+                    .unwrap_or_else(|| rec.clone());
+                match (m.mode, next.mode) {
+                    // A WO record fails only by its rebuild: the engine's older entry of a
+                    // returning member (ERR from before) is what made it be rebuilt.
+                    (ReplicaMode::ERR, ReplicaMode::RW) | (ReplicaMode::ERR, ReplicaMode::WO)
+                        if next.mode == ReplicaMode::RW || m.rebuild_failed =>
+                    {
                         next.mode = ReplicaMode::ERR;
                         next.error = m.error.clone();
+                        next.failed_at_unix = Some(now_unix());
                         tracing::warn!(volume = %e.volume, replica = %m.name, "replica failed: {}", m.error.clone().unwrap_or_default());
-                        changed.retain(|c| c.name != m.name);
-                        changed.push(next);
                     }
+                    (ReplicaMode::RW, ReplicaMode::WO) => {
+                        next.mode = ReplicaMode::RW;
+                        next.error = None;
+                        next.failed_at_unix = None;
+                        if m.last_rebuild.is_some() {
+                            next.last_rebuild = m.last_rebuild.clone();
+                        }
+                        tracing::info!(volume = %e.volume, replica = %m.name, node = %next.node, "replica rebuilt: it is RW again");
+                    }
+                    _ => continue,
                 }
+                changed.retain(|c| c.name != m.name);
+                changed.push(next);
             }
         }
         for r in changed {
@@ -809,11 +858,18 @@ impl State {
             let members: Vec<&ReplicaRecord> = self
                 .volume_replicas(&v.name)
                 .into_iter()
-                .filter(|r| r.mode != ReplicaMode::ERR)
+                .filter(|r| r.mode == ReplicaMode::RW)
                 .collect();
             if members.is_empty() {
                 continue;
             }
+            // Replicas to rebuild: on a ready node that serves them (created, on disk).
+            let rebuild: Vec<EngineReplica> = self
+                .volume_replicas(&v.name)
+                .into_iter()
+                .filter(|r| r.mode == ReplicaMode::WO && self.served(r))
+                .filter_map(|r| self.engine_replica(r))
+                .collect();
             // Start only with every member up: a member left out might hold writes the others
             // lack (its ERR may not have reached us). Bringing a volume up without one is a
             // salvage decision, not something to do by timer.
@@ -828,15 +884,12 @@ impl State {
                 epoch: v.epoch,
                 replicas: members
                     .iter()
-                    .filter_map(|r| {
-                        let n = self.nodes.get(&r.node)?;
-                        Some(EngineReplica {
-                            name: r.name.clone(),
-                            node: r.node.clone(),
-                            address: format!("{}:{}", n.address, n.data_port),
-                        })
-                    })
+                    .filter_map(|r| self.engine_replica(r))
                     .collect(),
+                rebuild,
+                rebuild_rate: self
+                    .setting_u64(crate::settings::REPLICA_REBUILD_BANDWIDTH_LIMIT)
+                    .saturating_mul(1 << 20),
             });
         }
         Assignment {
@@ -845,6 +898,35 @@ impl State {
             engines,
             delete_replicas,
         }
+    }
+
+    fn engine_replica(&self, r: &ReplicaRecord) -> Option<EngineReplica> {
+        let n = self.nodes.get(&r.node)?;
+        Some(EngineReplica {
+            name: r.name.clone(),
+            node: r.node.clone(),
+            address: format!("{}:{}", n.address, n.data_port),
+        })
+    }
+
+    /// `r`'s node is ready and serves it (on disk, opened, no error).
+    fn served(&self, r: &ReplicaRecord) -> bool {
+        self.node_ready(&r.node)
+            && self.live.get(&r.node).is_some_and(|l| {
+                l.report
+                    .replicas
+                    .iter()
+                    .any(|x| x.name == r.name && !x.missing && x.error.is_none())
+            })
+    }
+
+    /// What the volume's current engine (its node's, of its epoch) reports of a member.
+    fn member_report(&self, v: &VolumeRecord, replica: &str) -> Option<&zebu_api::MemberReport> {
+        let e = self.engine_report(v.desired_node.as_deref()?, &v.name)?;
+        if e.epoch != v.epoch {
+            return None;
+        }
+        e.replicas.iter().find(|m| m.name == replica)
     }
 
     /// Why `r` is not on its node's disk, when its node (ready) says so.
@@ -869,7 +951,7 @@ impl State {
     fn missing_member(&self, volume: &str) -> Option<String> {
         self.volume_replicas(volume)
             .into_iter()
-            .filter(|r| r.mode != ReplicaMode::ERR)
+            .filter(|r| r.mode == ReplicaMode::RW)
             .find_map(|r| {
                 if !self.node_ready(&r.node) {
                     Some(format!(

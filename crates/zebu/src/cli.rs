@@ -63,7 +63,7 @@ fn show_volume(v: &Volume, out: Output) {
     }
     println!("Replicas:    {} wanted", v.replica_count);
     table(
-        &["  NAME", "NODE", "MODE", "GENERATION", "ERROR"],
+        &["  NAME", "NODE", "MODE", "GENERATION", "REBUILD", "ERROR"],
         v.replicas
             .iter()
             .map(|r| {
@@ -72,11 +72,81 @@ fn show_volume(v: &Volume, out: Output) {
                     r.node.clone(),
                     r.mode.as_str().into(),
                     r.generation.to_string(),
+                    rebuild_cell(r),
                     r.error.clone().unwrap_or_default(),
                 ]
             })
             .collect(),
     );
+}
+
+/// A running rebuild's kind and progress, or how the last one went.
+fn rebuild_cell(r: &zebu_api::Replica) -> String {
+    if let Some(b) = &r.rebuild {
+        let pct = (b.bytes_done * 100).checked_div(b.bytes_total).unwrap_or(0);
+        return format!(
+            "{} {pct}% ({} of {})",
+            b.kind,
+            human(b.bytes_done),
+            human(b.bytes_total)
+        );
+    }
+    if r.mode == zebu_api::ReplicaMode::WO {
+        return "waiting to start".into();
+    }
+    match &r.last_rebuild {
+        Some(l) => format!(
+            "last: {}, {} in {:.1} s",
+            l.kind,
+            human(l.bytes_copied),
+            l.duration_ms as f64 / 1000.0
+        ),
+        None => "-".into(),
+    }
+}
+
+/// `volume get --watch`: redraw until healthy, with a bar and a rate for each rebuild.
+async fn watch_volume(c: &ApiClient, name: &str) -> anyhow::Result<()> {
+    use std::collections::HashMap;
+    let mut last: HashMap<String, (u64, Instant)> = HashMap::new();
+    loop {
+        let v = c.get_volume(name).await?;
+        // Clear the screen and draw from the top.
+        print!("\x1b[2J\x1b[H");
+        show_volume(&v, Output::Table);
+        for r in &v.replicas {
+            let Some(b) = &r.rebuild else { continue };
+            let now = Instant::now();
+            let rate = last.get(&r.name).and_then(|(done, at)| {
+                let s = now.duration_since(*at).as_secs_f64();
+                (s > 0.0 && b.bytes_done >= *done).then(|| (b.bytes_done - done) as f64 / s)
+            });
+            last.insert(r.name.clone(), (b.bytes_done, now));
+            let width = 40u64;
+            let filled = (b.bytes_done * width)
+                .checked_div(b.bytes_total)
+                .unwrap_or(0);
+            println!(
+                "\n  {} [{}{}] {}{}",
+                r.name,
+                "#".repeat(filled as usize),
+                ".".repeat((width - filled) as usize),
+                rebuild_cell(r),
+                rate.map(|r| format!(", {}/s", human(r as u64)))
+                    .unwrap_or_default()
+            );
+        }
+        if v.robustness == zebu_api::Robustness::Healthy
+            && !v
+                .replicas
+                .iter()
+                .any(|r| r.mode == zebu_api::ReplicaMode::WO)
+        {
+            println!("\nvolume {name} is healthy");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Poll a volume until `done` holds, printing what it waits for when that changes.
@@ -180,9 +250,17 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                     .collect(),
             );
         }
-        VolumeCmd::Get { name } => {
+        VolumeCmd::Get { name, watch: false } => {
             let v = client(ca).get_volume(&name).await?;
             show_volume(&v, ca.output);
+        }
+        VolumeCmd::Get { name, watch: true } => {
+            if ca.output == Output::Json {
+                bail!(
+                    "--watch redraws a table; for scripts, poll `zebu volume get {name} -o json`"
+                );
+            }
+            watch_volume(&client(ca), &name).await?;
         }
         VolumeCmd::Attach {
             name,

@@ -249,7 +249,13 @@ enum VolumeCmd {
     /// List volumes.
     List,
     /// Show one volume and its replicas.
-    Get { name: String },
+    Get {
+        name: String,
+        /// Redraw every second until the volume is healthy, with a progress bar for each
+        /// rebuilding replica (Ctrl-C stops watching; the rebuild goes on).
+        #[arg(long, short = 'w')]
+        watch: bool,
+    },
     /// Attach a volume to a node and print its NBD URI once it serves I/O.
     Attach {
         name: String,

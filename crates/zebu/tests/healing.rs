@@ -313,3 +313,160 @@ fn a_dead_replica_of_an_idle_volume_is_seen_within_seconds() {
         "{v}"
     );
 }
+
+fn replica_on(v: &Value, node: &str) -> Option<Value> {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node)
+        .cloned()
+}
+
+/// Every RW replica of `volume`, exported offline (checksums verified), is the same image.
+fn assert_rw_replicas_identical(c: &Cluster, volume: &str) {
+    let v = c.volume(volume);
+    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
+    for r in v["replicas"].as_array().unwrap() {
+        if r["mode"] != "RW" {
+            continue;
+        }
+        let node: usize = r["node"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("node-")
+            .parse()
+            .unwrap();
+        let dir = c.replica_dir(node - 1, r["name"].as_str().unwrap());
+        images.push((
+            r["name"].as_str().unwrap().to_owned(),
+            export_verified(c, &dir),
+        ));
+    }
+    assert!(images.len() >= 2, "{v}");
+    for (name, img) in &images[1..] {
+        assert!(
+            img == &images[0].1,
+            "replica {name} differs from {}",
+            images[0].0
+        );
+    }
+}
+
+fn fio_verify(c: &Cluster, uri: &str, size: &str, rate: &str) -> std::process::Child {
+    Command::new("fio")
+        .current_dir(c.dir.path())
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=16k",
+            &format!("--size={size}"),
+            "--iodepth=16",
+            &format!("--rate={rate}"),
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ])
+        .stdout(std::process::Stdio::from(
+            std::fs::File::create(c.dir.path().join("fio.out")).unwrap(),
+        ))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting fio")
+}
+
+fn fio_ok(c: &Cluster, fio: std::process::Child) {
+    let out = fio.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(c.dir.path().join("fio.out")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "fio saw an error:\n{log}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("err= 0"), "fio reported errors:\n{log}");
+}
+
+#[test]
+fn a_node_gone_for_good_is_replaced_by_a_full_rebuild_under_fio_verify() {
+    require("fio");
+    let mut c = Cluster::separate(25, 4);
+    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
+    let uri = c.create_attached("keep", "128MiB", 3, "node-1");
+    let v = c.volume("keep");
+    let lost = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .find(|n| n != "node-1")
+        .unwrap();
+    let free = (1..=4)
+        .map(|i| format!("node-{i}"))
+        .find(|n| replica_on(&v, n).is_none())
+        .unwrap();
+    let fio = fio_verify(&c, &uri, "64m", "6m");
+    std::thread::sleep(Duration::from_secs(2));
+    let i: usize = lost.trim_start_matches("node-").parse().unwrap();
+    c.kill_agent(i - 1); // never comes back
+    let v = wait_until(
+        "a new replica on the free node",
+        Duration::from_secs(60),
+        || {
+            let v = c.volume("keep");
+            replica_on(&v, &free)
+                .filter(|r| r["mode"] != "ERR")
+                .map(|_| v)
+        },
+    );
+    // While it rebuilds, the volume says so.
+    assert!(
+        v["robustness"] == "degraded" || v["robustness"] == "healthy",
+        "{v}"
+    );
+    let v = wait_until("the volume healthy again", Duration::from_secs(90), || {
+        let v = c.volume("keep");
+        (v["robustness"] == "healthy").then_some(v)
+    });
+    fio_ok(&c, fio);
+    let r = replica_on(&v, &free).unwrap();
+    assert_eq!(r["mode"], "RW", "{v}");
+    assert_eq!(r["last_rebuild"]["kind"], "full", "{r}");
+    assert!(
+        r["last_rebuild"]["bytes_copied"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert_eq!(replica_on(&v, &lost).unwrap()["mode"], "ERR", "{v}");
+    c.cli_ok(&["volume", "detach", "keep"]);
+    assert_rw_replicas_identical(&c, "keep");
+}
+
+#[test]
+fn a_restarted_nodes_replica_rejoins_and_catches_up() {
+    require("qemu-io");
+    let mut c = Cluster::separate(26, 3);
+    let uri = c.create_attached("back", "64MiB", 3, "node-1");
+    qemu_io(&uri, &["write -P 0x61 0 4M".into()]);
+    c.kill_agent(2);
+    // Written while node-3 is away.
+    qemu_io(&uri, &["write -P 0x62 8M 4M".into(), "flush".into()]);
+    wait_until("node-3's replica ERR", Duration::from_secs(20), || {
+        (replica_on(&c.volume("back"), "node-3").unwrap()["mode"] == "ERR").then_some(())
+    });
+    c.start_agent(2);
+    let v = wait_until("node-3's replica RW again", Duration::from_secs(60), || {
+        let v = c.volume("back");
+        (replica_on(&v, "node-3").unwrap()["mode"] == "RW").then_some(v)
+    });
+    assert_eq!(v["robustness"], "healthy", "{v}");
+    let r = replica_on(&v, "node-3").unwrap();
+    assert_eq!(r["last_rebuild"]["kind"], "delta", "{r}");
+    assert!(r["error"].is_null(), "{r}");
+    qemu_io(
+        &uri,
+        &["read -P 0x61 0 4M".into(), "read -P 0x62 8M 4M".into()],
+    );
+    c.cli_ok(&["volume", "detach", "back"]);
+    assert_rw_replicas_identical(&c, "back");
+}

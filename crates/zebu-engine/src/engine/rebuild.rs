@@ -62,7 +62,12 @@ impl Engine {
         rate: u64,
     ) -> Result<RebuildDone, EngineError> {
         let started = Instant::now();
-        if self.all().iter().any(|m| m.name == target.name) {
+        // A member that failed (ERR) may come back this way; one in the set may not.
+        if self
+            .all()
+            .iter()
+            .any(|m| m.name == target.name && m.mode() != Mode::Err)
+        {
             return Err(self.rebuild_err(format!(
                 "replica {} is already a member of the set",
                 target.name
@@ -111,7 +116,9 @@ impl Engine {
             }
             let mut all = self.members.write().unwrap_or_else(|p| p.into_inner());
             let member = Arc::new(Member {
-                index: all.len(),
+                index: self
+                    .next_index
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 name: target.name.clone(),
                 address: target.address.clone(),
                 local: target.local,
@@ -124,7 +131,12 @@ impl Engine {
                     bytes_total: self.size_bytes,
                 })),
             });
-            let mut next: Vec<Arc<Member>> = all.iter().cloned().collect();
+            // The failed entry of a returning member is replaced by the new one.
+            let mut next: Vec<Arc<Member>> = all
+                .iter()
+                .filter(|m| m.name != target.name)
+                .cloned()
+                .collect();
             next.push(member.clone());
             *all = Arc::new(next);
             drop(all);

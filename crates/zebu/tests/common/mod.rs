@@ -289,3 +289,22 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> String {
     );
     out
 }
+
+/// The replica in `dir` as a raw image, read offline by `zebu replica export`, which verifies
+/// every block's checksum.
+pub fn export_verified(c: &Cluster, dir: &Path) -> Vec<u8> {
+    let out = c.dir.path().join("export.img");
+    let o = run(Command::new(ZEBU)
+        .args(["replica", "export", "--dir"])
+        .arg(dir)
+        .arg(&out));
+    assert!(
+        o.status.success(),
+        "export of {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let img = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    img
+}

@@ -1,0 +1,108 @@
+//! The replica-health reconciler: brings each attached volume back to its replica count.
+//!
+//! Runs every second (its own timer) for each attached volume whose engine runs and has fewer
+//! members in sync or rebuilding (RW + WO) than it wants, one step per volume per pass:
+//! 1. **Rejoin.** A failed (ERR) replica whose node is ready and serves it again (on disk, no
+//!    error), failed at least [`REJOIN_BACKOFF_S`] ago: it goes WO, and the engine rebuilds it
+//!    in place (it keeps its data; the copy overwrites what differs).
+//! 2. **Replace.** Otherwise, once the oldest failure is older than
+//!    `replica-replenishment-wait-interval` (or no failed replica explains the gap), a new
+//!    replica is placed on a candidate node (see `schedule.rs`) as WO and filled by a full
+//!    rebuild. The failed record stays (ERR) and is no longer counted.
+//!
+//! A node takes at most `concurrent-replica-rebuild-per-node-limit` rebuilding replicas.
+//! Records are written before the engine hears of them (the next assignment), so a manager
+//! restart resumes from the records.
+
+use zebu_api::ReplicaMode;
+
+use zebu_store::MetaStoreExt;
+
+use super::{ReplicaRecord, State, REPLICAS};
+use crate::settings;
+
+/// A replica whose rebuild failed is tried again after this long.
+pub const REJOIN_BACKOFF_S: u64 = 5;
+
+impl State {
+    pub(super) fn replenish(&mut self) {
+        let wait_s = self.setting_u64(settings::REPLICA_REPLENISHMENT_WAIT_INTERVAL);
+        let limit = self.setting_u64(settings::CONCURRENT_REPLICA_REBUILD_PER_NODE_LIMIT) as usize;
+        let mut steps: Vec<(ReplicaRecord, String)> = Vec::new();
+        for v in self.volumes.values() {
+            if !v.created || v.deleting {
+                continue;
+            }
+            let Some(node) = v.desired_node.as_deref() else {
+                continue;
+            };
+            let running = self
+                .engine_report(node, &v.name)
+                .is_some_and(|e| e.running && e.epoch == v.epoch);
+            if !running {
+                continue;
+            }
+            let reps = self.volume_replicas(&v.name);
+            let active = reps
+                .iter()
+                .filter(|r| matches!(r.mode, ReplicaMode::RW | ReplicaMode::WO))
+                .count() as u32;
+            if active >= v.replica_count {
+                continue;
+            }
+            let rebuilding_on = |n: &str| {
+                self.replicas
+                    .values()
+                    .filter(|r| r.node == n && r.mode == ReplicaMode::WO)
+                    .count()
+            };
+            let failed: Vec<&&ReplicaRecord> =
+                reps.iter().filter(|r| r.mode == ReplicaMode::ERR).collect();
+            let rejoin = failed.iter().find(|r| {
+                self.served(r)
+                    && r.failed_for_s().is_none_or(|s| s >= REJOIN_BACKOFF_S)
+                    && rebuilding_on(&r.node) < limit
+            });
+            if let Some(r) = rejoin {
+                let mut next = (**r).clone();
+                next.mode = ReplicaMode::WO;
+                let why = format!(
+                    "replica {} rejoins volume {} on node {}: rebuilding it in place",
+                    r.name, v.name, r.node
+                );
+                steps.push((next, why));
+                continue;
+            }
+            let oldest = failed.iter().filter_map(|r| r.failed_for_s()).max();
+            let due = match oldest {
+                Some(s) => s >= wait_s,
+                // Failed before failure times were kept, or fewer replicas than wanted.
+                None => true,
+            };
+            if !due {
+                continue;
+            }
+            let Some(target) = self
+                .candidate_nodes(&v.name)
+                .into_iter()
+                .find(|n| rebuilding_on(n) < limit)
+            else {
+                continue;
+            };
+            let next = ReplicaRecord::new(&v.name, &target, ReplicaMode::WO);
+            let why = format!(
+                "replica {} on node {} replaces the failed replica(s) of volume {}: full rebuild",
+                next.name, target, v.name
+            );
+            steps.push((next, why));
+        }
+        for (r, why) in steps {
+            if let Err(e) = self.store.put(REPLICAS, &r.name, &r) {
+                tracing::error!("{why}: not recorded, tried again: {e}");
+                continue;
+            }
+            tracing::info!("{why}");
+            self.replicas.insert(r.name.clone(), r);
+        }
+    }
+}
