@@ -331,8 +331,13 @@ impl Agent {
                     Some(RebuildState::Done(d)) if m.mode == Mode::Rw => Some(d.clone()),
                     _ => None,
                 };
+                // Turned RW, but its rebuild's figures are not in yet: still WO for a moment,
+                // so the manager gets RW and last_rebuild together.
+                let finishing = m.mode == Mode::Rw
+                    && matches!(rebuilds.get(&m.name), Some(RebuildState::Running));
                 MemberReport {
                     mode: match m.mode {
+                        Mode::Rw if finishing => ReplicaMode::WO,
                         Mode::Rw => ReplicaMode::RW,
                         Mode::Wo => ReplicaMode::WO,
                         Mode::Err => ReplicaMode::ERR,
@@ -585,6 +590,14 @@ impl Agent {
     fn start_rebuilds(self: &Arc<Self>, a: &Assignment) {
         let engines = self.engines.lock().unwrap();
         let mut rebuilds = self.rebuilds.lock().unwrap();
+        // A failure the manager has taken in (it no longer asks for the rebuild) is forgotten,
+        // so the next request starts afresh and an old failure is never reported again.
+        rebuilds.retain(|name, state| {
+            !matches!(state, RebuildState::Failed { .. })
+                || a.engines
+                    .iter()
+                    .any(|e| e.rebuild.iter().any(|r| &r.name == name))
+        });
         for spec in &a.engines {
             let Some(EngineSlot::Running(engine)) = engines.get(&spec.volume) else {
                 continue;

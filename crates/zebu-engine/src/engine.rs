@@ -499,7 +499,7 @@ impl Engine {
         let left = self
             .in_sync()
             .iter()
-            .filter(|m| !failed.iter().any(|(f, _)| Arc::ptr_eq(f, m)))
+            .filter(|m| m.mode() == Mode::Rw && !failed.iter().any(|(f, _)| Arc::ptr_eq(f, m)))
             .count();
         if left == 0 {
             let why: Vec<&str> = failed.iter().map(|(_, w)| w.as_str()).collect();
@@ -741,8 +741,14 @@ impl Engine {
         if let Some((_, e)) = damaged.into_iter().next() {
             return Err(self.damaged(call.offset, call.length.into(), e));
         }
-        // Success needs at least one member that took the request and is still in the set.
-        if !took || !set.iter().any(|m| m.mode() != Mode::Err) {
+        // Success needs an RW member that took the request and is still RW (every RW member
+        // left in `set` now holds it: those that missed it were retired above). A rebuilding
+        // (WO) member alone never makes a write acknowledged: it is no copy to read or start
+        // from, and holding a write the set lost it leaves the set too.
+        if !took || !set.iter().any(|m| m.mode() == Mode::Rw) {
+            for m in set.iter().filter(|m| m.mode() == Mode::Wo) {
+                self.mark_err(m, "it took a write that no replica in sync kept");
+            }
             return Err(self.no_replicas());
         }
         self.settled().await

@@ -977,3 +977,79 @@ async fn a_replica_at_the_sets_generation_is_not_overwritten_by_a_rebuild() {
     assert!(err.to_string().contains("refusing to overwrite"), "{err}");
     assert_eq!(e.members().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_sessions_on_a_rebuild_target_are_fenced_while_it_is_copied() {
+    let c = cluster(3).await;
+    let e = Engine::start(config(c.targets[..2].to_vec(), SECRET))
+        .await
+        .unwrap();
+    e.write(0, Bytes::from(vec![0x55u8; SIZE as usize]), false)
+        .await
+        .unwrap();
+    // An older session on the target, as a returning member's old connection would be.
+    let old = raw_client(&c.targets[2]).await;
+    // A slow rebuild (64 KiB/s over 192 KiB): the old session writes in the middle of it.
+    let rebuild = {
+        let (e, t) = (e.clone(), c.targets[2].clone());
+        tokio::spawn(async move { e.rebuild(t, 64 << 10).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !e.members().iter().all(|m| m.mode == Mode::Rw),
+        "rebuild already done"
+    );
+    let late = Call {
+        op: Op::Write,
+        flags: 0,
+        offset: 0,
+        length: BS as u32,
+        payload: Some(Bytes::from(vec![0x66u8; BS as usize])),
+        payload_crc: None,
+    };
+    let err = old
+        .call(late, Duration::from_secs(5))
+        .await
+        .expect_err("a write on an older session reached a replica being rebuilt");
+    assert!(
+        matches!(
+            err,
+            ClientError::Failed {
+                status: Status::Stale,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    rebuild.await.unwrap().unwrap();
+    assert_every_replica_holds(&c, 0, 0x55, "a late write of an older session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilding_member_alone_never_acknowledges_a_write() {
+    let mut c = cluster(4).await;
+    // RW members 1 and 2 (both remote); member 3 joins by a slow rebuild.
+    let e = Engine::start(config(c.targets[1..3].to_vec(), SECRET))
+        .await
+        .unwrap();
+    let rebuild = {
+        let (e, t) = (e.clone(), c.targets[3].clone());
+        tokio::spawn(async move { e.rebuild(t, 32 << 10).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both members in sync go away.
+    for i in [1, 2] {
+        c.tasks[i].abort();
+        let r = c.servers[i].list()[0].clone();
+        c.servers[i].remove(r.name());
+    }
+    let err = e
+        .write(0, Bytes::from(vec![9u8; BS as usize]), false)
+        .await
+        .expect_err("a write held only by a rebuilding member was acknowledged");
+    assert!(matches!(err, EngineError::NoReplicas { .. }), "{err}");
+    assert!(rebuild.await.unwrap().is_err());
+    let modes: Vec<Mode> = e.members().iter().map(|m| m.mode).collect();
+    assert!(modes.iter().all(|m| *m == Mode::Err), "{modes:?}");
+    drop(c.servers.drain(1..3));
+}

@@ -76,6 +76,9 @@ pub struct ReplicaRecord {
     pub failed_at_unix: Option<u64>,
     #[serde(default)]
     pub last_rebuild: Option<zebu_api::LastRebuild>,
+    /// When it went WO (Unix seconds): one that no node serves for long is given up.
+    #[serde(default)]
+    pub wo_since_unix: Option<u64>,
 }
 
 impl ReplicaRecord {
@@ -91,6 +94,7 @@ impl ReplicaRecord {
             seen: Some(false),
             failed_at_unix: None,
             last_rebuild: None,
+            wo_since_unix: (mode == ReplicaMode::WO).then(now_unix),
         }
     }
 
@@ -757,6 +761,12 @@ impl State {
                         }
                         tracing::info!(volume = %e.volume, replica = %m.name, node = %next.node, "replica rebuilt: it is RW again");
                     }
+                    // The rebuild's figures may come a report after the member turned RW.
+                    (ReplicaMode::RW, ReplicaMode::RW)
+                        if m.last_rebuild.is_some() && m.last_rebuild != next.last_rebuild =>
+                    {
+                        next.last_rebuild = m.last_rebuild.clone();
+                    }
                     _ => continue,
                 }
                 changed.retain(|c| c.name != m.name);
@@ -855,11 +865,7 @@ impl State {
             if v.deleting || !v.created || v.desired_node.as_deref() != Some(node) {
                 continue;
             }
-            let members: Vec<&ReplicaRecord> = self
-                .volume_replicas(&v.name)
-                .into_iter()
-                .filter(|r| r.mode == ReplicaMode::RW)
-                .collect();
+            let members = self.start_members(&v.name);
             if members.is_empty() {
                 continue;
             }
@@ -868,6 +874,7 @@ impl State {
                 .volume_replicas(&v.name)
                 .into_iter()
                 .filter(|r| r.mode == ReplicaMode::WO && self.served(r))
+                .filter(|r| !members.iter().any(|m| m.name == r.name))
                 .filter_map(|r| self.engine_replica(r))
                 .collect();
             // Start only with every member up: a member left out might hold writes the others
@@ -880,7 +887,15 @@ impl State {
             engines.push(EngineSpec {
                 volume: v.name.clone(),
                 size_bytes: v.size_bytes,
-                min_generation: members.iter().map(|r| r.generation).max().unwrap_or(0),
+                // Every replica that is not failed counts: a rebuilt one may have gone on alone
+                // before its RW reached us.
+                min_generation: self
+                    .volume_replicas(&v.name)
+                    .iter()
+                    .filter(|r| r.mode != ReplicaMode::ERR)
+                    .map(|r| r.generation)
+                    .max()
+                    .unwrap_or(0),
                 epoch: v.epoch,
                 replicas: members
                     .iter()
@@ -948,31 +963,50 @@ impl State {
 
     /// Why an engine for `volume` cannot start yet: an in-sync member whose node is down or does
     /// not serve it.
-    fn missing_member(&self, volume: &str) -> Option<String> {
-        self.volume_replicas(volume)
-            .into_iter()
-            .filter(|r| r.mode == ReplicaMode::RW)
-            .find_map(|r| {
-                if !self.node_ready(&r.node) {
-                    Some(format!(
-                        "waiting for node {} (holds replica {}) to come back",
-                        r.node, r.name
-                    ))
-                } else if let Some(why) = self.missing_on_disk(r) {
-                    Some(format!("waiting for replica {}: {why}", r.name))
-                } else if !self
-                    .live
-                    .get(&r.node)
-                    .is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
-                {
-                    Some(format!(
-                        "waiting for node {} to serve replica {}",
-                        r.node, r.name
-                    ))
-                } else {
-                    None
-                }
+    /// The replicas an engine starts with: RW ones, and WO ones that may have completed their
+    /// rebuild and gone on before their RW reached the manager (their generation reached the
+    /// rest's: a rebuild's target stays below the set until it turns RW, so one that has not
+    /// is never taken).
+    fn start_members(&self, volume: &str) -> Vec<&ReplicaRecord> {
+        let reps = self.volume_replicas(volume);
+        // The freshest evidence among the others: a rebuild target stays below the set it
+        // joined until it is complete, and every member that left the set is below the set.
+        let others_max = reps
+            .iter()
+            .filter(|r| r.mode != ReplicaMode::WO)
+            .map(|r| r.generation)
+            .max();
+        reps.into_iter()
+            .filter(|r| match r.mode {
+                ReplicaMode::RW => true,
+                ReplicaMode::WO => r.seen() && others_max.is_some_and(|g| r.generation >= g),
+                ReplicaMode::ERR => false,
             })
+            .collect()
+    }
+
+    fn missing_member(&self, volume: &str) -> Option<String> {
+        self.start_members(volume).into_iter().find_map(|r| {
+            if !self.node_ready(&r.node) {
+                Some(format!(
+                    "waiting for node {} (holds replica {}) to come back",
+                    r.node, r.name
+                ))
+            } else if let Some(why) = self.missing_on_disk(r) {
+                Some(format!("waiting for replica {}: {why}", r.name))
+            } else if !self
+                .live
+                .get(&r.node)
+                .is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
+            {
+                Some(format!(
+                    "waiting for node {} to serve replica {}",
+                    r.node, r.name
+                ))
+            } else {
+                None
+            }
+        })
     }
 }
 

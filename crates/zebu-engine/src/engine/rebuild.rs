@@ -1,7 +1,13 @@
 //! Rebuild: a replica joins a running engine and is filled from the members in sync.
 //!
-//! 1. The target is connected (with the engine's epoch, so it is fenced like any member) and
-//!    joins as `WO`: from that moment every write, zeroing and flush reaches it too.
+//! 1. The target is connected (with the engine's epoch, so it is fenced like any member). Its
+//!    generation must be below the set's. It is raised by one through the new session (first
+//!    raising the set's if there is no room below it), which fences every older session on the
+//!    target — a returning member's old connection or lanes may still carry a write that timed
+//!    out, and must not land after its piece is copied. Then it joins as `WO`: from that moment
+//!    every write, zeroing and flush reaches it too. A write is acknowledged only when an RW
+//!    member kept it: a WO member alone never counts, and one that holds a write the set lost
+//!    leaves the set.
 //! 2. Piece by piece (1 MiB), under the piece's range lock — so no live write to that piece
 //!    runs meanwhile, and none can be overtaken by the copy — the piece's allocation map is read
 //!    from an RW member, its data runs are read there and written to the target (zero blocks as
@@ -104,6 +110,16 @@ impl Engine {
         let kind = if fresh { "full" } else { "delta" };
         let member = {
             let _m = self.membership.lock().await;
+            if self
+                .all()
+                .iter()
+                .any(|m| m.name == target.name && m.mode() != Mode::Err)
+            {
+                return Err(self.rebuild_err(format!(
+                    "replica {} is already a member of the set",
+                    target.name
+                )));
+            }
             // Joining under `membership`: no retirement's generation bump is half done, and the
             // target's generation must be below the set's, or it would be the fresher copy.
             if opened.generation >= self.generation() {
@@ -114,6 +130,29 @@ impl Engine {
                     self.generation()
                 )));
             }
+            // Fence every older session on the target (a returning member's old connection
+            // and its lanes may still carry a write that timed out here, and could land after
+            // its piece was copied): raise the target's generation past theirs through the new
+            // session, staying below the set's, so a crash mid-rebuild still leaves it stale.
+            let fence_to = opened.generation + 1;
+            if fence_to >= self.generation() {
+                self.bump_generation().await;
+                if self.fenced_off.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(EngineError::Closed {
+                        volume: self.volume.clone(),
+                        reason: self.closed_reason().unwrap_or_default(),
+                    });
+                }
+            }
+            backend
+                .call(
+                    Call::new(Op::SetGeneration, fence_to, 0),
+                    flush_timeout(self.io_timeout),
+                )
+                .await
+                .map_err(|e| {
+                    self.rebuild_err(format!("fencing older sessions on the new replica: {e}"))
+                })?;
             let mut all = self.members.write().unwrap_or_else(|p| p.into_inner());
             let member = Arc::new(Member {
                 index: self

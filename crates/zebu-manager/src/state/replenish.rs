@@ -23,12 +23,50 @@ use crate::settings;
 
 /// A replica whose rebuild failed is tried again after this long.
 pub const REJOIN_BACKOFF_S: u64 = 5;
+/// A WO replica that no node serves (its node went down, or it was never created) is given up
+/// (ERR) after the replenishment wait, but never sooner than this.
+pub const UNSERVED_WO_MIN_S: u64 = 30;
 
 impl State {
     pub(super) fn replenish(&mut self) {
         let wait_s = self.setting_u64(settings::REPLICA_REPLENISHMENT_WAIT_INTERVAL);
         let limit = self.setting_u64(settings::CONCURRENT_REPLICA_REBUILD_PER_NODE_LIMIT) as usize;
         let mut steps: Vec<(ReplicaRecord, String)> = Vec::new();
+        // Rebuild targets nobody serves are given up, so they neither block a replacement nor
+        // stay WO for ever.
+        let give_up_s = wait_s.max(UNSERVED_WO_MIN_S);
+        for r in self.replicas.values() {
+            if r.mode != ReplicaMode::WO || self.served(r) {
+                continue;
+            }
+            let since = r.wo_since_unix.map(|t| super::now_unix().saturating_sub(t));
+            if since.is_some_and(|s| s < give_up_s) {
+                continue;
+            }
+            let mut next = r.clone();
+            next.mode = ReplicaMode::ERR;
+            next.failed_at_unix = Some(super::now_unix());
+            next.error = Some(format!(
+                "its rebuild could not start: node {} did not serve it for {give_up_s} s",
+                r.node
+            ));
+            if since.is_none() {
+                // A record from before the field: start its clock instead.
+                next.mode = ReplicaMode::WO;
+                next.error = None;
+                next.failed_at_unix = None;
+                next.wo_since_unix = Some(super::now_unix());
+            }
+            let why = format!(
+                "replica {} of volume {}: {}",
+                r.name,
+                r.volume,
+                next.error
+                    .clone()
+                    .unwrap_or_else(|| "waiting for its node".into())
+            );
+            steps.push((next, why));
+        }
         for v in self.volumes.values() {
             if !v.created || v.deleting {
                 continue;
@@ -66,6 +104,7 @@ impl State {
             if let Some(r) = rejoin {
                 let mut next = (**r).clone();
                 next.mode = ReplicaMode::WO;
+                next.wo_since_unix = Some(super::now_unix());
                 let why = format!(
                     "replica {} rejoins volume {} on node {}: rebuilding it in place",
                     r.name, v.name, r.node
