@@ -524,11 +524,24 @@ impl Agent {
         let mut to_stop = Vec::new();
         {
             let mut map = self.engines.lock().unwrap();
-            // An engine that stopped by itself (fenced off by a newer one) is done here.
+            // An engine that stopped by itself (fenced off by a newer one) is done here. So is
+            // one all of whose members failed: it serves nothing, and the manager's next set
+            // (after a salvage) needs an engine started afresh.
             for (vol, slot) in map.iter_mut() {
                 if let EngineSlot::Running(e) = slot {
-                    if let Some(reason) = e.closed_reason() {
+                    let reason = e.closed_reason().or_else(|| {
+                        let members = e.members();
+                        members.iter().all(|m| m.mode == Mode::Err).then(|| {
+                            "every replica of the volume failed; the engine is started again once the manager has a replica in sync (salvage)".to_owned()
+                        })
+                    });
+                    if let Some(reason) = reason {
                         self.nbd.remove(vol);
+                        let e = e.clone();
+                        let why = reason.clone();
+                        data_runtime().spawn(async move {
+                            let _ = e.shutdown(&why).await;
+                        });
                         *slot = EngineSlot::Failed {
                             error: reason,
                             at: Instant::now(),
@@ -652,6 +665,7 @@ impl Agent {
             connect_patience: Duration::from_secs(3),
             require_all: true,
             min_generation: spec.min_generation,
+            generation_floor: spec.generation_floor,
             epoch: spec.epoch,
         };
         let this = self.clone();

@@ -158,6 +158,14 @@ pub struct CreateVolume {
     pub replica_count: Option<u32>,
 }
 
+/// `POST /v1/volumes/{name}/salvage`: bring a volume whose replicas all failed back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SalvageVolume {
+    /// The replica to bring back; none: the freshest by recorded evidence.
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AttachVolume {
     pub node: Option<String>,
@@ -263,6 +271,9 @@ pub struct EngineSpec {
     pub epoch: u64,
     /// The members in sync (RW): every one must answer before the engine serves.
     pub replicas: Vec<EngineReplica>,
+    /// The highest generation any replica of the volume was seen at: the set starts above it.
+    #[serde(default)]
+    pub generation_floor: u64,
     /// Replicas to add to the running engine by rebuild (WO until they are complete).
     #[serde(default)]
     pub rebuild: Vec<EngineReplica>,
@@ -403,6 +414,17 @@ impl ApiClient {
         self.post(
             &format!("/v1/volumes/{name}/attach"),
             &AttachVolume { node },
+        )
+        .await
+    }
+    pub async fn salvage_volume(
+        &self,
+        name: &str,
+        replica: Option<String>,
+    ) -> Result<Volume, ClientError> {
+        self.post(
+            &format!("/v1/volumes/{name}/salvage"),
+            &SalvageVolume { replica },
         )
         .await
     }

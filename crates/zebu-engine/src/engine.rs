@@ -121,6 +121,10 @@ pub struct EngineConfig {
     pub require_all: bool,
     /// Refuse to start if the freshest reachable replica's generation is below this.
     pub min_generation: u64,
+    /// The set starts above this generation even if every member is lower: the highest any
+    /// replica of the volume was seen at, so that a replica left out (after a salvage chose
+    /// another) is always older than the set and can be rebuilt from it.
+    pub generation_floor: u64,
     /// The fence: issued by the manager for this attachment (persisted there first). Every
     /// replica records it before it answers, and refuses every engine of a lower epoch from then
     /// on; an engine whose epoch is below a replica's is refused at once.
@@ -437,7 +441,7 @@ impl Engine {
             secret: cfg.secret.clone(),
             epoch: cfg.epoch,
             members: std::sync::RwLock::new(Arc::new(members)),
-            generation: AtomicU64::new(max_gen),
+            generation: AtomicU64::new(max_gen.max(cfg.generation_floor)),
             membership: tokio::sync::Mutex::new(()),
             ranges: RangeLock::default(),
             next_read: AtomicUsize::new(0),

@@ -75,6 +75,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         connect_patience: Duration::from_millis(300),
         require_all: false,
         min_generation: 0,
+        generation_floor: 0,
         epoch: 0,
     }
 }

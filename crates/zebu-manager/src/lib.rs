@@ -19,7 +19,8 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use zebu_api::{
-    Assignment, AttachVolume, CreateVolume, Heartbeat, Node, SetSetting, Setting, Volume,
+    Assignment, AttachVolume, CreateVolume, Heartbeat, Node, SalvageVolume, SetSetting, Setting,
+    Volume,
 };
 use zebu_store::RedbStore;
 
@@ -112,6 +113,7 @@ impl Manager {
             .route("/volumes/{name}", get(get_volume).delete(delete_volume))
             .route("/volumes/{name}/attach", post(attach_volume))
             .route("/volumes/{name}/detach", post(detach_volume))
+            .route("/volumes/{name}/salvage", post(salvage_volume))
             .route("/nodes", get(list_nodes))
             .route("/settings", get(list_settings))
             .route("/settings/{name}", get(get_setting).post(set_setting))
@@ -228,6 +230,25 @@ async fn detach_volume(
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Volume> {
     m.state().detach(&name).map(Json)
+}
+
+async fn salvage_volume(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<SalvageVolume>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Volume> {
+    use axum::extract::rejection::JsonRejection;
+    let req = match body {
+        Ok(Json(b)) => b,
+        Err(JsonRejection::MissingJsonContentType(_)) => SalvageVolume::default(),
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid request body: {}; send {{\"replica\": \"NAME\"}} or nothing",
+                e.body_text()
+            )))
+        }
+    };
+    m.state().salvage(&name, req.replica).map(Json)
 }
 
 async fn list_nodes(AxState(m): AxState<Shared>) -> ApiResult<Vec<Node>> {

@@ -21,6 +21,7 @@ use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 use crate::error::ApiError;
 
 mod replenish;
+mod salvage;
 mod schedule;
 
 /// A node whose last heartbeat is older than this is not ready.
@@ -125,6 +126,8 @@ pub struct NodeRecord {
 
 struct Live {
     seen: Instant,
+    /// When the report came, Unix seconds (compared with a replica's `failed_at_unix`).
+    seen_unix: u64,
     report: Heartbeat,
 }
 
@@ -139,6 +142,8 @@ pub struct State {
     live: HashMap<String, Live>,
     /// Readiness of each node when [`State::tick`] last looked, to log each change once.
     was_ready: HashMap<String, bool>,
+    /// Faulted volumes that salvage may not bring back by itself, with why.
+    salvage_blocked: HashMap<String, String>,
 }
 
 fn store_err(e: StoreError) -> ApiError {
@@ -219,12 +224,14 @@ impl State {
             settings,
             live: HashMap::new(),
             was_ready: HashMap::new(),
+            salvage_blocked: HashMap::new(),
         })
     }
 
     /// The reconcilers that run on a timer of their own (every second), not on heartbeats:
     /// replica health and rebuild ([`State::replenish`]), then node health.
     pub fn tick(&mut self) {
+        self.auto_salvage();
         self.replenish();
         self.log_node_changes();
     }
@@ -395,7 +402,18 @@ impl State {
         } else {
             Robustness::Healthy
         };
-        let message = if let (Some(n), None) = (&v.desired_node, running) {
+        let faulted = v.created && !v.deleting && self.start_members(&v.name).is_empty();
+        let message = if faulted {
+            Some(
+                self.salvage_blocked
+                    .get(&v.name)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        "every replica has failed; the volume cannot serve I/O until it is salvaged"
+                            .into()
+                    }),
+            )
+        } else if let (Some(n), None) = (&v.desired_node, running) {
             match v
                 .desired_node
                 .as_deref()
@@ -408,8 +426,6 @@ impl State {
                 _ if self.missing_member(&v.name).is_some() => self.missing_member(&v.name),
                 _ => Some(format!("waiting for the engine on node {n} to start")),
             }
-        } else if rw == 0 && v.created {
-            Some("every replica has failed; the volume cannot serve I/O".into())
         } else if v.created && usable < rw {
             // Detached (or serving) with an in-sync replica out of reach: say which.
             self.missing_member(&v.name)
@@ -641,7 +657,7 @@ impl State {
                 .any(|r| r.mode == ReplicaMode::RW)
         {
             return Err(ApiError::conflict(format!(
-                "volume {name} is faulted: every replica has failed, so it cannot be attached"
+                "volume {name} is faulted: every replica has failed, so it cannot be attached; see its message (zebu volume get {name}), or bring it back with zebu volume salvage {name}"
             )));
         }
         let mut v = v;
@@ -834,6 +850,7 @@ impl State {
             node.clone(),
             Live {
                 seen: Instant::now(),
+                seen_unix: now_unix(),
                 report: hb,
             },
         );
@@ -897,6 +914,12 @@ impl State {
                     .max()
                     .unwrap_or(0),
                 epoch: v.epoch,
+                generation_floor: self
+                    .volume_replicas(&v.name)
+                    .iter()
+                    .map(|r| r.generation)
+                    .max()
+                    .unwrap_or(0),
                 replicas: members
                     .iter()
                     .filter_map(|r| self.engine_replica(r))
@@ -924,14 +947,21 @@ impl State {
         })
     }
 
-    /// `r`'s node is ready and serves it (on disk, opened, no error).
+    /// `r`'s node is ready and serves it (on disk, opened, no error) — for a failed replica, in
+    /// a report that came after it failed (a report from before says nothing of it now: its
+    /// node may have died right after).
     fn served(&self, r: &ReplicaRecord) -> bool {
         self.node_ready(&r.node)
             && self.live.get(&r.node).is_some_and(|l| {
-                l.report
-                    .replicas
-                    .iter()
-                    .any(|x| x.name == r.name && !x.missing && x.error.is_none())
+                let since_failure = match (r.mode, r.failed_at_unix) {
+                    (ReplicaMode::ERR, Some(f)) => l.seen_unix > f,
+                    _ => true,
+                };
+                since_failure
+                    && l.report
+                        .replicas
+                        .iter()
+                        .any(|x| x.name == r.name && !x.missing && x.error.is_none())
             })
     }
 

@@ -298,6 +298,23 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 println!("volume {name} is {}", v.state.as_str());
             }
         }
+        VolumeCmd::Salvage { name, replica } => {
+            let v = client(ca).salvage_volume(&name, replica).await?;
+            if ca.output == Output::Json {
+                print_json(&v);
+            } else {
+                let back: Vec<&str> = v
+                    .replicas
+                    .iter()
+                    .filter(|r| r.mode == zebu_api::ReplicaMode::RW)
+                    .map(|r| r.name.as_str())
+                    .collect();
+                println!(
+                    "volume {name} salvaged from {}; the other replicas rejoin by rebuild",
+                    back.join(", ")
+                );
+            }
+        }
         VolumeCmd::Delete { name, no_wait } => {
             let c = client(ca);
             let v = c.delete_volume(&name).await?;

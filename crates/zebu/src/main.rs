@@ -272,6 +272,19 @@ enum VolumeCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Bring back a volume whose replicas have all failed.
+    ///
+    /// Without --replica: from the freshest replica(s) by recorded evidence (the generation),
+    /// refused, with the reason, if one of the freshest cannot be read now. With --replica:
+    /// from that one, accepting that writes only fresher replicas hold are lost. The other
+    /// replicas then rejoin by rebuild from it. (The manager does the first by itself while the
+    /// auto-salvage setting is true.)
+    Salvage {
+        name: String,
+        /// The replica to bring back (see `zebu volume get NAME`).
+        #[arg(long)]
+        replica: Option<String>,
+    },
     /// Delete a detached volume and all its replicas.
     Delete {
         name: String,

@@ -470,3 +470,175 @@ fn a_restarted_nodes_replica_rejoins_and_catches_up() {
     c.cli_ok(&["volume", "detach", "back"]);
     assert_rw_replicas_identical(&c, "back");
 }
+
+/// A 2-replica volume `vol` (replicas on node-2 and node-3, engine on node-1) whose replicas
+/// both failed: node-3 first (it misses 2M+1M, written 0x72), then node-2. Returns the URI.
+fn every_replica_failed(c: &mut Cluster) -> String {
+    // Placement takes the least-loaded nodes: a 1-replica volume loads node-1 first.
+    c.cli_ok(&[
+        "volume",
+        "create",
+        "pad",
+        "--size",
+        "8MiB",
+        "--replicas",
+        "1",
+    ]);
+    c.cli_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "2",
+    ]);
+    let v = c.volume("vol");
+    assert!(replica_on(&v, "node-1").is_none(), "{v}");
+    let uri = c
+        .cli_ok(&["volume", "attach", "vol", "--node", "node-1"])
+        .trim()
+        .to_owned();
+    qemu_io(&uri, &["write -P 0x71 0 1M".into(), "flush".into()]);
+    c.kill_agent(2);
+    wait_until("node-3's replica ERR", Duration::from_secs(20), || {
+        (replica_on(&c.volume("vol"), "node-3").unwrap()["mode"] == "ERR").then_some(())
+    });
+    qemu_io(&uri, &["write -P 0x72 2M 1M".into(), "flush".into()]);
+    c.kill_agent(1);
+    // The next write meets the last replica gone: it fails, and that replica leaves too.
+    let _ = run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x73 4M 64k", &uri]));
+    wait_until("the volume faulted", Duration::from_secs(30), || {
+        let v = c.volume("vol");
+        (v["robustness"] == "faulted" && replica_on(&v, "node-2").unwrap()["mode"] == "ERR")
+            .then_some(())
+    });
+    uri
+}
+
+#[test]
+fn salvage_picks_the_freshest_replica_by_evidence_on_its_own() {
+    require("qemu-io");
+    let mut c = Cluster::separate(27, 3);
+    every_replica_failed(&mut c);
+    let v = c.volume("vol");
+    let g2 = replica_on(&v, "node-2").unwrap()["generation"]
+        .as_u64()
+        .unwrap();
+    let g3 = replica_on(&v, "node-3").unwrap()["generation"]
+        .as_u64()
+        .unwrap();
+    assert!(g2 > g3, "{v}");
+    // Both nodes come back (the stale one first): auto-salvage takes node-2's, the freshest.
+    c.start_agent(2);
+    c.start_agent(1);
+    let v = wait_until("the volume served again", Duration::from_secs(60), || {
+        let v = c.volume("vol");
+        (v["state"] == "attached" && replica_on(&v, "node-2").unwrap()["mode"] == "RW").then_some(v)
+    });
+    assert!(
+        c.log("manager").contains("auto-salvage"),
+        "{}",
+        c.log("manager")
+    );
+    let uri = v["nbd_uri"].as_str().unwrap().to_owned();
+    // 0x72 was written after node-3 left: only the freshest replica held it.
+    qemu_io(
+        &uri,
+        &["read -P 0x71 0 1M".into(), "read -P 0x72 2M 1M".into()],
+    );
+    // node-3's replica rejoins by rebuild from it.
+    let v = wait_until("the volume healthy", Duration::from_secs(60), || {
+        let v = c.volume("vol");
+        (v["robustness"] == "healthy").then_some(v)
+    });
+    assert_eq!(replica_on(&v, "node-3").unwrap()["mode"], "RW", "{v}");
+    c.cli_ok(&["volume", "detach", "vol"]);
+    assert_rw_replicas_identical(&c, "vol");
+}
+
+#[test]
+fn salvage_refuses_without_the_freshest_replica_and_a_person_may_choose() {
+    require("qemu-io");
+    let mut c = Cluster::separate(28, 3);
+    every_replica_failed(&mut c);
+    // Only the stale replica comes back: the evidence says node-2's is fresher, so auto-salvage
+    // refuses, and says why.
+    c.start_agent(2);
+    let r2 = replica_on(&c.volume("vol"), "node-2").unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v = wait_until(
+        "a refusal naming the freshest replica",
+        Duration::from_secs(30),
+        || {
+            let v = c.volume("vol");
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&r2) && m.contains("cannot be read now"))
+                .then_some(v)
+        },
+    );
+    assert_eq!(v["robustness"], "faulted", "{v}");
+    std::thread::sleep(Duration::from_secs(3));
+    let before = c.volume("vol");
+    assert_eq!(replica_on(&before, "node-3").unwrap()["mode"], "ERR");
+    assert!(c.log("manager").contains("auto-salvage refused"));
+    let o = c.cli(&["volume", "salvage", "vol"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("cannot be read now"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    // Bad input changes nothing.
+    for (args, expect) in [
+        (vec!["volume", "salvage", "nope"], "does not exist"),
+        (
+            vec!["volume", "salvage", "vol", "--replica", "vol-r-00000000"],
+            "is not a replica of volume vol",
+        ),
+        (vec!["volume", "salvage", "pad"], "has a replica in sync"),
+        (
+            vec!["volume", "salvage", "vol", "--replica", &r2],
+            "cannot be read now",
+        ),
+    ] {
+        let o = c.cli(&args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr_of(&o).contains(expect),
+            "{args:?}: {}",
+            stderr_of(&o)
+        );
+    }
+    let after = c.volume("vol");
+    assert_eq!(before["replicas"], after["replicas"]);
+
+    // A person chooses the stale replica, accepting the loss of what only node-2 held.
+    let r3 = replica_on(&after, "node-3").unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.cli_ok(&["volume", "salvage", "vol", "--replica", &r3]);
+    let v = wait_until("the volume served again", Duration::from_secs(60), || {
+        let v = c.volume("vol");
+        (v["state"] == "attached" && replica_on(&v, "node-3").unwrap()["mode"] == "RW").then_some(v)
+    });
+    let uri = v["nbd_uri"].as_str().unwrap().to_owned();
+    qemu_io(
+        &uri,
+        &["read -P 0x71 0 1M".into(), "read -P 0 2M 1M".into()],
+    );
+    // node-2 returns: its newer copy is rebuilt from the chosen one (the set starts above it).
+    c.start_agent(1);
+    let v = wait_until("the volume healthy", Duration::from_secs(60), || {
+        let v = c.volume("vol");
+        (v["robustness"] == "healthy").then_some(v)
+    });
+    assert_eq!(replica_on(&v, "node-2").unwrap()["mode"], "RW", "{v}");
+    c.cli_ok(&["volume", "detach", "vol"]);
+    assert_rw_replicas_identical(&c, "vol");
+}
