@@ -359,11 +359,13 @@ impl State {
                     && self.missing_on_disk(r).is_none()
             })
             .count() as u32;
+        // Serving: the engine runs with a member in sync (one whose members all failed serves
+        // nothing, and is restarted by its agent).
         let running = v
             .desired_node
             .as_deref()
             .and_then(|n| self.engine_report(n, &v.name))
-            .filter(|e| e.running);
+            .filter(|e| e.running && e.replicas.iter().any(|m| m.mode == ReplicaMode::RW));
         let any_engine = self
             .live
             .keys()
@@ -601,7 +603,8 @@ impl State {
         self.volume(name)
     }
 
-    pub fn attach(&mut self, name: &str, node: Option<String>) -> Result<Volume, ApiError> {
+    /// The record of a volume that exists and is not being deleted.
+    fn live_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
         let v = self
             .volumes
             .get(name)
@@ -612,6 +615,11 @@ impl State {
                 "volume {name} is being deleted"
             )));
         }
+        Ok(v)
+    }
+
+    pub fn attach(&mut self, name: &str, node: Option<String>) -> Result<Volume, ApiError> {
+        let v = self.live_volume(name)?;
         let node = match node {
             Some(n) => {
                 if !self.nodes.contains_key(&n) {

@@ -59,6 +59,18 @@ impl Engine {
         }
     }
 
+    /// A member that failed (ERR) may come back by rebuild; one in the set may not.
+    fn not_a_member(&self, name: &str) -> Result<(), EngineError> {
+        if self
+            .all()
+            .iter()
+            .any(|m| m.name == name && m.mode() != Mode::Err)
+        {
+            return Err(self.rebuild_err(format!("replica {name} is already a member of the set")));
+        }
+        Ok(())
+    }
+
     /// Add `target` to the set and fill it from the members in sync (see the module docs);
     /// returns once it is RW. Fails, leaving the target out of the set (ERR), if the target
     /// fails, the engine stops serving, or no RW member can be read.
@@ -68,17 +80,7 @@ impl Engine {
         rate: u64,
     ) -> Result<RebuildDone, EngineError> {
         let started = Instant::now();
-        // A member that failed (ERR) may come back this way; one in the set may not.
-        if self
-            .all()
-            .iter()
-            .any(|m| m.name == target.name && m.mode() != Mode::Err)
-        {
-            return Err(self.rebuild_err(format!(
-                "replica {} is already a member of the set",
-                target.name
-            )));
-        }
+        self.not_a_member(&target.name)?;
         let backend = match &target.in_process {
             Some(l) => l.open(self.epoch).await.map(Backend::Local),
             None => ReplicaClient::connect(
@@ -110,16 +112,8 @@ impl Engine {
         let kind = if fresh { "full" } else { "delta" };
         let member = {
             let _m = self.membership.lock().await;
-            if self
-                .all()
-                .iter()
-                .any(|m| m.name == target.name && m.mode() != Mode::Err)
-            {
-                return Err(self.rebuild_err(format!(
-                    "replica {} is already a member of the set",
-                    target.name
-                )));
-            }
+            // Again under the lock: two rebuilds of one replica never both join.
+            self.not_a_member(&target.name)?;
             // Joining under `membership`: no retirement's generation bump is half done, and the
             // target's generation must be below the set's, or it would be the fresher copy.
             if opened.generation >= self.generation() {

@@ -15,7 +15,7 @@
 use zebu_api::{ReplicaMode, Volume};
 use zebu_store::MetaStoreExt;
 
-use super::{not_found, store_err, ReplicaRecord, State, VolumeRecord, REPLICAS};
+use super::{store_err, ReplicaRecord, State, VolumeRecord, REPLICAS};
 use crate::error::ApiError;
 use crate::settings;
 
@@ -86,16 +86,7 @@ impl State {
 
     /// `zebu volume salvage NAME [--replica R]`.
     pub fn salvage(&mut self, name: &str, replica: Option<String>) -> Result<Volume, ApiError> {
-        let v = self
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| not_found(name))?;
-        if v.deleting {
-            return Err(ApiError::conflict(format!(
-                "volume {name} is being deleted"
-            )));
-        }
+        let v = self.live_volume(name)?;
         let chosen = match replica {
             None => self.salvage_choice(&v).map_err(ApiError::conflict)?,
             Some(r) => {
