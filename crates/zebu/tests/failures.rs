@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn replica_on(c: &Cluster, vol: &str, node: &str) -> serde_json::Value {
@@ -27,37 +27,10 @@ fn killing_replica_agents_degrades_without_errors_and_loses_nothing() {
     qemu_io(&uri, &["write -P 0x11 200M 1M".into()]);
 
     // A verifying write workload, throttled so it is still running when the agent dies.
-    let fio_log = c.dir.path().join("fio.out");
-    let fio = Command::new("fio")
-        // fio leaves its verify state file in its working directory.
-        .current_dir(c.dir.path())
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=16k",
-            "--size=96m",
-            "--iodepth=16",
-            "--rate=16m",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-        ])
-        .stdout(Stdio::from(std::fs::File::create(&fio_log).unwrap()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting fio");
+    let fio = fio_verify(&c, &uri, "96m", "16m");
     std::thread::sleep(Duration::from_secs(2));
     c.kill_agent(1); // node-2 holds a replica; the engine runs on node-1.
-    let out = fio.wait_with_output().unwrap();
-    let log = std::fs::read_to_string(&fio_log).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "fio saw an error:\n{log}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(log.contains("err= 0"), "fio reported errors:\n{log}");
+    fio_ok(&c, fio);
 
     let v = wait_until("degraded volume", Duration::from_secs(20), || {
         let v = c.volume("busy");

@@ -331,13 +331,7 @@ fn assert_rw_replicas_identical(c: &Cluster, volume: &str) {
         if r["mode"] != "RW" {
             continue;
         }
-        let node: usize = r["node"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("node-")
-            .parse()
-            .unwrap();
-        let dir = c.replica_dir(node - 1, r["name"].as_str().unwrap());
+        let dir = c.replica_dir(node_index(r), r["name"].as_str().unwrap());
         images.push((
             r["name"].as_str().unwrap().to_owned(),
             export_verified(c, &dir),
@@ -351,41 +345,6 @@ fn assert_rw_replicas_identical(c: &Cluster, volume: &str) {
             images[0].0
         );
     }
-}
-
-fn fio_verify(c: &Cluster, uri: &str, size: &str, rate: &str) -> std::process::Child {
-    Command::new("fio")
-        .current_dir(c.dir.path())
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=16k",
-            &format!("--size={size}"),
-            "--iodepth=16",
-            &format!("--rate={rate}"),
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-        ])
-        .stdout(std::process::Stdio::from(
-            std::fs::File::create(c.dir.path().join("fio.out")).unwrap(),
-        ))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting fio")
-}
-
-fn fio_ok(c: &Cluster, fio: std::process::Child) {
-    let out = fio.wait_with_output().unwrap();
-    let log = std::fs::read_to_string(c.dir.path().join("fio.out")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "fio saw an error:\n{log}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(log.contains("err= 0"), "fio reported errors:\n{log}");
 }
 
 #[test]

@@ -10,15 +10,7 @@ fn replicas_of(c: &Cluster, vol: &str) -> Vec<(usize, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            let node: usize = r["node"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("node-")
-                .parse()
-                .unwrap();
-            (node - 1, r["name"].as_str().unwrap().to_owned())
-        })
+        .map(|r| (node_index(r), r["name"].as_str().unwrap().to_owned()))
         .collect()
 }
 

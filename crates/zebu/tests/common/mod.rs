@@ -308,3 +308,51 @@ pub fn export_verified(c: &Cluster, dir: &Path) -> Vec<u8> {
     std::fs::remove_file(&out).unwrap();
     img
 }
+
+/// Index (0-based) of the node a replica in a volume's JSON lives on (`node-N`).
+pub fn node_index(replica: &Value) -> usize {
+    let n: usize = replica["node"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
+    n - 1
+}
+
+/// A verifying fio write workload on `uri` (its output goes to DIR/fio.out; fio keeps its verify
+/// state in its working directory, the cluster's).
+pub fn fio_verify(c: &Cluster, uri: &str, size: &str, rate: &str) -> std::process::Child {
+    Command::new("fio")
+        .current_dir(c.dir.path())
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=16k",
+            &format!("--size={size}"),
+            "--iodepth=16",
+            &format!("--rate={rate}"),
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ])
+        .stdout(std::process::Stdio::from(
+            std::fs::File::create(c.dir.path().join("fio.out")).unwrap(),
+        ))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting fio")
+}
+
+pub fn fio_ok(c: &Cluster, fio: std::process::Child) {
+    let out = fio.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(c.dir.path().join("fio.out")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "fio saw an error:\n{log}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("err= 0"), "fio reported errors:\n{log}");
+}
