@@ -667,6 +667,7 @@ impl Agent {
             min_generation: spec.min_generation,
             generation_floor: spec.generation_floor,
             epoch: spec.epoch,
+            replica_count: spec.replica_count,
         };
         let this = self.clone();
         data_runtime().spawn(async move {

@@ -280,6 +280,10 @@ pub struct EngineSpec {
     /// Speed limit of each rebuild, bytes per second (0: none).
     #[serde(default)]
     pub rebuild_rate: u64,
+    /// Replicas the volume should have: with fewer in the set, the write-intent log keeps
+    /// what changed for the ones away (0: as many as `replicas`).
+    #[serde(default)]
+    pub replica_count: usize,
 }
 
 /// What the manager wants a node to run (the answer to a heartbeat). Level-triggered: the full

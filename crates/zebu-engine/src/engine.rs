@@ -28,6 +28,7 @@ use crate::backend::{Backend, LocalReplica};
 use crate::client::{Call, ClientError, ReplicaClient};
 use crate::range_lock::RangeLock;
 
+mod intents;
 mod rebuild;
 pub use rebuild::{RebuildDone, RebuildProgress};
 
@@ -129,6 +130,9 @@ pub struct EngineConfig {
     /// replica records it before it answers, and refuses every engine of a lower epoch from then
     /// on; an engine whose epoch is below a replica's is refused at once.
     pub epoch: u64,
+    /// How many replicas the volume should have (0: as many as `replicas`). With fewer in the
+    /// set, the write-intent log keeps what changed for the ones away (see `engine/intents.rs`).
+    pub replica_count: usize,
 }
 
 /// Status of one replica as the engine sees it.
@@ -197,6 +201,10 @@ pub struct Engine {
     fenced_off: std::sync::atomic::AtomicBool,
     /// The next member's `index`: never reused, so a [`Lanes`]' slot names one member only.
     next_index: AtomicUsize,
+    /// Hot extents of the write-intent log (see `engine/intents.rs`).
+    intents: intents::Intents,
+    /// Members the volume should have (see [`EngineConfig::replica_count`]).
+    replica_count: usize,
 }
 
 /// The connections a request uses, by member index: a [`Lanes`]' own, or none (empty); a
@@ -451,6 +459,12 @@ impl Engine {
             inflight: tokio::sync::RwLock::new(()),
             fenced_off: std::sync::atomic::AtomicBool::new(false),
             next_index: AtomicUsize::new(cfg.replicas.len()),
+            intents: intents::Intents::default(),
+            replica_count: if cfg.replica_count == 0 {
+                cfg.replicas.len()
+            } else {
+                cfg.replica_count
+            },
         });
         // Every replica left out now must be older than every replica in the set.
         {
@@ -461,6 +475,14 @@ impl Engine {
             return Err(start_err(
                 "every reachable replica failed while raising its generation".into(),
             ));
+        }
+        // Whatever a crash left in flight is made identical before the first request.
+        let resynced = engine
+            .resync()
+            .await
+            .map_err(|e| start_err(format!("resyncing after an unclean stop: {e}")))?;
+        if resynced > 0 {
+            tracing::info!(volume = %engine.volume, extents = resynced, "resync done: the replicas are identical");
         }
         tracing::info!(volume = %engine.volume, generation = engine.generation(), "engine started");
         tokio::spawn(keepalive(Arc::downgrade(&engine)));
@@ -881,7 +903,10 @@ impl Engine {
             return Ok(());
         }
         self.close(reason.to_owned());
-        self.flush_entered(&[]).await
+        self.flush_entered(&[]).await?;
+        // A clean stop leaves nothing to resync.
+        self.settle_intents(true).await;
+        Ok(())
     }
 
     fn block_range(&self, offset: u64, length: u64) -> (u64, u64) {
@@ -918,6 +943,7 @@ impl Engine {
             };
         }
         let (s, e) = self.block_range(offset, data.len() as u64);
+        let _intent = self.intend(via, s, e - s).await?;
         let _g = self.ranges.lock(s, e).await;
         let (flags, t) = if fua {
             (FLAG_FUA, flush_timeout(self.io_timeout))
@@ -981,6 +1007,8 @@ impl Engine {
                 payload: None,
                 payload_crc: None,
             };
+            let (bs, be) = self.block_range(at, n as u64);
+            let _intent = self.intend(via, bs, be - bs).await?;
             self.replicate(via, call, t).await?;
             at += n as u64;
         }
@@ -1373,6 +1401,7 @@ async fn keepalive(engine: std::sync::Weak<Engine>) {
             return;
         }
         e.ping_members().await;
+        e.settle_tick().await;
     }
 }
 

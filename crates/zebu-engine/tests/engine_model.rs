@@ -25,6 +25,10 @@ struct Cluster {
 }
 
 async fn cluster(n: usize) -> Cluster {
+    cluster_sized(n, SIZE).await
+}
+
+async fn cluster_sized(n: usize, size: u64) -> Cluster {
     let mut c = Cluster {
         _dirs: vec![],
         servers: vec![],
@@ -34,7 +38,7 @@ async fn cluster(n: usize) -> Cluster {
     for i in 0..n {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("v-r{i}");
-        let r = Replica::create(dir.path(), "v", &name, SIZE, BS as u32).unwrap();
+        let r = Replica::create(dir.path(), "v", &name, size, BS as u32).unwrap();
         let server = ReplicaServer::new(&format!("t{i}"), 2);
         server.set_secret(SECRET.into());
         server.add(Arc::new(r));
@@ -77,6 +81,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         min_generation: 0,
         generation_floor: 0,
         epoch: 0,
+        replica_count: 0,
     }
 }
 
@@ -410,6 +415,11 @@ async fn a_write_whose_retirement_is_fenced_is_not_acknowledged() {
     let mut cfg = with_epoch(config(targets, SECRET), 1);
     cfg.io_timeout = Duration::from_millis(600);
     let old = Engine::start(cfg).await.unwrap();
+    // The extent is marked in the write-intent log already (a mark waits for the longer flush
+    // timeout), so the next write goes straight to the replicas.
+    old.write(0, Bytes::from(vec![6u8; BS as usize]), false)
+        .await
+        .unwrap();
     // Replica 1 hangs: the write lands on 0 and 2 and waits for 1 until its timeout.
     frozen.store(true, Ordering::SeqCst);
     let write = {
@@ -1062,4 +1072,249 @@ async fn a_rebuilding_member_alone_never_acknowledges_a_write() {
     let modes: Vec<Mode> = e.members().iter().map(|m| m.mode).collect();
     assert!(modes.iter().all(|m| *m == Mode::Err), "{modes:?}");
     drop(c.servers.drain(1..3));
+}
+
+// The write-intent log (engine/intents.rs): crash resync, settling, delta rejoin.
+
+const WIL_EXTENT: u64 = zebu_proto::data::WIL_EXTENT_BYTES;
+/// Three extents of the write-intent log.
+const BIG: u64 = 3 * WIL_EXTENT;
+
+fn sized(targets: Vec<ReplicaTarget>, size: u64) -> EngineConfig {
+    let mut cfg = config(targets, SECRET);
+    cfg.size_bytes = size;
+    cfg
+}
+
+/// Each extent's state in `r`'s write-intent log.
+fn wil_states(r: &Replica) -> Vec<u8> {
+    let n = r.size_bytes().div_ceil(WIL_EXTENT);
+    r.wil_read(0, n).unwrap()[8..].to_vec()
+}
+
+fn wil_covers_from(r: &Replica) -> u64 {
+    u64::from_le_bytes(r.wil_read(0, 0).unwrap()[..8].try_into().unwrap())
+}
+
+fn assert_replicas_identical(c: &Cluster, size: u64, why: &str) {
+    let replicas: Vec<_> = c.servers.iter().map(|s| s.list()[0].clone()).collect();
+    let mut want = vec![0u8; WIL_EXTENT as usize];
+    let mut got = want.clone();
+    for at in (0..size).step_by(WIL_EXTENT as usize) {
+        replicas[0].read(at, &mut want).unwrap();
+        for r in &replicas[1..] {
+            r.read(at, &mut got).unwrap();
+            if got != want {
+                let b = (0..want.len()).find(|i| got[*i] != want[*i]).unwrap();
+                panic!(
+                    "{why}: {} differs from {} at byte {}",
+                    r.name(),
+                    replicas[0].name(),
+                    at + b as u64
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_dirty_extents_are_made_identical_and_torn_blocks_read_again() {
+    let c = cluster_sized(3, BIG).await;
+    let a = Engine::start(with_epoch(sized(c.targets.clone(), BIG), 1))
+        .await
+        .unwrap();
+    // Extent 1 is written: hot, so marked dirty everywhere before the write was sent.
+    a.write(WIL_EXTENT, Bytes::from(vec![1u8; 8 * BS as usize]), true)
+        .await
+        .unwrap();
+    for s in &c.servers {
+        let st = wil_states(&s.list()[0]);
+        assert_eq!(
+            st,
+            vec![0, 2, 0],
+            "{}: extent 1 is dirty before its write",
+            s.list()[0].name()
+        );
+    }
+    // The crash: engine A is gone without a clean stop. What it left in flight:
+    drop(a);
+    let replicas: Vec<_> = c.servers.iter().map(|s| s.list()[0].clone()).collect();
+    // a write that reached replica 2 only,
+    replicas[2]
+        .write(WIL_EXTENT + BS, &vec![9u8; BS as usize], false)
+        .unwrap();
+    // and a write torn on replica 0 (the source: local, every member at one generation): its
+    // new data reached the data file, its index entry did not.
+    let data = c._dirs[0].path().join("layer-0000000000000001.data");
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![7u8; BS as usize], WIL_EXTENT + 2 * BS)
+        .unwrap();
+    // Damage outside any dirty extent is rot, not a torn write: it stays an error there.
+    replicas[1].write(0, &vec![3u8; BS as usize], true).unwrap();
+    let d1 = c._dirs[1].path().join("layer-0000000000000001.data");
+    let f1 = std::fs::OpenOptions::new().write(true).open(&d1).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f1, &[4u8], 10).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    assert!(
+        replicas[0].read(WIL_EXTENT + 2 * BS, &mut buf).is_err(),
+        "the tear must show"
+    );
+
+    let b = Engine::start(with_epoch(sized(c.targets.clone(), BIG), 2))
+        .await
+        .unwrap();
+    assert!(b.members().iter().all(|m| m.mode == Mode::Rw));
+    // The torn block reads its data file content, on every replica.
+    for r in &replicas {
+        let mut got = vec![0u8; BS as usize];
+        r.read(WIL_EXTENT + 2 * BS, &mut got)
+            .unwrap_or_else(|e| panic!("{}: the torn block: {e}", r.name()));
+        assert_eq!(got, vec![7u8; BS as usize], "{}", r.name());
+        r.read(WIL_EXTENT + BS, &mut got).unwrap();
+        assert_eq!(
+            got,
+            vec![1u8; BS as usize],
+            "{}: the write only replica 2 got",
+            r.name()
+        );
+        assert_eq!(
+            wil_states(r),
+            vec![0, 0, 0],
+            "{}: settled after the resync",
+            r.name()
+        );
+        assert_eq!(wil_covers_from(r), b.generation(), "{}", r.name());
+    }
+    assert!(
+        replicas[1].read(0, &mut buf).is_err(),
+        "rot outside the log was adopted"
+    );
+    assert_eq!(
+        &b.read(WIL_EXTENT + 2 * BS, BS as u32).await.unwrap()[..],
+        &vec![7u8; BS as usize][..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_extents_settle_clean_or_changed_and_a_clean_stop_leaves_none() {
+    let c = cluster_sized(3, BIG).await;
+    let e = Engine::start(sized(c.targets.clone(), BIG)).await.unwrap();
+    e.write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
+    let r0 = c.servers[0].list()[0].clone();
+    assert_eq!(wil_states(&r0), vec![2, 0, 0]);
+    // Idle for SETTLE_IDLE (2 s), then a keepalive tick (every 2 s) settles it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wil_states(&r0) != vec![0, 0, 0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled: {:?}",
+            wil_states(&r0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    e.write(2 * WIL_EXTENT, Bytes::from(vec![2u8; BS as usize]), false)
+        .await
+        .unwrap();
+    e.shutdown("test").await.unwrap();
+    for s in &c.servers {
+        assert_eq!(wil_states(&s.list()[0]), vec![0, 0, 0], "a clean stop");
+    }
+    // With a member of the volume away, a settled extent stays changed (for it to catch up).
+    let mut cfg = sized(c.targets[..2].to_vec(), BIG);
+    cfg.replica_count = 3;
+    let e = Engine::start(with_epoch(cfg, 5)).await.unwrap();
+    e.write(WIL_EXTENT, Bytes::from(vec![3u8; BS as usize]), false)
+        .await
+        .unwrap();
+    e.shutdown("test").await.unwrap();
+    for s in &c.servers[..2] {
+        assert_eq!(
+            wil_states(&s.list()[0]),
+            vec![0, 1, 0],
+            "changed while one was away"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_replica_copies_only_what_changed_while_it_was_away() {
+    let mut c = cluster_sized(3, BIG).await;
+    let e = Engine::start(sized(c.targets.clone(), BIG)).await.unwrap();
+    // Every extent holds data; then replica 2 goes away.
+    for x in 0..3 {
+        e.write(
+            x * WIL_EXTENT,
+            Bytes::from(vec![x as u8 + 1; 1 << 20]),
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    // Once idle, the extents settle clean (every member present).
+    let r0 = c.servers[0].list()[0].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wil_states(&r0) != vec![0, 0, 0] {
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.tasks[2].abort();
+    let gone = c.servers[2].remove(&c.targets[2].name).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Written while it is away: part of extent 1.
+    e.write(
+        WIL_EXTENT + BS,
+        Bytes::from(vec![0x55; 4 * BS as usize]),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(e.members()[2].mode, Mode::Err);
+    // It comes back (a restarted node), on a new address.
+    c.servers[2].add(gone);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    c.targets[2].address = l.local_addr().unwrap().to_string();
+    c.tasks[2] = tokio::spawn(c.servers[2].clone().serve(l));
+    let done = e.rebuild(c.targets[2].clone(), 0).await.unwrap();
+    assert_eq!(done.kind, "delta");
+    // Extent 1 only: its data (1 MiB); extents 0 and 2 were clean when it left.
+    assert_eq!(done.bytes_copied, 1 << 20);
+    assert_replicas_identical(&c, BIG, "after the delta rejoin");
+    assert_eq!(wil_covers_from(&c.servers[2].list()[0]), e.generation());
+    // A replica that left before the others settled to clean again is not covered by their
+    // logs any more: it copies the whole volume.
+    c.tasks[1].abort();
+    let gone = c.servers[1].remove(&c.targets[1].name).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    e.write(0, Bytes::from(vec![0x66; BS as usize]), false)
+        .await
+        .unwrap();
+    let r2 = c.servers[2].list()[0].clone();
+    // Settled (changed: one is away); then clean again once a new member filled its place.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wil_states(&r0)[0] != 1 {
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // (Replica names v-r0..v-r2 are taken: the new member is the fourth of a new cluster.)
+    let c4 = cluster_sized(4, BIG).await;
+    e.rebuild(c4.targets[3].clone(), 0).await.unwrap();
+    e.write(0, Bytes::from(vec![0x67; BS as usize]), false)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wil_covers_from(&r2) != e.generation() || wil_states(&r2)[0] != 0 {
+        assert!(std::time::Instant::now() < deadline, "never settled clean");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.servers[1].add(gone);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    c.targets[1].address = l.local_addr().unwrap().to_string();
+    c.tasks[1] = tokio::spawn(c.servers[1].clone().serve(l));
+    let done = e.rebuild(c.targets[1].clone(), 0).await.unwrap();
+    assert_eq!(done.kind, "full");
+    assert_replicas_identical(&c, BIG, "after the full rejoin");
+    e.shutdown("test").await.unwrap();
+    drop(c4);
 }

@@ -933,6 +933,7 @@ impl State {
                     .filter_map(|r| self.engine_replica(r))
                     .collect(),
                 rebuild,
+                replica_count: v.replica_count as usize,
                 rebuild_rate: self
                     .setting_u64(crate::settings::REPLICA_REBUILD_BANDWIDTH_LIMIT)
                     .saturating_mul(1 << 20),

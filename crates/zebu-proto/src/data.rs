@@ -9,7 +9,7 @@
 use thiserror::Error;
 
 /// Protocol version spoken by this build (2 added SHARE_SESSION and JOIN_SESSION).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// First bytes of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"ZEBUDATA";
 /// First bytes of a [`Welcome`].
@@ -33,6 +33,24 @@ pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// Request flag: the write must be on stable storage before the reply (force unit access).
 pub const FLAG_FUA: u8 = 1;
+/// READ flag (crash resync): a block whose data fails its checksum is taken as it is in the
+/// data file and its checksum rewritten (a write torn by a crash: old or new content, both
+/// valid), instead of failing the read. Used only on extents the write-intent log marked.
+pub const FLAG_ADOPT_TORN: u8 = 2;
+/// WIL_SETTLE flag: the listed extents become [`WIL_CHANGED`] (written while a member was
+/// away), not [`WIL_CLEAN`].
+pub const FLAG_WIL_CHANGED: u8 = 4;
+/// WIL_SETTLE flag: applies to every extent that is not clean (the payload is ignored).
+pub const FLAG_WIL_ALL: u8 = 8;
+
+/// Bytes of volume covered by one extent of the write-intent log.
+pub const WIL_EXTENT_BYTES: u64 = 4 << 20;
+/// Extent state: identical on every member (as far as this replica knows).
+pub const WIL_CLEAN: u8 = 0;
+/// Extent state: flushed, but written while a member of the volume was away.
+pub const WIL_CHANGED: u8 = 1;
+/// Extent state: writes may be in flight (a crash may have left the members different).
+pub const WIL_DIRTY: u8 = 2;
 
 /// Errors found while decoding bytes from a peer. Every one of them means the peer is broken
 /// or hostile; the connection is closed.
@@ -88,6 +106,17 @@ pub enum Op {
     /// session are fenced together: a generation raised on one moves them all along. Send it
     /// before any other request on the connection.
     JoinSession = 11,
+    /// Write-intent log: durably mark the extents listed in the payload (little-endian u64
+    /// extent numbers) [`WIL_DIRTY`] before the reply.
+    WilMark = 12,
+    /// Write-intent log: settle the listed extents (payload as for [`Op::WilMark`]) to
+    /// [`WIL_CLEAN`], or to [`WIL_CHANGED`] with [`FLAG_WIL_CHANGED`]; with [`FLAG_WIL_ALL`],
+    /// every extent that is not clean. Settling to clean records `offset` as the generation
+    /// from which this replica's log covers every change (see `docs/healing.md`).
+    WilSettle = 13,
+    /// Write-intent log: `length` extents from extent `offset`. Reply: the generation the log
+    /// covers from (u64), then one state byte per extent.
+    WilRead = 14,
 }
 
 impl Op {
@@ -104,6 +133,9 @@ impl Op {
             9 => Op::Map,
             10 => Op::ShareSession,
             11 => Op::JoinSession,
+            12 => Op::WilMark,
+            13 => Op::WilSettle,
+            14 => Op::WilRead,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }
@@ -411,7 +443,8 @@ impl Welcome {
     }
 }
 
-/// A request header; a WRITE's payload of `length` bytes follows it on the wire.
+/// A request header; the payload of a WRITE, WIL_MARK or WIL_SETTLE (`length` bytes) follows it
+/// on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
     pub op: Op,
@@ -419,7 +452,7 @@ pub struct RequestHeader {
     pub id: u64,
     pub offset: u64,
     pub length: u32,
-    /// CRC32C of the payload (WRITE), zero otherwise.
+    /// CRC32C of the payload (WRITE, WIL_MARK, WIL_SETTLE), zero otherwise.
     pub payload_crc: u32,
 }
 
@@ -453,7 +486,12 @@ impl RequestHeader {
             length: u32_at(b, 24),
             payload_crc: u32_at(b, 28),
         };
-        if h.length > MAX_PAYLOAD_BYTES && matches!(h.op, Op::Read | Op::Write) {
+        if h.length > MAX_PAYLOAD_BYTES
+            && matches!(
+                h.op,
+                Op::Read | Op::Write | Op::WilMark | Op::WilSettle | Op::WilRead
+            )
+        {
             return Err(FrameError::TooLong {
                 what: "request",
                 len: h.length as usize,
@@ -465,7 +503,7 @@ impl RequestHeader {
 
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self) -> usize {
-        if self.op == Op::Write {
+        if matches!(self.op, Op::Write | Op::WilMark | Op::WilSettle) {
             self.length as usize
         } else {
             0
@@ -599,6 +637,21 @@ pub fn decode_map(b: &[u8]) -> Result<Vec<MapExtent>, FrameError> {
             length: u32_at(b, 8 + i * 8),
             flags: u32_at(b, 12 + i * 8),
         })
+        .collect())
+}
+
+/// Encode a list of write-intent-log extents (a WIL_MARK or WIL_SETTLE payload).
+pub fn encode_extents(extents: &[u64]) -> Vec<u8> {
+    extents.iter().flat_map(|e| e.to_le_bytes()).collect()
+}
+
+/// Decode a WIL_MARK or WIL_SETTLE payload.
+pub fn decode_extents(b: &[u8]) -> Result<Vec<u64>, FrameError> {
+    if !b.len().is_multiple_of(8) {
+        return Err(FrameError::Truncated);
+    }
+    Ok(b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect())
 }
 

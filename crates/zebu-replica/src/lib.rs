@@ -8,6 +8,7 @@ pub mod meta;
 pub mod ops;
 pub mod server;
 pub mod store;
+pub mod wil;
 
 pub use error::ReplicaError;
 pub use io_pool::IoPool;

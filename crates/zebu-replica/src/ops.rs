@@ -1,7 +1,10 @@
 //! The operations of the data protocol, run against a replica. Shared by the network server and
 //! by engines that reach a replica in their own process.
 
-use zebu_proto::data::{self, Op, ReplicaInfo, Status, FLAG_FUA};
+use zebu_proto::data::{
+    self, Op, ReplicaInfo, Status, FLAG_ADOPT_TORN, FLAG_FUA, FLAG_WIL_ALL, FLAG_WIL_CHANGED,
+    WIL_CHANGED, WIL_CLEAN,
+};
 
 use crate::store::Session;
 use crate::{Replica, ReplicaError};
@@ -79,10 +82,38 @@ fn run(
 ) -> Result<Vec<u8>, ReplicaError> {
     let fua = flags & FLAG_FUA != 0;
     match op {
+        Op::Read if flags & FLAG_ADOPT_TORN != 0 => {
+            let mut buf = vec![0u8; length as usize];
+            replica.read_adopting(offset, &mut buf).map(|_| buf)
+        }
         Op::Read => {
             let mut buf = vec![0u8; length as usize];
             replica.read(offset, &mut buf).map(|()| buf)
         }
+        Op::WilMark | Op::WilSettle => {
+            if payload_crc.is_some_and(|c| c != crc32c::crc32c(payload)) {
+                return Err(ReplicaError::TransitChecksum {
+                    replica: replica.name().to_owned(),
+                    offset,
+                });
+            }
+            let extents = data::decode_extents(payload).map_err(|e| ReplicaError::Invalid {
+                replica: replica.name().to_owned(),
+                reason: format!("bad write-intent log extent list: {e}"),
+            })?;
+            if op == Op::WilMark {
+                replica.wil_mark(&extents)
+            } else {
+                let state = if flags & FLAG_WIL_CHANGED != 0 {
+                    WIL_CHANGED
+                } else {
+                    WIL_CLEAN
+                };
+                replica.wil_settle(&extents, flags & FLAG_WIL_ALL != 0, state, offset)
+            }
+            .map(|()| Vec::new())
+        }
+        Op::WilRead => replica.wil_read(offset, length as u64),
         Op::Write => replica
             .write_checked(offset, payload, fua, payload_crc)
             .map(|()| Vec::new()),

@@ -37,7 +37,9 @@ const UNIT_BYTES: u32 = 64 * 1024;
 /// Budget units a request holds while in flight: one, plus its data buffer.
 fn cost(h: &RequestHeader) -> u32 {
     match h.op {
-        Op::Read | Op::Write => 1 + h.length / UNIT_BYTES,
+        Op::Read | Op::Write | Op::WilMark | Op::WilSettle | Op::WilRead => {
+            1 + h.length / UNIT_BYTES
+        }
         // An allocation map can be up to MAX_MAP_EXTENTS × 8 bytes (512 KiB).
         Op::Map => 8,
         _ => 1,
@@ -503,7 +505,7 @@ fn read_payload(rd: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
 fn execute(replica: &Replica, session: &Session, h: &RequestHeader, payload: Vec<u8>) -> Reply {
     // A WRITE's transit checksum is checked inside the write, from the per-block checksums it
     // computes for the index anyway (one pass over the payload instead of two).
-    let transit = (h.op == Op::Write).then_some(h.payload_crc);
+    let transit = (h.payload_len() > 0).then_some(h.payload_crc);
     match ops::execute(
         replica, session, h.op, h.flags, h.offset, h.length, &payload, transit,
     ) {

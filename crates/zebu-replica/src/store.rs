@@ -32,6 +32,7 @@ use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
 
 use crate::error::ReplicaError;
 use crate::meta::{LayerMeta, ReplicaMeta};
+use crate::wil::IntentLog;
 
 /// Bytes before the first index entry.
 pub const INDEX_HEADER_BYTES: u64 = 4096;
@@ -443,6 +444,8 @@ pub struct Replica {
     fence: RwLock<()>,
     /// Sessions that other connections may join, by token (see [`Replica::share_session`]).
     shared: Mutex<HashMap<u64, Weak<Session>>>,
+    /// Which extents may differ between members (see [`crate::wil`]).
+    wil: IntentLog,
 }
 
 /// One engine's use of a replica (a data connection, or an in-process handle). It remembers the
@@ -535,7 +538,9 @@ impl Replica {
         let (d, i) = layer_paths(dir, head_id);
         let _ = std::fs::remove_file(d);
         let _ = std::fs::remove_file(i);
+        let _ = std::fs::remove_file(dir.join(crate::wil::WIL_FILE));
         let layer = Layer::create(dir, head_id, size_bytes, block_size)?;
+        let wil = IntentLog::open(dir, size_bytes, name)?;
         let created_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -555,7 +560,7 @@ impl Replica {
         };
         // The metadata file is written last: a replica exists once it is there.
         meta.store(dir)?;
-        Ok(Replica::assemble(dir, meta, vec![layer]))
+        Ok(Replica::assemble(dir, meta, vec![layer], wil))
     }
 
     /// Open an existing replica, validating its metadata and indexes.
@@ -566,10 +571,11 @@ impl Replica {
             .iter()
             .map(|l| Layer::open(dir, l.id, meta.size_bytes, meta.block_size))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Replica::assemble(dir, meta, layers))
+        let wil = IntentLog::open(dir, meta.size_bytes, &meta.replica)?;
+        Ok(Replica::assemble(dir, meta, layers, wil))
     }
 
-    fn assemble(dir: &Path, meta: ReplicaMeta, layers: Vec<Layer>) -> Replica {
+    fn assemble(dir: &Path, meta: ReplicaMeta, layers: Vec<Layer>, wil: IntentLog) -> Replica {
         let block_size = meta.block_size;
         Replica {
             dir: dir.to_owned(),
@@ -589,6 +595,7 @@ impl Replica {
             sync_done: Condvar::new(),
             fence: RwLock::new(()),
             shared: Mutex::new(HashMap::new()),
+            wil,
         }
     }
 
@@ -1173,6 +1180,78 @@ impl Replica {
         Ok(())
     }
 
+    /// Durably mark write-intent-log extents dirty (see [`crate::wil`]).
+    pub fn wil_mark(&self, extents: &[u64]) -> Result<(), ReplicaError> {
+        self.check_usable()?;
+        self.wil.mark(&self.name, extents)
+    }
+
+    /// Settle write-intent-log extents (see [`IntentLog::settle`]).
+    pub fn wil_settle(
+        &self,
+        extents: &[u64],
+        all: bool,
+        state: u8,
+        generation: u64,
+    ) -> Result<(), ReplicaError> {
+        self.check_usable()?;
+        self.wil.settle(&self.name, extents, all, state, generation)
+    }
+
+    /// The write-intent log's `covers_from` and the states of `count` extents from `first`.
+    pub fn wil_read(&self, first: u64, count: u64) -> Result<Vec<u8>, ReplicaError> {
+        self.check_usable()?;
+        self.wil.read(&self.name, first, count)
+    }
+
+    /// Read whole blocks at `offset` for a crash resync: a block whose data fails its checksum
+    /// is a write a crash tore between its data and its index (the caller reads only extents
+    /// the write-intent log marked), so its data file content is taken as the block's content
+    /// — old or new, both valid — and its checksum rewritten. Returns the blocks adopted so.
+    pub fn read_adopting(&self, offset: u64, out: &mut [u8]) -> Result<u64, ReplicaError> {
+        self.check_usable()?;
+        self.check_range(offset, out.len() as u64)?;
+        let bs = self.block_size as u64;
+        if !offset.is_multiple_of(bs) || !(out.len() as u64).is_multiple_of(bs) {
+            return Err(ReplicaError::Invalid {
+                replica: self.name.clone(),
+                reason: format!(
+                    "a resync read at {offset}+{} is not block-aligned",
+                    out.len()
+                ),
+            });
+        }
+        let (first, end) = self.block_span(offset, out.len() as u64);
+        let _guards = self.lock_blocks(first, end);
+        let mut adopted = 0;
+        for (i, buf) in out.chunks_exact_mut(bs as usize).enumerate() {
+            let block = first + i as u64;
+            let Source::Data { layer, crc } = self.resolve(block) else {
+                buf.fill(0);
+                continue;
+            };
+            let l = &self.layers[layer];
+            let at = block * bs;
+            l.data
+                .read_exact_at(buf, at)
+                .map_err(|e| ReplicaError::io("read", &l.data_path, at, e))?;
+            let actual = crc32c::crc32c(buf);
+            if actual == crc {
+                continue;
+            }
+            // Rewritten in the layer that holds it: snapshots below the head are never torn
+            // (they are frozen), so this is the head in practice.
+            if let Err(e) = l.put_entries(block, &[ENTRY_PRESENT | actual as u64]) {
+                self.poison(&e);
+                return Err(e);
+            }
+            l.dirty.store(true, Ordering::Release);
+            tracing::warn!(replica = %self.name, offset = at, "a block torn by a crash takes its data file content (its checksum is rewritten)");
+            adopted += 1;
+        }
+        Ok(adopted)
+    }
+
     /// Allocation map of a range, as extents covering it exactly.
     pub fn map(&self, offset: u64, length: u64) -> Result<Vec<MapExtent>, ReplicaError> {
         self.check_usable()?;
@@ -1371,6 +1450,40 @@ mod tests {
         assert!(msg.contains("v-r-x") && msg.contains("12288"), "{msg}");
         // Other blocks still read.
         r.read(0, &mut buf).unwrap();
+    }
+
+    #[test]
+    fn a_resync_read_adopts_a_torn_block_and_leaves_sound_ones_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), "v", "v-r-t", SIZE, BS as u32).unwrap();
+        r.write(0, &vec![1u8; 3 * BS as usize], true).unwrap();
+        // A write torn by a crash: block 1's new data reached the data file, its index did not.
+        let (data_path, _) = layer_paths(dir.path(), 1);
+        let f = OpenOptions::new().write(true).open(data_path).unwrap();
+        f.write_all_at(&vec![2u8; BS as usize], BS).unwrap();
+        let mut buf = vec![0u8; BS as usize];
+        assert!(matches!(
+            r.read(BS, &mut buf),
+            Err(ReplicaError::Checksum { .. })
+        ));
+        let mut all = vec![0u8; 4 * BS as usize];
+        assert_eq!(r.read_adopting(0, &mut all).unwrap(), 1);
+        assert_eq!(&all[..BS as usize], &vec![1u8; BS as usize][..]);
+        assert_eq!(
+            &all[BS as usize..2 * BS as usize],
+            &vec![2u8; BS as usize][..]
+        );
+        assert_eq!(
+            &all[3 * BS as usize..],
+            &vec![0u8; BS as usize][..],
+            "a hole stays zero"
+        );
+        r.flush().unwrap();
+        drop(r);
+        let r = Replica::open(dir.path()).unwrap();
+        r.read(BS, &mut buf).unwrap();
+        assert_eq!(buf, vec![2u8; BS as usize]);
+        assert!(r.read_adopting(1, &mut buf).is_err(), "unaligned");
     }
 
     #[test]

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zebu_proto::data::{self, Op, EXTENT_HOLE};
+use zebu_proto::data::{self, Op, EXTENT_HOLE, WIL_CLEAN, WIL_EXTENT_BYTES};
 
 use super::{copy_calls, flush_timeout, Engine, EngineError, Member, Mode, ReplicaTarget};
 use crate::backend::Backend;
@@ -35,11 +35,23 @@ const PIECE_BYTES: u64 = 1 << 20;
 /// How far a rebuild is (reported while the member is WO).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuildProgress {
-    /// `"full"` (the target held nothing) or `"delta"` (it held data: only what differs needs to
-    /// change, though this version still walks the whole volume).
+    /// `"full"` (the whole volume) or `"delta"` (only the extents the write-intent log of a
+    /// member in sync has marked since the target left).
     pub kind: &'static str,
     pub bytes_done: u64,
     pub bytes_total: u64,
+}
+
+/// The ranges a rebuild copies.
+struct Plan {
+    kind: &'static str,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Plan {
+    fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
 }
 
 /// What a finished rebuild did.
@@ -109,7 +121,6 @@ impl Engine {
         let info = data::ReplicaInfo::decode(&info)
             .map_err(|e| self.rebuild_err(format!("bad INFO reply: {e}")))?;
         let fresh = info.allocated_bytes == 0;
-        let kind = if fresh { "full" } else { "delta" };
         let member = {
             let _m = self.membership.lock().await;
             // Again under the lock: two rebuilds of one replica never both join.
@@ -159,7 +170,7 @@ impl Engine {
                 mode: std::sync::atomic::AtomicU8::new(Mode::Wo as u8),
                 error: std::sync::Mutex::new(String::new()),
                 progress: std::sync::Mutex::new(Some(RebuildProgress {
-                    kind,
+                    kind: "full",
                     bytes_done: 0,
                     bytes_total: self.size_bytes,
                 })),
@@ -176,8 +187,16 @@ impl Engine {
             self.changes.send_modify(|v| *v += 1);
             member
         };
-        tracing::info!(volume = %self.volume, replica = %target.name, kind, "rebuild started");
-        match self.copy_into(&member, fresh, rate, started).await {
+        let plan = match self.plan(&member, fresh, opened.generation).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.mark_err(&member, &format!("its rebuild failed: {e}"));
+                return Err(e);
+            }
+        };
+        let kind = plan.kind;
+        tracing::info!(volume = %self.volume, replica = %target.name, kind, bytes = plan.bytes(), "rebuild started");
+        match self.copy_into(&member, &plan, fresh, rate, started).await {
             Ok(copied) => {
                 let done = RebuildDone {
                     kind,
@@ -194,18 +213,95 @@ impl Engine {
         }
     }
 
+    /// What to copy to `target` (joined as WO): the hot extents are marked on it first, so its
+    /// own log holds every extent a crash could leave different once it is RW. A target that
+    /// held data copies only the non-clean extents of a member whose write-intent log covers
+    /// it (its generation is at least that log's `covers_from`); otherwise the whole volume.
+    async fn plan(
+        &self,
+        target: &Arc<Member>,
+        fresh: bool,
+        target_generation: u64,
+    ) -> Result<Plan, EngineError> {
+        let hot = self.intents.snapshot();
+        if !hot.is_empty() {
+            let payload = bytes::Bytes::from(data::encode_extents(&hot));
+            let call = Call {
+                op: Op::WilMark,
+                flags: 0,
+                offset: 0,
+                length: payload.len() as u32,
+                payload: Some(payload),
+                payload_crc: None,
+            };
+            target
+                .client()
+                .call(call, flush_timeout(self.io_timeout))
+                .await
+                .map_err(|e| self.rebuild_err(format!("marking the hot extents on it: {e}")))?;
+        }
+        let whole = Plan {
+            kind: "full",
+            ranges: vec![(0, self.size_bytes)],
+        };
+        if fresh {
+            return Ok(whole);
+        }
+        for m in self.read_order() {
+            match self.read_log(&m).await {
+                Ok(log) if log.covers_from <= target_generation => {
+                    let ranges = log
+                        .states
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| **s != WIL_CLEAN)
+                        .map(|(e, _)| {
+                            let start = e as u64 * WIL_EXTENT_BYTES;
+                            (start, (start + WIL_EXTENT_BYTES).min(self.size_bytes))
+                        })
+                        .collect();
+                    return Ok(Plan {
+                        kind: "delta",
+                        ranges,
+                    });
+                }
+                Ok(log) => {
+                    tracing::info!(volume = %self.volume, replica = %target.name, source = %m.name, covers_from = log.covers_from, target_generation, "the source's write-intent log does not cover the returning replica (it was cleared since it left): copying the whole volume")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, source = %m.name, "reading the write-intent log: {e}")
+                }
+            }
+        }
+        Ok(whole)
+    }
+
     /// Steps 2 and 3 of the module docs; returns the data bytes written.
     async fn copy_into(
         &self,
         target: &Arc<Member>,
+        plan: &Plan,
         fresh: bool,
         rate: u64,
         started: Instant,
     ) -> Result<u64, EngineError> {
         let mut copied = 0u64;
-        let mut at = 0u64;
-        while at < self.size_bytes {
-            let end = (at + PIECE_BYTES).min(self.size_bytes);
+        let mut walked = 0u64;
+        if let Some(p) = target
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            p.kind = plan.kind;
+            p.bytes_total = plan.bytes();
+        }
+        let pieces = plan.ranges.iter().flat_map(|&(s, e)| {
+            (s..e)
+                .step_by(PIECE_BYTES as usize)
+                .map(move |at| (at, (at + PIECE_BYTES).min(e)))
+        });
+        for (at, end) in pieces {
             {
                 let _serving = self.enter().await?;
                 if target.mode() != Mode::Wo {
@@ -219,17 +315,17 @@ impl Engine {
                 let _piece = self.ranges.lock(at, end).await;
                 copied += self.copy_piece(target, at, end, fresh).await?;
             }
-            at = end;
+            walked += end - at;
             if let Some(p) = target
                 .progress
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_mut()
             {
-                p.bytes_done = at;
+                p.bytes_done = walked;
             }
             if rate > 0 {
-                let due = Duration::from_secs_f64(at as f64 / rate as f64);
+                let due = Duration::from_secs_f64(walked as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     tokio::time::sleep(wait).await;
                 }
@@ -259,6 +355,23 @@ impl Engine {
             return Err(
                 self.rebuild_err("the new replica failed while its generation was raised".into())
             );
+        }
+        // Its log covers every change from now on (it had them all marked since it joined).
+        let payload = bytes::Bytes::new();
+        let call = Call {
+            op: Op::WilSettle,
+            flags: 0,
+            offset: self.generation(),
+            length: 0,
+            payload: Some(payload),
+            payload_crc: None,
+        };
+        if let Err(e) = target
+            .client()
+            .call(call, flush_timeout(self.io_timeout))
+            .await
+        {
+            tracing::warn!(volume = %self.volume, replica = %target.name, "recording where its write-intent log starts: {e}");
         }
         self.changes.send_modify(|v| *v += 1);
         Ok(copied)
