@@ -281,7 +281,7 @@ enum NotMended {
 }
 
 /// The replica found a stored block that fails its checksum.
-fn is_damage(e: &ClientError) -> bool {
+pub(super) fn is_damage(e: &ClientError) -> bool {
     matches!(
         e,
         ClientError::Failed {
@@ -478,7 +478,7 @@ impl Engine {
         }
         // Whatever a crash left in flight is made identical before the first request.
         let resynced = engine
-            .resync()
+            .resync(cfg.generation_floor > max_gen)
             .await
             .map_err(|e| start_err(format!("resyncing after an unclean stop: {e}")))?;
         if resynced > 0 {
@@ -943,7 +943,7 @@ impl Engine {
             };
         }
         let (s, e) = self.block_range(offset, data.len() as u64);
-        let _intent = self.intend(via, s, e - s).await?;
+        let intent = self.intend(via, s, e - s).await?;
         let _g = self.ranges.lock(s, e).await;
         let (flags, t) = if fua {
             (FLAG_FUA, flush_timeout(self.io_timeout))
@@ -959,7 +959,9 @@ impl Engine {
             payload: Some(data),
             payload_crc: None,
         };
-        self.replicate(via, call, t).await
+        self.replicate(via, call, t).await?;
+        intent.complete();
+        Ok(())
     }
 
     /// TRIM and WRITE_ZEROES: the range reads back as zeroes afterwards.
@@ -1008,8 +1010,9 @@ impl Engine {
                 payload_crc: None,
             };
             let (bs, be) = self.block_range(at, n as u64);
-            let _intent = self.intend(via, bs, be - bs).await?;
+            let intent = self.intend(via, bs, be - bs).await?;
             self.replicate(via, call, t).await?;
+            intent.complete();
             at += n as u64;
         }
         Ok(())

@@ -42,6 +42,9 @@ pub const FLAG_ADOPT_TORN: u8 = 2;
 pub const FLAG_WIL_CHANGED: u8 = 4;
 /// WIL_SETTLE flag: applies to every extent that is not clean (the payload is ignored).
 pub const FLAG_WIL_ALL: u8 = 8;
+/// WIL_SETTLE flag: the replica rejoins by rebuild; `offset` is its generation before the
+/// rebuild raised it. Its log covers nothing until it is in sync again; states are untouched.
+pub const FLAG_WIL_REJOIN: u8 = 16;
 
 /// Bytes of volume covered by one extent of the write-intent log.
 pub const WIL_EXTENT_BYTES: u64 = 4 << 20;
@@ -115,7 +118,9 @@ pub enum Op {
     /// from which this replica's log covers every change (see `docs/healing.md`).
     WilSettle = 13,
     /// Write-intent log: `length` extents from extent `offset`. Reply: the generation the log
-    /// covers from (u64), then one state byte per extent.
+    /// covers from (u64), whether the page cache is intact since the last mark (u64, 1 or 0),
+    /// the generation of a rebuild in progress (u64, `u64::MAX` for none), then one state byte
+    /// per extent.
     WilRead = 14,
 }
 

@@ -3,7 +3,7 @@
 
 use zebu_proto::data::{
     self, Op, ReplicaInfo, Status, FLAG_ADOPT_TORN, FLAG_FUA, FLAG_WIL_ALL, FLAG_WIL_CHANGED,
-    WIL_CHANGED, WIL_CLEAN,
+    FLAG_WIL_REJOIN, WIL_CHANGED, WIL_CLEAN,
 };
 
 use crate::store::Session;
@@ -103,6 +103,8 @@ fn run(
             })?;
             if op == Op::WilMark {
                 replica.wil_mark(&extents)
+            } else if flags & FLAG_WIL_REJOIN != 0 {
+                replica.wil_rejoin(offset)
             } else {
                 let state = if flags & FLAG_WIL_CHANGED != 0 {
                     WIL_CHANGED

@@ -540,7 +540,7 @@ impl Replica {
         let _ = std::fs::remove_file(i);
         let _ = std::fs::remove_file(dir.join(crate::wil::WIL_FILE));
         let layer = Layer::create(dir, head_id, size_bytes, block_size)?;
-        let wil = IntentLog::open(dir, size_bytes, name)?;
+        let wil = IntentLog::open(dir, size_bytes, name, true)?;
         let created_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -571,7 +571,7 @@ impl Replica {
             .iter()
             .map(|l| Layer::open(dir, l.id, meta.size_bytes, meta.block_size))
             .collect::<Result<Vec<_>, _>>()?;
-        let wil = IntentLog::open(dir, meta.size_bytes, &meta.replica)?;
+        let wil = IntentLog::open(dir, meta.size_bytes, &meta.replica, false)?;
         Ok(Replica::assemble(dir, meta, layers, wil))
     }
 
@@ -1183,7 +1183,24 @@ impl Replica {
     /// Durably mark write-intent-log extents dirty (see [`crate::wil`]).
     pub fn wil_mark(&self, extents: &[u64]) -> Result<(), ReplicaError> {
         self.check_usable()?;
-        self.wil.mark(&self.name, extents)
+        let r = self.wil.mark(&self.name, extents);
+        self.poison_on_io(r)
+    }
+
+    /// A failed write or sync of the log leaves it unknown on disk (the kernel may have dropped
+    /// the page): refuse further I/O, as for the data files.
+    fn poison_on_io(&self, r: Result<(), ReplicaError>) -> Result<(), ReplicaError> {
+        if let Err(e @ ReplicaError::Io { .. }) = &r {
+            self.poison(e);
+        }
+        r
+    }
+
+    /// This replica rejoins by rebuild from `generation` (see [`IntentLog::rejoin`]).
+    pub fn wil_rejoin(&self, generation: u64) -> Result<(), ReplicaError> {
+        self.check_usable()?;
+        let r = self.wil.rejoin(generation);
+        self.poison_on_io(r)
     }
 
     /// Settle write-intent-log extents (see [`IntentLog::settle`]).
@@ -1195,7 +1212,8 @@ impl Replica {
         generation: u64,
     ) -> Result<(), ReplicaError> {
         self.check_usable()?;
-        self.wil.settle(&self.name, extents, all, state, generation)
+        let r = self.wil.settle(&self.name, extents, all, state, generation);
+        self.poison_on_io(r)
     }
 
     /// The write-intent log's `covers_from` and the states of `count` extents from `first`.
@@ -1230,6 +1248,9 @@ impl Replica {
                 buf.fill(0);
                 continue;
             };
+            // Only the head takes writes, so only it can hold a torn one: elsewhere a checksum
+            // failure is rot, and is reported.
+            let adoptable = layer + 1 == self.layers.len();
             let l = &self.layers[layer];
             let at = block * bs;
             l.data
@@ -1238,6 +1259,13 @@ impl Replica {
             let actual = crc32c::crc32c(buf);
             if actual == crc {
                 continue;
+            }
+            if !adoptable {
+                return Err(ReplicaError::Checksum {
+                    replica: self.name.clone(),
+                    offset: at,
+                    layer: l.id,
+                });
             }
             // Rewritten in the layer that holds it: snapshots below the head are never torn
             // (they are frozen), so this is the head in practice.

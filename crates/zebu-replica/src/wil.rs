@@ -9,7 +9,8 @@
 //! non-clean extents of a survivor whose log covers it (see `covers_from` below).
 //!
 //! File: a 4096-byte header (magic `ZEBUWIL\0`, version u32, extent bytes u64, extents u64,
-//! covers_from u64, then a CRC32C of those 36 bytes at byte 36), then pages of 4096 bytes:
+//! covers_from u64, boot id of the last mark (16 bytes), rejoin_from u64, then a CRC32C of
+//! those 60 bytes at byte 60), then pages of 4096 bytes:
 //! CRC32C (u32, of the rest of the page) and page number (u32), then one state byte for each of
 //! [`PAGE_STATES`] extents. A page that is all zeroes (never written, sparse) is all clean. A
 //! page is replaced in place with one positioned write and `fdatasync`ed before a mark is
@@ -19,6 +20,15 @@
 //! `covers_from`: every member that left the set at a generation `>= covers_from` differs
 //! from this replica only in its non-clean extents. Settling to clean at generation `g`
 //! (every member present) sets it to `g`; a new log covers nothing (`u64::MAX`) until then.
+//!
+//! The boot id (the kernel's `boot_id`) of the last mark tells whether the page cache still
+//! holds every write made since: if the machine rebooted, unflushed writes may be lost here,
+//! and a crash resync takes its source elsewhere. `rejoin_from` is the generation this replica
+//! had when it first rejoined as a rebuild target (a rebuild raises its generation to fence
+//! older sessions; that raise is not evidence), reset once it is in sync again.
+//!
+//! A replica that has no log (written by an older version, or the file was lost) gets one with
+//! every extent dirty and covering nothing: nothing is known, so everything is resynced once.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -46,21 +56,81 @@ pub struct IntentLog {
     inner: Mutex<Inner>,
 }
 
-struct Inner {
-    states: Vec<u8>,
+#[derive(Clone, Copy)]
+struct Head {
     covers_from: u64,
+    boot: [u8; 16],
+    rejoin_from: u64,
 }
 
-fn header(extents: u64, covers_from: u64) -> Vec<u8> {
-    let mut h = vec![0u8; PAGE_BYTES];
-    h[0..8].copy_from_slice(&WIL_MAGIC);
-    h[8..12].copy_from_slice(&WIL_FORMAT_VERSION.to_le_bytes());
-    h[12..20].copy_from_slice(&WIL_EXTENT_BYTES.to_le_bytes());
-    h[20..28].copy_from_slice(&extents.to_le_bytes());
-    h[28..36].copy_from_slice(&covers_from.to_le_bytes());
-    let crc = crc32c::crc32c(&h[0..36]);
-    h[36..40].copy_from_slice(&crc.to_le_bytes());
-    h
+struct Inner {
+    states: Vec<u8>,
+    head: Head,
+}
+
+const HEADER_CRC_AT: usize = 60;
+
+fn header(extents: u64, h: Head) -> Vec<u8> {
+    let mut b = vec![0u8; PAGE_BYTES];
+    b[0..8].copy_from_slice(&WIL_MAGIC);
+    b[8..12].copy_from_slice(&WIL_FORMAT_VERSION.to_le_bytes());
+    b[12..20].copy_from_slice(&WIL_EXTENT_BYTES.to_le_bytes());
+    b[20..28].copy_from_slice(&extents.to_le_bytes());
+    b[28..36].copy_from_slice(&h.covers_from.to_le_bytes());
+    b[36..52].copy_from_slice(&h.boot);
+    b[52..60].copy_from_slice(&h.rejoin_from.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..HEADER_CRC_AT]);
+    b[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// This boot of the machine (all zeroes if the kernel does not say).
+fn boot_id() -> [u8; 16] {
+    static ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let hex: Vec<u8> = text
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_hexdigit())
+            .map(|c| c.to_digit(16).unwrap_or(0) as u8)
+            .collect();
+        let mut id = [0u8; 16];
+        for (i, pair) in hex.chunks(2).take(16).enumerate() {
+            id[i] = pair[0] << 4 | pair.get(1).copied().unwrap_or(0);
+        }
+        id
+    })
+}
+
+/// What WIL_READ tells about a log besides the states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogFacts {
+    pub covers_from: u64,
+    /// The machine has not rebooted since the last mark: the page cache holds every write.
+    pub cache_intact: bool,
+    pub rejoin_from: u64,
+}
+
+/// Bytes before the states in a WIL_READ reply.
+pub const READ_HEADER_BYTES: usize = 24;
+
+impl LogFacts {
+    pub fn encode(&self) -> [u8; READ_HEADER_BYTES] {
+        let mut b = [0u8; READ_HEADER_BYTES];
+        b[0..8].copy_from_slice(&self.covers_from.to_le_bytes());
+        b[8..16].copy_from_slice(&u64::from(self.cache_intact).to_le_bytes());
+        b[16..24].copy_from_slice(&self.rejoin_from.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<LogFacts> {
+        (b.len() >= READ_HEADER_BYTES).then(|| LogFacts {
+            covers_from: u64_at(b, 0),
+            cache_intact: u64_at(b, 8) == 1,
+            rejoin_from: u64_at(b, 16),
+        })
+    }
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -77,9 +147,14 @@ impl IntentLog {
         size_bytes.div_ceil(WIL_EXTENT_BYTES)
     }
 
-    /// Open the log in `dir`, creating it (all clean, covering nothing) if the replica has none
-    /// yet (a new replica, or one written before the log existed).
-    pub fn open(dir: &Path, size_bytes: u64, replica: &str) -> Result<IntentLog, ReplicaError> {
+    /// Open the log in `dir`. A new replica (`new`) gets one all clean; an existing replica
+    /// without one gets one all dirty (see the module docs). Both cover nothing yet.
+    pub fn open(
+        dir: &Path,
+        size_bytes: u64,
+        replica: &str,
+        new: bool,
+    ) -> Result<IntentLog, ReplicaError> {
         let path = dir.join(WIL_FILE);
         let extents = Self::extents_of(size_bytes);
         let existed = path.exists();
@@ -96,26 +171,55 @@ impl IntentLog {
             extents,
             inner: Mutex::new(Inner {
                 states: vec![WIL_CLEAN; extents as usize],
-                covers_from: COVERS_NOTHING,
+                head: Head {
+                    covers_from: COVERS_NOTHING,
+                    boot: [0; 16],
+                    rejoin_from: COVERS_NOTHING,
+                },
             }),
         };
         if !existed {
-            log.write_header(COVERS_NOTHING)?;
+            if !new {
+                tracing::warn!(
+                    replica,
+                    path = %log.path.display(),
+                    "the replica has no write-intent log (written by an older version, or the file was lost): every extent is treated as dirty, so the next start resyncs the whole volume"
+                );
+                log.reset_all_dirty()?;
+            }
+            let inner = log.inner.lock().unwrap_or_else(|p| p.into_inner());
+            log.write_header(&inner.head)?;
+            drop(inner);
+            if !new {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| ReplicaError::io("fsync directory", dir, 0, e))?;
+            }
             return Ok(log);
         }
         log.load(replica)?;
         Ok(log)
     }
 
-    fn write_header(&self, covers_from: u64) -> Result<(), ReplicaError> {
+    /// Every extent dirty, durably (nothing is known about this replica's log).
+    fn reset_all_dirty(&self) -> Result<(), ReplicaError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.states.fill(WIL_DIRTY);
+        inner.head.covers_from = COVERS_NOTHING;
+        let all: Vec<u64> = (0..self.extents).step_by(PAGE_STATES).collect();
+        self.write_header(&inner.head)?;
+        self.store_pages(&inner, &all)
+    }
+
+    fn write_header(&self, head: &Head) -> Result<(), ReplicaError> {
         self.file
-            .write_all_at(&header(self.extents, covers_from), 0)
+            .write_all_at(&header(self.extents, *head), 0)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| ReplicaError::io("write write-intent log header", &self.path, 0, e))
     }
 
     fn load(&self, replica: &str) -> Result<(), ReplicaError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut h = vec![0u8; PAGE_BYTES];
         let read = |buf: &mut [u8], at: u64| -> Result<usize, ReplicaError> {
             let mut n = 0;
@@ -136,18 +240,23 @@ impl IntentLog {
             && u32_at(&h, 8) == WIL_FORMAT_VERSION
             && u64_at(&h, 12) == WIL_EXTENT_BYTES
             && u64_at(&h, 20) == self.extents
-            && crc32c::crc32c(&h[0..36]) == u32_at(&h, 36);
+            && crc32c::crc32c(&h[0..HEADER_CRC_AT]) == u32_at(&h, HEADER_CRC_AT);
         if !header_ok {
             tracing::warn!(
                 replica,
                 path = %self.path.display(),
                 "the write-intent log's header is damaged: every extent is treated as dirty (resynced at the next start) and the log covers no member that left"
             );
-            inner.states.fill(WIL_DIRTY);
-            inner.covers_from = COVERS_NOTHING;
-            return Ok(());
+            drop(inner);
+            // Rewritten at once, so the damage costs one resync, not one per start.
+            return self.reset_all_dirty();
         }
-        inner.covers_from = u64_at(&h, 28);
+        let mut inner = inner;
+        inner.head = Head {
+            covers_from: u64_at(&h, 28),
+            boot: h[36..52].try_into().expect("16 bytes"),
+            rejoin_from: u64_at(&h, 52),
+        };
         let pages = (self.extents as usize).div_ceil(PAGE_STATES);
         let mut page = vec![0u8; PAGE_BYTES];
         for p in 0..pages {
@@ -231,6 +340,12 @@ impl IntentLog {
     pub fn mark(&self, replica: &str, extents: &[u64]) -> Result<(), ReplicaError> {
         self.check(replica, extents)?;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.head.boot != boot_id() {
+            let mut head = inner.head;
+            head.boot = boot_id();
+            self.write_header(&head)?;
+            inner.head = head;
+        }
         let changed: Vec<u64> = extents
             .iter()
             .copied()
@@ -242,9 +357,24 @@ impl IntentLog {
         self.store_pages(&inner, &changed)
     }
 
+    /// This replica rejoins by rebuild: its log covers nothing from now on (until it is in sync
+    /// again), and the first rejoin since it was last in sync records `generation` (its
+    /// generation before the rebuild fenced older sessions on it).
+    pub fn rejoin(&self, generation: u64) -> Result<(), ReplicaError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut head = inner.head;
+        head.covers_from = COVERS_NOTHING;
+        if head.rejoin_from == COVERS_NOTHING {
+            head.rejoin_from = generation;
+        }
+        self.write_header(&head)?;
+        inner.head = head;
+        Ok(())
+    }
+
     /// Settle `extents` (every non-clean one with `all`) to `state`. Settling to clean at
     /// `generation` first records that the log covers every member from that generation on
-    /// (durable before any bit is cleared).
+    /// (durable before any bit is cleared); the replica is in sync, so a rejoin is over.
     pub fn settle(
         &self,
         replica: &str,
@@ -255,9 +385,14 @@ impl IntentLog {
     ) -> Result<(), ReplicaError> {
         self.check(replica, extents)?;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if state == WIL_CLEAN && inner.covers_from != generation {
-            self.write_header(generation)?;
-            inner.covers_from = generation;
+        if state == WIL_CLEAN
+            && (inner.head.covers_from != generation || inner.head.rejoin_from != COVERS_NOTHING)
+        {
+            let mut head = inner.head;
+            head.covers_from = generation;
+            head.rejoin_from = COVERS_NOTHING;
+            self.write_header(&head)?;
+            inner.head = head;
         }
         let listed: Vec<u64> = if all {
             (0..self.extents)
@@ -276,7 +411,7 @@ impl IntentLog {
         self.store_pages(&inner, &changed)
     }
 
-    /// `covers_from`, then the states of `count` extents from `first`.
+    /// [`LogFacts`], then the states of `count` extents from `first`.
     pub fn read(&self, replica: &str, first: u64, count: u64) -> Result<Vec<u8>, ReplicaError> {
         if first
             .checked_add(count)
@@ -291,7 +426,12 @@ impl IntentLog {
             ));
         }
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = inner.covers_from.to_le_bytes().to_vec();
+        let facts = LogFacts {
+            covers_from: inner.head.covers_from,
+            cache_intact: inner.head.boot == boot_id(),
+            rejoin_from: inner.head.rejoin_from,
+        };
+        let mut out = facts.encode().to_vec();
         out.extend_from_slice(&inner.states[first as usize..(first + count) as usize]);
         Ok(out)
     }
@@ -310,17 +450,17 @@ mod tests {
 
     fn states(log: &IntentLog) -> (u64, Vec<u8>) {
         let b = log.read("r", 0, log.extents()).unwrap();
-        (u64_at(&b, 0), b[8..].to_vec())
+        (u64_at(&b, 0), b[READ_HEADER_BYTES..].to_vec())
     }
 
     #[test]
     fn marks_and_settles_survive_a_reopen() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r").unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
         assert_eq!(states(&log).0, COVERS_NOTHING);
         log.mark("r", &[0, 5, PAGE_STATES as u64 + 1]).unwrap();
         log.settle("r", &[5], false, WIL_CHANGED, 7).unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r").unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, COVERS_NOTHING, "settling to changed covers nothing");
         assert_eq!(s[0], WIL_DIRTY);
@@ -328,7 +468,7 @@ mod tests {
         assert_eq!(s[PAGE_STATES + 1], WIL_DIRTY);
         assert_eq!(s.iter().filter(|x| **x != WIL_CLEAN).count(), 3);
         log.settle("r", &[], true, WIL_CLEAN, 9).unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r").unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, 9);
         assert!(s.iter().all(|x| *x == WIL_CLEAN));
@@ -337,7 +477,7 @@ mod tests {
     #[test]
     fn a_damaged_page_or_header_reads_as_dirty_never_clean() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r").unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
         log.mark("r", &[1, PAGE_STATES as u64 + 2]).unwrap();
         log.settle("r", &[1], false, WIL_CLEAN, 4).unwrap();
         drop(log);
@@ -348,7 +488,7 @@ mod tests {
             .unwrap();
         f.write_all_at(&[0xff; 100], (PAGE_BYTES * 2 + 2000) as u64)
             .unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r").unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, 4);
         assert_eq!(s[1], WIL_CLEAN, "page 0 is sound");
@@ -358,16 +498,43 @@ mod tests {
         assert!(s[2 * PAGE_STATES..].iter().all(|x| *x == WIL_CLEAN));
         drop(log);
         f.write_all_at(&[0x55; 4], 30).unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r").unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, COVERS_NOTHING);
         assert!(s.iter().all(|x| *x == WIL_DIRTY));
+        // Rewritten at once: the next open finds it sound, still all dirty.
+        drop(log);
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        assert!(states(&log).1.iter().all(|x| *x == WIL_DIRTY));
+    }
+
+    #[test]
+    fn an_existing_replica_without_a_log_is_all_dirty_and_a_rejoin_keeps_its_first_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", false).unwrap();
+        let (covers, s) = states(&log);
+        assert_eq!(covers, COVERS_NOTHING);
+        assert!(s.iter().all(|x| *x == WIL_DIRTY));
+        let facts = |log: &IntentLog| LogFacts::decode(&log.read("r", 0, 0).unwrap()).unwrap();
+        log.mark("r", &[0]).unwrap();
+        assert!(facts(&log).cache_intact, "marked in this boot");
+        log.rejoin(5).unwrap();
+        log.rejoin(6).unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        assert_eq!(
+            facts(&log).rejoin_from,
+            5,
+            "the first rejoin's generation is kept"
+        );
+        log.settle("r", &[], false, WIL_CLEAN, 8).unwrap();
+        assert_eq!(facts(&log).rejoin_from, COVERS_NOTHING);
+        assert_eq!(facts(&log).covers_from, 8);
     }
 
     #[test]
     fn extents_past_the_volume_are_refused_and_change_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r").unwrap();
+        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
         let n = log.extents();
         let err = log.mark("r", &[0, n]).unwrap_err();
         assert!(err.to_string().contains("past the volume"), "{err}");

@@ -9,13 +9,22 @@
 //!   every member is flushed, and they become clean (every member of the volume RW) or changed
 //!   (one is away: the extents it must catch up on). Settling to clean records the generation
 //!   from which the log covers every member (`covers_from`).
-//! - **Resync at start.** Before an engine serves, the extents any RW member has dirty are
-//!   copied from one member to the others (the local one if RW: every RW member has the same
-//!   generation, so any is a valid choice). A block that fails its checksum there was torn by
-//!   the crash (it is in a dirty extent): the source takes its data file content and rewrites
-//!   its checksum (`FLAG_ADOPT_TORN`), so it reads its old or new content, never EIO.
+//!   Settles go to RW members only: a rebuilding member's log must not claim to cover anyone.
+//! - **A request that did not complete** (an error, or its future dropped when a client went
+//!   away) may have reached some members and not others. Its extents become *suspect*: never
+//!   settled until the next tick has resynced them online (piece by piece, under the range lock)
+//!   from one RW member to the others.
+//! - **Resync at start.** Before an engine serves, the extents any RW member has dirty are made
+//!   identical on every RW member from one source: one whose machine did not reboot since its
+//!   last mark (its page cache still holds every write it took), the local one first. A block
+//!   that fails its checksum on the source is taken from another member with a valid copy (the
+//!   others get it too); only when no member has one is it a write torn everywhere, and the
+//!   member that has the extent dirty in its own log takes its data file content and rewrites
+//!   its checksum (`FLAG_ADOPT_TORN`): it reads its old or new content, never EIO.
 //! - **Delta rejoin.** A returning member copies only the non-clean extents of a member whose
-//!   log covers it (`covers_from <= its generation`); see `rebuild.rs`.
+//!   log covers it (`covers_from <= ` the generation it had when it first rejoined); see
+//!   `rebuild.rs`. When the engine starts above the freshest member it reached (a salvage chose
+//!   an older replica), no log covers the replicas left out: they are marked covering nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,8 +38,12 @@ use zebu_proto::data::{
     WIL_EXTENT_BYTES,
 };
 
-use super::{copy_calls, flush_timeout, Engine, EngineError, Member, Mode, Via};
-use crate::client::Call;
+use zebu_replica::wil::{LogFacts, COVERS_NOTHING, READ_HEADER_BYTES};
+
+use super::{
+    copy_calls, flush_timeout, is_damage, is_stale, Engine, EngineError, Member, Mode, Via,
+};
+use crate::client::{Call, ClientError};
 
 /// Hot extents kept at most (4 GiB of volume): what a crash can leave to resync.
 pub(super) const HOT_LIMIT: usize = 1024;
@@ -42,8 +55,13 @@ const READ_CHUNK: u64 = 1 << 20;
 const RESYNC_PIECE: u64 = 1 << 20;
 
 enum Hot {
-    /// Marked on every member; `inflight` writes are in it now.
-    Ready { inflight: u32, idle_since: Instant },
+    /// Marked on every member; `inflight` writes are in it now; `suspect`: a request in it did
+    /// not complete, so the members may differ there.
+    Ready {
+        inflight: u32,
+        idle_since: Instant,
+        suspect: bool,
+    },
     /// Being marked or settled: wait for the value to turn true, then look again.
     Busy(watch::Receiver<bool>),
 }
@@ -67,10 +85,18 @@ impl Intents {
     }
 }
 
-/// Held by a request while it writes into its extents.
+/// Held by a request while it writes into its extents; [`InFlight::complete`] once every
+/// member in the set took it.
 pub(super) struct InFlight<'a> {
     intents: &'a Intents,
     extents: Vec<u64>,
+    completed: bool,
+}
+
+impl InFlight<'_> {
+    pub(super) fn complete(mut self) {
+        self.completed = true;
+    }
 }
 
 impl Drop for InFlight<'_> {
@@ -81,10 +107,12 @@ impl Drop for InFlight<'_> {
             if let Some(Hot::Ready {
                 inflight,
                 idle_since,
+                suspect,
             }) = hot.get_mut(e)
             {
                 *inflight = inflight.saturating_sub(1);
                 *idle_since = now;
+                *suspect |= !self.completed;
             }
         }
     }
@@ -109,6 +137,7 @@ impl Owned<'_> {
                     Hot::Ready {
                         inflight: 1,
                         idle_since: Instant::now(),
+                        suspect: false,
                     },
                 );
             } else {
@@ -132,21 +161,32 @@ impl Drop for Owned<'_> {
     }
 }
 
-fn extent_call(op: Op, flags: u8, offset: u64, extents: &[u64]) -> Call {
-    let payload = Bytes::from(data::encode_extents(extents));
-    Call {
-        op,
-        flags,
-        offset,
-        length: payload.len() as u32,
-        payload: Some(payload),
-        payload_crc: None,
+/// Extents sent in one WIL_MARK or WIL_SETTLE (8 MiB of payload).
+const EXTENTS_PER_CALL: usize = 1 << 20;
+
+/// WIL_MARK or WIL_SETTLE calls for `extents`, in pieces the protocol takes (one, empty, for
+/// an empty list).
+pub(super) fn extent_calls(op: Op, flags: u8, offset: u64, extents: &[u64]) -> Vec<Call> {
+    let call = |list: &[u64]| {
+        let payload = Bytes::from(data::encode_extents(list));
+        Call {
+            op,
+            flags,
+            offset,
+            length: payload.len() as u32,
+            payload: Some(payload),
+            payload_crc: None,
+        }
+    };
+    if extents.is_empty() {
+        return vec![call(&[])];
     }
+    extents.chunks(EXTENTS_PER_CALL).map(call).collect()
 }
 
-/// A member's log: `covers_from` and one state per extent.
+/// A member's log.
 pub(super) struct Log {
-    pub covers_from: u64,
+    pub facts: LogFacts,
     pub states: Vec<u8>,
 }
 
@@ -207,6 +247,7 @@ impl Engine {
             let mut guard = InFlight {
                 intents: &self.intents,
                 extents: others,
+                completed: false,
             };
             if mine.is_empty() {
                 return Ok(guard);
@@ -216,10 +257,15 @@ impl Engine {
                 extents: mine.clone(),
                 done: tx,
             };
-            let call = extent_call(Op::WilMark, 0, 0, &mine);
-            let res = self
-                .replicate(via, call, flush_timeout(self.io_timeout))
-                .await;
+            let mut res = Ok(());
+            for call in extent_calls(Op::WilMark, 0, 0, &mine) {
+                res = self
+                    .replicate(via, call, flush_timeout(self.io_timeout))
+                    .await;
+                if res.is_err() {
+                    break;
+                }
+            }
             owned.finish(res.is_ok());
             res?;
             guard.extents.extend(mine);
@@ -227,11 +273,66 @@ impl Engine {
         }
     }
 
+    /// Send `calls` to every RW member (only those: see the module docs), retiring members
+    /// that fail. Fails if none took them.
+    async fn call_rw(&self, calls: Vec<Call>) -> Result<(), EngineError> {
+        let t = flush_timeout(self.io_timeout);
+        for call in calls {
+            let set: Vec<Arc<Member>> = self
+                .all()
+                .iter()
+                .filter(|m| m.mode() == Mode::Rw)
+                .cloned()
+                .collect();
+            let results = join_all(set.iter().map(|m| m.client().call(call.clone(), t))).await;
+            let mut failed = Vec::new();
+            for (m, r) in set.iter().zip(results) {
+                match r {
+                    Ok(_) => {}
+                    Err(e) if is_stale(&e) => return Err(self.fenced(&e)),
+                    Err(e) => failed.push((m.clone(), format!("its write-intent log: {e}"))),
+                }
+            }
+            if !failed.is_empty() {
+                self.retire(&failed).await;
+            }
+            if failed.len() == set.len() {
+                return Err(self.no_replicas());
+            }
+        }
+        Ok(())
+    }
+
     /// Settle hot extents (see the module docs): those idle long enough and the oldest beyond
-    /// the limit, or with `all` every idle one (a clean stop). The caller has entered the
-    /// engine (or holds it exclusively). A failure leaves them marked on the members: more to
-    /// resync later, never less.
+    /// the limit, or with `all` every idle one (a clean stop). Suspect ones are resynced first.
+    /// The caller has entered the engine (or holds it exclusively). A failure leaves them
+    /// marked on the members: more to resync later, never less.
     pub(super) async fn settle_intents(&self, all: bool) {
+        let suspects: Vec<u64> = {
+            let hot = self.intents.lock();
+            hot.iter()
+                .filter(|(_, h)| {
+                    matches!(
+                        h,
+                        Hot::Ready {
+                            inflight: 0,
+                            suspect: true,
+                            ..
+                        }
+                    )
+                })
+                .map(|(e, _)| *e)
+                .collect()
+        };
+        for e in suspects {
+            if let Err(why) = self.resync_online(e).await {
+                tracing::warn!(volume = %self.volume, extent = e, "resyncing an extent a failed request left: {why}");
+                return;
+            }
+            if let Some(Hot::Ready { suspect, .. }) = self.intents.lock().get_mut(&e) {
+                *suspect = false;
+            }
+        }
         let (tx, rx) = watch::channel(false);
         let picked: Vec<u64> = {
             let mut hot = self.intents.lock();
@@ -241,6 +342,7 @@ impl Engine {
                     Hot::Ready {
                         inflight: 0,
                         idle_since,
+                        suspect: false,
                     } => Some((*idle_since, *e)),
                     _ => None,
                 })
@@ -281,9 +383,31 @@ impl Engine {
         } else {
             (FLAG_WIL_CHANGED, 0)
         };
-        let call = extent_call(Op::WilSettle, flags, generation, &picked);
-        let _ = self.replicate(&[], call, t).await;
+        let _ = self
+            .call_rw(extent_calls(Op::WilSettle, flags, generation, &picked))
+            .await;
         drop(owned);
+    }
+
+    /// Make extent `e` identical on every RW member while the engine serves, piece by piece
+    /// under the range lock (no write to a piece runs meanwhile).
+    async fn resync_online(&self, e: u64) -> Result<(), String> {
+        let start = e * WIL_EXTENT_BYTES;
+        let end = (start + WIL_EXTENT_BYTES).min(self.size_bytes);
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(RESYNC_PIECE);
+            let _piece = self.ranges.lock(at, at + n).await;
+            let Some(source) = self.read_order().into_iter().next() else {
+                return Err("no member is in sync".into());
+            };
+            if let Err(why) = self.resync_piece(&source, at, n as u32, &[]).await {
+                self.retire(&[(source.clone(), why.clone())]).await;
+                return Err(why);
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     /// The keepalive's turn at settling (while the engine serves).
@@ -297,7 +421,7 @@ impl Engine {
     pub(super) async fn read_log(&self, m: &Member) -> Result<Log, String> {
         let n = self.extents();
         let mut states = Vec::with_capacity(n as usize);
-        let mut covers_from = 0;
+        let mut facts = None;
         let mut at = 0;
         while at < n {
             let count = (n - at).min(READ_CHUNK);
@@ -306,25 +430,32 @@ impl Engine {
                 .call(Call::new(Op::WilRead, at, count as u32), self.io_timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            if b.len() as u64 != 8 + count {
+            if b.len() as u64 != READ_HEADER_BYTES as u64 + count {
                 return Err(format!(
                     "replica {}: a write-intent log read of {count} extents returned {} bytes",
                     m.name,
                     b.len()
                 ));
             }
-            covers_from = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-            states.extend_from_slice(&b[8..]);
+            facts = LogFacts::decode(&b);
+            states.extend_from_slice(&b[READ_HEADER_BYTES..]);
             at += count;
         }
-        Ok(Log {
-            covers_from,
-            states,
-        })
+        let facts = match facts {
+            Some(f) => f,
+            // A volume of no extents cannot exist, but say what the log is if it did.
+            None => LogFacts {
+                covers_from: COVERS_NOTHING,
+                cache_intact: false,
+                rejoin_from: COVERS_NOTHING,
+            },
+        };
+        Ok(Log { facts, states })
     }
 
-    /// Step "resync at start" of the module docs. Returns how many extents were resynced.
-    pub(super) async fn resync(&self) -> Result<u64, EngineError> {
+    /// Step "resync at start" of the module docs. `floor_above`: the engine started above the
+    /// freshest member it reached. Returns how many extents were resynced.
+    pub(super) async fn resync(&self, floor_above: bool) -> Result<u64, EngineError> {
         let rw: Vec<Arc<Member>> = self
             .all()
             .iter()
@@ -334,12 +465,14 @@ impl Engine {
         let logs = join_all(rw.iter().map(|m| self.read_log(m))).await;
         let mut dirty = vec![false; self.extents() as usize];
         let mut failed = Vec::new();
+        let mut logs_ok: Vec<(Arc<Member>, Log)> = Vec::new();
         for (m, log) in rw.iter().zip(logs) {
             match log {
                 Ok(log) => {
                     for (d, s) in dirty.iter_mut().zip(&log.states) {
                         *d |= *s == WIL_DIRTY;
                     }
+                    logs_ok.push((m.clone(), log));
                 }
                 Err(e) => failed.push((m.clone(), format!("reading its write-intent log: {e}"))),
             }
@@ -347,26 +480,47 @@ impl Engine {
         if !failed.is_empty() {
             self.retire(&failed).await;
         }
-        let dirty: Vec<u64> = (0..self.extents()).filter(|e| dirty[*e as usize]).collect();
         let t = flush_timeout(self.io_timeout);
+        if floor_above {
+            // A fresher replica than any here exists: no log here covers it (nor any replica
+            // left out), whatever they said before.
+            self.call_rw(extent_calls(Op::WilSettle, 0, COVERS_NOTHING, &[]))
+                .await?;
+        }
+        let dirty: Vec<u64> = (0..self.extents()).filter(|e| dirty[*e as usize]).collect();
         if !dirty.is_empty() {
             tracing::info!(volume = %self.volume, extents = dirty.len(), "an unclean stop left extents that may differ between replicas: resyncing them before serving");
             'sources: loop {
-                let mut order = self.read_order();
-                if let Some(i) = order.iter().position(|m| m.local) {
-                    let l = order.remove(i);
-                    order.insert(0, l);
-                }
-                let Some(source) = order.first().cloned() else {
+                // Sources whose page cache is intact first (their machine did not reboot), the
+                // local one first among equals.
+                let mut order: Vec<(Arc<Member>, bool)> = self
+                    .read_order()
+                    .into_iter()
+                    .map(|m| {
+                        let intact = logs_ok
+                            .iter()
+                            .any(|(l, log)| l.index == m.index && log.facts.cache_intact);
+                        (m, intact)
+                    })
+                    .collect();
+                order.sort_by_key(|(m, intact)| (!intact, !m.local));
+                let Some((source, _)) = order.first().cloned() else {
                     return Err(self.no_replicas());
                 };
                 for e in &dirty {
+                    // Members that have this extent dirty in their own log: only they may hold
+                    // a torn write there.
+                    let torn_ok: Vec<usize> = logs_ok
+                        .iter()
+                        .filter(|(_, log)| log.states[*e as usize] == WIL_DIRTY)
+                        .map(|(m, _)| m.index)
+                        .collect();
                     let start = e * WIL_EXTENT_BYTES;
                     let end = (start + WIL_EXTENT_BYTES).min(self.size_bytes);
                     let mut at = start;
                     while at < end {
                         let n = (end - at).min(RESYNC_PIECE);
-                        if let Err(why) = self.resync_piece(&source, at, n as u32).await {
+                        if let Err(why) = self.resync_piece(&source, at, n as u32, &torn_ok).await {
                             self.retire(&[(source.clone(), why)]).await;
                             continue 'sources;
                         }
@@ -379,18 +533,30 @@ impl Engine {
         self.replicate(&[], Call::new(Op::Flush, 0, 0), t).await?;
         if self.all_present() {
             // Every member is here and identical: the log starts clean, covering from now.
-            let call = extent_call(Op::WilSettle, FLAG_WIL_ALL, self.generation(), &[]);
-            self.replicate(&[], call, t).await?;
+            self.call_rw(extent_calls(
+                Op::WilSettle,
+                FLAG_WIL_ALL,
+                self.generation(),
+                &[],
+            ))
+            .await?;
         } else if !dirty.is_empty() {
-            let call = extent_call(Op::WilSettle, FLAG_WIL_CHANGED, 0, &dirty);
-            self.replicate(&[], call, t).await?;
+            self.call_rw(extent_calls(Op::WilSettle, FLAG_WIL_CHANGED, 0, &dirty))
+                .await?;
         }
         Ok(dirty.len() as u64)
     }
 
-    /// Make `[at, +len)` of every other RW member what it is on `source`. A target that fails
-    /// is retired; a source that fails is reported (the caller picks another).
-    async fn resync_piece(&self, source: &Member, at: u64, len: u32) -> Result<(), String> {
+    /// Make `[at, +len)` of every other RW member what it is on `source` (see the module
+    /// docs; `torn_ok`: the members that may take a torn block's data file content). A target
+    /// that fails is retired; a source that fails is reported (the caller picks another).
+    async fn resync_piece(
+        &self,
+        source: &Member,
+        at: u64,
+        len: u32,
+        torn_ok: &[usize],
+    ) -> Result<(), String> {
         let t = self.io_timeout;
         let src = source.client();
         let map = src
@@ -398,45 +564,112 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?;
         let extents = data::decode_map(&map).map_err(|e| e.to_string())?;
-        let targets: Vec<Arc<Member>> = self
-            .all()
-            .iter()
-            .filter(|m| m.mode() == Mode::Rw && m.index != source.index)
-            .cloned()
-            .collect();
         let mut off = at;
         for x in extents {
-            let calls = if x.flags & EXTENT_HOLE != 0 {
-                vec![Call::new(Op::WriteZeroes, off, x.length)]
+            if x.flags & EXTENT_HOLE != 0 {
+                self.put_others(source.index, &[Call::new(Op::WriteZeroes, off, x.length)])
+                    .await;
             } else {
-                let mut read = Call::new(Op::Read, off, x.length);
-                read.flags = FLAG_ADOPT_TORN;
-                let good = src.call(read, t).await.map_err(|e| e.to_string())?;
-                copy_calls(&good, off, self.block_size as usize)
-            };
-            let results = join_all(targets.iter().map(|m| {
-                let calls = calls.clone();
-                async move {
-                    for c in calls {
-                        m.client().call(c, t).await?;
+                match src.call(Call::new(Op::Read, off, x.length), t).await {
+                    Ok(good) => {
+                        let calls = copy_calls(&good, off, self.block_size as usize);
+                        self.put_others(source.index, &calls).await;
                     }
-                    Ok::<(), crate::client::ClientError>(())
+                    Err(e) if is_damage(&e) => {
+                        self.resync_blocks(source, off, x.length, torn_ok).await?;
+                    }
+                    Err(e) => return Err(e.to_string()),
                 }
-            }))
-            .await;
-            let failed: Vec<(Arc<Member>, String)> = targets
-                .iter()
-                .zip(results)
-                .filter_map(|(m, r)| {
-                    r.err()
-                        .map(|e| (m.clone(), format!("resyncing it after a crash: {e}")))
-                })
-                .collect();
-            if !failed.is_empty() {
-                self.retire(&failed).await;
             }
             off += u64::from(x.length);
         }
         Ok(())
+    }
+
+    /// Block by block, for a range the source failed to read cleanly: each block from the
+    /// first member with a valid copy (the source first), sent to every other RW member; a
+    /// block no member holds validly is adopted (data file content) by the first member in
+    /// `torn_ok` and sent from there.
+    async fn resync_blocks(
+        &self,
+        source: &Member,
+        at: u64,
+        len: u32,
+        torn_ok: &[usize],
+    ) -> Result<(), String> {
+        let t = self.io_timeout;
+        let bs = self.block_size;
+        let end = at + u64::from(len);
+        let mut b = at;
+        while b < end {
+            let mut order: Vec<Arc<Member>> = self.read_order();
+            if let Some(i) = order.iter().position(|m| m.index == source.index) {
+                let s = order.remove(i);
+                order.insert(0, s);
+            }
+            let mut found = None;
+            for m in &order {
+                match m.client().call(Call::new(Op::Read, b, bs as u32), t).await {
+                    Ok(d) => {
+                        found = Some((m.index, d));
+                        break;
+                    }
+                    Err(e) if is_damage(&e) => continue,
+                    Err(e) if m.index == source.index => return Err(e.to_string()),
+                    Err(e) => {
+                        self.retire(&[(m.clone(), format!("resyncing it after a crash: {e}"))])
+                            .await
+                    }
+                }
+            }
+            if found.is_none() {
+                for m in order.iter().filter(|m| torn_ok.contains(&m.index)) {
+                    let mut read = Call::new(Op::Read, b, bs as u32);
+                    read.flags = FLAG_ADOPT_TORN;
+                    if let Ok(d) = m.client().call(read, t).await {
+                        tracing::warn!(volume = %self.volume, replica = %m.name, offset = b, "a block torn on every replica takes the data file content of one that had its extent marked");
+                        found = Some((m.index, d));
+                        break;
+                    }
+                }
+            }
+            match found {
+                Some((from, d)) => {
+                    let calls = copy_calls(&d, b, bs as usize);
+                    self.put_others(from, &calls).await;
+                }
+                None => {
+                    tracing::error!(volume = %self.volume, offset = b, "a block fails its checksum on every replica and none had its extent marked: it is damaged, not torn, and stays an error");
+                }
+            }
+            b += bs;
+        }
+        Ok(())
+    }
+
+    /// Send `calls` to every RW member but `except` (an index), retiring those that fail.
+    async fn put_others(&self, except: usize, calls: &[Call]) {
+        let t = self.io_timeout;
+        let targets: Vec<Arc<Member>> = self
+            .all()
+            .iter()
+            .filter(|m| m.mode() == Mode::Rw && m.index != except)
+            .cloned()
+            .collect();
+        let results = join_all(targets.iter().map(|m| async move {
+            for c in calls {
+                m.client().call(c.clone(), t).await?;
+            }
+            Ok::<(), ClientError>(())
+        }))
+        .await;
+        let failed: Vec<(Arc<Member>, String)> = targets
+            .iter()
+            .zip(results)
+            .filter_map(|(m, r)| r.err().map(|e| (m.clone(), format!("resyncing it: {e}"))))
+            .collect();
+        if !failed.is_empty() {
+            self.retire(&failed).await;
+        }
     }
 }

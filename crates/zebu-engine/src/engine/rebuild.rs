@@ -23,7 +23,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zebu_proto::data::{self, Op, EXTENT_HOLE, WIL_CLEAN, WIL_EXTENT_BYTES};
+use zebu_proto::data::{self, Op, EXTENT_HOLE, FLAG_WIL_REJOIN, WIL_CLEAN, WIL_EXTENT_BYTES};
+use zebu_replica::wil::LogFacts;
+
+use super::intents::extent_calls;
 
 use super::{copy_calls, flush_timeout, Engine, EngineError, Member, Mode, ReplicaTarget};
 use crate::backend::Backend;
@@ -121,6 +124,24 @@ impl Engine {
         let info = data::ReplicaInfo::decode(&info)
             .map_err(|e| self.rebuild_err(format!("bad INFO reply: {e}")))?;
         let fresh = info.allocated_bytes == 0;
+        // Its log covers nothing while it is rebuilt, and keeps the generation it had when it
+        // first rejoined: the fence below raises its generation, which says nothing of its data.
+        let mut rejoin = Call::new(Op::WilSettle, opened.generation, 0);
+        rejoin.flags = FLAG_WIL_REJOIN;
+        rejoin.payload = Some(bytes::Bytes::new());
+        let facts = async {
+            backend.call(rejoin, flush_timeout(self.io_timeout)).await?;
+            backend
+                .call(Call::new(Op::WilRead, 0, 0), self.io_timeout)
+                .await
+        }
+        .await
+        .map_err(|e| {
+            self.rebuild_err(format!("recording the rejoin in its write-intent log: {e}"))
+        })?;
+        let left_at = LogFacts::decode(&facts)
+            .map(|f| f.rejoin_from)
+            .ok_or_else(|| self.rebuild_err("a short write-intent log reply".into()))?;
         let member = {
             let _m = self.membership.lock().await;
             // Again under the lock: two rebuilds of one replica never both join.
@@ -187,7 +208,7 @@ impl Engine {
             self.changes.send_modify(|v| *v += 1);
             member
         };
-        let plan = match self.plan(&member, fresh, opened.generation).await {
+        let plan = match self.plan(&member, fresh, left_at).await {
             Ok(p) => p,
             Err(e) => {
                 self.mark_err(&member, &format!("its rebuild failed: {e}"));
@@ -224,16 +245,10 @@ impl Engine {
         target_generation: u64,
     ) -> Result<Plan, EngineError> {
         let hot = self.intents.snapshot();
-        if !hot.is_empty() {
-            let payload = bytes::Bytes::from(data::encode_extents(&hot));
-            let call = Call {
-                op: Op::WilMark,
-                flags: 0,
-                offset: 0,
-                length: payload.len() as u32,
-                payload: Some(payload),
-                payload_crc: None,
-            };
+        for call in extent_calls(Op::WilMark, 0, 0, &hot)
+            .into_iter()
+            .filter(|_| !hot.is_empty())
+        {
             target
                 .client()
                 .call(call, flush_timeout(self.io_timeout))
@@ -249,7 +264,7 @@ impl Engine {
         }
         for m in self.read_order() {
             match self.read_log(&m).await {
-                Ok(log) if log.covers_from <= target_generation => {
+                Ok(log) if log.facts.covers_from <= target_generation => {
                     let ranges = log
                         .states
                         .iter()
@@ -266,7 +281,7 @@ impl Engine {
                     });
                 }
                 Ok(log) => {
-                    tracing::info!(volume = %self.volume, replica = %target.name, source = %m.name, covers_from = log.covers_from, target_generation, "the source's write-intent log does not cover the returning replica (it was cleared since it left): copying the whole volume")
+                    tracing::info!(volume = %self.volume, replica = %target.name, source = %m.name, covers_from = log.facts.covers_from, target_generation, "the source's write-intent log does not cover the returning replica (it was cleared since it left): copying the whole volume")
                 }
                 Err(e) => {
                     tracing::warn!(volume = %self.volume, source = %m.name, "reading the write-intent log: {e}")
@@ -357,21 +372,16 @@ impl Engine {
             );
         }
         // Its log covers every change from now on (it had them all marked since it joined).
-        let payload = bytes::Bytes::new();
-        let call = Call {
-            op: Op::WilSettle,
-            flags: 0,
-            offset: self.generation(),
-            length: 0,
-            payload: Some(payload),
-            payload_crc: None,
-        };
+        let mut settle = Call::new(Op::WilSettle, self.generation(), 0);
+        settle.payload = Some(bytes::Bytes::new());
         if let Err(e) = target
             .client()
-            .call(call, flush_timeout(self.io_timeout))
+            .call(settle, flush_timeout(self.io_timeout))
             .await
         {
-            tracing::warn!(volume = %self.volume, replica = %target.name, "recording where its write-intent log starts: {e}");
+            let why = format!("recording where its write-intent log starts: {e}");
+            self.retire(&[(target.clone(), why.clone())]).await;
+            return Err(self.rebuild_err(why));
         }
         self.changes.send_modify(|v| *v += 1);
         Ok(copied)
