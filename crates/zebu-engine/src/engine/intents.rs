@@ -67,21 +67,49 @@ enum Hot {
 }
 
 /// The hot extents of an engine.
-#[derive(Default)]
+/// The hot set is split by extent number, so writers of different extents never share a lock.
+const SHARDS: usize = 64;
+
+/// The hot extents of an engine.
 pub(super) struct Intents {
-    hot: Mutex<HashMap<u64, Hot>>,
+    shards: Box<[Mutex<HashMap<u64, Hot>>]>,
 }
 
+impl Default for Intents {
+    fn default() -> Intents {
+        Intents {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+type Shard<'a> = std::sync::MutexGuard<'a, HashMap<u64, Hot>>;
+
 impl Intents {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Hot>> {
-        self.hot.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, e: u64) -> Shard<'_> {
+        self.shards[(e % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shards(&self) -> impl Iterator<Item = Shard<'_>> {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Extents hot or being marked now (a member joining gets them marked too).
     pub(super) fn snapshot(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.lock().keys().copied().collect();
+        let mut v: Vec<u64> = self
+            .shards()
+            .flat_map(|s| s.keys().copied().collect::<Vec<_>>())
+            .collect();
         v.sort_unstable();
         v
+    }
+
+    fn len(&self) -> usize {
+        self.shards().map(|s| s.len()).sum()
     }
 }
 
@@ -89,6 +117,9 @@ impl Intents {
 /// member in the set took it.
 pub(super) struct InFlight<'a> {
     intents: &'a Intents,
+    /// The extents it counts in: `first..=last` (fast path), plus `extents` (slow path).
+    first: u64,
+    last: u64,
     extents: Vec<u64>,
     completed: bool,
 }
@@ -101,19 +132,25 @@ impl InFlight<'_> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut hot = self.intents.lock();
         let now = Instant::now();
-        for e in &self.extents {
+        let leave = |e: u64| {
             if let Some(Hot::Ready {
                 inflight,
                 idle_since,
                 suspect,
-            }) = hot.get_mut(e)
+            }) = self.intents.shard(e).get_mut(&e)
             {
                 *inflight = inflight.saturating_sub(1);
                 *idle_since = now;
                 *suspect |= !self.completed;
             }
+        };
+        // An empty range when first > last.
+        for e in self.first..=self.last {
+            leave(e);
+        }
+        for e in &self.extents {
+            leave(*e);
         }
     }
 }
@@ -129,8 +166,8 @@ struct Owned<'a> {
 
 impl Owned<'_> {
     fn finish(mut self, ready: bool) {
-        let mut hot = self.intents.lock();
         for e in std::mem::take(&mut self.extents) {
+            let mut hot = self.intents.shard(e);
             if ready {
                 hot.insert(
                     e,
@@ -144,18 +181,14 @@ impl Owned<'_> {
                 hot.remove(&e);
             }
         }
-        drop(hot);
         let _ = self.done.send(true);
     }
 }
 
 impl Drop for Owned<'_> {
     fn drop(&mut self) {
-        if !self.extents.is_empty() {
-            let mut hot = self.intents.lock();
-            for e in &self.extents {
-                hot.remove(e);
-            }
+        for e in &self.extents {
+            self.intents.shard(*e).remove(e);
         }
         let _ = self.done.send(true);
     }
@@ -210,67 +243,117 @@ impl Engine {
         offset: u64,
         length: u64,
     ) -> Result<InFlight<'_>, EngineError> {
+        match self.intend_hot(offset, length) {
+            Some(g) => Ok(g),
+            // Boxed: the marking path is rare, and the request's future stays small without it.
+            None => Box::pin(self.intend_slow(via, offset, length)).await,
+        }
+    }
+
+    /// The fast path: every extent is hot already. Counts the request in all of them, or in none
+    /// (and returns None) if one is not.
+    fn intend_hot(&self, offset: u64, length: u64) -> Option<InFlight<'_>> {
         let first = offset / WIL_EXTENT_BYTES;
         let last = (offset + length.max(1) - 1) / WIL_EXTENT_BYTES;
-        loop {
-            let (tx, rx) = watch::channel(false);
-            let mut wait = None;
-            let mut mine = Vec::new();
-            let mut others = Vec::new();
-            {
-                let mut hot = self.intents.lock();
-                for e in first..=last {
-                    if let Some(Hot::Busy(r)) = hot.get(&e) {
-                        wait = Some(r.clone());
-                        break;
+        for e in first..=last {
+            let mut hot = self.intents.shard(e);
+            match hot.get_mut(&e) {
+                Some(Hot::Ready { inflight, .. }) => *inflight += 1,
+                _ => {
+                    drop(hot);
+                    // Undo the counts taken so far (nothing was written: not suspect).
+                    if e > first {
+                        drop(InFlight {
+                            intents: &self.intents,
+                            first,
+                            last: e - 1,
+                            extents: Vec::new(),
+                            completed: true,
+                        });
                     }
+                    return None;
                 }
-                if wait.is_none() {
-                    for e in first..=last {
-                        match hot.get_mut(&e) {
-                            Some(Hot::Ready { inflight, .. }) => {
-                                *inflight += 1;
-                                others.push(e);
-                            }
-                            _ => {
-                                hot.insert(e, Hot::Busy(rx.clone()));
-                                mine.push(e);
-                            }
+            }
+        }
+        Some(InFlight {
+            intents: &self.intents,
+            first,
+            last,
+            extents: Vec::new(),
+            completed: false,
+        })
+    }
+
+    async fn intend_slow(
+        &self,
+        via: Via<'_>,
+        offset: u64,
+        length: u64,
+    ) -> Result<InFlight<'_>, EngineError> {
+        let first = offset / WIL_EXTENT_BYTES;
+        let last = (offset + length.max(1) - 1) / WIL_EXTENT_BYTES;
+        let (tx, rx) = watch::channel(false);
+        let mut guard = InFlight {
+            intents: &self.intents,
+            first: 1,
+            last: 0,
+            extents: Vec::new(),
+            completed: false,
+        };
+        let mut owned = Owned {
+            intents: &self.intents,
+            extents: Vec::new(),
+            done: tx,
+        };
+        // In ascending order, one extent at a time: a request waits only for extents above
+        // those it holds, so two requests never wait for each other.
+        for e in first..=last {
+            loop {
+                let wait = {
+                    let mut hot = self.intents.shard(e);
+                    match hot.get_mut(&e) {
+                        Some(Hot::Ready { inflight, .. }) => {
+                            *inflight += 1;
+                            guard.extents.push(e);
+                            None
+                        }
+                        Some(Hot::Busy(r)) => Some(r.clone()),
+                        None => {
+                            hot.insert(e, Hot::Busy(rx.clone()));
+                            owned.extents.push(e);
+                            None
                         }
                     }
+                };
+                match wait {
+                    Some(mut r) => {
+                        let _ = r.wait_for(|done| *done).await;
+                    }
+                    None => break,
                 }
             }
-            if let Some(mut r) = wait {
-                let _ = r.wait_for(|done| *done).await;
-                continue;
-            }
-            let mut guard = InFlight {
-                intents: &self.intents,
-                extents: others,
-                completed: false,
-            };
-            if mine.is_empty() {
-                return Ok(guard);
-            }
-            let owned = Owned {
-                intents: &self.intents,
-                extents: mine.clone(),
-                done: tx,
-            };
-            let mut res = Ok(());
-            for call in extent_calls(Op::WilMark, 0, 0, &mine) {
-                res = self
-                    .replicate(via, call, flush_timeout(self.io_timeout))
-                    .await;
-                if res.is_err() {
-                    break;
-                }
-            }
-            owned.finish(res.is_ok());
-            res?;
-            guard.extents.extend(mine);
+        }
+        if owned.extents.is_empty() {
             return Ok(guard);
         }
+        let mine = owned.extents.clone();
+        let mut res = Ok(());
+        for call in extent_calls(Op::WilMark, 0, 0, &mine) {
+            res = self
+                .replicate(via, call, flush_timeout(self.io_timeout))
+                .await;
+            if res.is_err() {
+                break;
+            }
+        }
+        owned.finish(res.is_ok());
+        if let Err(e) = res {
+            // Nothing was written: the extents it held are no more suspect than before.
+            guard.completed = true;
+            return Err(e);
+        }
+        guard.extents.extend(mine);
+        Ok(guard)
     }
 
     /// Send `calls` to every RW member (only those: see the module docs), retiring members
@@ -308,58 +391,77 @@ impl Engine {
     /// The caller has entered the engine (or holds it exclusively). A failure leaves them
     /// marked on the members: more to resync later, never less.
     pub(super) async fn settle_intents(&self, all: bool) {
-        let suspects: Vec<u64> = {
-            let hot = self.intents.lock();
-            hot.iter()
-                .filter(|(_, h)| {
-                    matches!(
-                        h,
-                        Hot::Ready {
-                            inflight: 0,
-                            suspect: true,
-                            ..
-                        }
-                    )
-                })
-                .map(|(e, _)| *e)
-                .collect()
+        let suspects: Vec<u64> = self
+            .intents
+            .shards()
+            .flat_map(|hot| {
+                hot.iter()
+                    .filter(|(_, h)| {
+                        matches!(
+                            h,
+                            Hot::Ready {
+                                inflight: 0,
+                                suspect: true,
+                                ..
+                            }
+                        )
+                    })
+                    .map(|(e, _)| *e)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let set_suspect = |e: u64, to: bool| {
+            if let Some(Hot::Ready { suspect, .. }) = self.intents.shard(e).get_mut(&e) {
+                *suspect = to;
+            }
         };
         for e in suspects {
+            // Cleared first: a request that fails during the resync marks it again.
+            set_suspect(e, false);
             if let Err(why) = self.resync_online(e).await {
+                set_suspect(e, true);
                 tracing::warn!(volume = %self.volume, extent = e, "resyncing an extent a failed request left: {why}");
                 return;
             }
-            if let Some(Hot::Ready { suspect, .. }) = self.intents.lock().get_mut(&e) {
-                *suspect = false;
-            }
         }
         let (tx, rx) = watch::channel(false);
-        let picked: Vec<u64> = {
-            let mut hot = self.intents.lock();
-            let mut idle: Vec<(Instant, u64)> = hot
-                .iter()
-                .filter_map(|(e, h)| match h {
-                    Hot::Ready {
-                        inflight: 0,
-                        idle_since,
-                        suspect: false,
-                    } => Some((*idle_since, *e)),
-                    _ => None,
-                })
-                .collect();
-            idle.sort_unstable();
-            let over = hot.len().saturating_sub(HOT_LIMIT);
-            let picked: Vec<u64> = idle
-                .iter()
-                .enumerate()
-                .filter(|(i, (t, _))| all || *i < over || t.elapsed() >= SETTLE_IDLE)
-                .map(|(_, (_, e))| *e)
-                .collect();
-            for e in &picked {
-                hot.insert(*e, Hot::Busy(rx.clone()));
+        let mut idle: Vec<(Instant, u64)> = self
+            .intents
+            .shards()
+            .flat_map(|hot| {
+                hot.iter()
+                    .filter_map(|(e, h)| match h {
+                        Hot::Ready {
+                            inflight: 0,
+                            idle_since,
+                            suspect: false,
+                        } => Some((*idle_since, *e)),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        idle.sort_unstable();
+        let over = self.intents.len().saturating_sub(HOT_LIMIT);
+        let mut picked = Vec::new();
+        for (i, (t, e)) in idle.into_iter().enumerate() {
+            if !(all || i < over || t.elapsed() >= SETTLE_IDLE) {
+                continue;
             }
-            picked
-        };
+            // Again under the shard's lock: a request may have entered it since.
+            let mut hot = self.intents.shard(e);
+            if matches!(
+                hot.get(&e),
+                Some(Hot::Ready {
+                    inflight: 0,
+                    suspect: false,
+                    ..
+                })
+            ) {
+                hot.insert(e, Hot::Busy(rx.clone()));
+                picked.push(e);
+            }
+        }
         if picked.is_empty() {
             return;
         }

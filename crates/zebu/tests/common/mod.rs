@@ -320,6 +320,27 @@ pub fn node_index(replica: &Value) -> usize {
     n - 1
 }
 
+/// A 4 KiB random writer on `uri` for up to 60 s that never flushes (writes in flight when
+/// something is killed), with `extra` fio options; its output is discarded.
+pub fn fio_writer(c: &Cluster, uri: &str, extra: &[&str]) -> std::process::Child {
+    Command::new("fio")
+        .current_dir(c.dir.path())
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--time_based",
+            "--runtime=60",
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A verifying fio write workload on `uri` (its output goes to DIR/fio.out; fio keeps its verify
 /// state in its working directory, the cluster's).
 pub fn fio_verify(c: &Cluster, uri: &str, size: &str, rate: &str) -> std::process::Child {
