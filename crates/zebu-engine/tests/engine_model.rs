@@ -1326,3 +1326,122 @@ async fn a_returning_replica_copies_only_what_changed_while_it_was_away() {
     e.shutdown("test").await.unwrap();
     drop(c4);
 }
+
+/// A TCP proxy in front of `target` that parses the engine's request frames and, while `drop`
+/// is set, swallows every WRITE (header and payload) instead of passing it on; every other
+/// frame, and every reply, goes through. A replica that silently lost one write.
+async fn write_dropping_proxy(target: String, drop: Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    use zebu_proto::data::{RequestHeader, HELLO_FIXED_BYTES, REQUEST_HEADER_BYTES};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+            let drop = drop.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                // The Hello: its fixed part says how long the rest is.
+                let mut fixed = [0u8; HELLO_FIXED_BYTES];
+                if cr.read_exact(&mut fixed).await.is_err() {
+                    return;
+                }
+                let rest = zebu_proto::data::Hello::rest_len(&fixed).unwrap();
+                let mut hello = fixed.to_vec();
+                hello.resize(HELLO_FIXED_BYTES + rest, 0);
+                if cr
+                    .read_exact(&mut hello[HELLO_FIXED_BYTES..])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if sw.write_all(&hello).await.is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = [0u8; REQUEST_HEADER_BYTES];
+                    if cr.read_exact(&mut h).await.is_err() {
+                        return;
+                    }
+                    let header = RequestHeader::decode(&h).unwrap();
+                    let mut payload = vec![0u8; header.payload_len()];
+                    if cr.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    if header.op == Op::Write && drop.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    if sw.write_all(&h).await.is_err() || sw.write_all(&payload).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_did_not_complete_is_resynced_before_its_extent_settles() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = cluster(3).await;
+    let dropping = Arc::new(AtomicBool::new(false));
+    let mut targets = c.targets.clone();
+    targets[2].address = write_dropping_proxy(targets[2].address.clone(), dropping.clone()).await;
+    let e = Engine::start(config(targets, SECRET)).await.unwrap();
+    // The extent is hot first, so the next write goes straight to the replicas.
+    e.write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
+    // Replica 2 loses the next write; the client gives up on it (its request is dropped, as
+    // when an NBD client goes away) while replica 2's reply is still awaited.
+    dropping.store(true, Ordering::SeqCst);
+    let write = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            e.write(BS, Bytes::from(vec![2u8; BS as usize]), false)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write.abort();
+    let _ = write.await;
+    dropping.store(false, Ordering::SeqCst);
+    let r: Vec<_> = c.servers.iter().map(|s| s.list()[0].clone()).collect();
+    let block = |r: &Replica| {
+        let mut b = vec![0u8; BS as usize];
+        r.read(BS, &mut b).unwrap();
+        b[0]
+    };
+    assert_eq!(
+        (block(&r[0]), block(&r[2])),
+        (2, 0),
+        "the members differ now"
+    );
+    // The extent is suspect: the next ticks resync it online, and only then settle it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while wil_states(&r[2]) != vec![0] {
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        e.members().iter().all(|m| m.mode == Mode::Rw),
+        "{:?}",
+        e.members()
+    );
+    for x in &r {
+        assert_eq!(
+            block(x),
+            block(&r[0]),
+            "{} differs after its extent settled",
+            x.name()
+        );
+    }
+}
