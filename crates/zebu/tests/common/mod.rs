@@ -320,20 +320,23 @@ pub fn node_index(replica: &Value) -> usize {
     n - 1
 }
 
+/// fio's random writes to `uri`, run in the cluster's directory; the caller adds the rest.
+fn fio_randwrite(c: &Cluster, uri: &str) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.current_dir(c.dir.path()).args([
+        "--name=w".to_owned(),
+        "--ioengine=nbd".to_owned(),
+        format!("--uri={uri}"),
+        "--rw=randwrite".to_owned(),
+    ]);
+    cmd
+}
+
 /// A 4 KiB random writer on `uri` for up to 60 s that never flushes (writes in flight when
 /// something is killed), with `extra` fio options; its output is discarded.
 pub fn fio_writer(c: &Cluster, uri: &str, extra: &[&str]) -> std::process::Child {
-    Command::new("fio")
-        .current_dir(c.dir.path())
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--time_based",
-            "--runtime=60",
-        ])
+    fio_randwrite(c, uri)
+        .args(["--bs=4k", "--time_based", "--runtime=60"])
         .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -344,13 +347,8 @@ pub fn fio_writer(c: &Cluster, uri: &str, extra: &[&str]) -> std::process::Child
 /// A verifying fio write workload on `uri` (its output goes to DIR/fio.out; fio keeps its verify
 /// state in its working directory, the cluster's).
 pub fn fio_verify(c: &Cluster, uri: &str, size: &str, rate: &str) -> std::process::Child {
-    Command::new("fio")
-        .current_dir(c.dir.path())
+    fio_randwrite(c, uri)
         .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
             "--bs=16k",
             &format!("--size={size}"),
             "--iodepth=16",
