@@ -543,15 +543,9 @@ impl Engine {
             states.extend_from_slice(&b[READ_HEADER_BYTES..]);
             at += count;
         }
-        let facts = match facts {
-            Some(f) => f,
-            // A volume of no extents cannot exist, but say what the log is if it did.
-            None => LogFacts {
-                covers_from: COVERS_NOTHING,
-                cache_intact: false,
-                rejoin_from: COVERS_NOTHING,
-            },
-        };
+        // Every volume has at least one extent, so at least one read was made.
+        let facts =
+            facts.ok_or_else(|| format!("replica {}: an empty write-intent log", m.name))?;
         Ok(Log { facts, states })
     }
 

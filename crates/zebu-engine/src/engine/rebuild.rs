@@ -245,15 +245,14 @@ impl Engine {
         target_generation: u64,
     ) -> Result<Plan, EngineError> {
         let hot = self.intents.snapshot();
-        for call in extent_calls(Op::WilMark, 0, 0, &hot)
-            .into_iter()
-            .filter(|_| !hot.is_empty())
-        {
-            target
-                .client()
-                .call(call, flush_timeout(self.io_timeout))
-                .await
-                .map_err(|e| self.rebuild_err(format!("marking the hot extents on it: {e}")))?;
+        if !hot.is_empty() {
+            for call in extent_calls(Op::WilMark, 0, 0, &hot) {
+                target
+                    .client()
+                    .call(call, flush_timeout(self.io_timeout))
+                    .await
+                    .map_err(|e| self.rebuild_err(format!("marking the hot extents on it: {e}")))?;
+            }
         }
         let whole = Plan {
             kind: "full",
