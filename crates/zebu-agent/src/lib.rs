@@ -21,6 +21,7 @@ use zebu_api::{
     MemberReport, RebuildStatus, ReplicaMode, ReplicaReport,
 };
 use zebu_engine::{Engine, EngineConfig, LocalReplica, Mode, NbdServer, ReplicaTarget};
+use zebu_replica::file::FileLayer;
 use zebu_replica::{Replica, ReplicaServer};
 
 pub const DEFAULT_DATA_PORT: u16 = 10700;
@@ -69,6 +70,8 @@ pub struct AgentConfig {
     pub busy_poll: Duration,
     /// Background scrubs of attached volumes.
     pub scrub: Scrub,
+    /// The file layer under every replica ([`zebu_replica::file::direct`] but in tests).
+    pub files: Arc<dyn FileLayer>,
 }
 
 /// Background scrubs of attached volumes (see [`Engine::scrub`]).
@@ -184,6 +187,9 @@ impl Agent {
                 replicas_dir.display()
             )
         })?;
+        if cfg.files.name() != "direct" {
+            tracing::warn!(node = %cfg.node, layer = cfg.files.name(), "replica files go through a test file layer: writes not flushed are lost when this process ends, as at a power cut");
+        }
         let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
         let nbd = NbdServer::new(cfg.busy_poll);
         let rt = data_runtime();
@@ -245,7 +251,7 @@ impl Agent {
             if !valid_object_name(&name) {
                 continue;
             }
-            match Replica::open(&e.path()) {
+            match Replica::open_in(&self.cfg.files, &e.path()) {
                 Ok(r) => self.server.add(Arc::new(r)),
                 Err(err) => {
                     tracing::error!(node = %self.cfg.node, "cannot open replica {name}: {}", err.full_message());
@@ -479,7 +485,7 @@ impl Agent {
                 tracing::info!(node = %self.cfg.node, replica = %spec.name, "replica {} is on disk again", dir.display());
             }
             let result = if on_disk {
-                Replica::open(&dir).and_then(|r| {
+                Replica::open_in(&self.cfg.files, &dir).and_then(|r| {
                     if r.volume() != spec.volume || r.size_bytes() != spec.size_bytes {
                         Err(zebu_replica::ReplicaError::Invalid {
                             replica: spec.name.clone(),
@@ -496,7 +502,8 @@ impl Agent {
                     }
                 })
             } else {
-                Replica::create(
+                Replica::create_in(
+                    &self.cfg.files,
                     &dir,
                     &spec.volume,
                     &spec.name,

@@ -3,6 +3,7 @@
 //! data server engines talk to ([`server`]). `docs/formats.md` describes the files byte by byte.
 
 pub mod error;
+pub mod file;
 pub mod io_pool;
 pub mod meta;
 pub mod ops;

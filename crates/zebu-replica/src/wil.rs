@@ -30,14 +30,14 @@
 //! A replica that has no log (written by an older version, or the file was lost) gets one with
 //! every extent dirty and covering nothing: nothing is known, so everything is resynced once.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use zebu_proto::data::{WIL_CLEAN, WIL_DIRTY, WIL_EXTENT_BYTES};
 
 use crate::error::ReplicaError;
+use crate::file::{DiskFile, FileLayer};
 
 pub const WIL_FILE: &str = "wil";
 pub const WIL_MAGIC: [u8; 8] = *b"ZEBUWIL\0";
@@ -50,7 +50,7 @@ pub const PAGE_STATES: usize = PAGE_BYTES - PAGE_HEADER_BYTES;
 pub const COVERS_NOTHING: u64 = u64::MAX;
 
 pub struct IntentLog {
-    file: File,
+    file: Box<dyn DiskFile>,
     path: PathBuf,
     extents: u64,
     inner: Mutex<Inner>,
@@ -150,6 +150,7 @@ impl IntentLog {
     /// Open the log in `dir`. A new replica (`new`) gets one all clean; an existing replica
     /// without one gets one all dirty (see the module docs). Both cover nothing yet.
     pub fn open(
+        files: &dyn FileLayer,
         dir: &Path,
         size_bytes: u64,
         replica: &str,
@@ -158,12 +159,8 @@ impl IntentLog {
         let path = dir.join(WIL_FILE);
         let extents = Self::extents_of(size_bytes);
         let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let file = files
+            .open_or_create(&path)
             .map_err(|e| ReplicaError::io("open write-intent log", &path, 0, e))?;
         let log = IntentLog {
             file,
@@ -222,17 +219,9 @@ impl IntentLog {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut h = vec![0u8; PAGE_BYTES];
         let read = |buf: &mut [u8], at: u64| -> Result<usize, ReplicaError> {
-            let mut n = 0;
-            while n < buf.len() {
-                match self.file.read_at(&mut buf[n..], at + n as u64) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) => {
-                        return Err(ReplicaError::io("read write-intent log", &self.path, at, e))
-                    }
-                }
-            }
-            Ok(n)
+            self.file
+                .read_at(buf, at)
+                .map_err(|e| ReplicaError::io("read write-intent log", &self.path, at, e))
         };
         let n = read(&mut h, 0)?;
         let header_ok = n == PAGE_BYTES
@@ -444,6 +433,8 @@ impl IntentLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
     use zebu_proto::data::WIL_CHANGED;
 
     const SIZE: u64 = 3 * PAGE_STATES as u64 * WIL_EXTENT_BYTES;
@@ -456,11 +447,11 @@ mod tests {
     #[test]
     fn marks_and_settles_survive_a_reopen() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         assert_eq!(states(&log).0, COVERS_NOTHING);
         log.mark("r", &[0, 5, PAGE_STATES as u64 + 1]).unwrap();
         log.settle("r", &[5], false, WIL_CHANGED, 7).unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, COVERS_NOTHING, "settling to changed covers nothing");
         assert_eq!(s[0], WIL_DIRTY);
@@ -468,7 +459,7 @@ mod tests {
         assert_eq!(s[PAGE_STATES + 1], WIL_DIRTY);
         assert_eq!(s.iter().filter(|x| **x != WIL_CLEAN).count(), 3);
         log.settle("r", &[], true, WIL_CLEAN, 9).unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, 9);
         assert!(s.iter().all(|x| *x == WIL_CLEAN));
@@ -477,7 +468,7 @@ mod tests {
     #[test]
     fn a_damaged_page_or_header_reads_as_dirty_never_clean() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         log.mark("r", &[1, PAGE_STATES as u64 + 2]).unwrap();
         log.settle("r", &[1], false, WIL_CLEAN, 4).unwrap();
         drop(log);
@@ -488,7 +479,7 @@ mod tests {
             .unwrap();
         f.write_all_at(&[0xff; 100], (PAGE_BYTES * 2 + 2000) as u64)
             .unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, 4);
         assert_eq!(s[1], WIL_CLEAN, "page 0 is sound");
@@ -498,20 +489,20 @@ mod tests {
         assert!(s[2 * PAGE_STATES..].iter().all(|x| *x == WIL_CLEAN));
         drop(log);
         f.write_all_at(&[0x55; 4], 30).unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, COVERS_NOTHING);
         assert!(s.iter().all(|x| *x == WIL_DIRTY));
         // Rewritten at once: the next open finds it sound, still all dirty.
         drop(log);
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         assert!(states(&log).1.iter().all(|x| *x == WIL_DIRTY));
     }
 
     #[test]
     fn an_existing_replica_without_a_log_is_all_dirty_and_a_rejoin_keeps_its_first_generation() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", false).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", false).unwrap();
         let (covers, s) = states(&log);
         assert_eq!(covers, COVERS_NOTHING);
         assert!(s.iter().all(|x| *x == WIL_DIRTY));
@@ -520,7 +511,7 @@ mod tests {
         assert!(facts(&log).cache_intact, "marked in this boot");
         log.rejoin(5).unwrap();
         log.rejoin(6).unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         assert_eq!(
             facts(&log).rejoin_from,
             5,
@@ -534,7 +525,7 @@ mod tests {
     #[test]
     fn extents_past_the_volume_are_refused_and_change_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::open(d.path(), SIZE, "r", true).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
         let n = log.extents();
         let err = log.mark("r", &[0, n]).unwrap_err();
         assert!(err.to_string().contains("past the volume"), "{err}");

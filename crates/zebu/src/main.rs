@@ -6,6 +6,7 @@ mod size;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -111,11 +112,40 @@ struct ServingArgs {
     /// from every replica), so scrubs leave the disks to the workload. 0: unlimited.
     #[arg(long, default_value_t = DEFAULT_SCRUB_MIBS, value_name = "MIB")]
     scrub_rate: u64,
+    /// For durability tests only: `crash-sim` puts the replicas' files behind a cache in this
+    /// process, written to disk only by a flush (or early, at random, whole or torn, as a
+    /// kernel's writeback would), so ending the process loses what was not flushed, as a power
+    /// cut does. `direct` (the default) is the real files. Hidden: never for real data.
+    #[arg(long, env = "ZEBU_FILE_LAYER", value_enum, default_value_t = FileLayerArg::Direct, hide = true)]
+    file_layer: FileLayerArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FileLayerArg {
+    Direct,
+    CrashSim,
 }
 
 impl ServingArgs {
     fn busy_poll(&self) -> Duration {
         Duration::from_micros(self.busy_poll_us)
+    }
+    fn files(&self) -> Arc<dyn zebu_replica::file::FileLayer> {
+        match self.file_layer {
+            FileLayerArg::Direct => zebu_replica::file::direct(),
+            FileLayerArg::CrashSim => {
+                let seed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+                    ^ std::process::id() as u64;
+                tracing::warn!(
+                    seed,
+                    "crash-simulating file layer (writeback from 8 MiB dirty per file)"
+                );
+                Arc::new(zebu_replica::file::CrashSim::new(8 << 20, seed))
+            }
+        }
     }
     fn scrub(&self) -> Scrub {
         Scrub {
@@ -445,6 +475,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         io_threads: 4,
         busy_poll: a.serving.busy_poll(),
         scrub: a.serving.scrub(),
+        files: a.serving.files(),
     })?;
     let (tx, rx) = watch::channel(false);
     let run = tokio::spawn(agent.run(rx));
@@ -478,6 +509,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     };
     let url = format!("http://{}", a.api);
     let mut agents = Vec::new();
+    let files = a.serving.files();
     for i in 0..a.nodes {
         let ip = Ipv4Addr::from(u32::from(a.first_ip) + i as u32);
         let node = format!("node-{}", i + 1);
@@ -493,6 +525,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             io_threads: 3,
             busy_poll: a.serving.busy_poll(),
             scrub: a.serving.scrub(),
+            files: files.clone(),
         })?;
         agents.push(tokio::spawn(agent.run(stop_rx.clone())));
     }
