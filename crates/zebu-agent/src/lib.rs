@@ -20,7 +20,10 @@ use zebu_api::{
     ApiClient, Assignment, EngineReplica, EngineReport, EngineSpec, Heartbeat, LastRebuild,
     MemberReport, RebuildStatus, ReplicaMode, ReplicaReport,
 };
-use zebu_engine::{Engine, EngineConfig, LocalReplica, Mode, NbdServer, ReplicaTarget};
+use zebu_engine::{
+    Engine, EngineConfig, LocalReplica, MembershipRecord, Mode, NbdServer, RecordError,
+    ReplicaTarget,
+};
 use zebu_replica::file::FileLayer;
 use zebu_replica::{Replica, ReplicaServer};
 
@@ -670,11 +673,17 @@ impl Agent {
             secret,
             io_timeout: IO_TIMEOUT,
             connect_patience: Duration::from_secs(3),
-            require_all: true,
+            // A member out of reach is recorded at the manager as retired before the engine
+            // serves (see `zebu-engine/src/engine/record.rs`), so starting without it is safe.
+            require_all: false,
             min_generation: spec.min_generation,
             generation_floor: spec.generation_floor,
             epoch: spec.epoch,
             replica_count: spec.replica_count,
+            recorder: Some(Arc::new(ManagerRecord {
+                api: self.api.clone(),
+                node: self.cfg.node.clone(),
+            })),
         };
         let this = self.clone();
         data_runtime().spawn(async move {
@@ -786,5 +795,42 @@ async fn scrub_loop(engine: Arc<Engine>, scrub: Scrub, record: PathBuf) {
         }
         last = now();
         remember(last);
+    }
+}
+
+/// Retirements recorded at the manager (see `zebu-engine/src/engine/record.rs`).
+struct ManagerRecord {
+    api: ApiClient,
+    node: String,
+}
+
+impl MembershipRecord for ManagerRecord {
+    fn retired<'a>(
+        &'a self,
+        volume: &'a str,
+        epoch: u64,
+        retired: &'a [(String, String)],
+    ) -> futures::future::BoxFuture<'a, Result<(), RecordError>> {
+        Box::pin(async move {
+            let req = zebu_api::RetireMembers {
+                node: self.node.clone(),
+                epoch,
+                retired: retired
+                    .iter()
+                    .map(|(name, reason)| zebu_api::RetiredMember {
+                        name: name.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+            };
+            match self.api.retire_members(volume, &req).await {
+                Ok(_) => Ok(()),
+                Err(zebu_api::ClientError::Api {
+                    status: 409,
+                    message,
+                }) => Err(RecordError::Fenced(message)),
+                Err(e) => Err(RecordError::Unavailable(e.to_string())),
+            }
+        })
     }
 }

@@ -158,6 +158,23 @@ pub struct CreateVolume {
     pub replica_count: Option<u32>,
 }
 
+/// `POST /v1/volumes/{name}/retire` (agents): the volume's engine retired these replicas from
+/// its set. Answered once the record is durable; refused (409) unless `epoch` and `node` are the
+/// volume's current attachment, and then that engine must stop serving.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetireMembers {
+    pub node: String,
+    pub epoch: u64,
+    pub retired: Vec<RetiredMember>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetiredMember {
+    pub name: String,
+    /// Why it left the set.
+    pub reason: String,
+}
+
 /// `POST /v1/volumes/{name}/salvage`: bring a volume whose replicas all failed back.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SalvageVolume {
@@ -456,6 +473,14 @@ impl ApiClient {
             },
         )
         .await
+    }
+    pub async fn retire_members(
+        &self,
+        volume: &str,
+        req: &RetireMembers,
+    ) -> Result<Volume, ClientError> {
+        self.post(&format!("/v1/volumes/{volume}/retire"), req)
+            .await
     }
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Assignment, ClientError> {
         self.post("/v1/agent/heartbeat", hb).await

@@ -30,7 +30,9 @@ use crate::range_lock::RangeLock;
 
 mod intents;
 mod rebuild;
+mod record;
 pub use rebuild::{RebuildDone, RebuildProgress};
+pub use record::{MembershipRecord, RecordError};
 
 /// Replica modes, as Longhorn names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +135,9 @@ pub struct EngineConfig {
     /// How many replicas the volume should have (0: as many as `replicas`). With fewer in the
     /// set, the write-intent log keeps what changed for the ones away (see `engine/intents.rs`).
     pub replica_count: usize,
+    /// Where members that leave the set are recorded before it counts (see `engine/record.rs`);
+    /// none: a standalone engine.
+    pub recorder: Option<Arc<dyn MembershipRecord>>,
 }
 
 /// Status of one replica as the engine sees it.
@@ -157,6 +162,9 @@ struct Member {
     error: Mutex<String>,
     /// While WO: how far its rebuild is.
     progress: Mutex<Option<RebuildProgress>>,
+    /// It left the set from RW (or was given as a member and left out at start) and that is not
+    /// recorded yet (see `engine/record.rs`).
+    unrecorded: std::sync::atomic::AtomicBool,
 }
 
 impl Member {
@@ -205,6 +213,9 @@ pub struct Engine {
     intents: intents::Intents,
     /// Members the volume should have (see [`EngineConfig::replica_count`]).
     replica_count: usize,
+    recorder: Option<Arc<dyn MembershipRecord>>,
+    /// Some member's retirement is not recorded yet: mutations wait in `settled`.
+    unrecorded: std::sync::atomic::AtomicBool,
 }
 
 /// The connections a request uses, by member index: a [`Lanes`]' own, or none (empty); a
@@ -416,6 +427,8 @@ impl Engine {
                 mode: AtomicU8::new(mode as u8),
                 error: Mutex::new(error),
                 progress: Mutex::new(None),
+                // Given as a member and left out: the manager must know before this serves.
+                unrecorded: std::sync::atomic::AtomicBool::new(mode == Mode::Err),
             }));
         }
         if cfg.require_all && !unreachable.is_empty() {
@@ -465,6 +478,8 @@ impl Engine {
             } else {
                 cfg.replica_count
             },
+            recorder: cfg.recorder.clone(),
+            unrecorded: std::sync::atomic::AtomicBool::new(true),
         });
         // Every replica left out now must be older than every replica in the set.
         {
@@ -476,6 +491,14 @@ impl Engine {
                 "every reachable replica failed while raising its generation".into(),
             ));
         }
+        // Members left out (unreachable, stale, failed while raising the generation) are
+        // recorded before the first request: the manager must not start from them later.
+        {
+            let _m = engine.membership.lock().await;
+            engine
+                .record_retirements(Some(cfg.connect_patience.max(Duration::from_secs(5))))
+                .await?;
+        }
         // Whatever a crash left in flight is made identical before the first request.
         let resynced = engine
             .resync(cfg.generation_floor > max_gen)
@@ -484,6 +507,7 @@ impl Engine {
         if resynced > 0 {
             tracing::info!(volume = %engine.volume, extents = resynced, "resync done: the replicas are identical");
         }
+
         tracing::info!(volume = %engine.volume, generation = engine.generation(), "engine started");
         tokio::spawn(keepalive(Arc::downgrade(&engine)));
         Ok(engine)
@@ -660,9 +684,15 @@ impl Engine {
     }
 
     fn mark_err(&self, m: &Member, reason: &str) {
-        if m.mode() != Mode::Err {
+        let was = m.mode();
+        if was != Mode::Err {
             tracing::warn!(volume = %self.volume, replica = %m.name, "replica leaves the set: {reason}");
             *m.error.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_owned();
+            if was == Mode::Rw {
+                // Before the mode: a request that sees it ERR also sees a record pending.
+                m.unrecorded.store(true, Ordering::Release);
+                self.unrecorded.store(true, Ordering::Release);
+            }
             m.mode.store(Mode::Err as u8, Ordering::Release);
             self.changes.send_modify(|v| *v += 1);
         }
@@ -687,6 +717,8 @@ impl Engine {
         if any {
             self.bump_generation().await;
         }
+        // Before any write that skipped them is acknowledged (`settled` waits for this).
+        let _ = self.record_retirements(None).await;
     }
 
     /// Send one mutating request to every in-sync member and settle failures.
@@ -836,6 +868,12 @@ impl Engine {
     async fn settled(&self) -> Result<(), EngineError> {
         if self.retiring.load(Ordering::SeqCst) > 0 {
             drop(self.membership.lock().await);
+        }
+        // A retirement whose recording was cut short (its request was cancelled) is recorded
+        // here, before this request is acknowledged.
+        if self.unrecorded.load(Ordering::Acquire) {
+            let _m = self.membership.lock().await;
+            self.record_retirements(None).await?;
         }
         if !self.fenced_off.load(Ordering::Acquire) {
             return Ok(());

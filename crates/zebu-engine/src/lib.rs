@@ -13,7 +13,7 @@ pub mod sender;
 
 pub use backend::LocalReplica;
 pub use engine::{
-    Engine, EngineConfig, EngineError, Lanes, MemberStatus, Mode, RebuildDone, RebuildProgress,
-    ReplicaTarget, ScrubReport,
+    Engine, EngineConfig, EngineError, Lanes, MemberStatus, MembershipRecord, Mode, RebuildDone,
+    RebuildProgress, RecordError, ReplicaTarget, ScrubReport,
 };
 pub use nbd::NbdServer;

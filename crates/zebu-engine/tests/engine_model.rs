@@ -82,6 +82,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         generation_floor: 0,
         epoch: 0,
         replica_count: 0,
+        recorder: None,
     }
 }
 
@@ -1279,6 +1280,11 @@ async fn a_returning_replica_copies_only_what_changed_while_it_was_away() {
     .await
     .unwrap();
     assert_eq!(e.members()[2].mode, Mode::Err);
+    // Meanwhile an engine it was still in (fenced off elsewhere) wrote to it alone, in
+    // extent 2, marking the extent in its own log first as every engine does.
+    gone.wil_mark(&[2]).unwrap();
+    gone.write(2 * WIL_EXTENT, &[0x77; BS as usize], false)
+        .unwrap();
     // It comes back (a restarted node), on a new address.
     c.servers[2].add(gone);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1286,8 +1292,9 @@ async fn a_returning_replica_copies_only_what_changed_while_it_was_away() {
     c.tasks[2] = tokio::spawn(c.servers[2].clone().serve(l));
     let done = e.rebuild(c.targets[2].clone(), 0).await.unwrap();
     assert_eq!(done.kind, "delta");
-    // Extent 1 only: its data (1 MiB); extents 0 and 2 were clean when it left.
-    assert_eq!(done.bytes_copied, 1 << 20);
+    // Extent 1 (changed while it was away) and extent 2 (dirty in its own log): their data,
+    // 1 MiB each; extent 0 was clean everywhere.
+    assert_eq!(done.bytes_copied, 2 << 20);
     assert_replicas_identical(&c, BIG, "after the delta rejoin");
     assert_eq!(wil_covers_from(&c.servers[2].list()[0]), e.generation());
     // A replica that left before the others settled to clean again is not covered by their
@@ -1444,4 +1451,139 @@ async fn a_write_that_did_not_complete_is_resynced_before_its_extent_settles() {
             x.name()
         );
     }
+}
+
+/// A manager stand-in for [`zebu_engine::MembershipRecord`]: records what it is told while
+/// `open`, answers "unavailable" while not, "fenced" once `fence` is set.
+#[derive(Default)]
+struct TestRecord {
+    open: std::sync::atomic::AtomicBool,
+    fence: std::sync::atomic::AtomicBool,
+    calls: std::sync::Mutex<Vec<(u64, Vec<String>)>>,
+}
+
+impl zebu_engine::MembershipRecord for TestRecord {
+    fn retired<'a>(
+        &'a self,
+        _volume: &'a str,
+        epoch: u64,
+        retired: &'a [(String, String)],
+    ) -> futures::future::BoxFuture<'a, Result<(), zebu_engine::RecordError>> {
+        Box::pin(async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.fence.load(SeqCst) {
+                return Err(zebu_engine::RecordError::Fenced(
+                    "a newer attachment".into(),
+                ));
+            }
+            if !self.open.load(SeqCst) {
+                return Err(zebu_engine::RecordError::Unavailable("manager down".into()));
+            }
+            let names = retired.iter().map(|(n, _)| n.clone()).collect();
+            self.calls.lock().unwrap().push((epoch, names));
+            Ok(())
+        })
+    }
+}
+
+fn take_replica_away(c: &mut Cluster, i: usize) {
+    c.tasks[i].abort();
+    let victim = c.servers[i].list()[0].clone();
+    c.servers[i].remove(victim.name());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_skipped_a_retired_replica_waits_until_the_retirement_is_recorded() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut c = cluster(3).await;
+    let rec = Arc::new(TestRecord::default());
+    rec.open.store(true, SeqCst);
+    let mut cfg = with_epoch(config(c.targets.clone(), SECRET), 7);
+    cfg.recorder = Some(rec.clone());
+    let e = Engine::start(cfg).await.unwrap();
+    assert!(
+        rec.calls.lock().unwrap().is_empty(),
+        "nothing to record at start"
+    );
+    e.write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
+    // The manager is down when replica 2 fails.
+    rec.open.store(false, SeqCst);
+    take_replica_away(&mut c, 2);
+    let w = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            e.write(BS, Bytes::from(vec![2u8; BS as usize]), false)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !w.is_finished(),
+        "a write that skipped a retired replica was answered before its retirement was recorded"
+    );
+    // Reads go on meanwhile.
+    assert_eq!(
+        &e.read(0, BS as u32).await.unwrap()[..],
+        &[1u8; BS as usize][..]
+    );
+    rec.open.store(true, SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), w)
+        .await
+        .expect("the write completes once the record is made")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        *rec.calls.lock().unwrap(),
+        vec![(7, vec!["v-r2".to_owned()])],
+        "recorded once, with the engine's epoch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_retirement_record_fences_the_engine_and_acknowledges_nothing() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut c = cluster(3).await;
+    let rec = Arc::new(TestRecord::default());
+    rec.open.store(true, SeqCst);
+    let mut cfg = config(c.targets.clone(), SECRET);
+    cfg.recorder = Some(rec.clone());
+    let e = Engine::start(cfg).await.unwrap();
+    // A newer attachment exists: the manager refuses this engine's record.
+    rec.fence.store(true, SeqCst);
+    take_replica_away(&mut c, 2);
+    let r = e
+        .write(BS, Bytes::from(vec![2u8; BS as usize]), false)
+        .await;
+    assert!(matches!(r, Err(EngineError::Closed { .. })), "{r:?}");
+    let r = e
+        .write(2 * BS, Bytes::from(vec![3u8; BS as usize]), false)
+        .await;
+    assert!(r.is_err(), "a fenced engine serves nothing: {r:?}");
+    assert!(e.closed_reason().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_out_of_reach_at_start_is_recorded_before_the_engine_serves() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut c = cluster(3).await;
+    take_replica_away(&mut c, 1);
+    let rec = Arc::new(TestRecord::default());
+    let mut cfg = with_epoch(config(c.targets.clone(), SECRET), 3);
+    cfg.recorder = Some(rec.clone());
+    // Unrecordable: the start fails, for the agent to try again.
+    let r = tokio::time::timeout(Duration::from_secs(30), Engine::start(cfg.clone()))
+        .await
+        .expect("a start that cannot record gives up");
+    assert!(matches!(r, Err(EngineError::Start { .. })), "{:?}", r.err());
+    rec.open.store(true, SeqCst);
+    let e = Engine::start(with_epoch(cfg, 4)).await.unwrap();
+    assert_eq!(
+        *rec.calls.lock().unwrap(),
+        vec![(4, vec!["v-r1".to_owned()])]
+    );
+    e.write(0, Bytes::from(vec![5u8; BS as usize]), false)
+        .await
+        .unwrap();
 }

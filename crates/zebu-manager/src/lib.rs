@@ -19,8 +19,8 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use zebu_api::{
-    Assignment, AttachVolume, CreateVolume, Heartbeat, Node, SalvageVolume, SetSetting, Setting,
-    Volume,
+    Assignment, AttachVolume, CreateVolume, Heartbeat, Node, RetireMembers, SalvageVolume,
+    SetSetting, Setting, Volume,
 };
 use zebu_store::RedbStore;
 
@@ -114,6 +114,7 @@ impl Manager {
             .route("/volumes/{name}/attach", post(attach_volume))
             .route("/volumes/{name}/detach", post(detach_volume))
             .route("/volumes/{name}/salvage", post(salvage_volume))
+            .route("/volumes/{name}/retire", post(retire_members))
             .route("/nodes", get(list_nodes))
             .route("/settings", get(list_settings))
             .route("/settings/{name}", get(get_setting).post(set_setting))
@@ -278,6 +279,17 @@ async fn set_setting(
         ))
     })?;
     m.state().set_setting(&name, &req.value).map(Json)
+}
+
+async fn retire_members(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<RetireMembers>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Volume> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::bad_request(format!("invalid retirement record: {}", e.body_text()))
+    })?;
+    m.state().record_retired(&name, &req).map(Json)
 }
 
 async fn heartbeat(

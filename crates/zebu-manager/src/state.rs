@@ -26,6 +26,11 @@ mod schedule;
 
 /// A node whose last heartbeat is older than this is not ready.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
+/// An engine starts without an in-sync member once that member's node has had no heartbeat for
+/// this long (counted from the manager's own start at most): sooner, the node may just be
+/// restarting, and waiting for it saves a rebuild. The engine records the member retired
+/// before it serves (see `zebu-engine/src/engine/record.rs`), so this is safe at any time.
+pub const START_WITHOUT_AFTER: Duration = Duration::from_secs(20);
 pub const BLOCK_SIZE: u32 = 4096;
 pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 
@@ -144,6 +149,8 @@ pub struct State {
     was_ready: HashMap<String, bool>,
     /// Faulted volumes that salvage may not bring back by itself, with why.
     salvage_blocked: HashMap<String, String>,
+    /// When this manager started: a node not heard from since is down at most this long.
+    started: Instant,
 }
 
 fn store_err(e: StoreError) -> ApiError {
@@ -225,6 +232,7 @@ impl State {
             live: HashMap::new(),
             was_ready: HashMap::new(),
             salvage_blocked: HashMap::new(),
+            started: Instant::now(),
         })
     }
 
@@ -694,6 +702,53 @@ impl State {
         self.volume(name)
     }
 
+    /// The volume's current engine retired these replicas (see `zebu-engine/src/engine/record.rs`):
+    /// recorded durably before the answer, so a later start never takes them for in sync.
+    /// Refused, changing nothing, for an engine that is not the current attachment's.
+    pub fn record_retired(
+        &mut self,
+        name: &str,
+        req: &zebu_api::RetireMembers,
+    ) -> Result<Volume, ApiError> {
+        let v = self
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found(name))?;
+        if v.epoch != req.epoch || v.desired_node.as_deref() != Some(req.node.as_str()) {
+            return Err(ApiError::conflict(format!(
+                "volume {name}: the engine of epoch {} on node {} is not the current attachment (epoch {}, node {}): it is fenced and must stop serving",
+                req.epoch,
+                req.node,
+                v.epoch,
+                v.desired_node.as_deref().unwrap_or("none")
+            )));
+        }
+        let mut changed = Vec::new();
+        for m in &req.retired {
+            let Some(rec) = self.replicas.get(&m.name).filter(|r| r.volume == name) else {
+                return Err(ApiError::bad_request(format!(
+                    "volume {name} has no replica {} (see zebu volume get {name})",
+                    m.name
+                )));
+            };
+            if rec.mode == ReplicaMode::ERR {
+                continue;
+            }
+            let mut next = rec.clone();
+            next.mode = ReplicaMode::ERR;
+            next.error = Some(m.reason.clone());
+            next.failed_at_unix = Some(now_unix());
+            changed.push(next);
+        }
+        for r in changed {
+            self.store.put(REPLICAS, &r.name, &r).map_err(store_err)?;
+            tracing::warn!(volume = name, replica = %r.name, node = %r.node, epoch = req.epoch, "replica left the set: {}", r.error.clone().unwrap_or_default());
+            self.replicas.insert(r.name.clone(), r);
+        }
+        self.volume(name)
+    }
+
     /// Take a node's report, update observed state, and answer with what it should run.
     pub fn heartbeat(&mut self, hb: Heartbeat) -> Result<Assignment, ApiError> {
         let node = hb.node.clone();
@@ -902,11 +957,14 @@ impl State {
                 .filter(|r| !members.iter().any(|m| m.name == r.name))
                 .filter_map(|r| self.engine_replica(r))
                 .collect();
-            // Start only with every member up: a member left out might hold writes the others
-            // lack (its ERR may not have reached us). Bringing a volume up without one is a
-            // salvage decision, not something to do by timer.
+            // Every member the manager records in sync holds every acknowledged write (an
+            // engine records a retirement before it acknowledges a write that skipped the
+            // member), so an engine may start without some of them: it records those it
+            // cannot reach before it serves. It waits for a member whose node may be
+            // restarting (down less than START_WITHOUT_AFTER), or that is up but not serving
+            // the replica yet, and needs one member it can reach.
             let already = self.engine_report(node, &v.name).is_some();
-            if !already && self.missing_member(&v.name).is_some() {
+            if !already && self.member_to_wait_for(&v.name).is_some() {
                 continue;
             }
             engines.push(EngineSpec {
@@ -1024,28 +1082,60 @@ impl State {
             .collect()
     }
 
+    /// How long `node` has been without a heartbeat (zero while ready), counting from this
+    /// manager's start at most.
+    fn down_for(&self, node: &str) -> Duration {
+        if self.node_ready(node) {
+            return Duration::ZERO;
+        }
+        let since = self
+            .live
+            .get(node)
+            .map(|l| l.seen.max(self.started))
+            .unwrap_or(self.started);
+        since.elapsed()
+    }
+
+    /// Why an engine for `volume` should not start yet: a member it should wait for (see
+    /// `assignment`), or no member that could serve.
+    fn member_to_wait_for(&self, volume: &str) -> Option<String> {
+        let members = self.start_members(volume);
+        let long_down = |r: &&ReplicaRecord| self.down_for(&r.node) >= START_WITHOUT_AFTER;
+        let reachable = members.iter().filter(|r| !long_down(r)).count();
+        if reachable == 0 {
+            return self.missing_member(volume);
+        }
+        let waiting: Vec<&ReplicaRecord> =
+            members.iter().filter(|r| !long_down(r)).copied().collect();
+        waiting.into_iter().find_map(|r| self.why_missing(r))
+    }
+
     fn missing_member(&self, volume: &str) -> Option<String> {
-        self.start_members(volume).into_iter().find_map(|r| {
-            if !self.node_ready(&r.node) {
-                Some(format!(
-                    "waiting for node {} (holds replica {}) to come back",
-                    r.node, r.name
-                ))
-            } else if let Some(why) = self.missing_on_disk(r) {
-                Some(format!("waiting for replica {}: {why}", r.name))
-            } else if !self
-                .live
-                .get(&r.node)
-                .is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
-            {
-                Some(format!(
-                    "waiting for node {} to serve replica {}",
-                    r.node, r.name
-                ))
-            } else {
-                None
-            }
-        })
+        self.start_members(volume)
+            .into_iter()
+            .find_map(|r| self.why_missing(r))
+    }
+
+    fn why_missing(&self, r: &ReplicaRecord) -> Option<String> {
+        if !self.node_ready(&r.node) {
+            Some(format!(
+                "waiting for node {} (holds replica {}) to come back",
+                r.node, r.name
+            ))
+        } else if let Some(why) = self.missing_on_disk(r) {
+            Some(format!("waiting for replica {}: {why}", r.name))
+        } else if !self
+            .live
+            .get(&r.node)
+            .is_some_and(|l| l.report.replicas.iter().any(|x| x.name == r.name))
+        {
+            Some(format!(
+                "waiting for node {} to serve replica {}",
+                r.node, r.name
+            ))
+        } else {
+            None
+        }
     }
 }
 

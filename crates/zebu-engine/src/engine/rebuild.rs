@@ -23,7 +23,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zebu_proto::data::{self, Op, EXTENT_HOLE, FLAG_WIL_REJOIN, WIL_CLEAN, WIL_EXTENT_BYTES};
+use zebu_proto::data::{
+    self, Op, EXTENT_HOLE, FLAG_WIL_REJOIN, WIL_CLEAN, WIL_DIRTY, WIL_EXTENT_BYTES,
+};
 use zebu_replica::wil::LogFacts;
 
 use super::intents::extent_calls;
@@ -195,6 +197,7 @@ impl Engine {
                     bytes_done: 0,
                     bytes_total: self.size_bytes,
                 })),
+                unrecorded: std::sync::atomic::AtomicBool::new(false),
             });
             // The failed entry of a returning member is replaced by the new one.
             let mut next: Vec<Arc<Member>> = all
@@ -244,6 +247,18 @@ impl Engine {
         fresh: bool,
         target_generation: u64,
     ) -> Result<Plan, EngineError> {
+        // The target's own dirty extents are copied too (read before the hot ones are marked
+        // there): an engine it was in may have written them without the set (one fenced off,
+        // or cut off before it could record a retirement).
+        let own = if fresh {
+            None
+        } else {
+            Some(
+                self.read_log(target)
+                    .await
+                    .map_err(|e| self.rebuild_err(format!("reading its write-intent log: {e}")))?,
+            )
+        };
         let hot = self.intents.snapshot();
         if !hot.is_empty() {
             for call in extent_calls(Op::WilMark, 0, 0, &hot) {
@@ -258,17 +273,18 @@ impl Engine {
             kind: "full",
             ranges: vec![(0, self.size_bytes)],
         };
-        if fresh {
+        let Some(own) = own else {
             return Ok(whole);
-        }
+        };
         for m in self.read_order() {
             match self.read_log(&m).await {
                 Ok(log) if log.facts.covers_from <= target_generation => {
                     let ranges = log
                         .states
                         .iter()
+                        .zip(&own.states)
                         .enumerate()
-                        .filter(|(_, s)| **s != WIL_CLEAN)
+                        .filter(|(_, (s, own))| **s != WIL_CLEAN || **own == WIL_DIRTY)
                         .map(|(e, _)| {
                             let start = e as u64 * WIL_EXTENT_BYTES;
                             (start, (start + WIL_EXTENT_BYTES).min(self.size_bytes))
