@@ -810,6 +810,7 @@ impl MembershipRecord for ManagerRecord {
         volume: &'a str,
         epoch: u64,
         retired: &'a [(String, String)],
+        survivors: &'a zebu_engine::Survivors,
     ) -> futures::future::BoxFuture<'a, Result<(), RecordError>> {
         Box::pin(async move {
             let req = zebu_api::RetireMembers {
@@ -822,6 +823,8 @@ impl MembershipRecord for ManagerRecord {
                         reason: reason.clone(),
                     })
                     .collect(),
+                survivors: survivors.members.clone(),
+                generation: survivors.generation,
             };
             match self.api.retire_members(volume, &req).await {
                 Ok(_) => Ok(()),

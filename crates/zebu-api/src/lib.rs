@@ -166,6 +166,12 @@ pub struct RetireMembers {
     pub node: String,
     pub epoch: u64,
     pub retired: Vec<RetiredMember>,
+    /// The members still in sync, durably at `generation` (raised past the retired ones'):
+    /// evidence the manager keeps (it never lowers a recorded generation).
+    #[serde(default)]
+    pub survivors: Vec<String>,
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

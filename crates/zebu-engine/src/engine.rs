@@ -32,7 +32,7 @@ mod intents;
 mod rebuild;
 mod record;
 pub use rebuild::{RebuildDone, RebuildProgress};
-pub use record::{MembershipRecord, RecordError};
+pub use record::{MembershipRecord, RecordError, Survivors};
 
 /// Replica modes, as Longhorn names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1468,6 +1468,7 @@ impl zebu_engine::MembershipRecord for TestRecord {
         _volume: &'a str,
         epoch: u64,
         retired: &'a [(String, String)],
+        _survivors: &'a zebu_engine::Survivors,
     ) -> futures::future::BoxFuture<'a, Result<(), zebu_engine::RecordError>> {
         Box::pin(async move {
             use std::sync::atomic::Ordering::SeqCst;

@@ -741,6 +741,18 @@ impl State {
             next.failed_at_unix = Some(now_unix());
             changed.push(next);
         }
+        // The survivors' raised generation: the evidence salvage reads if they fail before
+        // their node reports it (never lowered).
+        for survivor in &req.survivors {
+            let Some(rec) = self.replicas.get(survivor).filter(|r| r.volume == name) else {
+                continue;
+            };
+            if rec.generation < req.generation {
+                let mut next = rec.clone();
+                next.generation = req.generation;
+                changed.push(next);
+            }
+        }
         for r in changed {
             self.store.put(REPLICAS, &r.name, &r).map_err(store_err)?;
             tracing::warn!(volume = name, replica = %r.name, node = %r.node, epoch = req.epoch, "replica left the set: {}", r.error.clone().unwrap_or_default());

@@ -787,3 +787,101 @@ fn power_cycles(net: u8, in_flight: bool, agent_args: &[&str]) {
         assert_rw_replicas_identical(&c, "pc");
     }
 }
+
+/// Must-hold 7 (engine elsewhere): the node running the engine stops (SIGSTOP: it is cut off,
+/// not dead, and comes back later with its engine and an NBD client still connected). The
+/// volume is detached while that node is down and attached on another; it serves every
+/// acknowledged write from there. When the old node returns, its engine is fenced: a write
+/// sent through it is never acknowledged and never seen. Its replica rejoins; the volume ends
+/// healthy with every replica identical.
+#[test]
+fn the_engine_moves_off_a_node_that_is_down_and_the_old_one_is_fenced_when_it_returns() {
+    require("qemu-io");
+    let c = Cluster::separate(33, 3);
+    let uri = c.create_attached("mv", "64MiB", 3, "node-1");
+    qemu_io(&uri, &["write -P 0x31 0 1M".into(), "flush".into()]);
+    // A client of the old engine, connected while node-1 is up; it sends a write once it is back.
+    let mut old_client = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let node1 = c.agents[0].as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on a child process this test started.
+    assert_eq!(unsafe { libc::kill(node1, libc::SIGSTOP) }, 0);
+    wait_until("node-1 not ready", Duration::from_secs(30), || {
+        let nodes = c.cli_json(&["node", "list"]).ok()?;
+        nodes
+            .as_array()?
+            .iter()
+            .any(|n| n["name"] == "node-1" && n["ready"] == Value::Bool(false))
+            .then_some(())
+    });
+    // Detach works while the engine's node is down; then attach elsewhere.
+    c.cli_ok(&["volume", "detach", "mv"]);
+    wait_until("detached", Duration::from_secs(20), || {
+        (c.volume("mv")["state"] == "detached").then_some(())
+    });
+    c.cli_ok(&["volume", "attach", "mv", "--node", "node-2"]);
+    let v = wait_until("attached on node-2", Duration::from_secs(90), || {
+        let v = c.volume("mv");
+        (v["state"] == "attached").then_some(v)
+    });
+    assert_eq!(v["node"], "node-2", "{v}");
+    assert_eq!(
+        v["robustness"], "degraded",
+        "node-1's replica is out of the set: {v}"
+    );
+    assert_eq!(replica_on(&v, "node-1").unwrap()["mode"], "ERR", "{v}");
+    let new_uri = v["nbd_uri"].as_str().unwrap().to_owned();
+    assert_ne!(new_uri, uri);
+    qemu_io(
+        &new_uri,
+        &[
+            "read -P 0x31 0 1M".into(),
+            "write -P 0x32 1M 1M".into(),
+            "flush".into(),
+        ],
+    );
+    // Node-1 returns: its old engine's write must not be acknowledged.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(node1, libc::SIGCONT) }, 0);
+    {
+        use std::io::Write;
+        let mut stdin = old_client.stdin.take().unwrap();
+        let _ = stdin.write_all(b"write -P 0x39 2M 64k\nflush\nquit\n");
+    }
+    let out = old_client.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("the old engine's client said: {said}");
+    assert!(
+        !said.contains("wrote 65536/65536"),
+        "the fenced engine acknowledged a write: {said}"
+    );
+    // Node-1's replica rejoins; nothing the old engine may have written there survives.
+    let v = wait_until("healthy again", Duration::from_secs(90), || {
+        let v = c.volume("mv");
+        (v["robustness"] == "healthy").then_some(v)
+    });
+    assert_eq!(v["node"], "node-2", "{v}");
+    qemu_io(
+        &new_uri,
+        &[
+            "read -P 0x31 0 1M".into(),
+            "read -P 0x32 1M 1M".into(),
+            "read -P 0 2M 64k".into(),
+        ],
+    );
+    c.cli_ok(&["volume", "detach", "mv"]);
+    wait_until("detached", Duration::from_secs(20), || {
+        (c.volume("mv")["state"] == "detached").then_some(())
+    });
+    assert_rw_replicas_identical(&c, "mv");
+}

@@ -30,15 +30,24 @@ pub enum RecordError {
     Unavailable(String),
 }
 
+/// The members in sync when a retirement is recorded, and their (durable) generation.
+#[derive(Debug, Clone, Default)]
+pub struct Survivors {
+    pub members: Vec<String>,
+    pub generation: u64,
+}
+
 /// Where an engine records the members that left its set.
 pub trait MembershipRecord: Send + Sync {
-    /// Record that `retired` (name, reason) left the set of the engine of `epoch` for `volume`.
-    /// Returns once the record is durable.
+    /// Record that `retired` (name, reason) left the set of the engine of `epoch` for `volume`,
+    /// and that `survivors.members` are in sync at `survivors.generation`. Returns once the
+    /// record is durable.
     fn retired<'a>(
         &'a self,
         volume: &'a str,
         epoch: u64,
         retired: &'a [(String, String)],
+        survivors: &'a Survivors,
     ) -> BoxFuture<'a, Result<(), RecordError>>;
 }
 
@@ -85,7 +94,21 @@ impl Engine {
                     )
                 })
                 .collect();
-            match recorder.retired(&self.volume, self.epoch, &list).await {
+            // The generation was raised on these before this runs (`retire`, start), under
+            // `membership`, so it is durable on each of them.
+            let survivors = Survivors {
+                members: self
+                    .all()
+                    .iter()
+                    .filter(|m| m.mode() == Mode::Rw)
+                    .map(|m| m.name.clone())
+                    .collect(),
+                generation: self.generation(),
+            };
+            match recorder
+                .retired(&self.volume, self.epoch, &list, &survivors)
+                .await
+            {
                 Ok(()) => {
                     for m in &pending {
                         m.unrecorded.store(false, Ordering::Release);
