@@ -828,10 +828,13 @@ impl MembershipRecord for ManagerRecord {
             };
             match self.api.retire_members(volume, &req).await {
                 Ok(_) => Ok(()),
-                Err(zebu_api::ClientError::Api {
-                    status: 409,
-                    message,
-                }) => Err(RecordError::Fenced(message)),
+                // Refused (not the current attachment), or not known there (the volume or the
+                // replica is gone): either way this engine must not go on.
+                Err(zebu_api::ClientError::Api { status, message })
+                    if (400..500).contains(&status) && ![401, 408, 429].contains(&status) =>
+                {
+                    Err(RecordError::Fenced(message))
+                }
                 Err(e) => Err(RecordError::Unavailable(e.to_string())),
             }
         })

@@ -869,12 +869,7 @@ impl Engine {
         if self.retiring.load(Ordering::SeqCst) > 0 {
             drop(self.membership.lock().await);
         }
-        // A retirement whose recording was cut short (its request was cancelled) is recorded
-        // here, before this request is acknowledged.
-        if self.unrecorded.load(Ordering::Acquire) {
-            let _m = self.membership.lock().await;
-            self.record_retirements(None).await?;
-        }
+        self.await_records().await?;
         if !self.fenced_off.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -882,6 +877,27 @@ impl Engine {
             volume: self.volume.clone(),
             reason: self.closed_reason().unwrap_or_default(),
         })
+    }
+
+    /// A retirement whose handling was cut short (its request was cancelled, perhaps before the
+    /// survivors' generation was raised) is finished here: the generation raised again (one
+    /// more step costs nothing) and the record made, before a request is answered.
+    async fn await_records(&self) -> Result<(), EngineError> {
+        if !self.unrecorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _m = self.membership.lock().await;
+        if !self.unrecorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self
+            .all()
+            .iter()
+            .any(|m| m.unrecorded.load(Ordering::Acquire))
+        {
+            self.bump_generation().await;
+        }
+        self.record_retirements(None).await
     }
 
     /// A replica answered `Stale`: a newer engine owns the volume. Stop serving it.
@@ -1155,6 +1171,10 @@ impl Engine {
 
     async fn read_via(&self, via: Via<'_>, offset: u64, length: u32) -> Result<Bytes, EngineError> {
         let _in = self.enter().await?;
+        // Reads wait for a pending retirement record too: an engine cut off from the manager
+        // and from the rest of its set may have been replaced elsewhere, and its replicas no
+        // longer hold what the new engine acknowledges.
+        self.await_records().await?;
         self.check_range(offset, length as u64)?;
         if length == 0 {
             return Ok(Bytes::new());

@@ -1335,9 +1335,13 @@ async fn a_returning_replica_copies_only_what_changed_while_it_was_away() {
 }
 
 /// A TCP proxy in front of `target` that parses the engine's request frames and, while `drop`
-/// is set, swallows every WRITE (header and payload) instead of passing it on; every other
+/// is set, swallows every request of `op` (WRITE: header and payload) instead of passing it on; every other
 /// frame, and every reply, goes through. A replica that silently lost one write.
-async fn write_dropping_proxy(target: String, drop: Arc<std::sync::atomic::AtomicBool>) -> String {
+async fn write_dropping_proxy(
+    target: String,
+    drop: Arc<std::sync::atomic::AtomicBool>,
+    op: Op,
+) -> String {
     use std::sync::atomic::Ordering;
     use tokio::io::AsyncReadExt;
     use zebu_proto::data::{RequestHeader, HELLO_FIXED_BYTES, REQUEST_HEADER_BYTES};
@@ -1382,7 +1386,7 @@ async fn write_dropping_proxy(target: String, drop: Arc<std::sync::atomic::Atomi
                     if cr.read_exact(&mut payload).await.is_err() {
                         return;
                     }
-                    if header.op == Op::Write && drop.load(Ordering::SeqCst) {
+                    if header.op == op && drop.load(Ordering::SeqCst) {
                         continue;
                     }
                     if sw.write_all(&h).await.is_err() || sw.write_all(&payload).await.is_err() {
@@ -1401,7 +1405,8 @@ async fn a_write_that_did_not_complete_is_resynced_before_its_extent_settles() {
     let c = cluster(3).await;
     let dropping = Arc::new(AtomicBool::new(false));
     let mut targets = c.targets.clone();
-    targets[2].address = write_dropping_proxy(targets[2].address.clone(), dropping.clone()).await;
+    targets[2].address =
+        write_dropping_proxy(targets[2].address.clone(), dropping.clone(), Op::Write).await;
     let e = Engine::start(config(targets, SECRET)).await.unwrap();
     // The extent is hot first, so the next write goes straight to the replicas.
     e.write(0, Bytes::from(vec![1u8; BS as usize]), false)
@@ -1494,7 +1499,7 @@ fn take_replica_away(c: &mut Cluster, i: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_that_skipped_a_retired_replica_waits_until_the_retirement_is_recorded() {
+async fn requests_wait_until_a_retired_replica_is_recorded() {
     use std::sync::atomic::Ordering::SeqCst;
     let mut c = cluster(3).await;
     let rec = Arc::new(TestRecord::default());
@@ -1524,12 +1529,23 @@ async fn a_write_that_skipped_a_retired_replica_waits_until_the_retirement_is_re
         !w.is_finished(),
         "a write that skipped a retired replica was answered before its retirement was recorded"
     );
-    // Reads go on meanwhile.
-    assert_eq!(
-        &e.read(0, BS as u32).await.unwrap()[..],
-        &[1u8; BS as usize][..]
+    // Reads wait too: an engine cut off from the manager may have been replaced elsewhere.
+    let r = {
+        let e = e.clone();
+        tokio::spawn(async move { e.read(0, BS as u32).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !r.is_finished(),
+        "a read was served while a retirement was not recorded"
     );
     rec.open.store(true, SeqCst);
+    let b = tokio::time::timeout(Duration::from_secs(5), r)
+        .await
+        .expect("the read completes once the record is made")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b[..], &[1u8; BS as usize][..]);
     tokio::time::timeout(Duration::from_secs(5), w)
         .await
         .expect("the write completes once the record is made")
@@ -1587,4 +1603,62 @@ async fn a_member_out_of_reach_at_start_is_recorded_before_the_engine_serves() {
     e.write(0, Bytes::from(vec![5u8; BS as usize]), false)
         .await
         .unwrap();
+}
+
+/// A request cancelled while its retirement raises the survivors' generation (one survivor
+/// hangs): the next request finishes that retirement, generation raised on every survivor and
+/// the record made, before it is answered. So the retired member stays older than the set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retirement_cut_short_by_a_cancelled_request_is_finished_by_the_next_one() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let mut c = cluster(3).await;
+    let frozen = Arc::new(AtomicBool::new(false));
+    let mut targets = c.targets.clone();
+    targets[1].address = write_dropping_proxy(
+        targets[1].address.clone(),
+        frozen.clone(),
+        Op::SetGeneration,
+    )
+    .await;
+    let rec = Arc::new(TestRecord::default());
+    rec.open.store(true, SeqCst);
+    let mut cfg = config(targets, SECRET);
+    cfg.recorder = Some(rec.clone());
+    let e = Engine::start(cfg).await.unwrap();
+    e.write(0, Bytes::from(vec![1u8; BS as usize]), false)
+        .await
+        .unwrap();
+    // Replica 2 goes; replica 1 never answers a generation raise, so the retirement hangs.
+    let victim = c.servers[2].list()[0].clone();
+    take_replica_away(&mut c, 2);
+    frozen.store(true, SeqCst);
+    let w = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            e.write(BS, Bytes::from(vec![2u8; BS as usize]), false)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    w.abort();
+    let _ = w.await;
+    frozen.store(false, SeqCst);
+    e.write(2 * BS, Bytes::from(vec![3u8; BS as usize]), false)
+        .await
+        .unwrap();
+    let r1 = c.servers[1].list()[0].clone();
+    assert!(
+        r1.generation() > victim.generation(),
+        "survivor at {} is not past the retired replica's {}",
+        r1.generation(),
+        victim.generation()
+    );
+    assert!(
+        rec.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, n)| n == &["v-r2".to_owned()]),
+        "the retirement was never recorded"
+    );
 }

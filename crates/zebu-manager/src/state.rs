@@ -755,7 +755,9 @@ impl State {
         }
         for r in changed {
             self.store.put(REPLICAS, &r.name, &r).map_err(store_err)?;
-            tracing::warn!(volume = name, replica = %r.name, node = %r.node, epoch = req.epoch, "replica left the set: {}", r.error.clone().unwrap_or_default());
+            if r.mode == ReplicaMode::ERR {
+                tracing::warn!(volume = name, replica = %r.name, node = %r.node, epoch = req.epoch, "replica left the set: {}", r.error.clone().unwrap_or_default());
+            }
             self.replicas.insert(r.name.clone(), r);
         }
         self.volume(name)
@@ -1113,8 +1115,15 @@ impl State {
     fn member_to_wait_for(&self, volume: &str) -> Option<String> {
         let members = self.start_members(volume);
         let long_down = |r: &&ReplicaRecord| self.down_for(&r.node) >= START_WITHOUT_AFTER;
-        let reachable = members.iter().filter(|r| !long_down(r)).count();
-        if reachable == 0 {
+        // Skipping a member needs an RW record among the rest: a WO one that reached the
+        // set's recorded generation may be a rebuild still copying, whose set raised its
+        // generation past it without the manager hearing yet.
+        let skipping = members.iter().any(long_down);
+        let reachable_rw = members
+            .iter()
+            .filter(|r| !long_down(r) && r.mode == ReplicaMode::RW)
+            .count();
+        if members.iter().all(long_down) || (skipping && reachable_rw == 0) {
             return self.missing_member(volume);
         }
         let waiting: Vec<&ReplicaRecord> =

@@ -148,6 +148,14 @@ impl Engine {
             let _m = self.membership.lock().await;
             // Again under the lock: two rebuilds of one replica never both join.
             self.not_a_member(&target.name)?;
+            // Its failed entry is replaced below: a retirement of it not recorded yet (a
+            // cancelled request's) is finished first, or it would be forgotten.
+            if self.all().iter().any(|m| {
+                m.name == target.name && m.unrecorded.load(std::sync::atomic::Ordering::Acquire)
+            }) {
+                self.bump_generation().await;
+                self.record_retirements(None).await?;
+            }
             // Joining under `membership`: no retirement's generation bump is half done, and the
             // target's generation must be below the set's, or it would be the fresher copy.
             if opened.generation >= self.generation() {

@@ -8,8 +8,8 @@
 //! acknowledged and before the engine serves at all: `retire` records before it returns, and
 //! every mutation waits for pending records in `settled`. The manager refuses a record from an
 //! epoch that is not the volume's current one: the engine is then fenced and serves nothing.
-//! While the manager cannot be reached, writes wait (never acknowledged without the record);
-//! reads go on.
+//! While the manager cannot be reached, requests wait (a write is never acknowledged without
+//! the record; a read waits too, as this engine may have been replaced by one elsewhere).
 //!
 //! So every replica the manager records `RW` holds every acknowledged write, and an engine may
 //! start from any of those it can reach (see `docs/healing.md`, rule 9).
