@@ -1140,8 +1140,10 @@ impl State {
     fn why_missing(&self, r: &ReplicaRecord) -> Option<String> {
         if !self.node_ready(&r.node) {
             Some(format!(
-                "waiting for node {} (holds replica {}) to come back",
-                r.node, r.name
+                "waiting for node {} (holds replica {}) to come back; an engine starts without it once the node has been down {} s, if another replica in sync is up",
+                r.node,
+                r.name,
+                START_WITHOUT_AFTER.as_secs()
             ))
         } else if let Some(why) = self.missing_on_disk(r) {
             Some(format!("waiting for replica {}: {why}", r.name))

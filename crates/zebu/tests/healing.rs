@@ -1,5 +1,7 @@
 //! Issue 10, a volume that heals itself: settings, a replica never made from nothing, faults
-//! seen without I/O. (Rebuild, resync and salvage land in later steps; see docs/healing.md.)
+//! seen without I/O, rebuild and delta rejoin, crash resync, salvage, power cycles (kill -9 and
+//! real power cuts through the crash-simulating file layer), the engine moved off a node that is
+//! down. See docs/healing.md.
 
 mod common;
 use common::*;
