@@ -673,9 +673,11 @@ impl Agent {
             secret,
             io_timeout: IO_TIMEOUT,
             connect_patience: Duration::from_secs(3),
-            // A member out of reach is recorded at the manager as retired before the engine
-            // serves (see `zebu-engine/src/engine/record.rs`), so starting without it is safe.
-            require_all: false,
+            // Every member must be reached (a refusal may be a node that is still starting),
+            // but those the manager says may be left out (their node has been down long): they
+            // are recorded retired before the engine serves (`zebu-engine/src/engine/record.rs`).
+            require_all: true,
+            may_leave_out: spec.may_leave_out.clone(),
             min_generation: spec.min_generation,
             generation_floor: spec.generation_floor,
             epoch: spec.epoch,

@@ -307,6 +307,10 @@ pub struct EngineSpec {
     /// what changed for the ones away (0: as many as `replicas`).
     #[serde(default)]
     pub replica_count: usize,
+    /// Members the engine may start without when it cannot reach them (their node has been
+    /// down long enough); every other member given must be reached, or the start waits.
+    #[serde(default)]
+    pub may_leave_out: Vec<String>,
 }
 
 /// What the manager wants a node to run (the answer to a heartbeat). Level-triggered: the full

@@ -119,9 +119,11 @@ pub struct EngineConfig {
     pub io_timeout: Duration,
     /// How long start-up keeps retrying replicas that do not answer yet.
     pub connect_patience: Duration,
-    /// Refuse to start unless every replica given is reachable (the manager gives only replicas
-    /// it believes in sync, so one missing may hold writes the others lack).
+    /// Refuse to start unless every replica given is reachable, but those in `may_leave_out`
+    /// (an agent's engine: the manager says which, and the engine records them retired before
+    /// it serves).
     pub require_all: bool,
+    pub may_leave_out: Vec<String>,
     /// Refuse to start if the freshest reachable replica's generation is below this.
     pub min_generation: u64,
     /// The set starts above this generation even if every member is lower: the highest any
@@ -411,7 +413,9 @@ impl Engine {
                     (Some(c), Mode::Rw, String::new())
                 }
                 Err(e) => {
-                    unreachable.push(e.to_string());
+                    if !cfg.may_leave_out.contains(&t.name) {
+                        unreachable.push(e.to_string());
+                    }
                     (None, Mode::Err, e.to_string())
                 }
             };

@@ -78,6 +78,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         io_timeout: Duration::from_secs(5),
         connect_patience: Duration::from_millis(300),
         require_all: false,
+        may_leave_out: Vec::new(),
         min_generation: 0,
         generation_floor: 0,
         epoch: 0,

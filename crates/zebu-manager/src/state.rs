@@ -1006,6 +1006,11 @@ impl State {
                     .collect(),
                 rebuild,
                 replica_count: v.replica_count as usize,
+                may_leave_out: members
+                    .iter()
+                    .filter(|r| self.down_for(&r.node) >= START_WITHOUT_AFTER)
+                    .map(|r| r.name.clone())
+                    .collect(),
                 rebuild_rate: self
                     .setting_u64(crate::settings::REPLICA_REBUILD_BANDWIDTH_LIMIT)
                     .saturating_mul(1 << 20),
