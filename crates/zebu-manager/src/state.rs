@@ -1008,7 +1008,7 @@ impl State {
                 replica_count: v.replica_count as usize,
                 may_leave_out: members
                     .iter()
-                    .filter(|r| self.down_for(&r.node) >= START_WITHOUT_AFTER)
+                    .filter(|r| self.may_leave_out(r))
                     .map(|r| r.name.clone())
                     .collect(),
                 rebuild_rate: self
@@ -1119,21 +1119,25 @@ impl State {
     /// `assignment`), or no member that could serve.
     fn member_to_wait_for(&self, volume: &str) -> Option<String> {
         let members = self.start_members(volume);
-        let long_down = |r: &&ReplicaRecord| self.down_for(&r.node) >= START_WITHOUT_AFTER;
         // Skipping a member needs an RW record among the rest: a WO one that reached the
         // set's recorded generation may be a rebuild still copying, whose set raised its
         // generation past it without the manager hearing yet.
-        let skipping = members.iter().any(long_down);
+        let skipping = members.iter().any(|r| self.may_leave_out(r));
         let reachable_rw = members
             .iter()
-            .filter(|r| !long_down(r) && r.mode == ReplicaMode::RW)
-            .count();
-        if members.iter().all(long_down) || (skipping && reachable_rw == 0) {
+            .any(|r| !self.may_leave_out(r) && r.mode == ReplicaMode::RW);
+        if skipping && !reachable_rw {
             return self.missing_member(volume);
         }
-        let waiting: Vec<&ReplicaRecord> =
-            members.iter().filter(|r| !long_down(r)).copied().collect();
-        waiting.into_iter().find_map(|r| self.why_missing(r))
+        members
+            .into_iter()
+            .filter(|r| !self.may_leave_out(r))
+            .find_map(|r| self.why_missing(r))
+    }
+
+    /// An engine may start without `r`: its node has been down for [`START_WITHOUT_AFTER`].
+    fn may_leave_out(&self, r: &ReplicaRecord) -> bool {
+        self.down_for(&r.node) >= START_WITHOUT_AFTER
     }
 
     fn missing_member(&self, volume: &str) -> Option<String> {
