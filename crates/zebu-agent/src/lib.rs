@@ -356,6 +356,7 @@ impl Agent {
                         kind: p.kind.into(),
                         bytes_done: p.bytes_done,
                         bytes_total: p.bytes_total,
+                        resumed_from: p.resumed_from,
                     }),
                     last_rebuild,
                     rebuild_failed: m.mode == Mode::Err
@@ -652,6 +653,7 @@ impl Agent {
                             kind: done.kind.into(),
                             bytes_copied: done.bytes_copied,
                             duration_ms: done.duration.as_millis() as u64,
+                            resumed_from: done.resumed_from,
                         }),
                         Err(e) => {
                             tracing::warn!(node = %this.cfg.node, replica = %name, "rebuild failed, tried again later: {e}");

@@ -72,6 +72,10 @@ pub struct RebuildStatus {
     pub kind: String,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// Bytes already in place when this attempt began: a rebuild resumed after an
+    /// interruption (0 for one that started from the beginning).
+    #[serde(default)]
+    pub resumed_from: u64,
 }
 
 /// The last rebuild that completed.
@@ -81,6 +85,9 @@ pub struct LastRebuild {
     /// Bytes of data written to the replica (holes are not counted).
     pub bytes_copied: u64,
     pub duration_ms: u64,
+    /// Bytes already in place when its last attempt began (0: it ran from the beginning).
+    #[serde(default)]
+    pub resumed_from: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -213,6 +213,8 @@ pub struct Engine {
     next_index: AtomicUsize,
     /// Hot extents of the write-intent log (see `engine/intents.rs`).
     intents: intents::Intents,
+    /// What changed while a rebuild target was away (see `engine/rebuild.rs`).
+    resumes: rebuild::Resumes,
     /// Members the volume should have (see [`EngineConfig::replica_count`]).
     replica_count: usize,
     recorder: Option<Arc<dyn MembershipRecord>>,
@@ -477,6 +479,7 @@ impl Engine {
             fenced_off: std::sync::atomic::AtomicBool::new(false),
             next_index: AtomicUsize::new(cfg.replicas.len()),
             intents: intents::Intents::default(),
+            resumes: rebuild::Resumes::default(),
             replica_count: if cfg.replica_count == 0 {
                 cfg.replicas.len()
             } else {
@@ -692,6 +695,11 @@ impl Engine {
         if was != Mode::Err {
             tracing::warn!(volume = %self.volume, replica = %m.name, "replica leaves the set: {reason}");
             *m.error.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_owned();
+            if was == Mode::Wo {
+                // Before the mode: every write it misses is in an extent hot now or marked
+                // from now on.
+                self.resumes.left(&m.name, || self.intents.snapshot());
+            }
             if was == Mode::Rw {
                 // Before the mode: a request that sees it ERR also sees a record pending.
                 m.unrecorded.store(true, Ordering::Release);

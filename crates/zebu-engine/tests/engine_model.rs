@@ -1663,3 +1663,124 @@ async fn a_retirement_cut_short_by_a_cancelled_request_is_finished_by_the_next_o
         "the retirement was never recorded"
     );
 }
+
+/// The rebuild record on a replica (its write-intent log's facts).
+fn rebuild_record(r: &Replica) -> zebu_replica::wil::Rebuild {
+    zebu_replica::wil::LogFacts::decode(&r.wil_read(0, 0).unwrap())
+        .unwrap()
+        .rebuild
+}
+
+/// Must-hold 3, engine side: a full rebuild cut short (its target went away) goes on from where
+/// it was when the target returns; what changed below that point meanwhile is copied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_full_rebuild_resumes_where_it_was() {
+    const EXTENTS: u64 = 8;
+    let size = EXTENTS * WIL_EXTENT;
+    let mut c = cluster_sized(3, size).await;
+    // A volume of three replicas, one missing: every extent written settles changed, not
+    // clean, so the members' logs alone would have the whole volume copied again.
+    let mut cfg = sized(c.targets[..2].to_vec(), size);
+    cfg.replica_count = 3;
+    let e = Engine::start(cfg).await.unwrap();
+    // 1 MiB of data at the start of every extent.
+    for x in 0..EXTENTS {
+        e.write(
+            x * WIL_EXTENT,
+            Bytes::from(vec![x as u8 + 1; 1 << 20]),
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    let r0 = c.servers[0].list()[0].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wil_states(&r0).iter().any(|s| *s != 1) {
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Replica 2 (new, empty) is rebuilt slowly (4 MiB/s): it records how far it got.
+    let r2 = c.servers[2].list()[0].clone();
+    let rebuild = {
+        let (e, t) = (e.clone(), c.targets[2].clone());
+        tokio::spawn(async move { e.rebuild(t, 4 << 20).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rebuild_record(&r2).copied_to < 8 << 20 {
+        assert!(std::time::Instant::now() < deadline, "no progress recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    take_replica_away(&mut c, 2);
+    let err = rebuild.await.unwrap().expect_err("its target went away");
+    assert!(err.to_string().contains("rebuild"), "{err}");
+    let record = rebuild_record(&r2);
+    assert!(record.copied_to < size, "{record:?}: not cut short");
+    // While it is away, a write below the recorded offset.
+    e.write(BS, Bytes::from(vec![0x99; BS as usize]), false)
+        .await
+        .unwrap();
+    c.servers[2].add(r2.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    c.targets[2].address = l.local_addr().unwrap().to_string();
+    c.tasks[2] = tokio::spawn(c.servers[2].clone().serve(l));
+    let done = e.rebuild(c.targets[2].clone(), 0).await.unwrap();
+    assert_eq!(done.kind, "full");
+    // Extent 0 (written while it was away: the engine noted it) is copied again, then every
+    // extent from the recorded offset on: the data of the extents wholly below it is not.
+    let below = record.copied_to.div_ceil(WIL_EXTENT);
+    assert_eq!(
+        done.bytes_copied,
+        (1 + EXTENTS - below) << 20,
+        "{done:?} after {record:?}"
+    );
+    assert_eq!(done.resumed_from, record.copied_to - WIL_EXTENT, "{done:?}");
+    assert_replicas_identical(&c, size, "after the resumed rebuild");
+    assert_eq!(
+        rebuild_record(&r2),
+        zebu_replica::wil::Rebuild::NONE,
+        "in sync: the record is cleared"
+    );
+    // A new member's full rebuild is cut short; then the set settles clean without it (an
+    // engine over replicas 0 and 1, which count as every member), so no member's log tells
+    // what changed below its recorded offset since: its next rebuild starts from the beginning.
+    // (Replica names v-r0..v-r2 are taken: the new member is the fourth of a new cluster.)
+    let mut c4 = cluster_sized(4, size).await;
+    let r3 = c4.servers[3].list()[0].clone();
+    let rebuild = {
+        let (e, t) = (e.clone(), c4.targets[3].clone());
+        tokio::spawn(async move { e.rebuild(t, 4 << 20).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rebuild_record(&r3).copied_to < 8 << 20 {
+        assert!(std::time::Instant::now() < deadline, "no progress recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    take_replica_away(&mut c4, 3);
+    rebuild.await.unwrap().expect_err("its target went away");
+    e.shutdown("test").await.unwrap();
+    let e = Engine::start(with_epoch(sized(c.targets[..2].to_vec(), size), 1))
+        .await
+        .unwrap();
+    e.write(BS, Bytes::from(vec![0x77; BS as usize]), false)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wil_states(&r0).iter().any(|s| *s != 0) || wil_covers_from(&r0) != e.generation() {
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c4.servers[3].add(r3.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    c4.targets[3].address = l.local_addr().unwrap().to_string();
+    c4.tasks[3] = tokio::spawn(c4.servers[3].clone().serve(l));
+    let done = e.rebuild(c4.targets[3].clone(), 0).await.unwrap();
+    assert_eq!((done.kind, done.resumed_from), ("full", 0), "{done:?}");
+    let (mut want, mut got) = (vec![0u8; size as usize], vec![0u8; size as usize]);
+    r0.read(0, &mut want).unwrap();
+    r3.read(0, &mut got).unwrap();
+    assert!(
+        want == got,
+        "the new member differs after a rebuild that could not resume"
+    );
+    e.shutdown("test").await.unwrap();
+}

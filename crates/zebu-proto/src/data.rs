@@ -122,6 +122,11 @@ pub enum Op {
     /// the generation of a rebuild in progress (u64, `u64::MAX` for none), then one state byte
     /// per extent.
     WilRead = 14,
+    /// Write-intent log: record how far a rebuild into this replica got: `offset` is the set's
+    /// generation when the copy began, the payload (8 bytes, u64) the offset below which every
+    /// byte was copied. The replica syncs its data before it records it. See
+    /// `docs/healing.md`, "Resuming an interrupted rebuild".
+    WilRebuild = 15,
 }
 
 impl Op {
@@ -141,6 +146,7 @@ impl Op {
             12 => Op::WilMark,
             13 => Op::WilSettle,
             14 => Op::WilRead,
+            15 => Op::WilRebuild,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }
@@ -494,7 +500,7 @@ impl RequestHeader {
         if h.length > MAX_PAYLOAD_BYTES
             && matches!(
                 h.op,
-                Op::Read | Op::Write | Op::WilMark | Op::WilSettle | Op::WilRead
+                Op::Read | Op::Write | Op::WilMark | Op::WilSettle | Op::WilRead | Op::WilRebuild
             )
         {
             return Err(FrameError::TooLong {
@@ -508,7 +514,10 @@ impl RequestHeader {
 
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self) -> usize {
-        if matches!(self.op, Op::Write | Op::WilMark | Op::WilSettle) {
+        if matches!(
+            self.op,
+            Op::Write | Op::WilMark | Op::WilSettle | Op::WilRebuild
+        ) {
             self.length as usize
         } else {
             0

@@ -116,6 +116,27 @@ fn run(
             .map(|()| Vec::new())
         }
         Op::WilRead => replica.wil_read(offset, length as u64),
+        Op::WilRebuild => {
+            if payload_crc.is_some_and(|c| c != crc32c::crc32c(payload)) {
+                return Err(ReplicaError::TransitChecksum {
+                    replica: replica.name().to_owned(),
+                    offset,
+                });
+            }
+            let copied_to: [u8; 8] = payload.try_into().map_err(|_| ReplicaError::Invalid {
+                replica: replica.name().to_owned(),
+                reason: format!(
+                    "a rebuild record takes 8 bytes of payload, not {}",
+                    payload.len()
+                ),
+            })?;
+            replica
+                .wil_record_rebuild(crate::wil::Rebuild {
+                    base: offset,
+                    copied_to: u64::from_le_bytes(copied_to),
+                })
+                .map(|()| Vec::new())
+        }
         Op::Write => replica
             .write_checked(offset, payload, fua, payload_crc)
             .map(|()| Vec::new()),

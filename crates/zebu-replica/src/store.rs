@@ -1192,6 +1192,15 @@ impl Replica {
         self.poison_on_io(r)
     }
 
+    /// Record how far a rebuild into this replica got (see [`IntentLog::record_rebuild`]):
+    /// its data is synced first, so what the record claims is durable.
+    pub fn wil_record_rebuild(&self, rebuild: crate::wil::Rebuild) -> Result<(), ReplicaError> {
+        self.check_usable()?;
+        self.flush()?;
+        let r = self.wil.record_rebuild(rebuild);
+        self.poison_on_io(r)
+    }
+
     /// Settle write-intent-log extents (see [`IntentLog::settle`]).
     pub fn wil_settle(
         &self,

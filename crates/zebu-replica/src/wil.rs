@@ -9,8 +9,10 @@
 //! non-clean extents of a survivor whose log covers it (see `covers_from` below).
 //!
 //! File: a 4096-byte header (magic `ZEBUWIL\0`, version u32, extent bytes u64, extents u64,
-//! covers_from u64, boot id of the last mark (16 bytes), rejoin_from u64, then a CRC32C of
-//! those 60 bytes at byte 60), then pages of 4096 bytes:
+//! covers_from u64, boot id of the last mark (16 bytes), rejoin_from u64, a CRC32C at byte 60;
+//! version 2 adds rebuild_base u64 and copied_to u64 at byte 64, under the same CRC, which then
+//! covers bytes 0..60 and 64..80; a version-1 header reads as "no rebuild in progress"), then
+//! pages of 4096 bytes:
 //! CRC32C (u32, of the rest of the page) and page number (u32), then one state byte for each of
 //! [`PAGE_STATES`] extents. A page that is all zeroes (never written, sparse) is all clean. A
 //! page is replaced in place with one positioned write and `fdatasync`ed before a mark is
@@ -27,6 +29,11 @@
 //! had when it first rejoined as a rebuild target (a rebuild raises its generation to fence
 //! older sessions; that raise is not evidence), reset once it is in sync again.
 //!
+//! `rebuild_base` and `copied_to` say how far a rebuild into this replica got: every byte
+//! below `copied_to` was copied from a member in sync while this replica took every live
+//! write, and is durable here; the set's generation was `rebuild_base` when the copy began.
+//! Both are reset once the replica is in sync (`u64::MAX`, 0). See `docs/healing.md`.
+//!
 //! A replica that has no log (written by an older version, or the file was lost) gets one with
 //! every extent dirty and covering nothing: nothing is known, so everything is resynced once.
 
@@ -41,13 +48,15 @@ use crate::file::{DiskFile, FileLayer};
 
 pub const WIL_FILE: &str = "wil";
 pub const WIL_MAGIC: [u8; 8] = *b"ZEBUWIL\0";
-pub const WIL_FORMAT_VERSION: u32 = 1;
+pub const WIL_FORMAT_VERSION: u32 = 2;
 const PAGE_BYTES: usize = 4096;
 const PAGE_HEADER_BYTES: usize = 8;
 /// Extents whose state one page holds.
 pub const PAGE_STATES: usize = PAGE_BYTES - PAGE_HEADER_BYTES;
 /// `covers_from` of a log that covers nothing yet.
 pub const COVERS_NOTHING: u64 = u64::MAX;
+/// `rebuild_base` of a replica no rebuild is filling.
+pub const NO_REBUILD: u64 = u64::MAX;
 
 pub struct IntentLog {
     file: Box<dyn DiskFile>,
@@ -61,6 +70,21 @@ struct Head {
     covers_from: u64,
     boot: [u8; 16],
     rejoin_from: u64,
+    rebuild: Rebuild,
+}
+
+/// How far a rebuild into this replica got (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuild {
+    pub base: u64,
+    pub copied_to: u64,
+}
+
+impl Rebuild {
+    pub const NONE: Rebuild = Rebuild {
+        base: NO_REBUILD,
+        copied_to: 0,
+    };
 }
 
 struct Inner {
@@ -79,9 +103,21 @@ fn header(extents: u64, h: Head) -> Vec<u8> {
     b[28..36].copy_from_slice(&h.covers_from.to_le_bytes());
     b[36..52].copy_from_slice(&h.boot);
     b[52..60].copy_from_slice(&h.rejoin_from.to_le_bytes());
-    let crc = crc32c::crc32c(&b[0..HEADER_CRC_AT]);
+    b[64..72].copy_from_slice(&h.rebuild.base.to_le_bytes());
+    b[72..80].copy_from_slice(&h.rebuild.copied_to.to_le_bytes());
+    let crc = header_crc(&b, WIL_FORMAT_VERSION);
     b[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
     b
+}
+
+/// The header's CRC: of bytes 0..60, and in version 2 of bytes 64..80 too.
+fn header_crc(b: &[u8], version: u32) -> u32 {
+    let crc = crc32c::crc32c(&b[0..HEADER_CRC_AT]);
+    if version >= 2 {
+        crc32c::crc32c_append(crc, &b[64..80])
+    } else {
+        crc
+    }
 }
 
 /// This boot of the machine (all zeroes if the kernel does not say).
@@ -110,10 +146,11 @@ pub struct LogFacts {
     /// The machine has not rebooted since the last mark: the page cache holds every write.
     pub cache_intact: bool,
     pub rejoin_from: u64,
+    pub rebuild: Rebuild,
 }
 
 /// Bytes before the states in a WIL_READ reply.
-pub const READ_HEADER_BYTES: usize = 24;
+pub const READ_HEADER_BYTES: usize = 40;
 
 impl LogFacts {
     pub fn encode(&self) -> [u8; READ_HEADER_BYTES] {
@@ -121,6 +158,8 @@ impl LogFacts {
         b[0..8].copy_from_slice(&self.covers_from.to_le_bytes());
         b[8..16].copy_from_slice(&u64::from(self.cache_intact).to_le_bytes());
         b[16..24].copy_from_slice(&self.rejoin_from.to_le_bytes());
+        b[24..32].copy_from_slice(&self.rebuild.base.to_le_bytes());
+        b[32..40].copy_from_slice(&self.rebuild.copied_to.to_le_bytes());
         b
     }
 
@@ -129,6 +168,10 @@ impl LogFacts {
             covers_from: u64_at(b, 0),
             cache_intact: u64_at(b, 8) == 1,
             rejoin_from: u64_at(b, 16),
+            rebuild: Rebuild {
+                base: u64_at(b, 24),
+                copied_to: u64_at(b, 32),
+            },
         })
     }
 }
@@ -172,6 +215,7 @@ impl IntentLog {
                     covers_from: COVERS_NOTHING,
                     boot: [0; 16],
                     rejoin_from: COVERS_NOTHING,
+                    rebuild: Rebuild::NONE,
                 },
             }),
         };
@@ -224,12 +268,13 @@ impl IntentLog {
                 .map_err(|e| ReplicaError::io("read write-intent log", &self.path, at, e))
         };
         let n = read(&mut h, 0)?;
+        let version = u32_at(&h, 8);
         let header_ok = n == PAGE_BYTES
             && h[0..8] == WIL_MAGIC
-            && u32_at(&h, 8) == WIL_FORMAT_VERSION
+            && (1..=WIL_FORMAT_VERSION).contains(&version)
             && u64_at(&h, 12) == WIL_EXTENT_BYTES
             && u64_at(&h, 20) == self.extents
-            && crc32c::crc32c(&h[0..HEADER_CRC_AT]) == u32_at(&h, HEADER_CRC_AT);
+            && header_crc(&h, version) == u32_at(&h, HEADER_CRC_AT);
         if !header_ok {
             tracing::warn!(
                 replica,
@@ -245,6 +290,14 @@ impl IntentLog {
             covers_from: u64_at(&h, 28),
             boot: h[36..52].try_into().expect("16 bytes"),
             rejoin_from: u64_at(&h, 52),
+            rebuild: if version >= 2 {
+                Rebuild {
+                    base: u64_at(&h, 64),
+                    copied_to: u64_at(&h, 72),
+                }
+            } else {
+                Rebuild::NONE
+            },
         };
         let pages = (self.extents as usize).div_ceil(PAGE_STATES);
         let mut page = vec![0u8; PAGE_BYTES];
@@ -361,9 +414,21 @@ impl IntentLog {
         Ok(())
     }
 
+    /// Durably record how far a rebuild into this replica got (its data below `copied_to` must
+    /// be durable already: the rebuild flushes it first).
+    pub fn record_rebuild(&self, rebuild: Rebuild) -> Result<(), ReplicaError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut head = inner.head;
+        head.rebuild = rebuild;
+        self.write_header(&head)?;
+        inner.head = head;
+        Ok(())
+    }
+
     /// Settle `extents` (every non-clean one with `all`) to `state`. Settling to clean at
     /// `generation` first records that the log covers every member from that generation on
-    /// (durable before any bit is cleared); the replica is in sync, so a rejoin is over.
+    /// (durable before any bit is cleared); the replica is in sync, so a rejoin and a rebuild
+    /// are over.
     pub fn settle(
         &self,
         replica: &str,
@@ -375,11 +440,14 @@ impl IntentLog {
         self.check(replica, extents)?;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if state == WIL_CLEAN
-            && (inner.head.covers_from != generation || inner.head.rejoin_from != COVERS_NOTHING)
+            && (inner.head.covers_from != generation
+                || inner.head.rejoin_from != COVERS_NOTHING
+                || inner.head.rebuild != Rebuild::NONE)
         {
             let mut head = inner.head;
             head.covers_from = generation;
             head.rejoin_from = COVERS_NOTHING;
+            head.rebuild = Rebuild::NONE;
             self.write_header(&head)?;
             inner.head = head;
         }
@@ -419,6 +487,7 @@ impl IntentLog {
             covers_from: inner.head.covers_from,
             cache_intact: inner.head.boot == boot_id(),
             rejoin_from: inner.head.rejoin_from,
+            rebuild: inner.head.rebuild,
         };
         let mut out = facts.encode().to_vec();
         out.extend_from_slice(&inner.states[first as usize..(first + count) as usize]);
@@ -520,6 +589,60 @@ mod tests {
         log.settle("r", &[], false, WIL_CLEAN, 8).unwrap();
         assert_eq!(facts(&log).rejoin_from, COVERS_NOTHING);
         assert_eq!(facts(&log).covers_from, 8);
+    }
+
+    #[test]
+    fn a_rebuild_record_survives_a_reopen_and_is_cleared_once_in_sync() {
+        let d = tempfile::tempdir().unwrap();
+        let facts = |log: &IntentLog| LogFacts::decode(&log.read("r", 0, 0).unwrap()).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
+        assert_eq!(facts(&log).rebuild, Rebuild::NONE);
+        let r = Rebuild {
+            base: 7,
+            copied_to: 96 << 20,
+        };
+        log.rejoin(3).unwrap();
+        log.record_rebuild(r).unwrap();
+        log.mark("r", &[2]).unwrap();
+        log.rejoin(4).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
+        assert_eq!(facts(&log).rebuild, r, "kept across a reopen and a rejoin");
+        assert_eq!(facts(&log).rejoin_from, 3);
+        // Settling to changed says nothing of being in sync; settling to clean does.
+        log.settle("r", &[2], false, WIL_CHANGED, 0).unwrap();
+        assert_eq!(facts(&log).rebuild, r);
+        log.settle("r", &[], true, WIL_CLEAN, 9).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
+        assert_eq!(facts(&log).rebuild, Rebuild::NONE);
+    }
+
+    #[test]
+    fn a_version_1_log_opens_with_no_rebuild_in_progress() {
+        let d = tempfile::tempdir().unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
+        log.mark("r", &[1]).unwrap();
+        log.settle("r", &[1], false, WIL_CLEAN, 5).unwrap();
+        log.mark("r", &[4]).unwrap();
+        drop(log);
+        // The header as version 1 wrote it: no fields after rejoin_from, CRC of bytes 0..60.
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.path().join(WIL_FILE))
+            .unwrap();
+        let mut h = vec![0u8; PAGE_BYTES];
+        f.read_exact_at(&mut h, 0).unwrap();
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
+        h[64..80].fill(0);
+        let crc = crc32c::crc32c(&h[0..HEADER_CRC_AT]);
+        h[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        f.write_all_at(&h, 0).unwrap();
+        let log = IntentLog::open(&crate::file::Direct, d.path(), SIZE, "r", true).unwrap();
+        let facts = LogFacts::decode(&log.read("r", 0, 0).unwrap()).unwrap();
+        assert_eq!(facts.rebuild, Rebuild::NONE);
+        let (covers, s) = states(&log);
+        assert_eq!(covers, 5, "the version-1 fields are read");
+        assert_eq!((s[1], s[4]), (WIL_CLEAN, WIL_DIRTY));
     }
 
     #[test]

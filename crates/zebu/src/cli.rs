@@ -84,8 +84,13 @@ fn show_volume(v: &Volume, out: Output) {
 fn rebuild_cell(r: &zebu_api::Replica) -> String {
     if let Some(b) = &r.rebuild {
         let pct = (b.bytes_done * 100).checked_div(b.bytes_total).unwrap_or(0);
+        let resumed = if b.resumed_from > 0 {
+            format!(", resumed at {}", human(b.resumed_from))
+        } else {
+            String::new()
+        };
         return format!(
-            "{} {pct}% ({} of {})",
+            "{} {pct}% ({} of {}{resumed})",
             b.kind,
             human(b.bytes_done),
             human(b.bytes_total)

@@ -647,6 +647,10 @@ fn salvage_refuses_without_the_freshest_replica_and_a_person_may_choose() {
         (v["robustness"] == "healthy").then_some(v)
     });
     assert_eq!(replica_on(&v, "node-2").unwrap()["mode"], "RW", "{v}");
+    assert!(
+        replica_on(&v, "node-1").is_none(),
+        "a needless replacement: {v}"
+    );
     c.cli_ok(&["volume", "detach", "vol"]);
     assert_rw_replicas_identical(&c, "vol");
 }
@@ -886,4 +890,164 @@ fn the_engine_moves_off_a_node_that_is_down_and_the_old_one_is_fenced_when_it_re
         (c.volume("mv")["state"] == "detached").then_some(())
     });
     assert_rw_replicas_identical(&c, "mv");
+}
+
+/// The rebuild status of the replica on `node`, if it is rebuilding.
+fn rebuild_on(c: &Cluster, volume: &str, node: &str) -> Option<Value> {
+    // None while the manager does not answer (it may be restarting).
+    let v = c.cli_json(&["volume", "get", volume]).ok()?;
+    replica_on(&v, node)
+        .filter(|r| r["mode"] == "WO")
+        .map(|r| r["rebuild"].clone())
+        .filter(|b| b.is_object())
+}
+
+fn field(b: &Value, name: &str) -> u64 {
+    b[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {b}"))
+}
+
+/// Must-hold 3: a full rebuild under a verifying writer, interrupted three ways. A source is
+/// killed (the copy goes on from the other member in sync: the same attempt, no restart); the
+/// target is killed and restarted (the next attempt resumes from what the target recorded,
+/// copying again only what changed below it); the manager is killed and restarted (the
+/// engine's agent keeps copying). The client's I/O goes on throughout, the rebuild completes,
+/// and the replicas are identical.
+#[test]
+fn a_rebuild_survives_the_loss_of_its_source_its_target_and_the_manager() {
+    require("fio");
+    require("qemu-io");
+    const MIB: u64 = 1 << 20;
+    let mut c = Cluster::separate(34, 5);
+    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
+    // 4 MiB/s: the 128 MiB copy takes about 32 s, long enough to interrupt.
+    c.cli_ok(&["setting", "set", "replica-rebuild-bandwidth-limit", "4"]);
+    // A one-replica volume on node-1 first, so the next one's replicas (fewest-held nodes
+    // first) land on nodes 2, 3 and 4, and the engine on node-1 reads from remote members only.
+    c.cli_ok(&[
+        "volume",
+        "create",
+        "pad",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "1",
+    ]);
+    let uri = c.create_attached("long", "128MiB", 3, "node-1");
+    let v = c.volume("long");
+    for n in ["node-2", "node-3", "node-4"] {
+        assert!(replica_on(&v, n).is_some(), "no replica on {n}: {v}");
+    }
+    qemu_io(&uri, &["write -P 0x5a 0 128M".into(), "flush".into()]);
+    let fio = fio_verify(&c, &uri, "8m", "160k");
+    c.kill_agent(3); // node-4, for good: a new replica on node-5 gets a full rebuild
+    let first = wait_until("a rebuild on node-5", Duration::from_secs(60), || {
+        rebuild_on(&c, "long", "node-5")
+    });
+    // From here on a member that fails and returns within 15 s rejoins, and is not replaced
+    // (node-4's failure, older than that, does not count: node-5 took its place).
+    c.cli_ok(&[
+        "setting",
+        "set",
+        "replica-replenishment-wait-interval",
+        "15",
+    ]);
+    assert_eq!(first["kind"], "full", "{first}");
+    assert_eq!(field(&first, "resumed_from"), 0, "{first}");
+
+    // 1. A source: node-2 (the engine alternates between node-2 and node-3).
+    wait_until("16 MiB copied", Duration::from_secs(60), || {
+        rebuild_on(&c, "long", "node-5").filter(|b| field(b, "bytes_done") >= 16 * MIB)
+    });
+    let before = field(&rebuild_on(&c, "long", "node-5").unwrap(), "bytes_done");
+    c.kill_agent(1);
+    let b = wait_until(
+        "the copy going on without node-2",
+        Duration::from_secs(30),
+        || rebuild_on(&c, "long", "node-5").filter(|b| field(b, "bytes_done") >= before + 8 * MIB),
+    );
+    assert_eq!(
+        field(&b, "resumed_from"),
+        0,
+        "the same attempt goes on: {b}"
+    );
+    c.start_agent(1);
+
+    // 2. The target: node-5, killed and restarted.
+    wait_until("64 MiB copied", Duration::from_secs(60), || {
+        rebuild_on(&c, "long", "node-5").filter(|b| field(b, "bytes_done") >= 64 * MIB)
+    });
+    let before = field(&rebuild_on(&c, "long", "node-5").unwrap(), "bytes_done");
+    c.kill_agent(4);
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_agent(4);
+    let t0 = Instant::now();
+    let resumed = loop {
+        if let Some(b) = rebuild_on(&c, "long", "node-5").filter(|b| field(b, "resumed_from") > 0) {
+            break b;
+        }
+        let tail = |n: &str| {
+            let l = c.log(n);
+            l[l.len().saturating_sub(6000)..].to_owned()
+        };
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the rebuild did not resume on node-5: {}\n--- manager\n{}\n--- node-1\n{}\n--- node-5\n{}",
+            c.volume("long"),
+            tail("manager"),
+            tail("node-1"),
+            tail("node-5")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // What it recorded lags the copy by at most 2 s (8 MiB at 4 MiB/s) and a piece; what the
+    // writer changed meanwhile (its 8 MiB) is copied again.
+    let from = field(&resumed, "resumed_from");
+    assert!(
+        from + 20 * MIB >= before,
+        "resumed from {from}, but {before} bytes were done before the target was killed: {resumed}"
+    );
+    assert_eq!(field(&resumed, "bytes_total"), 128 * MIB, "{resumed}");
+
+    // 3. The manager, killed and restarted: the engine's agent goes on copying.
+    wait_until("16 MiB more copied", Duration::from_secs(60), || {
+        rebuild_on(&c, "long", "node-5").filter(|b| field(b, "bytes_done") >= from + 16 * MIB)
+    });
+    let before = field(&rebuild_on(&c, "long", "node-5").unwrap(), "bytes_done");
+    if let Some(mut m) = c.manager.take() {
+        m.kill().unwrap();
+        m.wait().unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_manager();
+    let b = wait_until(
+        "the rebuild seen again after the manager's restart",
+        Duration::from_secs(30),
+        || rebuild_on(&c, "long", "node-5"),
+    );
+    assert_eq!(
+        field(&b, "resumed_from"),
+        from,
+        "the same attempt goes on: {b}"
+    );
+    assert!(field(&b, "bytes_done") >= before, "{b}");
+
+    let v = wait_until("the volume healthy again", Duration::from_secs(120), || {
+        let v = c.volume("long");
+        (v["robustness"] == "healthy").then_some(v)
+    });
+    fio_ok(&c, fio);
+    let r = replica_on(&v, "node-5").unwrap();
+    assert_eq!(r["mode"], "RW", "{v}");
+    assert_eq!(r["last_rebuild"]["kind"], "full", "{r}");
+    assert_eq!(r["last_rebuild"]["resumed_from"], from, "{r}");
+    assert_eq!(replica_on(&v, "node-2").unwrap()["mode"], "RW", "{v}");
+    assert!(
+        replica_on(&v, "node-1").is_none(),
+        "a needless replacement: {v}"
+    );
+    qemu_io(&uri, &["read -P 0x5a 8M 120M".into()]);
+    c.cli_ok(&["volume", "detach", "long"]);
+    assert_rw_replicas_identical(&c, "long");
 }

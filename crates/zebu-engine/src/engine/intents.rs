@@ -336,6 +336,8 @@ impl Engine {
         if owned.extents.is_empty() {
             return Ok(guard);
         }
+        // After they are in the hot set (see `Resumes::left`), before any write is sent.
+        self.resumes.marked(&owned.extents);
         let mine = owned.extents.clone();
         let mut res = Ok(());
         for call in extent_calls(Op::WilMark, 0, 0, &mine) {

@@ -19,14 +19,27 @@
 //!
 //! A live write that fails on the target retires it (`ERR`) as for any member, and the rebuild
 //! stops. The copy is paced to `rate` bytes per second (0: unpaced).
+//!
+//! **Resuming.** A full rebuild records on the target, as it goes, how far it got
+//! ([`Op::WilRebuild`]: the set's generation when the copy began, and the offset below which
+//! every byte was copied; the target syncs its data before it records it). The next attempt
+//! copies again, below that offset, the extents the target has dirty and those that may have
+//! changed while it was away, then goes on from the offset. What may have changed: if this
+//! engine wrote that record and saw the target leave, every extent that was hot when it left
+//! or became hot since ([`Resumes`]); otherwise (the engine restarted), the extents a member
+//! in sync has not clean, while its write-intent log still covers the record's generation (it
+//! has not settled clean since: that needs every member, the target included, in sync). See
+//! `docs/healing.md`, "Resuming an interrupted rebuild".
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use zebu_proto::data::{
     self, Op, EXTENT_HOLE, FLAG_WIL_REJOIN, WIL_CLEAN, WIL_DIRTY, WIL_EXTENT_BYTES,
 };
-use zebu_replica::wil::LogFacts;
+use zebu_replica::wil::{LogFacts, Rebuild, NO_REBUILD};
 
 use super::intents::extent_calls;
 
@@ -36,6 +49,9 @@ use crate::client::{Call, ClientError, ReplicaClient};
 
 /// Bytes copied under one range lock.
 const PIECE_BYTES: u64 = 1 << 20;
+/// A full rebuild records how far it got at least this often (in bytes walked, or time).
+const RECORD_BYTES: u64 = 64 << 20;
+const RECORD_EVERY: Duration = Duration::from_secs(2);
 
 /// How far a rebuild is (reported while the member is WO).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,17 +61,98 @@ pub struct RebuildProgress {
     pub kind: &'static str,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// Bytes already in place when this attempt began (a resumed rebuild; 0 otherwise).
+    pub resumed_from: u64,
 }
 
 /// The ranges a rebuild copies.
 struct Plan {
     kind: &'static str,
     ranges: Vec<(u64, u64)>,
+    /// Bytes in place before the copy (a resumed rebuild's prefix, less what is copied again).
+    already: u64,
+    /// Recorded on the target as the copy goes (a full rebuild; a delta one is planned again
+    /// from the logs).
+    record: Option<Rebuild>,
 }
 
 impl Plan {
     fn bytes(&self) -> u64 {
         self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+/// What this engine knows of its rebuild targets, to resume one that left mid-copy.
+#[derive(Default)]
+pub(super) struct Resumes {
+    /// Some target's changes are being noted (read on the marking path).
+    tracking: AtomicBool,
+    targets: Mutex<HashMap<String, Resume>>,
+}
+
+struct Resume {
+    /// The last record this engine wrote on the target.
+    record: Rebuild,
+    /// Once it left after that record: every extent hot then, or marked since.
+    changed: Option<HashSet<u64>>,
+}
+
+impl Resumes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Resume>> {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This engine wrote `record` on `target` (which is in the set, taking every write).
+    fn recorded(&self, target: &str, record: Rebuild) {
+        self.lock().insert(
+            target.to_owned(),
+            Resume {
+                record,
+                changed: None,
+            },
+        );
+    }
+
+    /// `target` leaves the set: from now on every extent that becomes hot is noted, and
+    /// `hot()` (the extents hot now, taken after noting starts) are noted at once.
+    pub(super) fn left(&self, target: &str, hot: impl FnOnce() -> Vec<u64>) {
+        let mut all = self.lock();
+        let Some(r) = all.get_mut(target) else {
+            return;
+        };
+        // Before the hot extents are read: an extent that turns hot after it is read sees
+        // `tracking` set and is noted by `marked`.
+        self.tracking.store(true, Ordering::SeqCst);
+        r.changed.get_or_insert_with(HashSet::new).extend(hot());
+    }
+
+    /// `extents` just turned hot (inserted in the hot set, before any write to them is sent).
+    pub(super) fn marked(&self, extents: &[u64]) {
+        if !self.tracking.load(Ordering::SeqCst) {
+            return;
+        }
+        for r in self.lock().values_mut() {
+            if let Some(c) = r.changed.as_mut() {
+                c.extend(extents);
+            }
+        }
+    }
+
+    /// What may have changed on `target` below `record` since this engine last saw it take
+    /// writes, if this engine wrote `record` there and saw it leave.
+    fn changed_since(&self, target: &str, record: Rebuild) -> Option<HashSet<u64>> {
+        let all = self.lock();
+        let r = all.get(target).filter(|r| r.record == record)?;
+        r.changed.clone()
+    }
+
+    /// `target` is in sync.
+    fn forget(&self, target: &str) {
+        let mut all = self.lock();
+        all.remove(target);
+        if all.values().all(|r| r.changed.is_none()) {
+            self.tracking.store(false, Ordering::SeqCst);
+        }
     }
 }
 
@@ -66,6 +163,8 @@ pub struct RebuildDone {
     /// Bytes of data written to the target (holes skipped are not counted).
     pub bytes_copied: u64,
     pub duration: Duration,
+    /// Bytes already in place when this attempt began (a resumed rebuild; 0 otherwise).
+    pub resumed_from: u64,
 }
 
 impl Engine {
@@ -144,7 +243,7 @@ impl Engine {
         let left_at = LogFacts::decode(&facts)
             .map(|f| f.rejoin_from)
             .ok_or_else(|| self.rebuild_err("a short write-intent log reply".into()))?;
-        let member = {
+        let (member, base) = {
             let _m = self.membership.lock().await;
             // Again under the lock: two rebuilds of one replica never both join.
             self.not_a_member(&target.name)?;
@@ -204,6 +303,7 @@ impl Engine {
                     kind: "full",
                     bytes_done: 0,
                     bytes_total: self.size_bytes,
+                    resumed_from: 0,
                 })),
                 unrecorded: std::sync::atomic::AtomicBool::new(false),
             });
@@ -217,9 +317,11 @@ impl Engine {
             *all = Arc::new(next);
             drop(all);
             self.changes.send_modify(|v| *v += 1);
-            member
+            // The set's generation as the target joins: every clean settle from now on is at
+            // a higher one (none while it is WO; its leaving or an engine start raises it).
+            (member, self.generation())
         };
-        let plan = match self.plan(&member, fresh, left_at).await {
+        let plan = match self.plan(&member, fresh, left_at, base).await {
             Ok(p) => p,
             Err(e) => {
                 self.mark_err(&member, &format!("its rebuild failed: {e}"));
@@ -227,13 +329,14 @@ impl Engine {
             }
         };
         let kind = plan.kind;
-        tracing::info!(volume = %self.volume, replica = %target.name, kind, bytes = plan.bytes(), "rebuild started");
+        tracing::info!(volume = %self.volume, replica = %target.name, kind, bytes = plan.bytes(), resumed_from = plan.already, "rebuild started");
         match self.copy_into(&member, &plan, fresh, rate, started).await {
             Ok(copied) => {
                 let done = RebuildDone {
                     kind,
                     bytes_copied: copied,
                     duration: started.elapsed(),
+                    resumed_from: plan.already,
                 };
                 tracing::info!(volume = %self.volume, replica = %target.name, kind, bytes_copied = copied, ms = done.duration.as_millis() as u64, "rebuild done: the replica is RW");
                 Ok(done)
@@ -246,14 +349,17 @@ impl Engine {
     }
 
     /// What to copy to `target` (joined as WO): the hot extents are marked on it first, so its
-    /// own log holds every extent a crash could leave different once it is RW. A target that
-    /// held data copies only the non-clean extents of a member whose write-intent log covers
-    /// it (its generation is at least that log's `covers_from`); otherwise the whole volume.
+    /// own log holds every extent a crash could leave different once it is RW. The smallest
+    /// of: a delta (the non-clean extents of a member whose write-intent log covers the
+    /// target: its `covers_from` is at most the generation the target had when it left), the
+    /// rest of an interrupted full rebuild (see the module docs), and the whole volume.
+    /// `base`: the set's generation as the target joined.
     async fn plan(
         &self,
         target: &Arc<Member>,
         fresh: bool,
         target_generation: u64,
+        base: u64,
     ) -> Result<Plan, EngineError> {
         // The target's own dirty extents are copied too (read before the hot ones are marked
         // there): an engine it was in may have written them without the set (one fenced off,
@@ -277,41 +383,104 @@ impl Engine {
                     .map_err(|e| self.rebuild_err(format!("marking the hot extents on it: {e}")))?;
             }
         }
-        let whole = Plan {
+        let mut best = Plan {
             kind: "full",
             ranges: vec![(0, self.size_bytes)],
+            already: 0,
+            record: Some(Rebuild { base, copied_to: 0 }),
         };
-        let Some(own) = own else {
-            return Ok(whole);
-        };
-        for m in self.read_order() {
-            match self.read_log(&m).await {
-                Ok(log) if log.facts.covers_from <= target_generation => {
-                    let ranges = log
-                        .states
-                        .iter()
-                        .zip(&own.states)
-                        .enumerate()
-                        .filter(|(_, (s, own))| **s != WIL_CLEAN || **own == WIL_DIRTY)
-                        .map(|(e, _)| {
-                            let start = e as u64 * WIL_EXTENT_BYTES;
-                            (start, (start + WIL_EXTENT_BYTES).min(self.size_bytes))
-                        })
-                        .collect();
-                    return Ok(Plan {
+        if let Some(own) = &own {
+            let before = own.facts.rebuild;
+            let to = before.copied_to.min(self.size_bytes);
+            let extent = |e: usize| {
+                let start = e as u64 * WIL_EXTENT_BYTES;
+                (start, (start + WIL_EXTENT_BYTES).min(self.size_bytes))
+            };
+            // The rest of an interrupted full rebuild: below `to`, the extents `differ` says
+            // may differ; then everything from `to`.
+            let resumed = |differ: &dyn Fn(usize) -> bool| {
+                let mut ranges: Vec<(u64, u64)> = (0..own.states.len())
+                    .filter(|e| differ(*e))
+                    .map(extent)
+                    .filter(|(s, _)| *s < to)
+                    .map(|(s, e)| (s, e.min(to)))
+                    .collect();
+                let again: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+                if to < self.size_bytes {
+                    ranges.push((to, self.size_bytes));
+                }
+                Plan {
+                    kind: "full",
+                    ranges,
+                    already: to - again,
+                    record: Some(before),
+                }
+            };
+            if before.base != NO_REBUILD {
+                if let Some(changed) = self.resumes.changed_since(&target.name, before) {
+                    let c =
+                        resumed(&|e| changed.contains(&(e as u64)) || own.states[e] == WIL_DIRTY);
+                    if c.bytes() < best.bytes() {
+                        best = c;
+                    }
+                }
+            }
+            for m in self.read_order() {
+                let log = match self.read_log(&m).await {
+                    Ok(log) => log,
+                    Err(e) => {
+                        tracing::warn!(volume = %self.volume, source = %m.name, "reading the write-intent log: {e}");
+                        continue;
+                    }
+                };
+                // Extents that may differ between the target and this member.
+                let differ = |e: usize| log.states[e] != WIL_CLEAN || own.states[e] == WIL_DIRTY;
+                let mut candidates = Vec::new();
+                if log.facts.covers_from <= target_generation {
+                    candidates.push(Plan {
                         kind: "delta",
-                        ranges,
+                        ranges: (0..log.states.len())
+                            .filter(|e| differ(*e))
+                            .map(extent)
+                            .collect(),
+                        already: 0,
+                        record: None,
                     });
                 }
-                Ok(log) => {
-                    tracing::info!(volume = %self.volume, replica = %target.name, source = %m.name, covers_from = log.facts.covers_from, target_generation, "the source's write-intent log does not cover the returning replica (it was cleared since it left): copying the whole volume")
+                if before.base != NO_REBUILD && log.facts.covers_from <= before.base {
+                    candidates.push(resumed(&differ));
                 }
-                Err(e) => {
-                    tracing::warn!(volume = %self.volume, source = %m.name, "reading the write-intent log: {e}")
+                if candidates.is_empty() {
+                    tracing::info!(volume = %self.volume, replica = %target.name, source = %m.name, covers_from = log.facts.covers_from, target_generation, rebuild_base = before.base, "the source's write-intent log does not cover the returning replica (it was cleared since it left)");
+                }
+                for c in candidates {
+                    if c.bytes() < best.bytes() {
+                        best = c;
+                    }
                 }
             }
         }
-        Ok(whole)
+        if let Some(r) = best.record.filter(|r| r.base == base) {
+            // A new full copy: recorded before its first piece, so a record of an earlier one
+            // never speaks for it.
+            self.record_rebuild(target, r).await?;
+        }
+        Ok(best)
+    }
+
+    /// Record on `target` how far its rebuild got (it syncs its data first).
+    async fn record_rebuild(&self, target: &Member, r: Rebuild) -> Result<(), EngineError> {
+        let mut call = Call::new(Op::WilRebuild, r.base, 8);
+        call.payload = Some(bytes::Bytes::copy_from_slice(&r.copied_to.to_le_bytes()));
+        target
+            .client()
+            .call(call, flush_timeout(self.io_timeout))
+            .await
+            .map_err(|e| self.rebuild_err(format!("recording how far its rebuild got: {e}")))?;
+        // Every extent the plan copies again below it was copied by now (they come first):
+        // what changed while it was away is in place.
+        self.resumes.recorded(&target.name, r);
+        Ok(())
     }
 
     /// Steps 2 and 3 of the module docs; returns the data bytes written.
@@ -325,6 +494,8 @@ impl Engine {
     ) -> Result<u64, EngineError> {
         let mut copied = 0u64;
         let mut walked = 0u64;
+        let mut record = plan.record;
+        let (mut unrecorded, mut recorded_at) = (0u64, Instant::now());
         if let Some(p) = target
             .progress
             .lock()
@@ -332,7 +503,9 @@ impl Engine {
             .as_mut()
         {
             p.kind = plan.kind;
-            p.bytes_total = plan.bytes();
+            p.bytes_done = plan.already;
+            p.bytes_total = plan.already + plan.bytes();
+            p.resumed_from = plan.already;
         }
         let pieces = plan.ranges.iter().flat_map(|&(s, e)| {
             (s..e)
@@ -354,13 +527,23 @@ impl Engine {
                 copied += self.copy_piece(target, at, end, fresh).await?;
             }
             walked += end - at;
+            unrecorded += end - at;
             if let Some(p) = target
                 .progress
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_mut()
             {
-                p.bytes_done = walked;
+                p.bytes_done = plan.already + walked;
+            }
+            // Past the recorded offset the pieces run on from it without a gap (those copied
+            // again below it come first), so everything below `end` is copied now.
+            if let Some(r) = record.as_mut().filter(|r| at >= r.copied_to) {
+                if unrecorded >= RECORD_BYTES || recorded_at.elapsed() >= RECORD_EVERY {
+                    r.copied_to = end;
+                    self.record_rebuild(target, *r).await?;
+                    (unrecorded, recorded_at) = (0, Instant::now());
+                }
             }
             if rate > 0 {
                 let due = Duration::from_secs_f64(walked as f64 / rate as f64);
@@ -406,6 +589,7 @@ impl Engine {
             self.retire(&[(target.clone(), why.clone())]).await;
             return Err(self.rebuild_err(why));
         }
+        self.resumes.forget(&target.name);
         self.changes.send_modify(|v| *v += 1);
         Ok(copied)
     }

@@ -5,8 +5,9 @@
 //! 1. **Rejoin.** A failed (ERR) replica whose node is ready and serves it again (on disk, no
 //!    error), failed at least [`REJOIN_BACKOFF_S`] ago: it goes WO, and the engine rebuilds it
 //!    in place (it keeps its data; the copy overwrites what differs).
-//! 2. **Replace.** Otherwise, once the oldest failure is older than
-//!    `replica-replenishment-wait-interval` (or no failed replica explains the gap), a new
+//! 2. **Replace.** Otherwise, once the gap is older than `replica-replenishment-wait-interval`
+//!    (a gap of k members dates from the k-th newest failure; no failed replica explains it:
+//!    at once), a new
 //!    replica is placed on a candidate node (see `schedule.rs`) as WO and filled by a full
 //!    rebuild. The failed record stays (ERR) and is no longer counted.
 //!
@@ -112,12 +113,18 @@ impl State {
                 steps.push((next, why));
                 continue;
             }
-            let oldest = failed.iter().filter_map(|r| r.failed_for_s()).max();
-            let due = match oldest {
-                Some(s) => s >= wait_s,
-                // Failed before failure times were kept, or fewer replicas than wanted.
-                None => true,
-            };
+            // The gap of `missing` members is as old as the `missing`-th newest failure: the
+            // older failures' gaps were filled already (a replacement that failed in turn
+            // waits out the interval afresh, and may rejoin meanwhile). A failure from before
+            // failure times were kept counts as old; fewer failures than the gap (fewer
+            // replicas than wanted): due now.
+            let missing = (v.replica_count - active) as usize;
+            let mut ages: Vec<u64> = failed
+                .iter()
+                .map(|r| r.failed_for_s().unwrap_or(u64::MAX))
+                .collect();
+            ages.sort_unstable();
+            let due = ages.get(missing - 1).is_none_or(|s| *s >= wait_s);
             if !due {
                 continue;
             }
