@@ -1671,6 +1671,24 @@ fn rebuild_record(r: &Replica) -> zebu_replica::wil::Rebuild {
         .rebuild
 }
 
+/// Rebuild replica `i` of `c` slowly (4 MiB/s) until it has recorded 8 MiB copied, then take
+/// it away: the rebuild fails.
+async fn cut_short_rebuild(e: &Arc<Engine>, c: &mut Cluster, i: usize) {
+    let r = c.servers[i].list()[0].clone();
+    let rebuild = {
+        let (e, t) = (e.clone(), c.targets[i].clone());
+        tokio::spawn(async move { e.rebuild(t, 4 << 20).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rebuild_record(&r).copied_to < 8 << 20 {
+        assert!(std::time::Instant::now() < deadline, "no progress recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    take_replica_away(c, i);
+    let err = rebuild.await.unwrap().expect_err("its target went away");
+    assert!(err.to_string().contains("rebuild"), "{err}");
+}
+
 /// Must-hold 3, engine side: a full rebuild cut short (its target went away) goes on from where
 /// it was when the target returns; what changed below that point meanwhile is copied again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1701,18 +1719,7 @@ async fn an_interrupted_full_rebuild_resumes_where_it_was() {
     }
     // Replica 2 (new, empty) is rebuilt slowly (4 MiB/s): it records how far it got.
     let r2 = c.servers[2].list()[0].clone();
-    let rebuild = {
-        let (e, t) = (e.clone(), c.targets[2].clone());
-        tokio::spawn(async move { e.rebuild(t, 4 << 20).await })
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rebuild_record(&r2).copied_to < 8 << 20 {
-        assert!(std::time::Instant::now() < deadline, "no progress recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    take_replica_away(&mut c, 2);
-    let err = rebuild.await.unwrap().expect_err("its target went away");
-    assert!(err.to_string().contains("rebuild"), "{err}");
+    cut_short_rebuild(&e, &mut c, 2).await;
     let record = rebuild_record(&r2);
     assert!(record.copied_to < size, "{record:?}: not cut short");
     // While it is away, a write below the recorded offset.
@@ -1746,17 +1753,7 @@ async fn an_interrupted_full_rebuild_resumes_where_it_was() {
     // (Replica names v-r0..v-r2 are taken: the new member is the fourth of a new cluster.)
     let mut c4 = cluster_sized(4, size).await;
     let r3 = c4.servers[3].list()[0].clone();
-    let rebuild = {
-        let (e, t) = (e.clone(), c4.targets[3].clone());
-        tokio::spawn(async move { e.rebuild(t, 4 << 20).await })
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rebuild_record(&r3).copied_to < 8 << 20 {
-        assert!(std::time::Instant::now() < deadline, "no progress recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    take_replica_away(&mut c4, 3);
-    rebuild.await.unwrap().expect_err("its target went away");
+    cut_short_rebuild(&e, &mut c4, 3).await;
     e.shutdown("test").await.unwrap();
     let e = Engine::start(with_epoch(sized(c.targets[..2].to_vec(), size), 1))
         .await
