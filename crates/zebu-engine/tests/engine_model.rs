@@ -1287,10 +1287,7 @@ async fn a_returning_replica_copies_only_what_changed_while_it_was_away() {
     gone.write(2 * WIL_EXTENT, &[0x77; BS as usize], false)
         .unwrap();
     // It comes back (a restarted node), on a new address.
-    c.servers[2].add(gone);
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    c.targets[2].address = l.local_addr().unwrap().to_string();
-    c.tasks[2] = tokio::spawn(c.servers[2].clone().serve(l));
+    bring_back(&mut c, 2, gone).await;
     let done = e.rebuild(c.targets[2].clone(), 0).await.unwrap();
     assert_eq!(done.kind, "delta");
     // Extent 1 (changed while it was away) and extent 2 (dirty in its own log): their data,
@@ -1324,10 +1321,7 @@ async fn a_returning_replica_copies_only_what_changed_while_it_was_away() {
         assert!(std::time::Instant::now() < deadline, "never settled clean");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    c.servers[1].add(gone);
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    c.targets[1].address = l.local_addr().unwrap().to_string();
-    c.tasks[1] = tokio::spawn(c.servers[1].clone().serve(l));
+    bring_back(&mut c, 1, gone).await;
     let done = e.rebuild(c.targets[1].clone(), 0).await.unwrap();
     assert_eq!(done.kind, "full");
     assert_replicas_identical(&c, BIG, "after the full rejoin");
@@ -1491,6 +1485,14 @@ impl zebu_engine::MembershipRecord for TestRecord {
             Ok(())
         })
     }
+}
+
+/// Serve `replica` again as member `i` of `c`, on a new address (a restarted node).
+async fn bring_back(c: &mut Cluster, i: usize, replica: Arc<Replica>) {
+    c.servers[i].add(replica);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    c.targets[i].address = l.local_addr().unwrap().to_string();
+    c.tasks[i] = tokio::spawn(c.servers[i].clone().serve(l));
 }
 
 fn take_replica_away(c: &mut Cluster, i: usize) {
@@ -1726,10 +1728,7 @@ async fn an_interrupted_full_rebuild_resumes_where_it_was() {
     e.write(BS, Bytes::from(vec![0x99; BS as usize]), false)
         .await
         .unwrap();
-    c.servers[2].add(r2.clone());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    c.targets[2].address = l.local_addr().unwrap().to_string();
-    c.tasks[2] = tokio::spawn(c.servers[2].clone().serve(l));
+    bring_back(&mut c, 2, r2.clone()).await;
     let done = e.rebuild(c.targets[2].clone(), 0).await.unwrap();
     assert_eq!(done.kind, "full");
     // Extent 0 (written while it was away: the engine noted it) is copied again, then every
@@ -1766,10 +1765,7 @@ async fn an_interrupted_full_rebuild_resumes_where_it_was() {
         assert!(std::time::Instant::now() < deadline, "never settled");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    c4.servers[3].add(r3.clone());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    c4.targets[3].address = l.local_addr().unwrap().to_string();
-    c4.tasks[3] = tokio::spawn(c4.servers[3].clone().serve(l));
+    bring_back(&mut c4, 3, r3.clone()).await;
     let done = e.rebuild(c4.targets[3].clone(), 0).await.unwrap();
     assert_eq!((done.kind, done.resumed_from), ("full", 0), "{done:?}");
     let (mut want, mut got) = (vec![0u8; size as usize], vec![0u8; size as usize]);
