@@ -74,6 +74,8 @@ struct Plan {
     /// Recorded on the target as the copy goes (a full rebuild; a delta one is planned again
     /// from the logs).
     record: Option<Rebuild>,
+    /// A copy from the beginning: its record is written before the first piece.
+    new_record: bool,
 }
 
 impl Plan {
@@ -95,6 +97,8 @@ struct Resume {
     record: Rebuild,
     /// Once it left after that record: every extent hot then, or marked since.
     changed: Option<HashSet<u64>>,
+    /// Times it left: a record whose reply comes after a departure speaks for no notes.
+    departures: u64,
 }
 
 impl Resumes {
@@ -102,13 +106,26 @@ impl Resumes {
         self.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// This engine wrote `record` on `target` (which is in the set, taking every write).
-    fn recorded(&self, target: &str, record: Rebuild) {
-        self.lock().insert(
+    /// How often `target` left so far (read before a record is sent).
+    fn departures(&self, target: &str) -> u64 {
+        self.lock().get(target).map_or(0, |r| r.departures)
+    }
+
+    /// This engine wrote `record` on `target`, which took every write from before the record
+    /// was sent (`departures` then) until its reply: its notes start afresh. If it left
+    /// meanwhile, nothing is known: the entry goes (the next attempt plans from the logs).
+    fn recorded(&self, target: &str, record: Rebuild, departures: u64) {
+        let mut all = self.lock();
+        if all.get(target).is_some_and(|r| r.departures != departures) {
+            all.remove(target);
+            return;
+        }
+        all.insert(
             target.to_owned(),
             Resume {
                 record,
                 changed: None,
+                departures,
             },
         );
     }
@@ -120,6 +137,7 @@ impl Resumes {
         let Some(r) = all.get_mut(target) else {
             return;
         };
+        r.departures += 1;
         // Before the hot extents are read: an extent that turns hot after it is read sees
         // `tracking` set and is noted by `marked`.
         self.tracking.store(true, Ordering::SeqCst);
@@ -139,11 +157,19 @@ impl Resumes {
     }
 
     /// What may have changed on `target` below `record` since this engine last saw it take
-    /// writes, if this engine wrote `record` there and saw it leave.
+    /// writes, if this engine wrote `record` there and saw it leave; called as an attempt
+    /// plans. Otherwise the entry goes: notes started later (at a departure of this attempt)
+    /// would miss what changed before it, while the target's copy below `record` is stale.
     fn changed_since(&self, target: &str, record: Rebuild) -> Option<HashSet<u64>> {
-        let all = self.lock();
-        let r = all.get(target).filter(|r| r.record == record)?;
-        r.changed.clone()
+        let mut all = self.lock();
+        let known = all
+            .get(target)
+            .filter(|r| r.record == record)
+            .and_then(|r| r.changed.clone());
+        if known.is_none() {
+            all.remove(target);
+        }
+        known
     }
 
     /// `target` is in sync.
@@ -388,6 +414,7 @@ impl Engine {
             ranges: vec![(0, self.size_bytes)],
             already: 0,
             record: Some(Rebuild { base, copied_to: 0 }),
+            new_record: true,
         };
         if let Some(own) = &own {
             let before = own.facts.rebuild;
@@ -414,15 +441,13 @@ impl Engine {
                     ranges,
                     already: to - again,
                     record: Some(before),
+                    new_record: false,
                 }
             };
-            if before.base != NO_REBUILD {
-                if let Some(changed) = self.resumes.changed_since(&target.name, before) {
-                    let c =
-                        resumed(&|e| changed.contains(&(e as u64)) || own.states[e] == WIL_DIRTY);
-                    if c.bytes() < best.bytes() {
-                        best = c;
-                    }
+            if let Some(changed) = self.resumes.changed_since(&target.name, before) {
+                let c = resumed(&|e| changed.contains(&(e as u64)) || own.states[e] == WIL_DIRTY);
+                if c.bytes() < best.bytes() {
+                    best = c;
                 }
             }
             for m in self.read_order() {
@@ -445,6 +470,7 @@ impl Engine {
                             .collect(),
                         already: 0,
                         record: None,
+                        new_record: false,
                     });
                 }
                 if before.base != NO_REBUILD && log.facts.covers_from <= before.base {
@@ -460,7 +486,7 @@ impl Engine {
                 }
             }
         }
-        if let Some(r) = best.record.filter(|r| r.base == base) {
+        if let Some(r) = best.record.filter(|_| best.new_record) {
             // A new full copy: recorded before its first piece, so a record of an earlier one
             // never speaks for it.
             self.record_rebuild(target, r).await?;
@@ -470,6 +496,7 @@ impl Engine {
 
     /// Record on `target` how far its rebuild got (it syncs its data first).
     async fn record_rebuild(&self, target: &Member, r: Rebuild) -> Result<(), EngineError> {
+        let departures = self.resumes.departures(&target.name);
         let mut call = Call::new(Op::WilRebuild, r.base, 8);
         call.payload = Some(bytes::Bytes::copy_from_slice(&r.copied_to.to_le_bytes()));
         target
@@ -479,7 +506,7 @@ impl Engine {
             .map_err(|e| self.rebuild_err(format!("recording how far its rebuild got: {e}")))?;
         // Every extent the plan copies again below it was copied by now (they come first):
         // what changed while it was away is in place.
-        self.resumes.recorded(&target.name, r);
+        self.resumes.recorded(&target.name, r, departures);
         Ok(())
     }
 
