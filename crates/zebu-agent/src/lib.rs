@@ -361,6 +361,7 @@ impl Agent {
                     last_rebuild,
                     rebuild_failed: m.mode == Mode::Err
                         && matches!(rebuilds.get(&m.name), Some(RebuildState::Failed { .. })),
+                    no_space: m.mode == Mode::Err && m.no_space,
                     name: m.name,
                 }
             })
@@ -813,7 +814,7 @@ impl MembershipRecord for ManagerRecord {
         &'a self,
         volume: &'a str,
         epoch: u64,
-        retired: &'a [(String, String)],
+        retired: &'a [zebu_engine::Retired],
         survivors: &'a zebu_engine::Survivors,
     ) -> futures::future::BoxFuture<'a, Result<(), RecordError>> {
         Box::pin(async move {
@@ -822,9 +823,10 @@ impl MembershipRecord for ManagerRecord {
                 epoch,
                 retired: retired
                     .iter()
-                    .map(|(name, reason)| zebu_api::RetiredMember {
-                        name: name.clone(),
-                        reason: reason.clone(),
+                    .map(|r| zebu_api::RetiredMember {
+                        name: r.name.clone(),
+                        reason: r.reason.clone(),
+                        no_space: r.no_space,
                     })
                     .collect(),
                 survivors: survivors.members.clone(),

@@ -186,6 +186,9 @@ pub struct RetiredMember {
     pub name: String,
     /// Why it left the set.
     pub reason: String,
+    /// It left because its disk is full (replaced at once, not waited for).
+    #[serde(default)]
+    pub no_space: bool,
 }
 
 /// `POST /v1/volumes/{name}/salvage`: bring a volume whose replicas all failed back.
@@ -236,6 +239,9 @@ pub struct MemberReport {
     /// ERR because its last rebuild failed (not the older failure that made it leave the set).
     #[serde(default)]
     pub rebuild_failed: bool,
+    /// ERR because its disk is full (it refused a write the others took).
+    #[serde(default)]
+    pub no_space: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -32,7 +32,7 @@ mod intents;
 mod rebuild;
 mod record;
 pub use rebuild::{RebuildDone, RebuildProgress};
-pub use record::{MembershipRecord, RecordError, Survivors};
+pub use record::{MembershipRecord, RecordError, Retired, Survivors};
 
 /// Replica modes, as Longhorn names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +95,13 @@ pub enum EngineError {
     Closed { volume: String, reason: String },
     #[error("volume {volume}: rebuild stopped: {reason}")]
     Rebuild { volume: String, reason: String },
+    #[error("volume {volume}: no space left for the write at {offset}+{length} on any replica in sync ({detail}); nothing was written: free space on their disks")]
+    NoSpace {
+        volume: String,
+        offset: u64,
+        length: u64,
+        detail: String,
+    },
 }
 
 /// Where to find one replica of the volume.
@@ -151,6 +158,8 @@ pub struct MemberStatus {
     pub error: String,
     /// While WO: how far its rebuild is.
     pub rebuild: Option<RebuildProgress>,
+    /// ERR because its disk is full.
+    pub no_space: bool,
 }
 
 struct Member {
@@ -167,6 +176,8 @@ struct Member {
     /// It left the set from RW (or was given as a member and left out at start) and that is not
     /// recorded yet (see `engine/record.rs`).
     unrecorded: std::sync::atomic::AtomicBool,
+    /// It left the set because its disk is full (it refused a write the others took).
+    no_space: std::sync::atomic::AtomicBool,
 }
 
 impl Member {
@@ -306,6 +317,29 @@ pub(super) fn is_damage(e: &ClientError) -> bool {
     )
 }
 
+/// A mutation's extents stay suspect (resynced before they settle) unless it completed, or no
+/// member in sync changed anything: refused everywhere for lack of space.
+fn settle_intent(
+    r: Result<(), EngineError>,
+    intent: intents::InFlight<'_>,
+) -> Result<(), EngineError> {
+    if matches!(r, Ok(()) | Err(EngineError::NoSpace { .. })) {
+        intent.complete();
+    }
+    r
+}
+
+/// The member refused the request for lack of disk space, with nothing changed.
+fn is_no_space(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Failed {
+            status: Status::NoSpace,
+            ..
+        }
+    )
+}
+
 fn is_stale(e: &ClientError) -> bool {
     matches!(
         e,
@@ -435,6 +469,7 @@ impl Engine {
                 progress: Mutex::new(None),
                 // Given as a member and left out: the manager must know before this serves.
                 unrecorded: std::sync::atomic::AtomicBool::new(mode == Mode::Err),
+                no_space: std::sync::atomic::AtomicBool::new(false),
             }));
         }
         if cfg.require_all && !unreachable.is_empty() {
@@ -596,6 +631,7 @@ impl Engine {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone()
                     .filter(|_| m.mode() == Mode::Wo),
+                no_space: m.no_space.load(Ordering::Acquire),
             })
             .collect()
     }
@@ -764,6 +800,7 @@ impl Engine {
         let mut failed = Vec::new();
         let mut invalid = None;
         let mut damaged = Vec::new();
+        let mut full = Vec::new();
         let (mut took, mut took_rw) = (false, false);
         for (m, r) in set.iter().zip(&results) {
             match r {
@@ -773,6 +810,9 @@ impl Engine {
                 }
                 Err(e) if is_stale(e) => return Err(self.fenced(e)),
                 Err(e) if e.is_invalid_request() => invalid = Some(e.clone()),
+                // Its disk is full: it refused with nothing changed (see "A full disk" in
+                // docs/healing.md). Retired below only if another member took the request.
+                Err(e) if is_no_space(e) => full.push((m.clone(), e.to_string())),
                 // The member met a damaged block it had to merge a partial write into, and
                 // applied nothing: mended below, not retired.
                 Err(e) if is_damage(e) => damaged.push((m.clone(), e.to_string())),
@@ -795,6 +835,29 @@ impl Engine {
                 failed.push((m.clone(), why));
             }
         }
+        let mut no_space = None;
+        if took_rw {
+            // The others took it: a full member missed a write and leaves the set.
+            for (m, why) in full {
+                if m.mode() != Mode::Err {
+                    m.no_space.store(true, Ordering::Release);
+                }
+                failed.push((m, format!("its disk is full: {why}")));
+            }
+        } else if !full.is_empty() {
+            // No copy in sync took it: the write fails with ENOSPC and nobody is retired for
+            // it, but a rebuilding member that applied it is now ahead of the rest.
+            for (m, _) in set.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
+                let why = "it applied a write that every in-sync replica refused".to_owned();
+                failed.push((m.clone(), why));
+            }
+            no_space = Some(
+                full.iter()
+                    .map(|(_, why)| why.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
+        }
         // Retire failed members first, even when another member called the request invalid:
         // a member that failed may have missed a write the others applied.
         if !failed.is_empty() {
@@ -810,6 +873,14 @@ impl Engine {
         // written anywhere), and they stay in the set, as their other blocks are sound.
         if let Some((_, e)) = damaged.into_iter().next() {
             return Err(self.damaged(call.offset, call.length.into(), e));
+        }
+        if let Some(detail) = no_space {
+            return Err(EngineError::NoSpace {
+                volume: self.volume.clone(),
+                offset: call.offset,
+                length: call.length.into(),
+                detail,
+            });
         }
         // Success needs an RW member that took the request and is still RW (every RW member
         // left in `set` now holds it: those that missed it were retired above). A rebuilding
@@ -1025,9 +1096,7 @@ impl Engine {
             payload: Some(data),
             payload_crc: None,
         };
-        self.replicate(via, call, t).await?;
-        intent.complete();
-        Ok(())
+        settle_intent(self.replicate(via, call, t).await, intent)
     }
 
     /// TRIM and WRITE_ZEROES: the range reads back as zeroes afterwards.
@@ -1077,8 +1146,7 @@ impl Engine {
             };
             let (bs, be) = self.block_range(at, n as u64);
             let intent = self.intend(via, bs, be - bs).await?;
-            self.replicate(via, call, t).await?;
-            intent.complete();
+            settle_intent(self.replicate(via, call, t).await, intent)?;
             at += n as u64;
         }
         Ok(())

@@ -14,6 +14,6 @@ pub mod sender;
 pub use backend::LocalReplica;
 pub use engine::{
     Engine, EngineConfig, EngineError, Lanes, MemberStatus, MembershipRecord, Mode, RebuildDone,
-    RebuildProgress, RecordError, ReplicaTarget, ScrubReport, Survivors,
+    RebuildProgress, RecordError, ReplicaTarget, Retired, ScrubReport, Survivors,
 };
 pub use nbd::NbdServer;

@@ -72,6 +72,7 @@ fn errno(e: &EngineError) -> u32 {
         | EngineError::Start { .. }
         | EngineError::Rebuild { .. } => EIO,
         EngineError::Closed { .. } => ESHUTDOWN,
+        EngineError::NoSpace { .. } => ENOSPC,
     }
 }
 

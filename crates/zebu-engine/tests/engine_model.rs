@@ -29,6 +29,15 @@ async fn cluster(n: usize) -> Cluster {
 }
 
 async fn cluster_sized(n: usize, size: u64) -> Cluster {
+    cluster_in(n, size, |_| zebu_replica::file::direct()).await
+}
+
+/// Replica `i`'s files go through `files(i)`.
+async fn cluster_in(
+    n: usize,
+    size: u64,
+    files: impl Fn(usize) -> Arc<dyn zebu_replica::file::FileLayer>,
+) -> Cluster {
     let mut c = Cluster {
         _dirs: vec![],
         servers: vec![],
@@ -38,7 +47,7 @@ async fn cluster_sized(n: usize, size: u64) -> Cluster {
     for i in 0..n {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("v-r{i}");
-        let r = Replica::create(dir.path(), "v", &name, size, BS as u32).unwrap();
+        let r = Replica::create_in(&files(i), dir.path(), "v", &name, size, BS as u32).unwrap();
         let server = ReplicaServer::new(&format!("t{i}"), 2);
         server.set_secret(SECRET.into());
         server.add(Arc::new(r));
@@ -1467,7 +1476,7 @@ impl zebu_engine::MembershipRecord for TestRecord {
         &'a self,
         _volume: &'a str,
         epoch: u64,
-        retired: &'a [(String, String)],
+        retired: &'a [zebu_engine::Retired],
         _survivors: &'a zebu_engine::Survivors,
     ) -> futures::future::BoxFuture<'a, Result<(), zebu_engine::RecordError>> {
         Box::pin(async move {
@@ -1480,7 +1489,7 @@ impl zebu_engine::MembershipRecord for TestRecord {
             if !self.open.load(SeqCst) {
                 return Err(zebu_engine::RecordError::Unavailable("manager down".into()));
             }
-            let names = retired.iter().map(|(n, _)| n.clone()).collect();
+            let names = retired.iter().map(|r| r.name.clone()).collect();
             self.calls.lock().unwrap().push((epoch, names));
             Ok(())
         })
@@ -1776,4 +1785,110 @@ async fn an_interrupted_full_rebuild_resumes_where_it_was() {
         "the new member differs after a rebuild that could not resume"
     );
     e.shutdown("test").await.unwrap();
+}
+
+/// `n` replicas whose disks can be made full (`true` in the switch), and an engine over them.
+async fn fillable(
+    n: usize,
+) -> (
+    Cluster,
+    Arc<Engine>,
+    Vec<Arc<std::sync::atomic::AtomicBool>>,
+) {
+    let layers: Vec<zebu_replica::file::Faulty> = (0..n)
+        .map(|_| zebu_replica::file::Faulty::new(zebu_replica::file::direct()))
+        .collect();
+    let switches = layers.iter().map(|l| l.switch()).collect();
+    let layers: Vec<Arc<dyn zebu_replica::file::FileLayer>> = layers
+        .into_iter()
+        .map(|l| Arc::new(l) as Arc<dyn zebu_replica::file::FileLayer>)
+        .collect();
+    let c = cluster_in(n, SIZE, |i| layers[i].clone()).await;
+    let e = Engine::start(config(c.targets.clone(), SECRET))
+        .await
+        .unwrap();
+    (c, e, switches)
+}
+
+fn block(byte: u8) -> Bytes {
+    Bytes::from(vec![byte; BS as usize])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_every_member_lacks_space_for_fails_with_enospc_and_retires_nobody() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (c, e, full) = fillable(2).await;
+    e.write(0, block(1), false).await.unwrap();
+    let g = e.generation();
+    for f in &full {
+        f.store(true, SeqCst);
+    }
+    let err = e
+        .write(5 * BS, block(2), false)
+        .await
+        .expect_err("no member has space for a new block");
+    assert!(matches!(err, EngineError::NoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("no space left"), "{err}");
+    // Nobody left, nothing was written, the generation did not move.
+    assert_all_in_sync(&e, "a full disk on every member retires nobody");
+    assert_eq!(e.generation(), g);
+    assert_eq!(&e.read(5 * BS, BS as u32).await.unwrap()[..], &block(0)[..]);
+    // What needs no space still works: an overwrite, a trim, a flush.
+    e.write(0, block(3), true).await.unwrap();
+    e.zero(0, BS, true, false).await.unwrap();
+    e.write(0, block(4), false).await.unwrap_err();
+    e.flush().await.unwrap();
+    // Space freed: the same write succeeds, and every replica holds it.
+    for f in &full {
+        f.store(false, SeqCst);
+    }
+    e.write(5 * BS, block(2), true).await.unwrap();
+    e.write(0, block(4), true).await.unwrap();
+    assert_all_in_sync(&e, "after space was freed");
+    assert_every_replica_holds(&c, 5, 2, "the write after space was freed");
+    assert_every_replica_holds(&c, 0, 4, "the write after space was freed");
+    // The refused writes left no extent suspect: everything settles clean at a clean stop.
+    e.shutdown("test").await.unwrap();
+    for s in &c.servers {
+        for r in s.list() {
+            assert!(
+                wil_states(&r)
+                    .iter()
+                    .all(|x| *x == zebu_proto::data::WIL_CLEAN),
+                "replica {} has extents left non-clean",
+                r.name()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_disk_is_full_leaves_the_set_and_the_write_succeeds() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (c, e, full) = fillable(3).await;
+    e.write(0, block(1), false).await.unwrap();
+    full[1].store(true, SeqCst);
+    // An overwrite needs no space anywhere.
+    e.write(0, block(2), false).await.unwrap();
+    assert_all_in_sync(&e, "an overwrite on a full disk");
+    let g = e.generation();
+    e.write(7 * BS, block(7), false).await.unwrap();
+    let members = e.members();
+    let modes: Vec<Mode> = members.iter().map(|m| m.mode).collect();
+    assert_eq!(modes, vec![Mode::Rw, Mode::Err, Mode::Rw]);
+    assert!(members[1].no_space, "the report must say its disk is full");
+    assert!(
+        members[1].error.contains("disk is full"),
+        "{}",
+        members[1].error
+    );
+    assert!(!members[0].no_space && !members[2].no_space);
+    assert!(e.generation() > g, "it is retired like any failed member");
+    assert_eq!(&e.read(7 * BS, BS as u32).await.unwrap()[..], &block(7)[..]);
+    for i in [0, 2] {
+        let r = c.servers[i].list()[0].clone();
+        let mut b = vec![0u8; BS as usize];
+        r.read(7 * BS, &mut b).unwrap();
+        assert_eq!(b, vec![7u8; BS as usize], "replica {i} must hold the write");
+    }
 }

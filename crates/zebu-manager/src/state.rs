@@ -85,6 +85,9 @@ pub struct ReplicaRecord {
     /// When it went WO (Unix seconds): one that no node serves for long is given up.
     #[serde(default)]
     pub wo_since_unix: Option<u64>,
+    /// ERR because its disk is full: replaced at once, rejoins only after a longer back-off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_space: bool,
 }
 
 impl ReplicaRecord {
@@ -101,6 +104,7 @@ impl ReplicaRecord {
             failed_at_unix: None,
             last_rebuild: None,
             wo_since_unix: (mode == ReplicaMode::WO).then(now_unix),
+            no_space: false,
         }
     }
 
@@ -739,6 +743,7 @@ impl State {
             next.mode = ReplicaMode::ERR;
             next.error = Some(m.reason.clone());
             next.failed_at_unix = Some(now_unix());
+            next.no_space = m.no_space;
             changed.push(next);
         }
         // The survivors' raised generation: the evidence salvage reads if they fail before
@@ -843,12 +848,14 @@ impl State {
                         next.mode = ReplicaMode::ERR;
                         next.error = m.error.clone();
                         next.failed_at_unix = Some(now_unix());
+                        next.no_space = m.no_space;
                         tracing::warn!(volume = %e.volume, replica = %m.name, "replica failed: {}", m.error.clone().unwrap_or_default());
                     }
                     (ReplicaMode::RW, ReplicaMode::WO) => {
                         next.mode = ReplicaMode::RW;
                         next.error = None;
                         next.failed_at_unix = None;
+                        next.no_space = false;
                         if m.last_rebuild.is_some() {
                             next.last_rebuild = m.last_rebuild.clone();
                         }

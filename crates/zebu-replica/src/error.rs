@@ -57,6 +57,13 @@ pub enum ReplicaError {
         block: u64,
         reason: String,
     },
+    #[error("replica {replica}: no space left on the disk of {path} for {length} bytes at offset {offset}; nothing was written (free space on that disk)")]
+    NoSpace {
+        replica: String,
+        path: PathBuf,
+        offset: u64,
+        length: u64,
+    },
     #[error("replica directory {path} already holds a replica")]
     AlreadyExists { path: PathBuf },
 }
@@ -74,9 +81,9 @@ impl ReplicaError {
     /// The data-protocol status this error is reported with.
     pub fn status(&self) -> Status {
         match self {
-            ReplicaError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                Status::NoSpace
-            }
+            // Refused before anything changed; an ENOSPC anywhere else is an I/O error (it
+            // poisoned the replica: what it left on disk is unknown).
+            ReplicaError::NoSpace { .. } => Status::NoSpace,
             ReplicaError::Io { .. }
             | ReplicaError::BadMeta { .. }
             | ReplicaError::BadIndex { .. } => Status::IoError,

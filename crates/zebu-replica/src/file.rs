@@ -1,14 +1,15 @@
 //! The file layer under a replica: every byte a replica reads or writes, and every sync, goes
 //! through [`DiskFile`], opened by a [`FileLayer`].
 //!
-//! Two layers:
+//! The layers:
 //! - [`Direct`]: the real files, with positioned I/O (what every user runs);
 //! - [`CrashSim`]: the real files behind a volatile cache of their own, written to the files only
 //!   by a sync (or by a simulated kernel writeback, at random, whole pages or torn ones). When
 //!   the process ends, whatever was not written is gone, as dirty pages are at a power cut.
 //!   `kill -9` keeps the kernel's page cache and so proves nothing about power loss; with this
 //!   layer a `kill -9` drops what was not flushed, and tests of the durability promises mean
-//!   what they say.
+//!   what they say;
+//! - [`Faulty`]: another layer whose space reservations fail with ENOSPC while switched on.
 //!
 //! What the simulation does not cover: directory entries and file sizes (`set_len`) are passed
 //! through at once (they are synced where the replica needs them: new files are `fsync`ed with
@@ -46,6 +47,9 @@ pub trait DiskFile: Send + Sync {
     fn punch_hole(&self, at: u64, len: u64) -> io::Result<()>;
     /// The first offset at or after `from` that may hold data; `None` when none does.
     fn next_data(&self, from: u64) -> io::Result<Option<u64>>;
+    /// Reserve the disk space of `len` bytes from `at` (holes become allocated and read as
+    /// zeroes; data is left alone; the size is kept), so writes there cannot meet ENOSPC.
+    fn allocate(&self, at: u64, len: u64) -> io::Result<()>;
 }
 
 /// Opens a replica's files.
@@ -142,6 +146,27 @@ fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+fn allocate(file: &File, at: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a valid, open file descriptor; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            at as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        // Filesystems without fallocate: writes allocate as they go (an ENOSPC then is an
+        // I/O error, as before).
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 fn seek_data(file: &File, from: u64) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a valid, open file descriptor; no memory is passed.
     let next = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, libc::SEEK_DATA) };
@@ -196,6 +221,9 @@ impl DiskFile for DirectFile {
     }
     fn next_data(&self, from: u64) -> io::Result<Option<u64>> {
         seek_data(&self.0, from)
+    }
+    fn allocate(&self, at: u64, len: u64) -> io::Result<()> {
+        allocate(&self.0, at, len)
     }
 }
 
@@ -514,6 +542,94 @@ impl DiskFile for SimFile {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         })
+    }
+
+    fn allocate(&self, at: u64, len: u64) -> io::Result<()> {
+        // Space, not content: passed through at once (the pages read as before).
+        allocate(&self.file, at, len)
+    }
+}
+
+/// A layer over another that refuses to reserve space while [`Faulty::fill`] holds: every
+/// `allocate` fails with ENOSPC, as on a full filesystem (tests of the disk-full rules).
+pub struct Faulty {
+    inner: Arc<dyn FileLayer>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Faulty {
+    pub fn new(inner: Arc<dyn FileLayer>) -> Faulty {
+        Faulty {
+            inner,
+            full: Arc::default(),
+        }
+    }
+
+    /// A switch: `true` makes the disk full, `false` frees it.
+    pub fn switch(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.full.clone()
+    }
+}
+
+impl FileLayer for Faulty {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
+        Ok(Box::new(FaultyFile {
+            inner: self.inner.open(path, create)?,
+            full: self.full.clone(),
+        }))
+    }
+    fn open_or_create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        Ok(Box::new(FaultyFile {
+            inner: self.inner.open_or_create(path)?,
+            full: self.full.clone(),
+        }))
+    }
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+}
+
+struct FaultyFile {
+    inner: Box<dyn DiskFile>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DiskFile for FaultyFile {
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        self.inner.read_exact_at(buf, at)
+    }
+    fn read_at(&self, buf: &mut [u8], at: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, at)
+    }
+    fn read_cached(&self, buf: &mut [u8], at: u64) -> bool {
+        self.inner.read_cached(buf, at)
+    }
+    fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+        self.inner.write_all_at(buf, at)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn sync_all(&self) -> io::Result<()> {
+        self.inner.sync_all()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
+    }
+    fn punch_hole(&self, at: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(at, len)
+    }
+    fn next_data(&self, from: u64) -> io::Result<Option<u64>> {
+        self.inner.next_data(from)
+    }
+    fn allocate(&self, at: u64, len: u64) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.allocate(at, len)
     }
 }
 

@@ -11,6 +11,8 @@ use std::path::Path;
 use crate::error::ReplicaError;
 
 pub const META_FILE: &str = "replica.meta";
+/// Space kept reserved for the next `replica.meta` (far more than a chain of layers needs).
+pub const META_RESERVE_BYTES: u64 = 64 * 1024;
 const META_TMP_FILE: &str = "replica.meta.tmp";
 pub const META_MAGIC: [u8; 8] = *b"ZEBUMETA";
 /// Written by this build; version 1 (no epoch) is still read, as epoch 0.
@@ -175,6 +177,11 @@ impl ReplicaMeta {
     }
 
     /// Replace `replica.meta` crash-safely.
+    ///
+    /// The next file is written into space reserved beforehand: `replica.meta.tmp` is left
+    /// allocated ([`META_RESERVE_BYTES`]) after each replacement, so raising the generation
+    /// needs no new space on a full disk (the rename frees the old file's blocks, which the
+    /// next reservation takes again). Without a reservation (a full disk then) it is created.
     pub fn store(&self, dir: &Path) -> Result<(), ReplicaError> {
         let tmp = dir.join(META_TMP_FILE);
         let path = dir.join(META_FILE);
@@ -183,15 +190,41 @@ impl ReplicaMeta {
             let mut f = OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(false)
                 .open(&tmp)?;
             f.write_all(&bytes)?;
+            // Shrinking frees only reserved blocks past the content; it never allocates.
+            f.set_len(bytes.len() as u64)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
             File::open(dir)?.sync_all()
         };
-        write().map_err(|e| ReplicaError::io("replace metadata", &path, 0, e))
+        write().map_err(|e| ReplicaError::io("replace metadata", &path, 0, e))?;
+        if let Err(e) = reserve(&tmp) {
+            tracing::warn!(path = %tmp.display(), "cannot reserve space for the next metadata replacement (the next one needs free space): {e}");
+        }
+        Ok(())
     }
+}
+
+/// Create `path` with [`META_RESERVE_BYTES`] allocated (and synced, with its directory entry
+/// left to the next replacement's directory sync).
+fn reserve(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    // SAFETY: fallocate on a valid, open file descriptor; no memory is passed.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, META_RESERVE_BYTES as libc::off_t) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+    }
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -269,6 +302,12 @@ mod tests {
         m.generation = 10;
         m.store(dir.path()).unwrap();
         assert_eq!(ReplicaMeta::load(dir.path()).unwrap().generation, 10);
-        assert!(!dir.path().join(META_TMP_FILE).exists());
+        // The space of the next one is kept reserved.
+        let spare = std::fs::metadata(dir.path().join(META_TMP_FILE)).unwrap();
+        assert_eq!(spare.len(), META_RESERVE_BYTES);
+        // A shorter file after a longer one: nothing of the longer one is left.
+        m.layers.truncate(1);
+        m.store(dir.path()).unwrap();
+        assert_eq!(ReplicaMeta::load(dir.path()).unwrap(), m);
     }
 }

@@ -294,6 +294,69 @@ impl Layer {
         Ok(())
     }
 
+    /// Reserve the space of blocks `[first, end)` in the data file and of their entries in the
+    /// index file, before any of them is written (see "A full disk" in `docs/healing.md`): an
+    /// ENOSPC here leaves everything as it was.
+    fn reserve(
+        &self,
+        replica: &str,
+        first: u64,
+        end: u64,
+        block_size: u64,
+    ) -> Result<(), ReplicaError> {
+        self.reserve_in(replica, first, end, block_size, true)
+    }
+
+    /// [`Layer::reserve`] of the index entries alone.
+    fn reserve_entries(
+        &self,
+        replica: &str,
+        first: u64,
+        end: u64,
+        block_size: u64,
+    ) -> Result<(), ReplicaError> {
+        self.reserve_in(replica, first, end, block_size, false)
+    }
+
+    fn reserve_in(
+        &self,
+        replica: &str,
+        first: u64,
+        end: u64,
+        block_size: u64,
+        data: bool,
+    ) -> Result<(), ReplicaError> {
+        let ranges = [
+            (
+                &*self.data,
+                &self.data_path,
+                first * block_size,
+                (end - first) * block_size,
+            ),
+            (
+                &*self.index,
+                &self.index_path,
+                INDEX_HEADER_BYTES + first * 8,
+                (end - first) * 8,
+            ),
+        ];
+        for (file, path, at, len) in ranges.into_iter().skip(usize::from(!data)) {
+            file.allocate(at, len).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    ReplicaError::NoSpace {
+                        replica: replica.to_owned(),
+                        path: path.clone(),
+                        offset: first * block_size,
+                        length: (end - first) * block_size,
+                    }
+                } else {
+                    ReplicaError::io("reserve space", path, at, e)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
         // Filesystems without hole punching still read the entry as zero: not an error.
         self.data
@@ -939,6 +1002,11 @@ impl Replica {
             }
         }
         let head = self.head();
+        // A block the head does not hold yet needs space: reserved before anything is written,
+        // so a full disk refuses the write with nothing changed (not poisoned).
+        if (first..end).any(|b| head.entries.get(b) & ENTRY_PRESENT == 0) {
+            head.reserve(&self.name, first, end, bs)?;
+        }
         let at = first * bs;
         let res = write_in_pieces(&*head.data, blocks, at)
             .map_err(|e| ReplicaError::io("write", &head.data_path, at, e))
@@ -999,15 +1067,39 @@ impl Replica {
             let head = self.head();
             // With older layers below, the head must mask them with explicit zero entries.
             let entry = if self.layers.len() > 1 { ENTRY_ZERO } else { 0 };
+            // Only entries that change are written: a written block's entry sits in an index
+            // page that holds space already, so zeroing written data needs none (a full disk
+            // can still be trimmed). An entry turning from absent to ZERO may need space: it
+            // is reserved first (a full disk refuses with nothing changed).
+            if entry != 0 && (first..end).any(|b| head.entries.get(b) == 0) {
+                head.reserve_entries(&self.name, first, end, bs)?;
+            }
             let res = (|| {
                 const BATCH: u64 = 1 << 16;
                 let mut b = first;
                 while b < end {
-                    let n = (end - b).min(BATCH);
+                    if head.entries.get(b) == entry {
+                        b += 1;
+                        continue;
+                    }
+                    let mut n = 1;
+                    while b + n < end && n < BATCH && head.entries.get(b + n) != entry {
+                        n += 1;
+                    }
                     head.put_entries(b, &vec![entry; n as usize])?;
                     b += n;
                 }
-                head.punch_hole(start, stop - start)
+                match head.punch_hole(start, stop - start) {
+                    // The punch may need a block to split an extent: the bytes stay where
+                    // they are, no entry points at them.
+                    Err(ReplicaError::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::ENOSPC) =>
+                    {
+                        tracing::warn!(replica = %self.name, offset = start, length = stop - start, "the disk is full: the zeroed range keeps its space until it is written again");
+                        Ok(())
+                    }
+                    r => r,
+                }
             })();
             if let Err(e) = res {
                 self.poison(&e);
@@ -1560,6 +1652,45 @@ mod tests {
             assert_eq!(b, data);
             r.write(0, &vec![7u8; 4 * BS as usize], false).unwrap();
         }
+    }
+
+    #[test]
+    fn a_full_disk_refuses_new_blocks_with_nothing_changed_and_no_poison() {
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = crate::file::Faulty::new(crate::file::direct());
+        let full = faulty.switch();
+        let files: Arc<dyn FileLayer> = Arc::new(faulty);
+        let r = Replica::create_in(&files, dir.path(), "v", "v-r", SIZE, BS as u32).unwrap();
+        r.write(0, &vec![7u8; 2 * BS as usize], false).unwrap();
+        r.flush().unwrap();
+        full.store(true, Ordering::SeqCst);
+        // Blocks 0 and 1 are held, block 2 is new: the whole write is refused, before any byte
+        // of it reaches the held blocks.
+        let err = r
+            .write(BS, &vec![9u8; 2 * BS as usize], false)
+            .expect_err("a write needing space on a full disk must be refused");
+        assert!(matches!(err, ReplicaError::NoSpace { .. }), "{err}");
+        assert_eq!(err.status(), zebu_proto::data::Status::NoSpace);
+        assert!(
+            !r.is_poisoned(),
+            "a refusal for lack of space must not poison"
+        );
+        let mut b = vec![0u8; 3 * BS as usize];
+        r.read(0, &mut b).unwrap();
+        let mut want = vec![7u8; 2 * BS as usize];
+        want.extend(vec![0u8; BS as usize]);
+        assert_eq!(b, want, "a refused write changed data");
+        // Held blocks are overwritten and zeroed without any new space; a full disk can be
+        // trimmed.
+        r.write(BS / 2, &vec![5u8; BS as usize], false).unwrap();
+        r.zero(0, 4 * BS, false).unwrap();
+        r.flush().unwrap();
+        r.read(0, &mut b).unwrap();
+        assert_eq!(b, vec![0u8; 3 * BS as usize]);
+        full.store(false, Ordering::SeqCst);
+        r.write(2 * BS, &vec![3u8; BS as usize], true).unwrap();
+        r.read(2 * BS, &mut b[..BS as usize]).unwrap();
+        assert_eq!(&b[..BS as usize], &vec![3u8; BS as usize][..]);
     }
 
     #[test]

@@ -219,6 +219,11 @@ impl IntentLog {
                 },
             }),
         };
+        // Its whole space, once: marks and settles never meet a full disk.
+        let len = (PAGE_BYTES * (1 + (extents as usize).div_ceil(PAGE_STATES))) as u64;
+        log.file.allocate(0, len).map_err(|e| {
+            ReplicaError::io("reserve the write-intent log's space", &log.path, 0, e)
+        })?;
         if !existed {
             if !new {
                 tracing::warn!(

@@ -332,6 +332,7 @@ impl Engine {
                     resumed_from: 0,
                 })),
                 unrecorded: std::sync::atomic::AtomicBool::new(false),
+                no_space: std::sync::atomic::AtomicBool::new(false),
             });
             // The failed entry of a returning member is replaced by the new one.
             let mut next: Vec<Arc<Member>> = all
@@ -350,7 +351,8 @@ impl Engine {
         let plan = match self.plan(&member, fresh, left_at, base).await {
             Ok(p) => p,
             Err(e) => {
-                self.mark_err(&member, &format!("its rebuild failed: {e}"));
+                self.retire(&[(member, format!("its rebuild failed: {e}"))])
+                    .await;
                 return Err(e);
             }
         };
@@ -368,7 +370,10 @@ impl Engine {
                 Ok(done)
             }
             Err(e) => {
-                self.mark_err(&member, &format!("its rebuild failed: {e}"));
+                // Retired, so the generation goes past `base`: a clean settle after it left is
+                // at a higher one, and no log that was cleared since passes for covering it.
+                self.retire(&[(member, format!("its rebuild failed: {e}"))])
+                    .await;
                 Err(e)
             }
         }
@@ -672,11 +677,12 @@ impl Engine {
         let mut copied = 0u64;
         let mut off = at;
         let send = |c: Call| async move {
-            target
-                .client()
-                .call(c, t)
-                .await
-                .map_err(|e: ClientError| (true, e.to_string()))
+            target.client().call(c, t).await.map_err(|e: ClientError| {
+                if super::is_no_space(&e) {
+                    target.no_space.store(true, Ordering::Release);
+                }
+                (true, e.to_string())
+            })
         };
         for x in extents {
             let n = x.length;
@@ -699,5 +705,73 @@ impl Engine {
             off += u64::from(n);
         }
         Ok(copied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(copied_to: u64) -> Rebuild {
+        Rebuild { base: 7, copied_to }
+    }
+
+    fn noted(r: &Resumes, target: &str, record: Rebuild) -> Option<Vec<u64>> {
+        let mut v: Vec<u64> = r.changed_since(target, record)?.into_iter().collect();
+        v.sort_unstable();
+        Some(v)
+    }
+
+    #[test]
+    fn notes_start_at_a_departure_and_take_every_extent_marked_after_it() {
+        let r = Resumes::default();
+        let d = r.departures("t");
+        r.recorded("t", rec(64), d);
+        r.marked(&[9]); // before it left: it took that write
+        r.left("t", || vec![1, 2]);
+        r.marked(&[3]);
+        assert_eq!(noted(&r, "t", rec(64)), Some(vec![1, 2, 3]));
+        r.forget("t");
+        assert!(!r.tracking.load(Ordering::SeqCst));
+        assert_eq!(noted(&r, "t", rec(64)), None);
+    }
+
+    #[test]
+    fn a_record_answered_after_a_departure_drops_the_notes() {
+        let r = Resumes::default();
+        r.recorded("t", rec(64), r.departures("t"));
+        // A record is sent; the target leaves before its reply comes.
+        let d = r.departures("t");
+        r.left("t", Vec::new);
+        r.marked(&[5]);
+        r.recorded("t", rec(128), d);
+        // The record may or may not be on the target; either way no notes speak for it, not
+        // even ones started at a later departure (they would miss the writes made before).
+        assert!(r.lock().get("t").is_none());
+        r.left("t", || vec![6]);
+        assert_eq!(noted(&r, "t", rec(128)), None);
+        assert_eq!(noted(&r, "t", rec(64)), None);
+    }
+
+    #[test]
+    fn an_attempt_without_notes_drops_the_entry_so_later_notes_never_stand_in() {
+        let r = Resumes::default();
+        r.recorded("t", rec(64), r.departures("t"));
+        // It failed without a departure being noted (RW then ERR at completion): the next
+        // attempt finds no notes and must plan from the logs ...
+        assert_eq!(noted(&r, "t", rec(64)), None);
+        // ... and a departure of that attempt must not start notes that pass for the record.
+        r.left("t", || vec![4]);
+        assert_eq!(noted(&r, "t", rec(64)), None);
+    }
+
+    #[test]
+    fn notes_of_another_record_are_not_used() {
+        let r = Resumes::default();
+        r.recorded("t", rec(64), r.departures("t"));
+        r.left("t", || vec![1]);
+        // The target's record was written by another engine since.
+        assert_eq!(noted(&r, "t", rec(999)), None);
+        assert_eq!(noted(&r, "t", rec(64)), None);
     }
 }

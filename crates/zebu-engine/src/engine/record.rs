@@ -37,16 +37,26 @@ pub struct Survivors {
     pub generation: u64,
 }
 
+/// One member that left the set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    pub name: String,
+    /// Why it left the set.
+    pub reason: String,
+    /// It left because its disk is full.
+    pub no_space: bool,
+}
+
 /// Where an engine records the members that left its set.
 pub trait MembershipRecord: Send + Sync {
-    /// Record that `retired` (name, reason) left the set of the engine of `epoch` for `volume`,
+    /// Record that `retired` left the set of the engine of `epoch` for `volume`,
     /// and that `survivors.members` are in sync at `survivors.generation`. Returns once the
     /// record is durable.
     fn retired<'a>(
         &'a self,
         volume: &'a str,
         epoch: u64,
-        retired: &'a [(String, String)],
+        retired: &'a [Retired],
         survivors: &'a Survivors,
     ) -> BoxFuture<'a, Result<(), RecordError>>;
 }
@@ -85,13 +95,12 @@ impl Engine {
                 self.unrecorded.store(false, Ordering::Release);
                 return Ok(());
             }
-            let list: Vec<(String, String)> = pending
+            let list: Vec<Retired> = pending
                 .iter()
-                .map(|m| {
-                    (
-                        m.name.clone(),
-                        m.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                    )
+                .map(|m| Retired {
+                    name: m.name.clone(),
+                    reason: m.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    no_space: m.no_space.load(Ordering::Acquire),
                 })
                 .collect();
             // The generation was raised on these before this runs (`retire`, start), under
@@ -113,7 +122,7 @@ impl Engine {
                     for m in &pending {
                         m.unrecorded.store(false, Ordering::Release);
                     }
-                    let names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+                    let names: Vec<&str> = list.iter().map(|r| r.name.as_str()).collect();
                     tracing::info!(volume = %self.volume, epoch = self.epoch, "recorded at the manager: [{}] left the set", names.join(", "));
                 }
                 Err(RecordError::Fenced(why)) => {

@@ -3,11 +3,12 @@
 //! Runs every second (its own timer) for each attached volume whose engine runs and has fewer
 //! members in sync or rebuilding (RW + WO) than it wants, one step per volume per pass:
 //! 1. **Rejoin.** A failed (ERR) replica whose node is ready and serves it again (on disk, no
-//!    error), failed at least [`REJOIN_BACKOFF_S`] ago: it goes WO, and the engine rebuilds it
-//!    in place (it keeps its data; the copy overwrites what differs).
+//!    error), failed at least [`REJOIN_BACKOFF_S`] ago ([`NO_SPACE_REJOIN_S`] when its disk was
+//!    full): it goes WO, and the engine rebuilds it in place (it keeps its data; the copy
+//!    overwrites what differs).
 //! 2. **Replace.** Otherwise, once the gap is older than `replica-replenishment-wait-interval`
-//!    (a gap of k members dates from the k-th newest failure; no failed replica explains it:
-//!    at once), a new
+//!    (a gap of k members dates from the k-th newest failure; no failed replica explains it, or
+//!    the failure was a full disk: at once), a new
 //!    replica is placed on a candidate node (see `schedule.rs`) as WO and filled by a full
 //!    rebuild. The failed record stays (ERR) and is no longer counted.
 //!
@@ -24,6 +25,9 @@ use crate::settings;
 
 /// A replica whose rebuild failed is tried again after this long.
 pub const REJOIN_BACKOFF_S: u64 = 5;
+/// ... and one that failed because its disk is full, after this long (space has to be freed
+/// first; its gap is filled elsewhere meanwhile).
+pub const NO_SPACE_REJOIN_S: u64 = 60;
 /// A WO replica that no node serves (its node went down, or it was never created) is given up
 /// (ERR) after the replenishment wait, but never sooner than this.
 pub const UNSERVED_WO_MIN_S: u64 = 30;
@@ -98,8 +102,13 @@ impl State {
             let failed: Vec<&&ReplicaRecord> =
                 reps.iter().filter(|r| r.mode == ReplicaMode::ERR).collect();
             let rejoin = failed.iter().find(|r| {
+                let backoff = if r.no_space {
+                    NO_SPACE_REJOIN_S
+                } else {
+                    REJOIN_BACKOFF_S
+                };
                 self.served(r)
-                    && r.failed_for_s().is_none_or(|s| s >= REJOIN_BACKOFF_S)
+                    && r.failed_for_s().is_none_or(|s| s >= backoff)
                     && rebuilding_on(&r.node) < limit
             });
             if let Some(r) = rejoin {
@@ -119,9 +128,10 @@ impl State {
             // failure times were kept counts as old; fewer failures than the gap (fewer
             // replicas than wanted): due now.
             let missing = (v.replica_count - active) as usize;
+            // A full disk is not waited for: its gap is due at once.
             let mut ages: Vec<u64> = failed
                 .iter()
-                .map(|r| r.failed_for_s().unwrap_or(u64::MAX))
+                .map(|r| r.failed_for_s().filter(|_| !r.no_space).unwrap_or(u64::MAX))
                 .collect();
             ages.sort_unstable();
             let due = ages.get(missing - 1).is_none_or(|s| *s >= wait_s);

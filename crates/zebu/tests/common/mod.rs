@@ -375,3 +375,37 @@ pub fn fio_ok(c: &Cluster, fio: std::process::Child) {
     );
     assert!(log.contains("err= 0"), "fio reported errors:\n{log}");
 }
+
+/// The replica of a volume's JSON on `node`.
+pub fn replica_on(v: &Value, node: &str) -> Option<Value> {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node)
+        .cloned()
+}
+
+/// Every RW replica of `volume`, exported offline (checksums verified), is the same image.
+pub fn assert_rw_replicas_identical(c: &Cluster, volume: &str) {
+    let v = c.volume(volume);
+    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
+    for r in v["replicas"].as_array().unwrap() {
+        if r["mode"] != "RW" {
+            continue;
+        }
+        let dir = c.replica_dir(node_index(r), r["name"].as_str().unwrap());
+        images.push((
+            r["name"].as_str().unwrap().to_owned(),
+            export_verified(c, &dir),
+        ));
+    }
+    assert!(images.len() >= 2, "{v}");
+    for (name, img) in &images[1..] {
+        assert!(
+            img == &images[0].1,
+            "replica {name} differs from {}",
+            images[0].0
+        );
+    }
+}
