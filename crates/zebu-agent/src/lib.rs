@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// The node's own address: replica traffic and NBD are served there.
     pub listen_ip: IpAddr,
     pub data_port: u16,
+    /// The port other nodes reach the data server on, when not `data_port` (a port forward
+    /// or a proxy in between).
+    pub advertise_data_port: Option<u16>,
     pub nbd_port: u16,
     pub manager_url: String,
     pub token: String,
@@ -440,7 +443,7 @@ impl Agent {
         Heartbeat {
             node: self.cfg.node.clone(),
             address: self.cfg.listen_ip.to_string(),
-            data_port: self.cfg.data_port,
+            data_port: self.cfg.advertise_data_port.unwrap_or(self.cfg.data_port),
             nbd_port: self.cfg.nbd_port,
             disk_path: self.cfg.data_dir.display().to_string(),
             disk_total_bytes: total,

@@ -2,6 +2,7 @@
 //! the CLI client of the REST API.
 
 mod cli;
+mod fault_proxy;
 mod size;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -53,6 +54,17 @@ enum Command {
     /// Work on a replica directory directly, without the cluster (recovery by hand).
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// For fault tests: a TCP proxy that passes, delays or cuts traffic as a control file
+    /// says (`pass`, `delay MS`, `cut`; read every 100 ms).
+    #[command(hide = true)]
+    FaultProxy {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        control: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,6 +194,10 @@ struct AgentArgs {
     /// Port of the replica data server.
     #[arg(long, default_value_t = DEFAULT_DATA_PORT)]
     data_port: u16,
+    /// The port other nodes reach the replica data server on, if not --data-port (a port
+    /// forward or a proxy between the nodes).
+    #[arg(long, value_name = "PORT")]
+    advertise_data_port: Option<u16>,
     /// Port of the NBD server.
     #[arg(long, default_value_t = DEFAULT_NBD_PORT)]
     nbd_port: u16,
@@ -395,6 +411,11 @@ fn main() {
             Command::Node(g) => cli::node(g.cmd, &ClientArgs::resolve(&top, &g.client)).await,
             Command::Setting(g) => cli::setting(g.cmd, &ClientArgs::resolve(&top, &g.client)).await,
             Command::Replica(ReplicaCmd::Export { dir, output }) => replica_export(&dir, &output),
+            Command::FaultProxy {
+                listen,
+                to,
+                control,
+            } => fault_proxy::run(listen, to, control).await,
         }
     });
     if let Err(e) = result {
@@ -468,6 +489,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         data_dir: a.data_dir,
         listen_ip: a.listen,
         data_port: a.data_port,
+        advertise_data_port: a.advertise_data_port,
         nbd_port: a.nbd_port,
         manager_url: a.manager,
         token,
@@ -518,6 +540,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             data_dir: a.data_dir.join("nodes").join(&node),
             listen_ip: IpAddr::V4(ip),
             data_port: DEFAULT_DATA_PORT,
+            advertise_data_port: None,
             nbd_port: DEFAULT_NBD_PORT,
             manager_url: url.clone(),
             token: token.clone(),

@@ -99,8 +99,11 @@ impl State {
                     .filter(|r| r.node == n && r.mode == ReplicaMode::WO)
                     .count()
             };
-            let failed: Vec<&&ReplicaRecord> =
+            // Newest failure first: the replica that left last has the least to catch up on
+            // (an older one was replaced already, and may be far behind).
+            let mut failed: Vec<&&ReplicaRecord> =
                 reps.iter().filter(|r| r.mode == ReplicaMode::ERR).collect();
+            failed.sort_by_key(|r| std::cmp::Reverse(r.failed_at_unix.unwrap_or(0)));
             let rejoin = failed.iter().find(|r| {
                 let backoff = if r.no_space {
                     NO_SPACE_REJOIN_S
