@@ -88,6 +88,10 @@ pub struct ReplicaRecord {
     /// ERR because its disk is full: replaced at once, rejoins only after a longer back-off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_space: bool,
+    /// Failed longer than `stale-replica-timeout` and replaced: its node is told to delete it,
+    /// and the record goes once the node no longer has it on disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 impl ReplicaRecord {
@@ -105,6 +109,7 @@ impl ReplicaRecord {
             last_rebuild: None,
             wo_since_unix: (mode == ReplicaMode::WO).then(now_unix),
             no_space: false,
+            removing: false,
         }
     }
 
@@ -245,6 +250,7 @@ impl State {
     pub fn tick(&mut self) {
         self.auto_salvage();
         self.replenish();
+        self.remove_stale();
         self.log_node_changes();
     }
 
@@ -888,7 +894,7 @@ impl State {
             .replicas
             .values()
             .filter(|r| r.node == node && !on_disk.contains(r.name.as_str()))
-            .filter(|r| self.volumes.get(&r.volume).is_none_or(|v| v.deleting))
+            .filter(|r| r.removing || self.volumes.get(&r.volume).is_none_or(|v| v.deleting))
             .map(|r| r.name.clone())
             .collect();
         for name in gone {
@@ -949,7 +955,7 @@ impl State {
                 delete_replicas.push(r.name.clone());
                 continue;
             };
-            if v.deleting {
+            if v.deleting || r.removing {
                 delete_replicas.push(r.name.clone());
             } else {
                 replicas.push(ReplicaSpec {

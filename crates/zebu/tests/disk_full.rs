@@ -178,7 +178,9 @@ fn only_rw(v: &serde_json::Value) -> usize {
 fn a_member_whose_disk_fills_is_replaced_on_another_node_at_once() {
     require("fio");
     let (c, disk) = cluster_with_small_disk(36, 3, 64);
-    // The default replenishment wait (600 s) stays: a full disk is not waited for.
+    // The default replenishment wait (600 s) stays: a full disk is not waited for. A failed
+    // replica that was replaced is removed after a minute.
+    c.cli_ok(&["setting", "set", "stale-replica-timeout", "1"]);
     let uri = c.create_attached("spill", "96MiB", 2, "node-2");
     let v = c.volume("spill");
     assert!(replica_on(&v, "node-1").is_some(), "{v}");
@@ -228,5 +230,18 @@ fn a_member_whose_disk_fills_is_replaced_on_another_node_at_once() {
     );
     c.cli_ok(&["volume", "detach", "spill"]);
     assert_rw_replicas_identical(&c, "spill");
+    // Stale (failed over a minute ago) and replaced: removed from node-1's disk and the records.
+    let old = c.replica_dir(0, r["name"].as_str().unwrap());
+    assert!(old.exists(), "{}", old.display());
+    wait_until(
+        "the stale replica removed",
+        Duration::from_secs(120),
+        || {
+            let v = c.volume("spill");
+            (replica_on(&v, "node-1").is_none() && !old.exists()).then_some(())
+        },
+    );
+    let v = c.volume("spill");
+    assert_eq!(v["replicas"].as_array().unwrap().len(), 2, "{v}");
     drop(disk);
 }

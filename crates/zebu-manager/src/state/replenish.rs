@@ -33,8 +33,57 @@ pub const NO_SPACE_REJOIN_S: u64 = 60;
 pub const UNSERVED_WO_MIN_S: u64 = 30;
 
 impl State {
+    /// Failed replicas older than `stale-replica-timeout` whose volume has its full count of
+    /// replicas in sync without them are removed: marked `removing` (their node deletes them,
+    /// then the record goes). Every RW record holds every acknowledged write, so nothing is
+    /// lost with them.
+    pub(super) fn remove_stale(&mut self) {
+        let stale_s = self.setting_u64(settings::STALE_REPLICA_TIMEOUT) * 60;
+        let mut steps = Vec::new();
+        for r in self.replicas.values() {
+            if r.mode != ReplicaMode::ERR || r.removing {
+                continue;
+            }
+            if r.failed_for_s().is_none_or(|s| s < stale_s) {
+                continue;
+            }
+            let Some(v) = self.volumes.get(&r.volume).filter(|v| !v.deleting) else {
+                continue;
+            };
+            let in_sync = self
+                .volume_replicas(&v.name)
+                .iter()
+                .filter(|x| x.mode == ReplicaMode::RW)
+                .count() as u32;
+            if in_sync < v.replica_count {
+                continue;
+            }
+            let mut next = r.clone();
+            next.removing = true;
+            next.error = Some(format!(
+                "stale: failed more than {} minutes ago and replaced; being removed from node {} ({})",
+                stale_s / 60,
+                r.node,
+                r.error.clone().unwrap_or_default()
+            ));
+            steps.push(next);
+        }
+        for r in steps {
+            if let Err(e) = self.store.put(REPLICAS, &r.name, &r) {
+                tracing::error!(
+                    "removing stale replica {}: not recorded, tried again: {e}",
+                    r.name
+                );
+                continue;
+            }
+            tracing::info!(volume = %r.volume, replica = %r.name, node = %r.node, "stale replica removed: it failed longer ago than stale-replica-timeout and the volume has its replicas without it");
+            self.replicas.insert(r.name.clone(), r);
+        }
+    }
+
     pub(super) fn replenish(&mut self) {
         let wait_s = self.setting_u64(settings::REPLICA_REPLENISHMENT_WAIT_INTERVAL);
+        let stale_s = self.setting_u64(settings::STALE_REPLICA_TIMEOUT) * 60;
         let limit = self.setting_u64(settings::CONCURRENT_REPLICA_REBUILD_PER_NODE_LIMIT) as usize;
         let mut steps: Vec<(ReplicaRecord, String)> = Vec::new();
         // Rebuild targets nobody serves are given up, so they neither block a replacement nor
@@ -101,8 +150,10 @@ impl State {
             };
             // Newest failure first: the replica that left last has the least to catch up on
             // (an older one was replaced already, and may be far behind).
-            let mut failed: Vec<&&ReplicaRecord> =
-                reps.iter().filter(|r| r.mode == ReplicaMode::ERR).collect();
+            let mut failed: Vec<&&ReplicaRecord> = reps
+                .iter()
+                .filter(|r| r.mode == ReplicaMode::ERR && !r.removing)
+                .collect();
             failed.sort_by_key(|r| std::cmp::Reverse(r.failed_at_unix.unwrap_or(0)));
             let rejoin = failed.iter().find(|r| {
                 let backoff = if r.no_space {
@@ -111,7 +162,7 @@ impl State {
                     REJOIN_BACKOFF_S
                 };
                 self.served(r)
-                    && r.failed_for_s().is_none_or(|s| s >= backoff)
+                    && r.failed_for_s().is_none_or(|s| s >= backoff && s < stale_s)
                     && rebuilding_on(&r.node) < limit
             });
             if let Some(r) = rejoin {
@@ -134,7 +185,11 @@ impl State {
             // A full disk is not waited for: its gap is due at once.
             let mut ages: Vec<u64> = failed
                 .iter()
-                .map(|r| r.failed_for_s().filter(|_| !r.no_space).unwrap_or(u64::MAX))
+                .map(|r| {
+                    r.failed_for_s()
+                        .filter(|s| !r.no_space && *s < stale_s)
+                        .unwrap_or(u64::MAX)
+                })
                 .collect();
             ages.sort_unstable();
             let due = ages.get(missing - 1).is_none_or(|s| *s >= wait_s);
