@@ -835,6 +835,14 @@ impl Engine {
                 failed.push((m.clone(), why));
             }
         }
+        // A rebuilding member that is full leaves the set whatever the others did: only
+        // members in sync speak for the volume's answer.
+        let (full_wo, full): (Vec<_>, Vec<_>) =
+            full.into_iter().partition(|(m, _)| m.mode() == Mode::Wo);
+        for (m, why) in full_wo {
+            m.no_space.store(true, Ordering::Release);
+            failed.push((m, format!("its disk is full: {why}")));
+        }
         let mut no_space = None;
         if took_rw {
             // The others took it: a full member missed a write and leaves the set.

@@ -9,8 +9,9 @@
 use thiserror::Error;
 
 /// Protocol version spoken by this build (2 added SHARE_SESSION and JOIN_SESSION; 5 added
-/// WIL_REBUILD and the rebuild fields of a WIL_READ reply).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// WIL_REBUILD and the rebuild fields of a WIL_READ reply; 6: `NoSpace` means refused with
+/// nothing changed, never an ENOSPC after a partial write).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// First bytes of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"ZEBUDATA";
 /// First bytes of a [`Welcome`].

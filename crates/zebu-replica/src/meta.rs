@@ -11,9 +11,9 @@ use std::path::Path;
 use crate::error::ReplicaError;
 
 pub const META_FILE: &str = "replica.meta";
-/// Space kept reserved for the next `replica.meta` (far more than a chain of layers needs).
-pub const META_RESERVE_BYTES: u64 = 64 * 1024;
 const META_TMP_FILE: &str = "replica.meta.tmp";
+/// The file being replaced, kept for a moment as the next `replica.meta.tmp`.
+const META_OLD_FILE: &str = "replica.meta.old";
 pub const META_MAGIC: [u8; 8] = *b"ZEBUMETA";
 /// Written by this build; version 1 (no epoch) is still read, as epoch 0.
 pub const META_FORMAT_VERSION: u32 = 2;
@@ -178,12 +178,14 @@ impl ReplicaMeta {
 
     /// Replace `replica.meta` crash-safely.
     ///
-    /// The next file is written into space reserved beforehand: `replica.meta.tmp` is left
-    /// allocated ([`META_RESERVE_BYTES`]) after each replacement, so raising the generation
-    /// needs no new space on a full disk (the rename frees the old file's blocks, which the
-    /// next reservation takes again). Without a reservation (a full disk then) it is created.
+    /// The new file is written into `replica.meta.tmp`, which is normally the file the last
+    /// replacement replaced: the current file is kept by a second link (`replica.meta.old`)
+    /// across the rename and then becomes the next `replica.meta.tmp`, so its blocks are never
+    /// freed, and raising the generation needs no new disk space (a replica whose disk is
+    /// full still raises it). Without one (the first replacement), the file is created.
     pub fn store(&self, dir: &Path) -> Result<(), ReplicaError> {
         let tmp = dir.join(META_TMP_FILE);
+        let old = dir.join(META_OLD_FILE);
         let path = dir.join(META_FILE);
         let bytes = self.encode();
         let write = || -> std::io::Result<()> {
@@ -193,38 +195,21 @@ impl ReplicaMeta {
                 .truncate(false)
                 .open(&tmp)?;
             f.write_all(&bytes)?;
-            // Shrinking frees only reserved blocks past the content; it never allocates.
+            // Cut what an older, longer content left; frees space, never needs any.
             f.set_len(bytes.len() as u64)?;
             f.sync_all()?;
+            let _ = fs::remove_file(&old);
+            let kept = path.exists() && fs::hard_link(&path, &old).is_ok();
             fs::rename(&tmp, &path)?;
-            File::open(dir)?.sync_all()
+            File::open(dir)?.sync_all()?;
+            if kept {
+                // Never read: a crash may leave it under either name.
+                fs::rename(&old, &tmp)?;
+            }
+            Ok(())
         };
-        write().map_err(|e| ReplicaError::io("replace metadata", &path, 0, e))?;
-        if let Err(e) = reserve(&tmp) {
-            tracing::warn!(path = %tmp.display(), "cannot reserve space for the next metadata replacement (the next one needs free space): {e}");
-        }
-        Ok(())
+        write().map_err(|e| ReplicaError::io("replace metadata", &path, 0, e))
     }
-}
-
-/// Create `path` with [`META_RESERVE_BYTES`] allocated (and synced, with its directory entry
-/// left to the next replacement's directory sync).
-fn reserve(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    // SAFETY: fallocate on a valid, open file descriptor; no memory is passed.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, META_RESERVE_BYTES as libc::off_t) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
-        }
-    }
-    f.sync_all()
 }
 
 #[cfg(test)]
@@ -302,9 +287,16 @@ mod tests {
         m.generation = 10;
         m.store(dir.path()).unwrap();
         assert_eq!(ReplicaMeta::load(dir.path()).unwrap().generation, 10);
-        // The space of the next one is kept reserved.
-        let spare = std::fs::metadata(dir.path().join(META_TMP_FILE)).unwrap();
-        assert_eq!(spare.len(), META_RESERVE_BYTES);
+        // The replaced file is kept as the next one's space: the same inode comes back.
+        use std::os::unix::fs::MetadataExt;
+        let before = std::fs::metadata(dir.path().join(META_FILE)).unwrap().ino();
+        m.generation = 11;
+        m.store(dir.path()).unwrap();
+        let spare = std::fs::metadata(dir.path().join(META_TMP_FILE))
+            .unwrap()
+            .ino();
+        assert_eq!(spare, before);
+        assert!(!dir.path().join(META_OLD_FILE).exists());
         // A shorter file after a longer one: nothing of the longer one is left.
         m.layers.truncate(1);
         m.store(dir.path()).unwrap();

@@ -1050,30 +1050,44 @@ impl Replica {
                 ReadMode::Unlocked,
             )?;
         }
-        if head_partial != 0 {
-            let n = (bs - head_partial).min(length);
-            self.write(offset, &vec![0u8; n as usize], false)?;
-            start += n;
-        }
+        let head_bytes = if head_partial != 0 {
+            (bs - head_partial).min(length)
+        } else {
+            0
+        };
+        start += head_bytes;
         let tail_partial = end_off % bs;
-        let mut stop = end_off;
-        if start < stop && tail_partial != 0 {
-            stop -= tail_partial;
-            self.write(stop, &vec![0u8; tail_partial as usize], false)?;
+        let tail_bytes = if start < end_off { tail_partial } else { 0 };
+        let stop = end_off - tail_bytes;
+        let head = self.head();
+        // With older layers below, the head must mask them with explicit zero entries.
+        let entry = if self.layers.len() > 1 { ENTRY_ZERO } else { 0 };
+        // Every byte of space the request needs is reserved before any of it changes, so a
+        // full disk refuses it with nothing changed: the edge blocks the head does not hold,
+        // and entries turning from absent to ZERO (an index page that may hold no space).
+        // Only entries that change are written, and a written block's entry sits in a page
+        // that holds space already: zeroing written data needs none (a full disk is trimmed).
+        let edges = [
+            (head_bytes > 0).then_some(offset / bs),
+            (tail_bytes > 0).then_some(stop / bs),
+        ];
+        for b in edges.into_iter().flatten() {
+            if head.entries.get(b) & ENTRY_PRESENT == 0 {
+                head.reserve(&self.name, b, b + 1, bs)?;
+            }
+        }
+        let (first, end) = (start / bs, stop / bs);
+        if start < stop && entry != 0 && (first..end).any(|b| head.entries.get(b) == 0) {
+            head.reserve_entries(&self.name, first, end, bs)?;
+        }
+        if head_bytes > 0 {
+            self.write(offset, &vec![0u8; head_bytes as usize], false)?;
+        }
+        if tail_bytes > 0 {
+            self.write(stop, &vec![0u8; tail_bytes as usize], false)?;
         }
         if start < stop {
-            let (first, end) = (start / bs, stop / bs);
             let _guards = self.lock_blocks(first, end);
-            let head = self.head();
-            // With older layers below, the head must mask them with explicit zero entries.
-            let entry = if self.layers.len() > 1 { ENTRY_ZERO } else { 0 };
-            // Only entries that change are written: a written block's entry sits in an index
-            // page that holds space already, so zeroing written data needs none (a full disk
-            // can still be trimmed). An entry turning from absent to ZERO may need space: it
-            // is reserved first (a full disk refuses with nothing changed).
-            if entry != 0 && (first..end).any(|b| head.entries.get(b) == 0) {
-                head.reserve_entries(&self.name, first, end, bs)?;
-            }
             let res = (|| {
                 const BATCH: u64 = 1 << 16;
                 let mut b = first;
@@ -1680,6 +1694,14 @@ mod tests {
         let mut want = vec![7u8; 2 * BS as usize];
         want.extend(vec![0u8; BS as usize]);
         assert_eq!(b, want, "a refused write changed data");
+        // A zeroing whose tail edge is a new block is refused before its head edge (a held
+        // block) changes.
+        let err = r
+            .zero(BS / 2, 3 * BS, false)
+            .expect_err("its tail edge needs space");
+        assert!(matches!(err, ReplicaError::NoSpace { .. }), "{err}");
+        r.read(0, &mut b).unwrap();
+        assert_eq!(b, want, "a refused zeroing changed data");
         // Held blocks are overwritten and zeroed without any new space; a full disk can be
         // trimmed.
         r.write(BS / 2, &vec![5u8; BS as usize], false).unwrap();

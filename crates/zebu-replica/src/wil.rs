@@ -219,11 +219,12 @@ impl IntentLog {
                 },
             }),
         };
-        // Its whole space, once: marks and settles never meet a full disk.
+        // Its whole space, once: marks and settles never meet a full disk. A log written by
+        // an older version on a disk full now opens anyway (its pages allocate as they go).
         let len = (PAGE_BYTES * (1 + (extents as usize).div_ceil(PAGE_STATES))) as u64;
-        log.file.allocate(0, len).map_err(|e| {
-            ReplicaError::io("reserve the write-intent log's space", &log.path, 0, e)
-        })?;
+        if let Err(e) = log.file.allocate(0, len) {
+            tracing::warn!(replica, path = %log.path.display(), "cannot reserve the write-intent log's space ({e}): a mark may meet a full disk");
+        }
         if !existed {
             if !new {
                 tracing::warn!(

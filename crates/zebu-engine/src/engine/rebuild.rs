@@ -590,7 +590,7 @@ impl Engine {
             .call(Call::new(Op::Flush, 0, 0), t)
             .await
             .map_err(|e| self.rebuild_err(format!("flushing the new replica: {e}")))?;
-        let _m = self.membership.lock().await;
+        let membership = self.membership.lock().await;
         if target.mode() != Mode::Wo {
             return Err(self.rebuild_err("the new replica left the set".into()));
         }
@@ -618,6 +618,8 @@ impl Engine {
             .await
         {
             let why = format!("recording where its write-intent log starts: {e}");
+            // `retire` takes `membership` itself.
+            drop(membership);
             self.retire(&[(target.clone(), why.clone())]).await;
             return Err(self.rebuild_err(why));
         }

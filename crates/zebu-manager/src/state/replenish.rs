@@ -155,16 +155,25 @@ impl State {
                 .filter(|r| r.mode == ReplicaMode::ERR && !r.removing)
                 .collect();
             failed.sort_by_key(|r| std::cmp::Reverse(r.failed_at_unix.unwrap_or(0)));
-            let rejoin = failed.iter().find(|r| {
+            // Its back-off is waited out rather than an older one taken instead; an older one
+            // rejoins only when the newer ones are not served.
+            let mut rejoin = None;
+            for r in failed.iter().filter(|r| self.served(r)) {
                 let backoff = if r.no_space {
                     NO_SPACE_REJOIN_S
                 } else {
                     REJOIN_BACKOFF_S
                 };
-                self.served(r)
-                    && r.failed_for_s().is_none_or(|s| s >= backoff && s < stale_s)
-                    && rebuilding_on(&r.node) < limit
-            });
+                match r.failed_for_s() {
+                    Some(s) if s >= stale_s => continue,
+                    Some(s) if s < backoff => break,
+                    _ => {}
+                }
+                if rebuilding_on(&r.node) < limit {
+                    rejoin = Some(r);
+                    break;
+                }
+            }
             if let Some(r) = rejoin {
                 let mut next = (**r).clone();
                 next.mode = ReplicaMode::WO;
