@@ -8,7 +8,8 @@
 //!    every write, zeroing and flush reaches it too. A write is acknowledged only when an RW
 //!    member kept it: a WO member alone never counts, and one that holds a write the set lost
 //!    leaves the set.
-//! 2. Piece by piece (1 MiB), under the piece's range lock — so no live write to that piece
+//! 2. Piece by piece (1 MiB; up to [`PIPELINE`] at once, finishing in order), under the
+//!    piece's range lock — so no live write to that piece
 //!    runs meanwhile, and none can be overtaken by the copy — the piece's allocation map is read
 //!    from an RW member, its data runs are read there and written to the target (zero blocks as
 //!    WRITE_ZEROES, so holes stay holes). On a target that was empty at the start, holes are
@@ -32,6 +33,8 @@
 //! `docs/healing.md`, "Resuming an interrupted rebuild".
 
 use std::collections::{HashMap, HashSet};
+
+use futures::StreamExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,6 +52,8 @@ use crate::client::{Call, ClientError, ReplicaClient};
 
 /// Bytes copied under one range lock.
 const PIECE_BYTES: u64 = 1 << 20;
+/// Pieces a rebuild copies at once.
+const PIPELINE: usize = 4;
 /// A full rebuild records how far it got at least this often (in bytes walked, or time).
 const RECORD_BYTES: u64 = 64 << 20;
 const RECORD_EVERY: Duration = Duration::from_secs(2);
@@ -539,25 +544,32 @@ impl Engine {
             p.bytes_total = plan.already + plan.bytes();
             p.resumed_from = plan.already;
         }
-        let pieces = plan.ranges.iter().flat_map(|&(s, e)| {
+        let pieces = plan.ranges.clone().into_iter().flat_map(|(s, e)| {
             (s..e)
                 .step_by(PIECE_BYTES as usize)
                 .map(move |at| (at, (at + PIECE_BYTES).min(e)))
         });
-        for (at, end) in pieces {
-            {
-                let _serving = self.enter().await?;
-                if target.mode() != Mode::Wo {
-                    let why = target
-                        .error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone();
-                    return Err(self.rebuild_err(format!("the new replica left the set: {why}")));
-                }
-                let _piece = self.ranges.lock(at, end).await;
-                copied += self.copy_piece(target, at, end, fresh).await?;
+        // Up to PIPELINE pieces are copied at once (each under its own range lock), so one's
+        // read overlaps another's write; they complete in order (`buffered`), so when a piece
+        // is seen done, every piece before it is too (what a record claims).
+        let copy = |(at, end): (u64, u64)| async move {
+            let _serving = self.enter().await?;
+            if target.mode() != Mode::Wo {
+                let why = target
+                    .error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                return Err(self.rebuild_err(format!("the new replica left the set: {why}")));
             }
+            let _piece = self.ranges.lock(at, end).await;
+            let n = self.copy_piece(target, at, end, fresh).await?;
+            Ok::<_, EngineError>((at, end, n))
+        };
+        let mut done = futures::stream::iter(pieces).map(copy).buffered(PIPELINE);
+        while let Some(piece) = done.next().await {
+            let (at, end, n) = piece?;
+            copied += n;
             walked += end - at;
             unrecorded += end - at;
             if let Some(p) = target
