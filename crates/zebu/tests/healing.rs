@@ -1018,3 +1018,68 @@ fn a_rebuild_survives_the_loss_of_its_source_its_target_and_the_manager() {
     c.cli_ok(&["volume", "detach", "long"]);
     assert_rw_replicas_identical(&c, "long");
 }
+
+/// `concurrent-replica-rebuild-per-node-limit` counts a node's rebuilds as source too: two
+/// volumes attached on node-1, each with its RW replica there, lose their other replica at
+/// once; their replacements go to two different nodes, but node-1's disk is the source of
+/// both, so with a limit of 1 they are rebuilt one after the other.
+#[test]
+fn the_per_node_rebuild_limit_counts_the_source_node() {
+    require("qemu-io");
+    let mut c = Cluster::separate(38, 5);
+    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "2"]);
+    c.cli_ok(&[
+        "setting",
+        "set",
+        "concurrent-replica-rebuild-per-node-limit",
+        "1",
+    ]);
+    c.cli_ok(&["setting", "set", "replica-rebuild-bandwidth-limit", "8"]);
+    // Placement takes the least-loaded nodes: a on node-1 and node-2; the pads on node-3 and
+    // node-4; b on node-5 and node-1.
+    let ua = c.create_attached("a", "32MiB", 2, "node-1");
+    for pad in ["p", "q"] {
+        c.cli_ok(&[
+            "volume",
+            "create",
+            pad,
+            "--size",
+            "16MiB",
+            "--replicas",
+            "1",
+        ]);
+    }
+    let ub = c.create_attached("b", "32MiB", 2, "node-1");
+    for (v, others) in [("a", "node-2"), ("b", "node-5")] {
+        let vol = c.volume(v);
+        assert!(replica_on(&vol, "node-1").is_some(), "{vol}");
+        assert!(replica_on(&vol, others).is_some(), "{vol}");
+    }
+    for uri in [&ua, &ub] {
+        qemu_io(uri, &["write -P 0x5a 0 32M".into(), "flush".into()]);
+    }
+    c.kill_agent(1); // node-2: a's other replica
+    c.kill_agent(4); // node-5: b's other replica
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut both_seen = false;
+    let mut rebuilt = [false, false];
+    while rebuilt != [true, true] {
+        assert!(Instant::now() < deadline, "not both rebuilt within 120 s");
+        let mut wo = 0;
+        for (i, (v, lost)) in [("a", "node-2"), ("b", "node-5")].iter().enumerate() {
+            let vol = c.volume(v);
+            let reps = vol["replicas"].as_array().unwrap();
+            wo += reps.iter().filter(|r| r["mode"] == "WO").count();
+            // Its replacement (on neither node-1 nor the lost node) is in sync.
+            rebuilt[i] |= reps
+                .iter()
+                .any(|r| r["node"] != "node-1" && r["node"] != *lost && r["mode"] == "RW");
+        }
+        both_seen |= wo > 1;
+        assert!(!both_seen, "node-1 was the source of two rebuilds at once");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for uri in [&ua, &ub] {
+        qemu_io(uri, &["read -P 0x5a 0 32M".into()]);
+    }
+}

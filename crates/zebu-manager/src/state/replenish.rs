@@ -12,7 +12,8 @@
 //!    replica is placed on a candidate node (see `schedule.rs`) as WO and filled by a full
 //!    rebuild. The failed record stays (ERR) and is no longer counted.
 //!
-//! A node takes at most `concurrent-replica-rebuild-per-node-limit` rebuilding replicas.
+//! A node takes part in at most `concurrent-replica-rebuild-per-node-limit` rebuilds, as target
+//! or as source (the engine's node, whose RW replica the engine reads first).
 //! Records are written before the engine hears of them (the next assignment), so a manager
 //! restart resumes from the records.
 
@@ -142,12 +143,33 @@ impl State {
             if active >= v.replica_count {
                 continue;
             }
+            // Rebuilds a node takes part in: as target (a WO replica there), or as source (the
+            // engine reads its own node's RW replica first, so a rebuild of a volume attached
+            // on `n` with an RW replica on `n` reads `n`'s disk).
             let rebuilding_on = |n: &str| {
                 self.replicas
                     .values()
-                    .filter(|r| r.node == n && r.mode == ReplicaMode::WO)
+                    .filter(|r| r.mode == ReplicaMode::WO)
+                    .filter(|r| {
+                        r.node == n
+                            || self.volumes.get(&r.volume).is_some_and(|v| {
+                                v.desired_node.as_deref() == Some(n)
+                                    && self.replicas.values().any(|x| {
+                                        x.volume == v.name
+                                            && x.node == n
+                                            && x.mode == ReplicaMode::RW
+                                    })
+                            })
+                    })
                     .count()
             };
+            // The engine's node is the source when it holds an RW replica: within its limit too.
+            let reads_local = reps
+                .iter()
+                .any(|r| r.node == node && r.mode == ReplicaMode::RW);
+            if reads_local && rebuilding_on(node) >= limit {
+                continue;
+            }
             // Newest failure first: the replica that left last has the least to catch up on
             // (an older one was replaced already, and may be far behind).
             let mut failed: Vec<&&ReplicaRecord> = reps
