@@ -1083,3 +1083,62 @@ fn the_per_node_rebuild_limit_counts_the_source_node() {
         qemu_io(uri, &["read -P 0x5a 0 32M".into()]);
     }
 }
+
+/// The rest of must-hold 3: the engine's own agent restarts mid-rebuild (the engine with it).
+/// The new engine has no notes of what changed while the target was away; the members' logs
+/// still cover the copy's generation (nothing settled clean without the target), so the
+/// rebuild resumes from the target's record instead of from zero, and completes.
+#[test]
+fn a_rebuild_resumes_after_the_engines_agent_restarts() {
+    require("qemu-io");
+    const MIB: u64 = 1 << 20;
+    let mut c = Cluster::separate(39, 5);
+    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
+    c.cli_ok(&["setting", "set", "replica-rebuild-bandwidth-limit", "4"]);
+    c.cli_ok(&[
+        "volume",
+        "create",
+        "pad",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "1",
+    ]);
+    let uri = c.create_attached("eng", "96MiB", 3, "node-1");
+    qemu_io(&uri, &["write -P 0x6b 0 96M".into(), "flush".into()]);
+    // Idle long enough for the write-intent log to settle the fill clean on every member.
+    std::thread::sleep(Duration::from_secs(5));
+    c.kill_agent(3); // node-4, for good: a new replica on node-5 gets a full rebuild
+    wait_until("32 MiB copied to node-5", Duration::from_secs(90), || {
+        rebuild_on(&c, "eng", "node-5").filter(|b| field(b, "bytes_done") >= 32 * MIB)
+    });
+    c.cli_ok(&[
+        "setting",
+        "set",
+        "replica-replenishment-wait-interval",
+        "60",
+    ]);
+    let before = field(&rebuild_on(&c, "eng", "node-5").unwrap(), "bytes_done");
+    c.kill_agent(0); // the engine's node
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_agent(0);
+    let resumed = wait_until(
+        "the rebuild resumed by the new engine",
+        Duration::from_secs(60),
+        || rebuild_on(&c, "eng", "node-5").filter(|b| field(b, "resumed_from") > 0),
+    );
+    let from = field(&resumed, "resumed_from");
+    assert!(
+        from + 20 * MIB >= before,
+        "resumed from {from}, but {before} bytes were done before the engine's agent was killed: {resumed}"
+    );
+    let v = wait_until("the volume healthy again", Duration::from_secs(120), || {
+        let v = c.volume("eng");
+        (v["robustness"] == "healthy").then_some(v)
+    });
+    let r = replica_on(&v, "node-5").unwrap();
+    assert_eq!(r["last_rebuild"]["resumed_from"], from, "{r}");
+    qemu_io(&uri, &["read -P 0x6b 0 96M".into()]);
+    c.cli_ok(&["volume", "detach", "eng"]);
+    assert_rw_replicas_identical(&c, "eng");
+}
