@@ -126,19 +126,21 @@ fn pread_nowait(file: &File, buf: &mut [u8], at: u64) -> bool {
     n >= 0 && n as usize == buf.len()
 }
 
-fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
+/// `fallocate(2)` with `mode`; a filesystem without it (EOPNOTSUPP) is not an error: for a
+/// punch the caller reads the range as zero anyway, and without a reservation writes allocate
+/// as they go (an ENOSPC then is an I/O error, as before).
+fn fallocate(file: &File, mode: libc::c_int, at: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on a valid, open file descriptor; no memory is passed.
     let rc = unsafe {
         libc::fallocate(
             file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            mode,
             at as libc::off_t,
             len as libc::off_t,
         )
     };
     if rc != 0 {
         let e = io::Error::last_os_error();
-        // Filesystems without hole punching: the caller reads the range as zero anyway.
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(e);
         }
@@ -146,25 +148,17 @@ fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        at,
+        len,
+    )
+}
+
 fn allocate(file: &File, at: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a valid, open file descriptor; no memory is passed.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_KEEP_SIZE,
-            at as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        // Filesystems without fallocate: writes allocate as they go (an ENOSPC then is an
-        // I/O error, as before).
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
-        }
-    }
-    Ok(())
+    fallocate(file, libc::FALLOC_FL_KEEP_SIZE, at, len)
 }
 
 fn seek_data(file: &File, from: u64) -> io::Result<Option<u64>> {

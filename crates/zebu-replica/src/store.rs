@@ -294,31 +294,10 @@ impl Layer {
         Ok(())
     }
 
-    /// Reserve the space of blocks `[first, end)` in the data file and of their entries in the
-    /// index file, before any of them is written (see "A full disk" in `docs/healing.md`): an
-    /// ENOSPC here leaves everything as it was.
+    /// Reserve the space of blocks `[first, end)` in the data file (with `data`) and of their
+    /// entries in the index file, before any of them is written (see "A full disk" in
+    /// `docs/healing.md`): an ENOSPC here leaves everything as it was.
     fn reserve(
-        &self,
-        replica: &str,
-        first: u64,
-        end: u64,
-        block_size: u64,
-    ) -> Result<(), ReplicaError> {
-        self.reserve_in(replica, first, end, block_size, true)
-    }
-
-    /// [`Layer::reserve`] of the index entries alone.
-    fn reserve_entries(
-        &self,
-        replica: &str,
-        first: u64,
-        end: u64,
-        block_size: u64,
-    ) -> Result<(), ReplicaError> {
-        self.reserve_in(replica, first, end, block_size, false)
-    }
-
-    fn reserve_in(
         &self,
         replica: &str,
         first: u64,
@@ -1005,7 +984,7 @@ impl Replica {
         // A block the head does not hold yet needs space: reserved before anything is written,
         // so a full disk refuses the write with nothing changed (not poisoned).
         if (first..end).any(|b| head.entries.get(b) & ENTRY_PRESENT == 0) {
-            head.reserve(&self.name, first, end, bs)?;
+            head.reserve(&self.name, first, end, bs, true)?;
         }
         let at = first * bs;
         let res = write_in_pieces(&*head.data, blocks, at)
@@ -1073,12 +1052,12 @@ impl Replica {
         ];
         for b in edges.into_iter().flatten() {
             if head.entries.get(b) & ENTRY_PRESENT == 0 {
-                head.reserve(&self.name, b, b + 1, bs)?;
+                head.reserve(&self.name, b, b + 1, bs, true)?;
             }
         }
         let (first, end) = (start / bs, stop / bs);
         if start < stop && entry != 0 && (first..end).any(|b| head.entries.get(b) == 0) {
-            head.reserve_entries(&self.name, first, end, bs)?;
+            head.reserve(&self.name, first, end, bs, false)?;
         }
         if head_bytes > 0 {
             self.write(offset, &vec![0u8; head_bytes as usize], false)?;

@@ -5,61 +5,7 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// A small ext4 mounted (through a loop device) at a node's data directory, before its agent
-/// starts; lazily unmounted when dropped (after the test's processes are gone or going).
-struct SmallDisk {
-    dir: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(dir: &Path, mib: u64) -> SmallDisk {
-        std::fs::create_dir_all(dir).unwrap();
-        let img = dir.with_extension("img");
-        sh(&format!(
-            "truncate -s {mib}M {img} && mkfs.ext4 -F -q {img} && mount -o loop {img} {dir}",
-            img = img.display(),
-            dir = dir.display()
-        ));
-        SmallDisk {
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn avail(&self) -> u64 {
-        sh(&format!(
-            "df -B1 --output=avail {} | tail -1",
-            self.dir.display()
-        ))
-        .trim()
-        .parse()
-        .unwrap()
-    }
-
-    /// Fill the disk but `leave` bytes with a file that `free` removes.
-    fn fill(&self, leave: u64) {
-        let n = self.avail().saturating_sub(leave);
-        sh(&format!(
-            "fallocate -l {n} {}/filler && sync",
-            self.dir.display()
-        ));
-    }
-
-    fn free(&self) {
-        sh(&format!("rm -f {}/filler && sync", self.dir.display()));
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
-    }
-}
 
 /// A cluster of `nodes` agents whose first node's data directory is a `mib` MiB disk.
 fn cluster_with_small_disk(net: u8, nodes: usize, mib: u64) -> (Cluster, SmallDisk) {
@@ -103,7 +49,7 @@ fn a_full_disk_under_every_member_gives_enospc_and_the_volume_recovers_when_spac
     let (mut c, disk) = cluster_with_small_disk(35, 1, 64);
     let uri = c.create_attached("full", "64MiB", 1, "node-1");
     qemu_io(&uri, &["write -P 0x11 0 4M".into(), "flush".into()]);
-    disk.fill(6 * MIB);
+    assert!(disk.fill(6 * MIB), "cannot fill the small disk");
     // 1 MiB writes into new space until the disk is full.
     let writes: Vec<String> = (4..40)
         .map(|i| format!("write -P 0x22 {}M 1M", i))
@@ -185,7 +131,7 @@ fn a_member_whose_disk_fills_is_replaced_on_another_node_at_once() {
     let v = c.volume("spill");
     assert!(replica_on(&v, "node-1").is_some(), "{v}");
     assert!(replica_on(&v, "node-3").is_none(), "{v}");
-    disk.fill(8 * MIB);
+    assert!(disk.fill(8 * MIB), "cannot fill the small disk");
     let fio = fio_verify(&c, &uri, "80m", "8m");
     let v = wait_until(
         "node-1's replica out for lack of space",

@@ -622,18 +622,6 @@ fn salvage_refuses_without_the_freshest_replica_and_a_person_may_choose() {
     assert_rw_replicas_identical(&c, "vol");
 }
 
-/// A small deterministic random source (no dependency), seeded per run and printed.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// Promise 3 with kill -9 (the page cache survives, so this is not a power loss; the last
 /// variant below is): 20 trials of every process killed in a random
 /// order with random gaps, then restarted in a random order. With no CLI action the volume
@@ -859,6 +847,27 @@ fn the_engine_moves_off_a_node_that_is_down_and_the_old_one_is_fenced_when_it_re
     assert_rw_replicas_identical(&c, "mv");
 }
 
+/// 5 nodes (replenishment wait 3 s, rebuilds at 4 MiB/s) and a 3-replica `volume` attached on
+/// node-1. A one-replica volume on node-1 comes first, so `volume`'s replicas (fewest-held
+/// nodes first) land on nodes 2, 3 and 4, and the engine on node-1 reads from remote members
+/// only. Returns the volume's NBD URI.
+fn slow_rebuilds(net: u8, volume: &str, size: &str) -> (Cluster, String) {
+    let c = Cluster::separate(net, 5);
+    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
+    c.cli_ok(&["setting", "set", "replica-rebuild-bandwidth-limit", "4"]);
+    c.cli_ok(&[
+        "volume",
+        "create",
+        "pad",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "1",
+    ]);
+    let uri = c.create_attached(volume, size, 3, "node-1");
+    (c, uri)
+}
+
 /// The rebuild status of the replica on `node`, if it is rebuilding.
 fn rebuild_on(c: &Cluster, volume: &str, node: &str) -> Option<Value> {
     // None while the manager does not answer (it may be restarting).
@@ -886,22 +895,8 @@ fn a_rebuild_survives_the_loss_of_its_source_its_target_and_the_manager() {
     require("fio");
     require("qemu-io");
     const MIB: u64 = 1 << 20;
-    let mut c = Cluster::separate(34, 5);
-    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
     // 4 MiB/s: the 128 MiB copy takes about 32 s, long enough to interrupt.
-    c.cli_ok(&["setting", "set", "replica-rebuild-bandwidth-limit", "4"]);
-    // A one-replica volume on node-1 first, so the next one's replicas (fewest-held nodes
-    // first) land on nodes 2, 3 and 4, and the engine on node-1 reads from remote members only.
-    c.cli_ok(&[
-        "volume",
-        "create",
-        "pad",
-        "--size",
-        "16MiB",
-        "--replicas",
-        "1",
-    ]);
-    let uri = c.create_attached("long", "128MiB", 3, "node-1");
+    let (mut c, uri) = slow_rebuilds(34, "long", "128MiB");
     let v = c.volume("long");
     for n in ["node-2", "node-3", "node-4"] {
         assert!(replica_on(&v, n).is_some(), "no replica on {n}: {v}");
@@ -1092,19 +1087,7 @@ fn the_per_node_rebuild_limit_counts_the_source_node() {
 fn a_rebuild_resumes_after_the_engines_agent_restarts() {
     require("qemu-io");
     const MIB: u64 = 1 << 20;
-    let mut c = Cluster::separate(39, 5);
-    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
-    c.cli_ok(&["setting", "set", "replica-rebuild-bandwidth-limit", "4"]);
-    c.cli_ok(&[
-        "volume",
-        "create",
-        "pad",
-        "--size",
-        "16MiB",
-        "--replicas",
-        "1",
-    ]);
-    let uri = c.create_attached("eng", "96MiB", 3, "node-1");
+    let (mut c, uri) = slow_rebuilds(39, "eng", "96MiB");
     qemu_io(&uri, &["write -P 0x6b 0 96M".into(), "flush".into()]);
     // Idle long enough for the write-intent log to settle the fill clean on every member.
     std::thread::sleep(Duration::from_secs(5));

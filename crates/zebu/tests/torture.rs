@@ -28,57 +28,6 @@ const SLOTS: u64 = 512; // 32 MiB written, in a 64 MiB volume
 const BLOCK: u64 = 4096;
 const PROXY_PORT: u16 = 10701;
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n.max(1)
-    }
-}
-
-/// A small ext4 at a node's data directory (see `disk_full.rs`).
-struct SmallDisk(PathBuf);
-impl SmallDisk {
-    fn mount(dir: &Path, mib: u64) -> SmallDisk {
-        std::fs::create_dir_all(dir).unwrap();
-        let img = dir.with_extension("img");
-        sh(&format!(
-            "truncate -s {mib}M {i} && mkfs.ext4 -F -q {i} && mount -o loop {i} {d}",
-            i = img.display(),
-            d = dir.display()
-        ));
-        SmallDisk(dir.to_owned())
-    }
-    fn fill(&self) {
-        let avail: u64 = sh(&format!(
-            "df -B1 --output=avail {} | tail -1",
-            self.0.display()
-        ))
-        .trim()
-        .parse()
-        .unwrap();
-        let n = avail.saturating_sub(1 << 20);
-        if n == 0 {
-            return; // full already
-        }
-        let _ = Command::new("fallocate")
-            .args(["-l", &n.to_string()])
-            .arg(self.0.join("filler"))
-            .status();
-    }
-    fn free(&self) {
-        let _ = std::fs::remove_file(self.0.join("filler"));
-    }
-}
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// The fault proxies in front of every node's data port.
 struct Proxies {
     children: Vec<Child>,
@@ -317,7 +266,9 @@ fn torture(net: u8, agent_args: &[&str], power_cuts: bool) {
                 }
                 Fault::Cut(i) => proxies.set(*i, "cut"),
                 Fault::Delay(i, ms) => proxies.set(*i, &format!("delay {ms}")),
-                Fault::DiskFull => disk.fill(),
+                Fault::DiskFull => {
+                    disk.fill(1 << 20);
+                }
             }
             log.lock()
                 .unwrap()

@@ -409,3 +409,69 @@ pub fn assert_rw_replicas_identical(c: &Cluster, volume: &str) {
         );
     }
 }
+
+/// A small deterministic random source (no dependency), seeded per run and printed.
+pub struct Lcg(pub u64);
+impl Lcg {
+    /// A number below `n` (0 when `n` is 0).
+    pub fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+/// A small ext4 (through a loop device) mounted at a node's data directory before its agent
+/// starts; lazily unmounted when dropped (after the test's processes are gone or going).
+pub struct SmallDisk {
+    pub dir: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn mount(dir: &Path, mib: u64) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let img = dir.with_extension("img");
+        sh(&format!(
+            "truncate -s {mib}M {i} && mkfs.ext4 -F -q {i} && mount -o loop {i} {d}",
+            i = img.display(),
+            d = dir.display()
+        ));
+        SmallDisk {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn avail(&self) -> u64 {
+        sh(&format!(
+            "df -B1 --output=avail {} | tail -1",
+            self.dir.display()
+        ))
+        .trim()
+        .parse()
+        .unwrap()
+    }
+
+    /// Fill the disk but `leave` bytes with a file that [`SmallDisk::free`] removes; false if
+    /// it could not (it is that full already, or space went meanwhile).
+    pub fn fill(&self, leave: u64) -> bool {
+        let n = self.avail().saturating_sub(leave);
+        n > 0
+            && run(Command::new("fallocate")
+                .args(["-l", &n.to_string()])
+                .arg(self.dir.join("filler")))
+            .status
+            .success()
+    }
+
+    pub fn free(&self) {
+        sh(&format!("rm -f {}/filler && sync", self.dir.display()));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
