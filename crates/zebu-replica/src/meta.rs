@@ -188,7 +188,17 @@ impl ReplicaMeta {
         let old = dir.join(META_OLD_FILE);
         let path = dir.join(META_FILE);
         let bytes = self.encode();
-        let write = || -> std::io::Result<()> {
+        // A crash before the last rename may have left the spare as `.old` only (the live file
+        // has another inode): it becomes the spare again, rather than a new file that needs
+        // space while `.old` still holds some.
+        if !tmp.exists() {
+            use std::os::unix::fs::MetadataExt;
+            let ino = |p: &Path| fs::metadata(p).map(|m| m.ino()).ok();
+            if ino(&old).is_some() && ino(&old) != ino(&path) {
+                let _ = fs::rename(&old, &tmp);
+            }
+        }
+        let write = || -> std::io::Result<bool> {
             let mut f = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -202,13 +212,17 @@ impl ReplicaMeta {
             let kept = path.exists() && fs::hard_link(&path, &old).is_ok();
             fs::rename(&tmp, &path)?;
             File::open(dir)?.sync_all()?;
-            if kept {
-                // Never read: a crash may leave it under either name.
-                fs::rename(&old, &tmp)?;
-            }
-            Ok(())
+            Ok(kept)
         };
-        write().map_err(|e| ReplicaError::io("replace metadata", &path, 0, e))
+        let kept = write().map_err(|e| ReplicaError::io("replace metadata", &path, 0, e))?;
+        // The new file is durable: keeping the old one's space is best effort. Never read; a
+        // crash may leave it under either name (see above).
+        if kept {
+            if let Err(e) = fs::rename(&old, &tmp) {
+                tracing::warn!(path = %old.display(), "keeping the replaced metadata file's space for the next replacement: {e}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -297,6 +311,20 @@ mod tests {
             .ino();
         assert_eq!(spare, before);
         assert!(!dir.path().join(META_OLD_FILE).exists());
+        // A crash before the last rename left the spare as `.old`: it is used again.
+        std::fs::rename(
+            dir.path().join(META_TMP_FILE),
+            dir.path().join(META_OLD_FILE),
+        )
+        .unwrap();
+        m.generation = 12;
+        m.store(dir.path()).unwrap();
+        let live = std::fs::metadata(dir.path().join(META_FILE)).unwrap().ino();
+        assert_eq!(
+            live, spare,
+            "the spare left as .old must be written, not a new file"
+        );
+        assert_eq!(ReplicaMeta::load(dir.path()).unwrap().generation, 12);
         // A shorter file after a longer one: nothing of the longer one is left.
         m.layers.truncate(1);
         m.store(dir.path()).unwrap();

@@ -8,7 +8,7 @@
 //!    every write, zeroing and flush reaches it too. A write is acknowledged only when an RW
 //!    member kept it: a WO member alone never counts, and one that holds a write the set lost
 //!    leaves the set.
-//! 2. Piece by piece (1 MiB; up to [`PIPELINE`] at once, finishing in order), under the
+//! 2. Piece by piece (1 MiB; unpaced, up to [`PIPELINE`] at once, finishing in order), under the
 //!    piece's range lock — so no live write to that piece
 //!    runs meanwhile, and none can be overtaken by the copy — the piece's allocation map is read
 //!    from an RW member, its data runs are read there and written to the target (zero blocks as
@@ -566,7 +566,11 @@ impl Engine {
             let n = self.copy_piece(target, at, end, fresh).await?;
             Ok::<_, EngineError>((at, end, n))
         };
-        let mut done = futures::stream::iter(pieces).map(copy).buffered(PIPELINE);
+        // A paced copy takes one piece at a time: the pieces ahead must not sit on their range
+        // locks while it sleeps. (A record's target sync, every 2 s or 64 MiB, does keep up to
+        // PIPELINE - 1 pieces ahead locked for its length.)
+        let depth = if rate > 0 { 1 } else { PIPELINE };
+        let mut done = futures::stream::iter(pieces).map(copy).buffered(depth);
         while let Some(piece) = done.next().await {
             let (at, end, n) = piece?;
             copied += n;

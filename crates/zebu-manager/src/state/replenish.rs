@@ -82,6 +82,29 @@ impl State {
         }
     }
 
+    /// Rebuilds node `n` takes part in, counting those `planned` in this pass: as target (a WO
+    /// replica there), or as source (the engine reads its own node's RW replica first, so a
+    /// rebuild of a volume attached on `n` with an RW replica on `n` reads `n`'s disk).
+    fn rebuilds_on(&self, n: &str, planned: &[(ReplicaRecord, String)]) -> usize {
+        let recorded = self
+            .replicas
+            .values()
+            .filter(|r| !planned.iter().any(|(p, _)| p.name == r.name));
+        recorded
+            .chain(planned.iter().map(|(p, _)| p))
+            .filter(|r| r.mode == ReplicaMode::WO)
+            .filter(|r| {
+                r.node == n
+                    || self.volumes.get(&r.volume).is_some_and(|v| {
+                        v.desired_node.as_deref() == Some(n)
+                            && self.replicas.values().any(|x| {
+                                x.volume == v.name && x.node == n && x.mode == ReplicaMode::RW
+                            })
+                    })
+            })
+            .count()
+    }
+
     pub(super) fn replenish(&mut self) {
         let wait_s = self.setting_u64(settings::REPLICA_REPLENISHMENT_WAIT_INTERVAL);
         let stale_s = self.setting_u64(settings::STALE_REPLICA_TIMEOUT) * 60;
@@ -143,26 +166,7 @@ impl State {
             if active >= v.replica_count {
                 continue;
             }
-            // Rebuilds a node takes part in: as target (a WO replica there), or as source (the
-            // engine reads its own node's RW replica first, so a rebuild of a volume attached
-            // on `n` with an RW replica on `n` reads `n`'s disk).
-            let rebuilding_on = |n: &str| {
-                self.replicas
-                    .values()
-                    .filter(|r| r.mode == ReplicaMode::WO)
-                    .filter(|r| {
-                        r.node == n
-                            || self.volumes.get(&r.volume).is_some_and(|v| {
-                                v.desired_node.as_deref() == Some(n)
-                                    && self.replicas.values().any(|x| {
-                                        x.volume == v.name
-                                            && x.node == n
-                                            && x.mode == ReplicaMode::RW
-                                    })
-                            })
-                    })
-                    .count()
-            };
+            let rebuilding_on = |n: &str| self.rebuilds_on(n, &steps);
             // The engine's node is the source when it holds an RW replica: within its limit too.
             let reads_local = reps
                 .iter()
@@ -177,25 +181,17 @@ impl State {
                 .filter(|r| r.mode == ReplicaMode::ERR && !r.removing)
                 .collect();
             failed.sort_by_key(|r| std::cmp::Reverse(r.failed_at_unix.unwrap_or(0)));
-            // Its back-off is waited out rather than an older one taken instead; an older one
-            // rejoins only when the newer ones are not served.
-            let mut rejoin = None;
-            for r in failed.iter().filter(|r| self.served(r)) {
+            // (One in its back-off does not hold the others back: its rebuild may keep failing.)
+            let rejoin = failed.iter().find(|r| {
                 let backoff = if r.no_space {
                     NO_SPACE_REJOIN_S
                 } else {
                     REJOIN_BACKOFF_S
                 };
-                match r.failed_for_s() {
-                    Some(s) if s >= stale_s => continue,
-                    Some(s) if s < backoff => break,
-                    _ => {}
-                }
-                if rebuilding_on(&r.node) < limit {
-                    rejoin = Some(r);
-                    break;
-                }
-            }
+                self.served(r)
+                    && r.failed_for_s().is_none_or(|s| s >= backoff && s < stale_s)
+                    && rebuilding_on(&r.node) < limit
+            });
             if let Some(r) = rejoin {
                 let mut next = (**r).clone();
                 next.mode = ReplicaMode::WO;
