@@ -118,6 +118,10 @@ pub struct Agent {
     rebuilds: Mutex<HashMap<String, RebuildState>>,
     /// Where NBD is also served over a unix socket (None if it could not be bound).
     nbd_socket: Option<PathBuf>,
+    /// The cluster this node belongs to (`DATA_DIR/cluster.id`), once a manager answered.
+    cluster_id: Mutex<Option<String>>,
+    /// The last refusal or hold logged, so each is logged once.
+    last_refusal: Mutex<Option<String>>,
 }
 
 /// Bind the node's NBD unix socket. A socket file left by an earlier run is replaced; any other
@@ -226,7 +230,11 @@ impl Agent {
                 None
             }
         };
+        let cluster_id = zebu_api::cluster_id::read(&cfg.data_dir)
+            .map_err(|e| anyhow::anyhow!("node {}: {e}", cfg.node))?;
         let agent = Arc::new(Agent {
+            cluster_id: Mutex::new(cluster_id),
+            last_refusal: Mutex::new(None),
             api: ApiClient::new(&cfg.manager_url, &cfg.token),
             replicas_dir,
             server,
@@ -294,7 +302,9 @@ impl Agent {
                     if failing_since.take().is_some() {
                         tracing::info!(node = %self.cfg.node, "manager reachable again");
                     }
-                    self.reconcile(a);
+                    if self.accept(&a) {
+                        self.reconcile(a);
+                    }
                 }
                 Err(e) => {
                     if failing_since.is_none() {
@@ -386,6 +396,7 @@ impl Agent {
                     .is_poisoned()
                     .then(|| format!("replica {} refuses I/O after a disk error", r.name())),
                 missing: false,
+                epoch: r.epoch(),
             })
             .collect();
         // Replicas that are not served: unreadable on disk, or not on disk at all.
@@ -399,6 +410,7 @@ impl Agent {
                     size_bytes: 0,
                     error: Some(err.clone()),
                     missing,
+                    epoch: 0,
                 });
             }
         }
@@ -441,6 +453,7 @@ impl Agent {
             })
             .collect();
         Heartbeat {
+            cluster_id: self.cluster_id.lock().unwrap().clone(),
             node: self.cfg.node.clone(),
             address: self.cfg.listen_ip.to_string(),
             data_port: self.cfg.advertise_data_port.unwrap_or(self.cfg.data_port),
@@ -450,6 +463,58 @@ impl Agent {
             disk_free_bytes: free,
             replicas,
             engines,
+        }
+    }
+
+    /// Whether to act on an answer: it comes from this node's cluster (the first answer names
+    /// the cluster, recorded durably before anything else is done), and the manager is not
+    /// holding. A refused answer changes nothing.
+    fn accept(&self, a: &Assignment) -> bool {
+        let refusal = {
+            let mut mine = self.cluster_id.lock().unwrap();
+            match mine.as_deref() {
+                _ if !zebu_api::cluster_id::is_valid(&a.cluster_id) => Some(format!(
+                    "the manager at {} sent no valid cluster id ({:?}); nothing it asks is done (is it an older build?)",
+                    self.api.base(),
+                    a.cluster_id
+                )),
+                Some(id) if id != a.cluster_id => Some(format!(
+                    "the manager at {} runs cluster {}, but this node's replicas belong to cluster {id} ({}); nothing it asks is done. Point --manager at this cluster's manager; if the node should really join the other cluster, stop the agent and move its data directory away first",
+                    self.api.base(),
+                    a.cluster_id,
+                    zebu_api::cluster_id::path(&self.cfg.data_dir).display()
+                )),
+                Some(_) => None,
+                None => match zebu_api::cluster_id::write(&self.cfg.data_dir, &a.cluster_id) {
+                    Ok(()) => {
+                        tracing::info!(node = %self.cfg.node, cluster = %a.cluster_id, "node joined cluster");
+                        *mine = Some(a.cluster_id.clone());
+                        None
+                    }
+                    Err(e) => Some(format!("{e}; nothing the manager asks is done until it is written")),
+                },
+            }
+        };
+        let refusal = refusal.or_else(|| {
+            a.hold.as_ref().map(|why| {
+                format!(
+                    "the manager holds: {why}; this node keeps what it runs and changes nothing"
+                )
+            })
+        });
+        let mut last = self.last_refusal.lock().unwrap();
+        match refusal {
+            Some(why) => {
+                if last.as_deref() != Some(why.as_str()) {
+                    tracing::error!(node = %self.cfg.node, "{why}");
+                    *last = Some(why);
+                }
+                false
+            }
+            None => {
+                *last = None;
+                true
+            }
         }
     }
 

@@ -1,6 +1,8 @@
 //! The Zebu REST API: the types the manager serves (`/v1/...`) and the HTTP client the CLI and
 //! the agents use. JSON on the wire; every request carries `Authorization: Bearer <token>`.
 
+pub mod cluster_id;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -224,6 +226,9 @@ pub struct ReplicaReport {
     /// durable failure: the replica comes back when its directory does.
     #[serde(default)]
     pub missing: bool,
+    /// The highest engine epoch the replica has accepted (its fence), from its `replica.meta`.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,6 +267,10 @@ pub struct EngineReport {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
+    /// The cluster this node's replicas belong to (`DATA_DIR/cluster.id`); `None` until a
+    /// manager first answered it.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     pub node: String,
     pub address: String,
     pub data_port: u16,
@@ -330,6 +339,14 @@ pub struct EngineSpec {
 /// desired set every time.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Assignment {
+    /// The manager's cluster: an agent of another cluster acts on nothing in this answer.
+    #[serde(default)]
+    pub cluster_id: String,
+    /// Set while the manager cannot say what the node should run (it is recovering its records
+    /// from the agents): the node keeps what it runs, creates, starts, stops and deletes
+    /// nothing. Says why.
+    #[serde(default)]
+    pub hold: Option<String>,
     /// The secret replica data connections must present.
     pub secret: String,
     pub replicas: Vec<ReplicaSpec>,

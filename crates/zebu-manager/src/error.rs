@@ -29,6 +29,18 @@ impl ApiError {
             message,
         }
     }
+    pub fn unavailable(message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message,
+        }
+    }
+    pub fn forbidden(message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            message,
+        }
+    }
     pub fn internal(message: String) -> ApiError {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,

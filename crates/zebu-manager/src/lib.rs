@@ -3,6 +3,7 @@
 //! run. Agents pull: every heartbeat carries the node's full report and gets back the node's
 //! full assignment (level-triggered, idempotent), so a lost message is repaired by the next one.
 
+pub mod cluster;
 pub mod error;
 pub mod settings;
 pub mod state;
@@ -22,7 +23,6 @@ use zebu_api::{
     Assignment, AttachVolume, CreateVolume, Heartbeat, Node, RetireMembers, SalvageVolume,
     SetSetting, Setting, Volume,
 };
-use zebu_store::RedbStore;
 
 use crate::error::ApiError;
 use crate::state::State;
@@ -44,7 +44,7 @@ pub struct Manager {
 type Shared = Arc<Manager>;
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     use rand::RngCore;
     let mut b = vec![0u8; bytes];
     rand::thread_rng().fill_bytes(&mut b);
@@ -86,13 +86,24 @@ fn secret_file(path: &Path) -> anyhow::Result<String> {
 }
 
 impl Manager {
-    pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Manager>> {
+    /// Open the manager's data directory. `recover`: the store was lost or damaged; rebuild
+    /// its records from what the agents report during this window (`docs/hardening.md`).
+    pub fn open(
+        data_dir: &Path,
+        recover: Option<std::time::Duration>,
+    ) -> anyhow::Result<Arc<Manager>> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+        let opened = cluster::open(data_dir, recover.is_some())?;
         let token = secret_file(&data_dir.join(TOKEN_FILE))?;
         let secret = secret_file(&data_dir.join(SECRET_FILE))?;
-        let store = RedbStore::open(&data_dir.join(STORE_FILE))?;
-        let state = State::load(Arc::new(store), secret)?;
+        let state = State::load(
+            Arc::new(opened.store),
+            secret,
+            opened.cluster_id,
+            data_dir,
+            recover,
+        )?;
         Ok(Arc::new(Manager {
             state: Mutex::new(state),
             token,
@@ -194,8 +205,9 @@ async fn create_volume(
 ) -> ApiResult<Volume> {
     let Json(req) = body
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))?;
-    m.state()
-        .create_volume(&req.name, req.size_bytes, req.replica_count)
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.create_volume(&req.name, req.size_bytes, req.replica_count)
         .map(Json)
 }
 
@@ -203,7 +215,9 @@ async fn delete_volume(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Volume> {
-    m.state().delete_volume(&name).map(Json)
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.delete_volume(&name).map(Json)
 }
 
 async fn attach_volume(
@@ -223,14 +237,18 @@ async fn attach_volume(
             )))
         }
     };
-    m.state().attach(&name, req.node).map(Json)
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.attach(&name, req.node).map(Json)
 }
 
 async fn detach_volume(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Volume> {
-    m.state().detach(&name).map(Json)
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.detach(&name).map(Json)
 }
 
 async fn salvage_volume(
@@ -249,7 +267,9 @@ async fn salvage_volume(
             )))
         }
     };
-    m.state().salvage(&name, req.replica).map(Json)
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.salvage(&name, req.replica).map(Json)
 }
 
 async fn list_nodes(AxState(m): AxState<Shared>) -> ApiResult<Vec<Node>> {
@@ -278,7 +298,9 @@ async fn set_setting(
             e.body_text()
         ))
     })?;
-    m.state().set_setting(&name, &req.value).map(Json)
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.set_setting(&name, &req.value).map(Json)
 }
 
 async fn retire_members(
@@ -289,7 +311,9 @@ async fn retire_members(
     let Json(req) = body.map_err(|e| {
         ApiError::bad_request(format!("invalid retirement record: {}", e.body_text()))
     })?;
-    m.state().record_retired(&name, &req).map(Json)
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.record_retired(&name, &req).map(Json)
 }
 
 async fn heartbeat(

@@ -20,6 +20,7 @@ use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 
 use crate::error::ApiError;
 
+pub mod recovery;
 mod replenish;
 mod salvage;
 mod schedule;
@@ -160,6 +161,13 @@ pub struct State {
     salvage_blocked: HashMap<String, String>,
     /// When this manager started: a node not heard from since is down at most this long.
     started: Instant,
+    /// The cluster these records belong to; `None` only while recovering a manager whose whole
+    /// directory was lost, until an agent reports it.
+    cluster_id: Option<String>,
+    /// The manager's data directory (for `cluster.id`).
+    data_dir: std::path::PathBuf,
+    /// Set while records are being recovered from the agents.
+    recovery: Option<recovery::Recovery>,
 }
 
 fn store_err(e: StoreError) -> ApiError {
@@ -184,6 +192,43 @@ pub fn validate_volume_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Node names: DNS subdomains (lowercase letters, digits, '-' and '.', labels of 1 to 63),
+/// as Kubernetes node names are; never a path.
+pub fn validate_node_name(name: &str) -> Result<(), ApiError> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "node name {name:?} is not valid: use lowercase letters, digits, '-' and '.' (a DNS name, at most 253 characters, each part 1 to 63, starting and ending with a letter or digit)"
+        )))
+    }
+}
+
+/// Names of replicas (and other objects that become folder names): lowercase letters, digits
+/// and '-', 1 to 200.
+pub fn validate_object_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{kind} name {name:?} is not valid: use 1 to 200 lowercase letters, digits and '-'"
+        )))
+    }
+}
+
 fn random_suffix() -> String {
     use rand::Rng;
     let n: u32 = rand::thread_rng().gen();
@@ -191,7 +236,13 @@ fn random_suffix() -> String {
 }
 
 impl State {
-    pub fn load(store: Arc<dyn MetaStore>, secret: String) -> Result<State, StoreError> {
+    pub fn load(
+        store: Arc<dyn MetaStore>,
+        secret: String,
+        cluster_id: Option<String>,
+        data_dir: &std::path::Path,
+        recover_window: Option<Duration>,
+    ) -> Result<State, StoreError> {
         let volumes: BTreeMap<String, VolumeRecord> = store
             .list::<VolumeRecord>(VOLUMES)?
             .into_iter()
@@ -242,12 +293,19 @@ impl State {
             was_ready: HashMap::new(),
             salvage_blocked: HashMap::new(),
             started: Instant::now(),
+            cluster_id,
+            data_dir: data_dir.to_owned(),
+            recovery: recover_window.map(recovery::Recovery::new),
         })
     }
 
     /// The reconcilers that run on a timer of their own (every second), not on heartbeats:
     /// replica health and rebuild ([`State::replenish`]), then node health.
     pub fn tick(&mut self) {
+        if self.recovering() {
+            self.recovery_tick();
+            return;
+        }
         self.auto_salvage();
         self.replenish();
         self.remove_stale();
@@ -561,13 +619,13 @@ impl State {
             .take(count as usize)
             .map(|node| ReplicaRecord::new(name, node, ReplicaMode::RW))
             .collect();
-        let vbytes = serde_json::to_vec(&record).expect("records serialize");
+        let vbytes = zebu_store::encode_json(VOLUMES, name, &record);
         let rbytes: Vec<(String, Vec<u8>)> = replicas
             .iter()
             .map(|r| {
                 (
                     r.name.clone(),
-                    serde_json::to_vec(r).expect("records serialize"),
+                    zebu_store::encode_json(REPLICAS, &r.name, r),
                 )
             })
             .collect();
@@ -777,11 +835,11 @@ impl State {
     /// Take a node's report, update observed state, and answer with what it should run.
     pub fn heartbeat(&mut self, hb: Heartbeat) -> Result<Assignment, ApiError> {
         let node = hb.node.clone();
-        if node.is_empty() {
-            return Err(ApiError::bad_request(
-                "heartbeat without a node name".into(),
-            ));
+        validate_node_name(&node)?;
+        for r in &hb.replicas {
+            validate_object_name("replica", &r.name)?;
         }
+        self.check_cluster(&hb)?;
         let rec = NodeRecord {
             name: node.clone(),
             address: hb.address.clone(),
@@ -795,6 +853,18 @@ impl State {
                 tracing::info!(node = %node, address = %rec.address, "node registered");
             }
             self.nodes.insert(node.clone(), rec);
+        }
+        if self.recovering() {
+            self.adopt_reported(&node, &hb)?;
+            self.live.insert(
+                node.clone(),
+                Live {
+                    seen: Instant::now(),
+                    seen_unix: now_unix(),
+                    report: hb,
+                },
+            );
+            return Ok(self.hold());
         }
         let mut changed: Vec<ReplicaRecord> = Vec::new();
         // Replica generations and failures reported by this node.
@@ -947,6 +1017,28 @@ impl State {
         Ok(self.assignment(&node))
     }
 
+    /// A node of another cluster is refused before anything it says is taken in.
+    fn check_cluster(&mut self, hb: &Heartbeat) -> Result<(), ApiError> {
+        match (&self.cluster_id, &hb.cluster_id) {
+            (Some(mine), Some(theirs)) if mine != theirs => Err(ApiError::conflict(format!(
+                "node {} belongs to cluster {theirs}, but this manager's cluster is {mine}: nothing it reports is taken in. Point the agent at its own cluster's manager. If this manager lost its data directory, stop it and start it again with --recover-from-agents",
+                hb.node
+            ))),
+            (Some(_), _) => Ok(()),
+            (None, Some(theirs)) if zebu_api::cluster_id::is_valid(theirs) => {
+                crate::cluster::adopt(&self.data_dir, self.store.as_ref(), theirs)
+                    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+                tracing::warn!(cluster = %theirs, node = %hb.node, "recovering cluster {theirs}: its id was taken from node {}", hb.node);
+                self.cluster_id = Some(theirs.clone());
+                Ok(())
+            }
+            (None, _) => Err(ApiError::unavailable(format!(
+                "the manager is recovering a cluster whose id it lost, and node {} holds none: it waits for a node that has been in the cluster",
+                hb.node
+            ))),
+        }
+    }
+
     fn assignment(&self, node: &str) -> Assignment {
         let mut replicas = Vec::new();
         let mut delete_replicas = Vec::new();
@@ -1030,6 +1122,8 @@ impl State {
             });
         }
         Assignment {
+            cluster_id: self.cluster_id.clone().unwrap_or_default(),
+            hold: None,
             secret: self.secret.clone(),
             replicas,
             engines,

@@ -175,6 +175,20 @@ struct ManagerArgs {
     /// Address of the REST API.
     #[arg(long, default_value = "127.0.0.1:9500")]
     listen: SocketAddr,
+    /// The metadata store (DATA_DIR/meta.redb) is lost or damaged: move a damaged one aside
+    /// and rebuild the volume and replica records from what the agents hold on their disks.
+    /// Agents keep serving what they run meanwhile; changes are refused until the window ends.
+    #[arg(long)]
+    recover_from_agents: bool,
+    /// How long to gather the agents' reports when recovering (every node that holds
+    /// replicas should heartbeat within it).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 60,
+        requires = "recover_from_agents"
+    )]
+    recover_window: u64,
 }
 
 #[derive(Args)]
@@ -474,7 +488,10 @@ fn replica_export(dir: &Path, output: &Path) -> anyhow::Result<()> {
 }
 
 async fn manager(a: ManagerArgs) -> anyhow::Result<()> {
-    let m = Manager::open(&a.data_dir)?;
+    let recover = a
+        .recover_from_agents
+        .then(|| Duration::from_secs(a.recover_window));
+    let m = Manager::open(&a.data_dir, recover)?;
     eprintln!(
         "admin token in {}",
         a.data_dir.join(zebu_manager::TOKEN_FILE).display()
@@ -511,7 +528,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     if a.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    let m = Manager::open(&a.data_dir)?;
+    let m = Manager::open(&a.data_dir, None)?;
     let token = m.token().to_owned();
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = {

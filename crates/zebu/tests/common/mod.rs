@@ -127,11 +127,23 @@ impl Cluster {
     }
 
     pub fn start_manager(&mut self) {
-        let mdir = self.dir.path().join("manager");
-        let child = Command::new(ZEBU)
-            .args(["manager", "--data-dir"])
-            .arg(&mdir)
+        self.start_manager_with(&[]);
+    }
+
+    /// The manager's command line, with extra arguments.
+    pub fn manager_command(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(ZEBU);
+        c.args(["manager", "--data-dir"])
+            .arg(self.dir.path().join("manager"))
             .args(["--listen", &format!("127.0.{}.1:9500", self.net)])
+            .args(extra);
+        c
+    }
+
+    pub fn start_manager_with(&mut self, extra: &[&str]) {
+        let mdir = self.dir.path().join("manager");
+        let child = self
+            .manager_command(extra)
             .stdout(log_file(self.dir.path(), "manager.out"))
             .stderr(log_file(self.dir.path(), "manager"))
             .spawn()
