@@ -357,6 +357,20 @@ pub struct Assignment {
 
 // ---- client ----
 
+/// A name as one URL path segment: every byte but letters, digits, '-', '.', '_' and '~'
+/// percent-encoded, so `a/../b` or `a?x=1` stays one (invalid) name and never becomes a path.
+pub fn seg(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~' | b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("cannot reach the Zebu manager at {url}: {reason} (is `zebu up` or `zebu manager` running? set --api or ZEBU_API)")]
@@ -459,13 +473,13 @@ impl ApiClient {
         self.get("/v1/volumes").await
     }
     pub async fn get_volume(&self, name: &str) -> Result<Volume, ClientError> {
-        self.get(&format!("/v1/volumes/{name}")).await
+        self.get(&format!("/v1/volumes/{}", seg(name))).await
     }
     pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume, ClientError> {
         self.post("/v1/volumes", req).await
     }
     pub async fn delete_volume(&self, name: &str) -> Result<Volume, ClientError> {
-        self.delete(&format!("/v1/volumes/{name}")).await
+        self.delete(&format!("/v1/volumes/{}", seg(name))).await
     }
     pub async fn attach_volume(
         &self,
@@ -473,7 +487,7 @@ impl ApiClient {
         node: Option<String>,
     ) -> Result<Volume, ClientError> {
         self.post(
-            &format!("/v1/volumes/{name}/attach"),
+            &format!("/v1/volumes/{}/attach", seg(name)),
             &AttachVolume { node },
         )
         .await
@@ -484,14 +498,14 @@ impl ApiClient {
         replica: Option<String>,
     ) -> Result<Volume, ClientError> {
         self.post(
-            &format!("/v1/volumes/{name}/salvage"),
+            &format!("/v1/volumes/{}/salvage", seg(name)),
             &SalvageVolume { replica },
         )
         .await
     }
     pub async fn detach_volume(&self, name: &str) -> Result<Volume, ClientError> {
         self.post(
-            &format!("/v1/volumes/{name}/detach"),
+            &format!("/v1/volumes/{}/detach", seg(name)),
             &serde_json::json!({}),
         )
         .await
@@ -503,11 +517,11 @@ impl ApiClient {
         self.get("/v1/settings").await
     }
     pub async fn get_setting(&self, name: &str) -> Result<Setting, ClientError> {
-        self.get(&format!("/v1/settings/{name}")).await
+        self.get(&format!("/v1/settings/{}", seg(name))).await
     }
     pub async fn set_setting(&self, name: &str, value: &str) -> Result<Setting, ClientError> {
         self.post(
-            &format!("/v1/settings/{name}"),
+            &format!("/v1/settings/{}", seg(name)),
             &SetSetting {
                 value: value.to_owned(),
             },
@@ -519,8 +533,17 @@ impl ApiClient {
         volume: &str,
         req: &RetireMembers,
     ) -> Result<Volume, ClientError> {
-        self.post(&format!("/v1/volumes/{volume}/retire"), req)
+        self.post(&format!("/v1/volumes/{}/retire", seg(volume)), req)
             .await
+    }
+    /// `DELETE /v1/nodes/{name}`: forget a node; `force` names it again to remove the only
+    /// in-sync copies it holds.
+    pub async fn delete_node(&self, name: &str, force: Option<&str>) -> Result<Node, ClientError> {
+        let mut path = format!("/v1/nodes/{}", seg(name));
+        if let Some(f) = force {
+            path.push_str(&format!("?force={}", seg(f)));
+        }
+        self.delete(&path).await
     }
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Assignment, ClientError> {
         self.post("/v1/agent/heartbeat", hb).await

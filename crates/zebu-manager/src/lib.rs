@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State as AxState};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State as AxState};
 use axum::http::header::AUTHORIZATION;
+use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -30,6 +32,10 @@ use crate::state::State;
 pub const TOKEN_FILE: &str = "admin.token";
 pub const SECRET_FILE: &str = "cluster.secret";
 pub const STORE_FILE: &str = "meta.redb";
+pub const AGENT_TOKEN_FILE: &str = "agent.token";
+pub const READONLY_TOKEN_FILE: &str = "readonly.token";
+/// The largest request body taken.
+const MAX_BODY: usize = 4 << 20;
 
 pub struct ManagerConfig {
     pub data_dir: PathBuf,
@@ -39,6 +45,8 @@ pub struct ManagerConfig {
 pub struct Manager {
     state: Mutex<State>,
     token: String,
+    agent_token: String,
+    readonly_token: String,
 }
 
 type Shared = Arc<Manager>;
@@ -96,6 +104,8 @@ impl Manager {
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
         let opened = cluster::open(data_dir, recover.is_some())?;
         let token = secret_file(&data_dir.join(TOKEN_FILE))?;
+        let agent_token = secret_file(&data_dir.join(AGENT_TOKEN_FILE))?;
+        let readonly_token = secret_file(&data_dir.join(READONLY_TOKEN_FILE))?;
         let secret = secret_file(&data_dir.join(SECRET_FILE))?;
         let state = State::load(
             Arc::new(opened.store),
@@ -107,11 +117,18 @@ impl Manager {
         Ok(Arc::new(Manager {
             state: Mutex::new(state),
             token,
+            agent_token,
+            readonly_token,
         }))
     }
 
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The token agents use: heartbeats and retirement records only.
+    pub fn agent_token(&self) -> &str {
+        &self.agent_token
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -127,6 +144,7 @@ impl Manager {
             .route("/volumes/{name}/salvage", post(salvage_volume))
             .route("/volumes/{name}/retire", post(retire_members))
             .route("/nodes", get(list_nodes))
+            .route("/nodes/{name}", axum::routing::delete(delete_node))
             .route("/settings", get(list_settings))
             .route("/settings/{name}", get(get_setting).post(set_setting))
             .route("/agent/heartbeat", post(heartbeat))
@@ -134,7 +152,7 @@ impl Manager {
         Router::new()
             .nest("/v1", v1)
             .route("/healthz", get(|| async { "ok\n" }))
-            .layer(DefaultBodyLimit::max(4 << 20))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(self.clone())
     }
 }
@@ -168,24 +186,110 @@ pub async fn serve(
     Ok(())
 }
 
+/// What a token may do. `Admin` may do everything; `ReadOnly` every `GET`; `Agent` only what
+/// agents do (heartbeats and retirement records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    ReadOnly,
+    Agent,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+            Role::Agent => "agent",
+        }
+    }
+
+    /// The role a request needs.
+    fn needed(method: &Method, path: &str) -> Role {
+        let agent_route = path.starts_with("/v1/agent/")
+            || (method == Method::POST
+                && path.starts_with("/v1/volumes/")
+                && path.ends_with("/retire"));
+        if agent_route {
+            Role::Agent
+        } else if method == Method::GET {
+            Role::ReadOnly
+        } else {
+            Role::Admin
+        }
+    }
+
+    fn allows(self, needed: Role) -> bool {
+        self == Role::Admin || self == needed
+    }
+}
+
+/// The token in an `Authorization: Bearer ...` header (the scheme in any case, RFC 7235).
+fn bearer(req: &Request) -> Option<&str> {
+    let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = v.split_once(char::is_whitespace)?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn require_token(
     AxState(m): AxState<Shared>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let ok = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            let (a, b) = (t.trim().as_bytes(), m.token.as_bytes());
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-        });
-    if !ok {
+    let role = bearer(&req).and_then(|t| {
+        [
+            (&m.token, Role::Admin),
+            (&m.agent_token, Role::Agent),
+            (&m.readonly_token, Role::ReadOnly),
+        ]
+        .into_iter()
+        .find(|(k, _)| same(t, k))
+        .map(|(_, r)| r)
+    });
+    let Some(role) = role else {
         return Err(ApiError::unauthorized());
+    };
+    let path = format!("/v1{}", req.uri().path());
+    let needed = Role::needed(req.method(), &path);
+    if !role.allows(needed) {
+        return Err(ApiError::forbidden(format!(
+            "this token has the {} role; {} {} needs the {} role (the tokens are in the manager's data directory: admin.token, readonly.token, agent.token)",
+            role.name(),
+            req.method(),
+            path,
+            needed.name()
+        )));
     }
     Ok(next.run(req).await)
+}
+
+type JsonBody<T> = Result<Json<T>, JsonRejection>;
+
+/// The request's JSON body (`what` names it in errors, `hint` says what to send). `default`,
+/// if given, stands for a request sent with no body at all.
+fn body<T>(b: JsonBody<T>, what: &str, hint: &str, default: Option<T>) -> Result<T, ApiError> {
+    match b {
+        Ok(Json(v)) => Ok(v),
+        Err(JsonRejection::MissingJsonContentType(_)) if default.is_some() => {
+            Ok(default.expect("checked"))
+        }
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "{what} is larger than the manager takes ({} MiB); nothing was changed",
+                MAX_BODY >> 20
+            ),
+        }),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "invalid {what}: {}{hint}",
+            e.body_text()
+        ))),
+    }
 }
 
 async fn list_volumes(AxState(m): AxState<Shared>) -> ApiResult<Vec<Volume>> {
@@ -196,15 +300,15 @@ async fn get_volume(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Volume> {
+    state::validate_volume_name(&name)?;
     m.state().volume(&name).map(Json)
 }
 
 async fn create_volume(
     AxState(m): AxState<Shared>,
-    body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>,
+    b: JsonBody<CreateVolume>,
 ) -> ApiResult<Volume> {
-    let Json(req) = body
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))?;
+    let req = body(b, "request body", "", None)?;
     let mut st = m.state();
     st.not_recovering()?;
     st.create_volume(&req.name, req.size_bytes, req.replica_count)
@@ -215,6 +319,7 @@ async fn delete_volume(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Volume> {
+    state::validate_volume_name(&name)?;
     let mut st = m.state();
     st.not_recovering()?;
     st.delete_volume(&name).map(Json)
@@ -223,20 +328,11 @@ async fn delete_volume(
 async fn attach_volume(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<AttachVolume>, axum::extract::rejection::JsonRejection>,
+    b: JsonBody<AttachVolume>,
 ) -> ApiResult<Volume> {
-    use axum::extract::rejection::JsonRejection;
-    let req = match body {
-        Ok(Json(b)) => b,
-        // No body at all: attach to the default node.
-        Err(JsonRejection::MissingJsonContentType(_)) => AttachVolume::default(),
-        Err(e) => {
-            return Err(ApiError::bad_request(format!(
-                "invalid request body: {}",
-                e.body_text()
-            )))
-        }
-    };
+    state::validate_volume_name(&name)?;
+    // No body at all: attach to the default node.
+    let req = body(b, "request body", "", Some(AttachVolume::default()))?;
     let mut st = m.state();
     st.not_recovering()?;
     st.attach(&name, req.node).map(Json)
@@ -246,6 +342,7 @@ async fn detach_volume(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Volume> {
+    state::validate_volume_name(&name)?;
     let mut st = m.state();
     st.not_recovering()?;
     st.detach(&name).map(Json)
@@ -254,19 +351,15 @@ async fn detach_volume(
 async fn salvage_volume(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<SalvageVolume>, axum::extract::rejection::JsonRejection>,
+    b: JsonBody<SalvageVolume>,
 ) -> ApiResult<Volume> {
-    use axum::extract::rejection::JsonRejection;
-    let req = match body {
-        Ok(Json(b)) => b,
-        Err(JsonRejection::MissingJsonContentType(_)) => SalvageVolume::default(),
-        Err(e) => {
-            return Err(ApiError::bad_request(format!(
-                "invalid request body: {}; send {{\"replica\": \"NAME\"}} or nothing",
-                e.body_text()
-            )))
-        }
-    };
+    state::validate_volume_name(&name)?;
+    let req = body(
+        b,
+        "request body",
+        "; send {\"replica\": \"NAME\"} or nothing",
+        Some(SalvageVolume::default()),
+    )?;
     let mut st = m.state();
     st.not_recovering()?;
     st.salvage(&name, req.replica).map(Json)
@@ -274,6 +367,24 @@ async fn salvage_volume(
 
 async fn list_nodes(AxState(m): AxState<Shared>) -> ApiResult<Vec<Node>> {
     Ok(Json(m.state().nodes()))
+}
+
+#[derive(serde::Deserialize)]
+struct DeleteNodeQuery {
+    force: Option<String>,
+}
+
+async fn delete_node(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+    q: Result<Query<DeleteNodeQuery>, QueryRejection>,
+) -> ApiResult<Node> {
+    state::validate_node_name(&name)?;
+    let Query(q) =
+        q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.delete_node(&name, q.force.as_deref()).map(Json)
 }
 
 async fn list_settings(AxState(m): AxState<Shared>) -> ApiResult<Vec<Setting>> {
@@ -290,14 +401,9 @@ async fn get_setting(
 async fn set_setting(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<SetSetting>, axum::extract::rejection::JsonRejection>,
+    b: JsonBody<SetSetting>,
 ) -> ApiResult<Setting> {
-    let Json(req) = body.map_err(|e| {
-        ApiError::bad_request(format!(
-            "invalid request body: {}; send {{\"value\": \"...\"}}",
-            e.body_text()
-        ))
-    })?;
+    let req = body(b, "request body", "; send {\"value\": \"...\"}", None)?;
     let mut st = m.state();
     st.not_recovering()?;
     st.set_setting(&name, &req.value).map(Json)
@@ -306,21 +412,16 @@ async fn set_setting(
 async fn retire_members(
     AxState(m): AxState<Shared>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<RetireMembers>, axum::extract::rejection::JsonRejection>,
+    b: JsonBody<RetireMembers>,
 ) -> ApiResult<Volume> {
-    let Json(req) = body.map_err(|e| {
-        ApiError::bad_request(format!("invalid retirement record: {}", e.body_text()))
-    })?;
+    state::validate_volume_name(&name)?;
+    let req = body(b, "retirement record", "", None)?;
     let mut st = m.state();
     st.not_recovering()?;
     st.record_retired(&name, &req).map(Json)
 }
 
-async fn heartbeat(
-    AxState(m): AxState<Shared>,
-    body: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<Assignment> {
-    let Json(hb) =
-        body.map_err(|e| ApiError::bad_request(format!("invalid heartbeat: {}", e.body_text())))?;
+async fn heartbeat(AxState(m): AxState<Shared>, b: JsonBody<Heartbeat>) -> ApiResult<Assignment> {
+    let hb = body(b, "heartbeat", "", None)?;
     m.state().heartbeat(hb).map(Json)
 }

@@ -20,6 +20,7 @@ use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 
 use crate::error::ApiError;
 
+mod node_removal;
 pub mod recovery;
 mod replenish;
 mod salvage;
@@ -542,24 +543,23 @@ impl State {
     }
 
     pub fn nodes(&self) -> Vec<Node> {
-        self.nodes
-            .values()
-            .map(|n| {
-                let live = self.live.get(&n.name);
-                Node {
-                    name: n.name.clone(),
-                    address: n.address.clone(),
-                    data_port: n.data_port,
-                    nbd_port: n.nbd_port,
-                    disk_path: n.disk_path.clone(),
-                    ready: self.node_ready(&n.name),
-                    heartbeat_age_ms: live.map(|l| l.seen.elapsed().as_millis() as u64),
-                    replicas: self.replicas.values().filter(|r| r.node == n.name).count() as u32,
-                    disk_total_bytes: live.map(|l| l.report.disk_total_bytes).unwrap_or(0),
-                    disk_free_bytes: live.map(|l| l.report.disk_free_bytes).unwrap_or(0),
-                }
-            })
-            .collect()
+        self.nodes.values().map(|n| self.node_view(n)).collect()
+    }
+
+    fn node_view(&self, n: &NodeRecord) -> Node {
+        let live = self.live.get(&n.name);
+        Node {
+            name: n.name.clone(),
+            address: n.address.clone(),
+            data_port: n.data_port,
+            nbd_port: n.nbd_port,
+            disk_path: n.disk_path.clone(),
+            ready: self.node_ready(&n.name),
+            heartbeat_age_ms: live.map(|l| l.seen.elapsed().as_millis() as u64),
+            replicas: self.replicas.values().filter(|r| r.node == n.name).count() as u32,
+            disk_total_bytes: live.map(|l| l.report.disk_total_bytes).unwrap_or(0),
+            disk_free_bytes: live.map(|l| l.report.disk_free_bytes).unwrap_or(0),
+        }
     }
 
     pub fn create_volume(

@@ -373,6 +373,17 @@ pub async fn node(cmd: NodeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                     .collect(),
             );
         }
+        NodeCmd::Delete { name, force } => {
+            let n = client(ca).delete_node(&name, force.as_deref()).await?;
+            if ca.output == Output::Json {
+                print_json(&n);
+            } else {
+                println!(
+                    "node {} removed, with the records of its {} replica(s); its disk was not touched",
+                    n.name, n.replicas
+                );
+            }
+        }
     }
     Ok(())
 }

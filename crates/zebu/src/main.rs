@@ -215,8 +215,10 @@ struct AgentArgs {
     /// Port of the NBD server.
     #[arg(long, default_value_t = DEFAULT_NBD_PORT)]
     nbd_port: u16,
-    /// API token (default: $ZEBU_TOKEN, else ./zebu-data/admin.token).
-    #[arg(long, env = "ZEBU_TOKEN", hide_env_values = true)]
+    /// The manager's agent token, which may send heartbeats and retirement records but not
+    /// manage volumes (default: $ZEBU_AGENT_TOKEN, else ./zebu-data/agent.token; the manager
+    /// writes it to DATA_DIR/agent.token).
+    #[arg(long, env = "ZEBU_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[command(flatten)]
     serving: ServingArgs,
@@ -375,6 +377,16 @@ enum SettingCmd {
 enum NodeCmd {
     /// List nodes and whether they are ready.
     List,
+    /// Forget a node that is gone for good (its agent stopped): the records of its replicas go
+    /// with it, so its volumes heal on other nodes or can be deleted, and volumes attached there
+    /// are detached. Refused while the node is up, and while it holds the only in-sync copy of
+    /// a volume unless --force repeats the node's name. Its disk is not touched.
+    Delete {
+        name: String,
+        /// Remove it even if it holds the only in-sync copy of a volume: repeat its name.
+        #[arg(long, value_name = "NAME")]
+        force: Option<String>,
+    },
 }
 
 fn default_token(explicit: Option<String>) -> String {
@@ -493,14 +505,23 @@ async fn manager(a: ManagerArgs) -> anyhow::Result<()> {
         .then(|| Duration::from_secs(a.recover_window));
     let m = Manager::open(&a.data_dir, recover)?;
     eprintln!(
-        "admin token in {}",
-        a.data_dir.join(zebu_manager::TOKEN_FILE).display()
+        "admin token in {}, the agents' token in {}, a read-only token in {}",
+        a.data_dir.join(zebu_manager::TOKEN_FILE).display(),
+        a.data_dir.join(zebu_manager::AGENT_TOKEN_FILE).display(),
+        a.data_dir.join(zebu_manager::READONLY_TOKEN_FILE).display()
     );
     zebu_manager::serve(m, a.listen, shutdown_signal()).await
 }
 
 async fn agent(a: AgentArgs) -> anyhow::Result<()> {
-    let token = default_token(a.token);
+    let token = match a.token {
+        Some(t) => t.trim().to_owned(),
+        None => {
+            std::fs::read_to_string(Path::new("zebu-data").join(zebu_manager::AGENT_TOKEN_FILE))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        }
+    };
     let agent = Agent::start(AgentConfig {
         node: a.node,
         data_dir: a.data_dir,
@@ -530,6 +551,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     }
     let m = Manager::open(&a.data_dir, None)?;
     let token = m.token().to_owned();
+    let agent_token = m.agent_token().to_owned();
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = {
         let mut rx = stop_rx.clone();
@@ -560,7 +582,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             advertise_data_port: None,
             nbd_port: DEFAULT_NBD_PORT,
             manager_url: url.clone(),
-            token: token.clone(),
+            token: agent_token.clone(),
             heartbeat_interval: Duration::from_secs(1),
             io_threads: 3,
             busy_poll: a.serving.busy_poll(),

@@ -170,13 +170,21 @@ impl Cluster {
                 "--data-dir",
             ])
             .arg(self.dir.path().join(&name))
-            .args(["--listen", &self.node_ip(i), "--token", &self.token])
+            .args(["--listen", &self.node_ip(i), "--token", &self.agent_token()])
             .args(&self.agent_args)
             .stdout(log_file(self.dir.path(), &format!("{name}.out")))
             .stderr(log_file(self.dir.path(), &name))
             .spawn()
             .expect("starting zebu agent");
         self.agents[i] = Some(child);
+    }
+
+    /// The manager's token for agents.
+    pub fn agent_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("manager/agent.token"))
+            .expect("the agent token")
+            .trim()
+            .to_owned()
     }
 
     /// SIGKILL one agent.
