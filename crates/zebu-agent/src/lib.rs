@@ -397,6 +397,7 @@ impl Agent {
                     .then(|| format!("replica {} refuses I/O after a disk error", r.name())),
                 missing: false,
                 epoch: r.epoch(),
+                block_size: r.block_size(),
             })
             .collect();
         // Replicas that are not served: unreadable on disk, or not on disk at all.
@@ -411,6 +412,7 @@ impl Agent {
                     error: Some(err.clone()),
                     missing,
                     epoch: 0,
+                    block_size: 0,
                 });
             }
         }
@@ -756,6 +758,7 @@ impl Agent {
             recorder: Some(Arc::new(ManagerRecord {
                 api: self.api.clone(),
                 node: self.cfg.node.clone(),
+                cluster_id: self.cluster_id.lock().unwrap().clone(),
             })),
         };
         let this = self.clone();
@@ -875,6 +878,7 @@ async fn scrub_loop(engine: Arc<Engine>, scrub: Scrub, record: PathBuf) {
 struct ManagerRecord {
     api: ApiClient,
     node: String,
+    cluster_id: Option<String>,
 }
 
 impl MembershipRecord for ManagerRecord {
@@ -887,6 +891,7 @@ impl MembershipRecord for ManagerRecord {
     ) -> futures::future::BoxFuture<'a, Result<(), RecordError>> {
         Box::pin(async move {
             let req = zebu_api::RetireMembers {
+                cluster_id: self.cluster_id.clone(),
                 node: self.node.clone(),
                 epoch,
                 retired: retired

@@ -172,6 +172,9 @@ pub struct CreateVolume {
 /// volume's current attachment, and then that engine must stop serving.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RetireMembers {
+    /// The cluster of the agent that sends it: another cluster's manager refuses it (409).
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     pub node: String,
     pub epoch: u64,
     pub retired: Vec<RetiredMember>,
@@ -229,6 +232,9 @@ pub struct ReplicaReport {
     /// The highest engine epoch the replica has accepted (its fence), from its `replica.meta`.
     #[serde(default)]
     pub epoch: u64,
+    /// Its block size (0 when it could not be opened).
+    #[serde(default)]
+    pub block_size: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,13 +11,16 @@ use crate::STORE_FILE;
 /// Where the store keeps the cluster id.
 pub const CLUSTER: &str = "cluster";
 pub const ID_KEY: &str = "id";
+/// Present while a recovery from the agents is not finished: a manager that stops during one
+/// resumes it at its next start, whatever its flags, so a half-rebuilt store is never trusted.
+pub const RECOVERING_KEY: &str = "recovering";
 
 /// An opened store and the cluster it belongs to.
 pub struct Opened {
     pub store: RedbStore,
-    /// `None` only when recovering with the whole data directory lost: the id is learned
-    /// from the first agent that reports one.
-    pub cluster_id: Option<String>,
+    pub cluster_id: String,
+    /// A recovery from the agents is to run (asked for, or one that did not finish).
+    pub recovering: bool,
 }
 
 fn new_id() -> String {
@@ -28,7 +31,7 @@ fn new_id() -> String {
 ///
 /// `recover`: the store is lost or damaged and is to be rebuilt from the agents; a damaged file
 /// is moved aside (never deleted) and an empty store is started with the cluster's id.
-pub fn open(dir: &Path, recover: bool) -> anyhow::Result<Opened> {
+pub fn open(dir: &Path, recover: bool, given_id: Option<&str>) -> anyhow::Result<Opened> {
     let path = dir.join(STORE_FILE);
     let file_id = cluster_id::read(dir).map_err(anyhow::Error::msg)?;
     let id_path = cluster_id::path(dir);
@@ -51,7 +54,8 @@ pub fn open(dir: &Path, recover: bool) -> anyhow::Result<Opened> {
             tracing::info!(cluster = %id, "new cluster: its id is in {}", id_path.display());
             Ok(Opened {
                 store,
-                cluster_id: Some(id),
+                cluster_id: id,
+                recovering: false,
             })
         }
         (Some(Ok(store)), false) => {
@@ -82,9 +86,14 @@ pub fn open(dir: &Path, recover: bool) -> anyhow::Result<Opened> {
                     id
                 }
             };
+            let recovering = store.get::<u64>(CLUSTER, RECOVERING_KEY)?.is_some();
+            if recovering {
+                tracing::warn!("a recovery from the agents did not finish: it is resumed");
+            }
             Ok(Opened {
                 store,
-                cluster_id: Some(id),
+                cluster_id: id,
+                recovering,
             })
         }
         (Some(Err(e)), false) => match file_id {
@@ -98,26 +107,64 @@ pub fn open(dir: &Path, recover: bool) -> anyhow::Result<Opened> {
         },
         (Some(Ok(store)), true) => {
             let held = stored_id(&store)?;
+            if store.get::<u64>(CLUSTER, RECOVERING_KEY)?.is_some() {
+                // A recovery that did not finish: go on with it in the same store.
+                let id = match (held, file_id) {
+                    (Some(h), _) => h,
+                    (None, Some(f)) => f,
+                    (None, None) => anyhow::bail!("{} is recovering but holds no cluster id", path.display()),
+                };
+                tracing::warn!("a recovery from the agents did not finish: it is resumed");
+                return Ok(Opened {
+                    store,
+                    cluster_id: id,
+                    recovering: true,
+                });
+            }
             let volumes = store.list_raw("volumes")?.len();
-            if held.is_some() && volumes > 0 {
+            if volumes > 0 {
                 anyhow::bail!(
                     "--recover-from-agents is for a lost or damaged store, but {} opens and holds {volumes} volume(s): start the manager without it",
                     path.display()
                 );
             }
             drop(store);
-            recover_into(dir, file_id.or(held), true)
+            let id = pick_id(dir, file_id.or(held), given_id)?;
+            recover_into(dir, id, true)
         }
         (Some(Err(e)), true) => {
             tracing::warn!("{e}");
-            recover_into(dir, file_id, exists)
+            let id = pick_id(dir, file_id, given_id)?;
+            recover_into(dir, id, exists)
         }
-        (None, true) => recover_into(dir, None, false),
+        (None, true) => {
+            let id = pick_id(dir, None, given_id)?;
+            recover_into(dir, id, false)
+        }
     }
 }
 
-/// Move a store file aside and start an empty one for `id` (learned from the agents if `None`).
-fn recover_into(dir: &Path, id: Option<String>, move_aside: bool) -> anyhow::Result<Opened> {
+/// The cluster id to recover: the manager's own, else the one given (`--cluster-id`, from any
+/// node's `cluster.id`). Never guessed from whichever agent reports first.
+fn pick_id(dir: &Path, known: Option<String>, given: Option<&str>) -> anyhow::Result<String> {
+    match (known, given) {
+        (Some(k), Some(g)) if k != g => anyhow::bail!(
+            "--cluster-id {g} differs from the id this directory holds ({k}, in {}); nothing was changed",
+            cluster_id::path(dir).display()
+        ),
+        (Some(k), _) => Ok(k),
+        (None, Some(g)) if cluster_id::is_valid(g) => Ok(g.to_owned()),
+        (None, Some(g)) => anyhow::bail!("--cluster-id {g:?} is not a cluster id (32 hex digits)"),
+        (None, None) => anyhow::bail!(
+            "{} is lost too, so the manager does not know which cluster to recover: give --cluster-id with the id in DATA_DIR/{} on any of the cluster's nodes",
+            cluster_id::path(dir).display(),
+            cluster_id::FILE
+        ),
+    }
+}
+
+/// Move a store file aside and start an empty one for `id`, marked as recovering.
+fn recover_into(dir: &Path, id: String, move_aside: bool) -> anyhow::Result<Opened> {
     let path = dir.join(STORE_FILE);
     if move_aside && path.exists() {
         let aside = dir.join(format!(
@@ -135,25 +182,20 @@ fn recover_into(dir: &Path, id: Option<String>, move_aside: bool) -> anyhow::Res
         );
     }
     let store = RedbStore::open(&path)?;
-    if let Some(id) = &id {
-        store.put(CLUSTER, ID_KEY, id)?;
-        cluster_id::write(dir, id).map_err(anyhow::Error::msg)?;
-    }
-    match &id {
-        Some(id) => tracing::warn!(cluster = %id, "recovering cluster {id} from its agents"),
-        None => tracing::warn!(
-            "recovering from the agents: {} is lost too, so the cluster id is taken from the first agent that reports one",
-            cluster_id::path(dir).display()
-        ),
-    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let id_rec = zebu_store::encode_json(CLUSTER, ID_KEY, &id);
+    let mark = zebu_store::encode_json(CLUSTER, RECOVERING_KEY, &now);
+    store.apply(&[
+        (CLUSTER, ID_KEY, Some(id_rec)),
+        (CLUSTER, RECOVERING_KEY, Some(mark)),
+    ])?;
+    cluster_id::write(dir, &id).map_err(anyhow::Error::msg)?;
+    tracing::warn!(cluster = %id, "recovering cluster {id} from its agents");
     Ok(Opened {
         store,
         cluster_id: id,
+        recovering: true,
     })
-}
-
-/// Record the id learned from an agent while recovering (store first, then the file).
-pub fn adopt(dir: &Path, store: &dyn zebu_store::MetaStore, id: &str) -> anyhow::Result<()> {
-    store.put(CLUSTER, ID_KEY, &id.to_owned())?;
-    cluster_id::write(dir, id).map_err(anyhow::Error::msg)
 }

@@ -95,25 +95,31 @@ fn secret_file(path: &Path) -> anyhow::Result<String> {
 
 impl Manager {
     /// Open the manager's data directory. `recover`: the store was lost or damaged; rebuild
-    /// its records from what the agents report during this window (`docs/hardening.md`).
+    /// its records from what the agents report during this window (`docs/hardening.md`). A
+    /// recovery that did not finish is resumed with `resume_window`.
     pub fn open(
         data_dir: &Path,
         recover: Option<std::time::Duration>,
+        resume_window: std::time::Duration,
+        cluster_id: Option<&str>,
     ) -> anyhow::Result<Arc<Manager>> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-        let opened = cluster::open(data_dir, recover.is_some())?;
+        let opened = cluster::open(data_dir, recover.is_some(), cluster_id)?;
+        // A recovery that did not finish goes on, with the window asked for or the default.
+        let recover = opened.recovering.then(|| recover.unwrap_or(resume_window));
         let token = secret_file(&data_dir.join(TOKEN_FILE))?;
         let agent_token = secret_file(&data_dir.join(AGENT_TOKEN_FILE))?;
         let readonly_token = secret_file(&data_dir.join(READONLY_TOKEN_FILE))?;
         let secret = secret_file(&data_dir.join(SECRET_FILE))?;
-        let state = State::load(
-            Arc::new(opened.store),
-            secret,
-            opened.cluster_id,
-            data_dir,
-            recover,
-        )?;
+        let store_path = data_dir.join(STORE_FILE);
+        let state = State::load(Arc::new(opened.store), secret, opened.cluster_id, recover)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e} (in {}): the store is damaged. Put the cluster's {STORE_FILE} back from a backup, or rebuild its records from the nodes with `zebu manager --recover-from-agents` (the damaged file is kept beside it; the replicas on the nodes are untouched)",
+                    store_path.display()
+                )
+            })?;
         Ok(Arc::new(Manager {
             state: Mutex::new(state),
             token,

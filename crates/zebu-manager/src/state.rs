@@ -62,6 +62,10 @@ pub struct VolumeRecord {
     /// before any engine is told about it. Never lowered.
     #[serde(default)]
     pub epoch: u64,
+    /// Set when no replica may be brought back by auto-salvage, with why (a recovery could not
+    /// tell which copy is freshest); cleared by a salvage a person asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salvage_hold: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,11 +166,10 @@ pub struct State {
     salvage_blocked: HashMap<String, String>,
     /// When this manager started: a node not heard from since is down at most this long.
     started: Instant,
-    /// The cluster these records belong to; `None` only while recovering a manager whose whole
-    /// directory was lost, until an agent reports it.
-    cluster_id: Option<String>,
-    /// The manager's data directory (for `cluster.id`).
-    data_dir: std::path::PathBuf,
+    /// The cluster these records belong to.
+    cluster_id: String,
+    /// Replicas reported on disk that no record names, logged once each.
+    unknown_logged: std::collections::HashSet<String>,
     /// Set while records are being recovered from the agents.
     recovery: Option<recovery::Recovery>,
 }
@@ -240,8 +243,7 @@ impl State {
     pub fn load(
         store: Arc<dyn MetaStore>,
         secret: String,
-        cluster_id: Option<String>,
-        data_dir: &std::path::Path,
+        cluster_id: String,
         recover_window: Option<Duration>,
     ) -> Result<State, StoreError> {
         let volumes: BTreeMap<String, VolumeRecord> = store
@@ -286,7 +288,6 @@ impl State {
         Ok(State {
             store,
             secret,
-            volumes,
             replicas,
             nodes,
             settings,
@@ -294,9 +295,10 @@ impl State {
             was_ready: HashMap::new(),
             salvage_blocked: HashMap::new(),
             started: Instant::now(),
+            recovery: recover_window.map(|w| recovery::Recovery::new(w, volumes.keys().cloned())),
+            volumes,
             cluster_id,
-            data_dir: data_dir.to_owned(),
-            recovery: recover_window.map(recovery::Recovery::new),
+            unknown_logged: std::collections::HashSet::new(),
         })
     }
 
@@ -613,6 +615,7 @@ impl State {
             deleting: false,
             created: false,
             epoch: 0,
+            salvage_hold: None,
         };
         let replicas: Vec<ReplicaRecord> = ready
             .iter()
@@ -778,6 +781,12 @@ impl State {
         name: &str,
         req: &zebu_api::RetireMembers,
     ) -> Result<Volume, ApiError> {
+        if let Some(theirs) = req.cluster_id.as_ref().filter(|t| **t != self.cluster_id) {
+            return Err(ApiError::conflict(format!(
+                "node {} belongs to cluster {theirs}, but this manager's cluster is {}: its record of volume {name} is refused",
+                req.node, self.cluster_id
+            )));
+        }
         let v = self
             .volumes
             .get(name)
@@ -866,6 +875,7 @@ impl State {
             );
             return Ok(self.hold());
         }
+        self.log_unknown(&node, &hb);
         let mut changed: Vec<ReplicaRecord> = Vec::new();
         // Replica generations and failures reported by this node.
         for r in &hb.replicas {
@@ -1018,24 +1028,35 @@ impl State {
     }
 
     /// A node of another cluster is refused before anything it says is taken in.
-    fn check_cluster(&mut self, hb: &Heartbeat) -> Result<(), ApiError> {
-        match (&self.cluster_id, &hb.cluster_id) {
-            (Some(mine), Some(theirs)) if mine != theirs => Err(ApiError::conflict(format!(
-                "node {} belongs to cluster {theirs}, but this manager's cluster is {mine}: nothing it reports is taken in. Point the agent at its own cluster's manager. If this manager lost its data directory, stop it and start it again with --recover-from-agents",
-                hb.node
+    fn check_cluster(&self, hb: &Heartbeat) -> Result<(), ApiError> {
+        match &hb.cluster_id {
+            Some(theirs) if *theirs != self.cluster_id => Err(ApiError::conflict(format!(
+                "node {} belongs to cluster {theirs}, but this manager's cluster is {}: nothing it reports is taken in. Point the agent at its own cluster's manager. If this manager lost its data directory, stop it and start it again with --recover-from-agents --cluster-id {theirs}",
+                hb.node, self.cluster_id
             ))),
-            (Some(_), _) => Ok(()),
-            (None, Some(theirs)) if zebu_api::cluster_id::is_valid(theirs) => {
-                crate::cluster::adopt(&self.data_dir, self.store.as_ref(), theirs)
-                    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-                tracing::warn!(cluster = %theirs, node = %hb.node, "recovering cluster {theirs}: its id was taken from node {}", hb.node);
-                self.cluster_id = Some(theirs.clone());
-                Ok(())
+            _ => Ok(()),
+        }
+    }
+
+    /// Log, once each, the replicas a node holds that no record names (left from before a
+    /// node removal or a recovery): they are never deleted or used by themselves.
+    fn log_unknown(&mut self, node: &str, hb: &Heartbeat) {
+        for r in &hb.replicas {
+            if r.missing || self.replicas.contains_key(&r.name) {
+                continue;
             }
-            (None, _) => Err(ApiError::unavailable(format!(
-                "the manager is recovering a cluster whose id it lost, and node {} holds none: it waits for a node that has been in the cluster",
-                hb.node
-            ))),
+            if self.unknown_logged.insert(r.name.clone()) {
+                tracing::warn!(
+                    node,
+                    replica = %r.name,
+                    volume = %r.volume,
+                    generation = r.generation,
+                    "node {node} holds replica {} that no record names; it is left as it is. To look at its data: zebu replica export DIR OUTPUT on that node ({}/replicas/{})",
+                    r.name,
+                    hb.disk_path,
+                    r.name
+                );
+            }
         }
     }
 
@@ -1122,7 +1143,7 @@ impl State {
             });
         }
         Assignment {
-            cluster_id: self.cluster_id.clone().unwrap_or_default(),
+            cluster_id: self.cluster_id.clone(),
             hold: None,
             secret: self.secret.clone(),
             replicas,

@@ -217,7 +217,19 @@ impl RedbStore {
         for t in tables {
             let name = t.name().to_owned();
             for (key, stored) in self.list_raw(&name)? {
-                decode_record(&name, &key, &stored).map_err(|e| self.err("check", e))?;
+                let json = decode_record(&name, &key, &stored).map_err(|e| self.err("check", e))?;
+                // A record from before the envelope has no check of its own: it must at least
+                // be JSON (a damaged envelope reads as such a record, and is not JSON).
+                if !stored.starts_with(RECORD_MAGIC) {
+                    serde_json::from_slice::<serde_json::Value>(json).map_err(|e| {
+                        self.err(
+                            "check",
+                            format!(
+                                "record {name}/{key} is not valid: {e}: the store file is damaged"
+                            ),
+                        )
+                    })?;
+                }
             }
         }
         Ok(())

@@ -181,14 +181,14 @@ struct ManagerArgs {
     #[arg(long)]
     recover_from_agents: bool,
     /// How long to gather the agents' reports when recovering (every node that holds
-    /// replicas should heartbeat within it).
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value_t = 60,
-        requires = "recover_from_agents"
-    )]
+    /// replicas should heartbeat within it). Also used by a recovery that did not finish,
+    /// which any start of the manager resumes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     recover_window: u64,
+    /// When the manager's whole data directory is lost: the id of the cluster to recover (in
+    /// DATA_DIR/cluster.id on any of its nodes). Agents of another cluster are refused.
+    #[arg(long, value_name = "ID", requires = "recover_from_agents")]
+    cluster_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -500,10 +500,10 @@ fn replica_export(dir: &Path, output: &Path) -> anyhow::Result<()> {
 }
 
 async fn manager(a: ManagerArgs) -> anyhow::Result<()> {
-    let recover = a
-        .recover_from_agents
-        .then(|| Duration::from_secs(a.recover_window));
-    let m = Manager::open(&a.data_dir, recover)?;
+    // The window also applies to a recovery that did not finish, resumed by any start.
+    let recover = Some(Duration::from_secs(a.recover_window)).filter(|_| a.recover_from_agents);
+    let resume_window = Duration::from_secs(a.recover_window);
+    let m = Manager::open(&a.data_dir, recover, resume_window, a.cluster_id.as_deref())?;
     eprintln!(
         "admin token in {}, the agents' token in {}, a read-only token in {}",
         a.data_dir.join(zebu_manager::TOKEN_FILE).display(),
@@ -549,7 +549,12 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     if a.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    let m = Manager::open(&a.data_dir, None)?;
+    let m = Manager::open(
+        &a.data_dir,
+        None,
+        zebu_manager::state::recovery::DEFAULT_WINDOW,
+        None,
+    )?;
     let token = m.token().to_owned();
     let agent_token = m.agent_token().to_owned();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -183,3 +183,87 @@ fn drop_child(mut m: std::process::Child) {
     m.kill().unwrap();
     m.wait().unwrap();
 }
+
+#[test]
+fn a_lost_directory_is_recovered_by_id_resumes_after_a_crash_and_never_guesses() {
+    require("nbdcopy");
+    require("qemu-io");
+    let mut c = Cluster::separate(46, 3);
+    let d = c.dir.path().to_owned();
+    let uri = c.create_attached("gamma", "32MiB", 2, "node-1");
+    qemu_io(&uri, &["write -P 0x7e 0 3M".into()]);
+    let sum = sha(&uri, &d.join("gamma.img"));
+    c.cli_ok(&["volume", "detach", "gamma"]);
+    let v = c.volume("gamma");
+    let reps: Vec<(String, usize)> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_owned(), node_index(r)))
+        .collect();
+    let id = std::fs::read_to_string(d.join("node-1/cluster.id"))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // The manager's whole directory is lost.
+    drop_child(c.manager.take().unwrap());
+    std::fs::remove_dir_all(d.join("manager")).unwrap();
+    // Without its id the manager does not guess one from whichever agent speaks first.
+    let o = run(&mut c.manager_command(&["--recover-from-agents"]));
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{said}");
+    assert!(said.contains("--cluster-id"), "{said}");
+
+    // One copy of gamma becomes unreadable: its generation can no longer be known.
+    let (bad, bad_node) = reps[1].clone();
+    let (good, _) = reps[0].clone();
+    for i in 0..3 {
+        c.kill_agent(i);
+    }
+    std::fs::write(
+        c.replica_dir(bad_node, &bad).join("replica.meta"),
+        b"garbage",
+    )
+    .unwrap();
+
+    // Recover; the manager dies inside the window, and its next start (without the flag)
+    // resumes the recovery rather than trusting the half-rebuilt store.
+    c.start_manager_with(&[
+        "--recover-from-agents",
+        "--cluster-id",
+        &id,
+        "--recover-window",
+        "30",
+    ]);
+    for i in 0..3 {
+        c.start_agent(i); // with the new agent token, as an operator would
+    }
+    wait_until("gamma adopted", Duration::from_secs(30), || {
+        let v = c.cli_json(&["volume", "get", "gamma"]).ok()?;
+        (v["replicas"].as_array()?.len() == 2).then_some(())
+    });
+    drop_child(c.manager.take().unwrap());
+    c.start_manager_with(&["--recover-window", "1"]);
+    wait_until("the resumed recovery", Duration::from_secs(20), || {
+        c.log("manager").contains("did not finish").then_some(())
+    });
+    let v = wait_until("gamma settled", Duration::from_secs(120), || {
+        let v = c.cli_json(&["volume", "get", "gamma"]).ok()?;
+        let msg = v["message"].as_str().unwrap_or("").to_owned();
+        msg.contains("not known").then_some(v)
+    });
+    // Nothing was chosen: both copies are out of sync until a person decides.
+    for r in v["replicas"].as_array().unwrap() {
+        assert_eq!(r["mode"], "ERR", "{v}");
+    }
+    let o = c.cli(&["volume", "salvage", "gamma"]);
+    assert!(!o.status.success(), "salvage without a choice is refused");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not known"));
+    c.cli_ok(&["volume", "salvage", "gamma", "--replica", &good]);
+    let uri = c
+        .cli_ok(&["volume", "attach", "gamma", "--node", "node-1"])
+        .trim()
+        .to_owned();
+    assert_eq!(sha(&uri, &d.join("gamma2.img")), sum);
+}

@@ -15,19 +15,24 @@ use super::{
     now_unix, store_err, validate_volume_name, ReplicaRecord, State, VolumeRecord, BLOCK_SIZE,
     REPLICAS,
 };
+use crate::cluster::{CLUSTER, RECOVERING_KEY};
 use crate::error::ApiError;
+
+/// How long a recovery gathers reports when no window is given (a resumed one).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Recovery {
     pub until: Instant,
-    /// Volumes whose records were rebuilt in this recovery.
+    /// Volumes whose records are rebuilt in this recovery: every volume in the store, which was
+    /// empty when the recovery began (a resumed one holds what the stopped one had adopted).
     pub volumes: BTreeSet<String>,
 }
 
 impl Recovery {
-    pub fn new(window: Duration) -> Recovery {
+    pub fn new(window: Duration, volumes: impl Iterator<Item = String>) -> Recovery {
         Recovery {
             until: Instant::now() + window,
-            volumes: BTreeSet::new(),
+            volumes: volumes.collect(),
         }
     }
 }
@@ -54,7 +59,7 @@ impl State {
     /// The answer to every heartbeat during recovery.
     pub(super) fn hold(&self) -> Assignment {
         Assignment {
-            cluster_id: self.cluster_id.clone().unwrap_or_default(),
+            cluster_id: self.cluster_id.clone(),
             hold: Some("the manager is recovering its records from the agents".into()),
             secret: self.secret.clone(),
             replicas: Vec::new(),
@@ -68,33 +73,43 @@ impl State {
         for r in &hb.replicas {
             if r.missing
                 || self.replicas.contains_key(&r.name)
-                || validate_volume_name(&r.volume).is_err()
                 || super::validate_object_name("replica", &r.name).is_err()
             {
                 continue;
             }
-            let known = self.volumes.get(&r.volume).cloned();
-            let mut v = match known {
-                Some(v)
-                    if !self
-                        .recovery
-                        .as_ref()
-                        .is_some_and(|x| x.volumes.contains(&v.name)) =>
-                {
-                    continue; // A volume this store already held: not ours to touch.
-                }
+            // One that could not be opened does not know its volume: its name tells it.
+            let volume = if r.volume.is_empty() {
+                volume_of(&r.name).unwrap_or_default()
+            } else {
+                r.volume.clone()
+            };
+            if validate_volume_name(&volume).is_err() {
+                continue;
+            }
+            let recovered = |v: &str| {
+                self.recovery
+                    .as_ref()
+                    .is_some_and(|x| x.volumes.contains(v))
+            };
+            let mut v = match self.volumes.get(&volume).cloned() {
+                Some(v) if !recovered(&v.name) => continue, // not ours to touch
                 Some(v) => v,
                 // Its size comes from a replica that opened.
                 None if r.error.is_some() => continue,
                 None => VolumeRecord {
-                    name: r.volume.clone(),
+                    name: volume.clone(),
                     size_bytes: r.size_bytes,
                     replica_count: 1,
-                    block_size: BLOCK_SIZE,
+                    block_size: if r.block_size == 0 {
+                        BLOCK_SIZE
+                    } else {
+                        r.block_size
+                    },
                     desired_node: None,
                     deleting: false,
                     created: true,
                     epoch: 0,
+                    salvage_hold: None,
                 },
             };
             let mut error = r.error.clone().unwrap_or_else(|| WAITING.into());
@@ -107,7 +122,7 @@ impl State {
             v.epoch = v.epoch.max(r.epoch);
             let rec = ReplicaRecord {
                 name: r.name.clone(),
-                volume: r.volume.clone(),
+                volume: volume.clone(),
                 node: node.to_owned(),
                 mode: ReplicaMode::ERR,
                 generation: r.generation,
@@ -147,20 +162,107 @@ impl State {
                 return;
             }
         }
+        if let Err(e) = self.store.delete(CLUSTER, RECOVERING_KEY) {
+            tracing::error!("recovery: its end is not recorded, tried again: {e}");
+            return;
+        }
         tracing::warn!(
-            "recovery from the agents is done: {} volume(s) recovered ({}); check each with `zebu volume get`, set replica counts you had raised, and attach them where they ran",
+            "recovery from the agents is done: {} volume(s) recovered ({}); check each with `zebu volume get`, and set replica counts that were higher",
             volumes.len(),
             volumes.join(", ")
         );
         self.recovery = None;
     }
 
+    /// What this process's reports say of a recovered replica.
+    fn evidence(&self, r: &ReplicaRecord) -> Evidence {
+        let report = self
+            .live
+            .get(&r.node)
+            .and_then(|l| l.report.replicas.iter().find(|x| x.name == r.name));
+        match report {
+            None => Evidence::Unconfirmed,
+            Some(x) if x.missing => Evidence::Unconfirmed,
+            Some(x) if x.error.is_some() && x.generation == 0 && x.size_bytes == 0 => {
+                Evidence::Unreadable(x.error.clone().unwrap_or_default())
+            }
+            Some(x) => Evidence::Read {
+                generation: r.generation.max(x.generation),
+                fence: x.epoch,
+                error: x.error.clone(),
+            },
+        }
+    }
+
     fn settle_recovered(&mut self, name: &str) -> Result<(), ApiError> {
         let Some(mut v) = self.volumes.get(name).cloned() else {
             return Ok(());
         };
-        // A running engine is the best witness: its members in sync are exactly the replicas
-        // that hold every acknowledged write. The freshest epoch wins among several.
+        let reps: Vec<ReplicaRecord> = self.volume_replicas(name).into_iter().cloned().collect();
+        let evidence: Vec<(ReplicaRecord, Evidence)> =
+            reps.iter().map(|r| (r.clone(), self.evidence(r))).collect();
+        // A copy whose generation is not known may be the freshest: nothing is chosen for the
+        // volume then, not even by auto-salvage; a person decides.
+        let unknown: Vec<String> = evidence
+            .iter()
+            .filter_map(|(r, e)| match e {
+                Evidence::Unconfirmed => Some(format!(
+                    "{} on node {} (its node did not report it after the manager started)",
+                    r.name, r.node
+                )),
+                Evidence::Unreadable(why) => Some(format!("{} on node {} ({why})", r.name, r.node)),
+                Evidence::Read { .. } => None,
+            })
+            .collect();
+        let top = evidence
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Evidence::Read { generation, .. } => Some(*generation),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let fence = evidence
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Evidence::Read { fence, .. } => Some(*fence),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        v.epoch = v.epoch.max(fence);
+        let in_sync: Vec<String> = if unknown.is_empty() {
+            evidence
+                .iter()
+                .filter(|(_, e)| {
+                    matches!(e, Evidence::Read { generation, error: None, .. } if *generation == top)
+                })
+                .map(|(r, _)| r.name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // The freshest copies are equally fresh (they were in the set together when it last
+        // moved); if none of them can be read, an older one must not stand in for them.
+        let fresh_failed = unknown.is_empty()
+            && in_sync.is_empty()
+            && evidence
+                .iter()
+                .any(|(_, e)| matches!(e, Evidence::Read { generation, .. } if *generation == top));
+        v.salvage_hold = if !unknown.is_empty() {
+            Some(format!(
+                "recovered from the agents, but the generation of {} is not known, so it may hold writes the others lack: no replica was brought back in sync. Bring it back and run zebu volume salvage {name} --replica NAME with the one to keep",
+                unknown.join("; ")
+            ))
+        } else if fresh_failed {
+            Some(format!(
+                "recovered from the agents, but every freshest copy (generation {top}) failed; choose one with zebu volume salvage {name} --replica NAME, accepting what it lacks"
+            ))
+        } else {
+            None
+        };
+        // A running engine keeps its node when it is the current attachment: its epoch is the
+        // highest fence any replica reports (a lower one was fenced off by a newer engine).
         let engine = self
             .live
             .iter()
@@ -169,51 +271,35 @@ impl State {
                     .engines
                     .iter()
                     .find(|e| e.volume == name && e.running)
-                    .map(|e| (node.clone(), e.clone()))
+                    .map(|e| (node.clone(), e.epoch))
             })
-            .max_by_key(|(_, e)| e.epoch);
-        let reps: Vec<ReplicaRecord> = self.volume_replicas(name).into_iter().cloned().collect();
-        let healthy = |r: &ReplicaRecord| r.error.as_deref() == Some(WAITING);
-        let in_sync: Vec<String> = match &engine {
-            Some((node, e)) => {
-                v.desired_node = Some(node.clone());
-                v.epoch = v.epoch.max(e.epoch);
-                e.replicas
-                    .iter()
-                    .filter(|m| m.mode == ReplicaMode::RW)
-                    .map(|m| m.name.clone())
-                    .filter(|m| reps.iter().any(|r| &r.name == m && healthy(r)))
-                    .collect()
+            .max_by_key(|(_, epoch)| *epoch)
+            .filter(|(_, epoch)| *epoch >= fence && !in_sync.is_empty());
+        if let Some((node, epoch)) = &engine {
+            v.desired_node = Some(node.clone());
+            v.epoch = v.epoch.max(*epoch);
+        }
+        for (mut r, e) in evidence {
+            if let Evidence::Read { generation, .. } = e {
+                r.generation = r.generation.max(generation);
             }
-            None => {
-                let top = reps
-                    .iter()
-                    .filter(|r| healthy(r))
-                    .map(|r| r.generation)
-                    .max();
-                reps.iter()
-                    .filter(|r| healthy(r) && Some(r.generation) == top)
-                    .map(|r| r.name.clone())
-                    .collect()
-            }
-        };
-        let top = reps.iter().map(|r| r.generation).max().unwrap_or(0);
-        for mut r in reps.iter().cloned() {
             if in_sync.contains(&r.name) {
                 r.mode = ReplicaMode::RW;
                 r.error = None;
+                r.failed_at_unix = None;
             } else {
-                if healthy(&r) {
-                    r.error = Some(match &engine {
-                        Some((node, _)) => {
-                            format!("recovered; not in sync in the engine running on {node}")
-                        }
-                        None => format!(
-                            "recovered at generation {} while the freshest copy is at {top}",
-                            r.generation
-                        ),
-                    });
-                }
+                r.error = Some(match e {
+                    Evidence::Read {
+                        error: Some(err), ..
+                    } => err,
+                    Evidence::Read { generation, .. } if generation < top => format!(
+                        "recovered at generation {generation} while the freshest copy is at {top}"
+                    ),
+                    _ => v
+                        .salvage_hold
+                        .clone()
+                        .unwrap_or_else(|| "recovered; not in sync".into()),
+                });
                 r.failed_at_unix = Some(now_unix());
             }
             self.store.put(REPLICAS, &r.name, &r).map_err(store_err)?;
@@ -223,11 +309,30 @@ impl State {
         tracing::warn!(
             volume = %name,
             size_bytes = v.size_bytes,
-            "recovered volume: {} replica(s), in sync: [{}]; attached to {}",
+            "recovered volume: {} replica(s), in sync: [{}]; attached to {}{}",
             reps.len(),
             in_sync.join(", "),
-            v.desired_node.as_deref().unwrap_or("no node")
+            v.desired_node.as_deref().unwrap_or("no node"),
+            v.salvage_hold.as_deref().map(|h| format!("; {h}")).unwrap_or_default()
         );
         self.save_volume(v)
     }
+}
+
+enum Evidence {
+    /// No report of it since this manager started.
+    Unconfirmed,
+    /// Its node could not open it: its generation is not known.
+    Unreadable(String),
+    Read {
+        generation: u64,
+        fence: u64,
+        error: Option<String>,
+    },
+}
+
+/// The volume a replica belongs to, from its name (`VOLUME-r-XXXXXXXX`).
+fn volume_of(replica: &str) -> Option<String> {
+    let (volume, suffix) = replica.rsplit_once("-r-")?;
+    (suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit())).then(|| volume.to_owned())
 }

@@ -22,6 +22,9 @@ use crate::settings;
 impl State {
     /// The replicas to bring back, or why none may be chosen.
     pub(super) fn salvage_choice(&self, v: &VolumeRecord) -> Result<Vec<String>, String> {
+        if let Some(hold) = &v.salvage_hold {
+            return Err(hold.clone());
+        }
         let in_sync = self.start_members(&v.name);
         if let Some(r) = in_sync.first() {
             return Err(format!(
@@ -140,6 +143,15 @@ impl State {
             }
         };
         self.bring_back(&chosen, "salvaged by request: brought back in sync; the other replicas rejoin by rebuild from it")?;
+        if let Some(mut v) = self
+            .volumes
+            .get(name)
+            .cloned()
+            .filter(|v| v.salvage_hold.is_some())
+        {
+            v.salvage_hold = None;
+            self.save_volume(v)?;
+        }
         self.salvage_blocked.remove(name);
         self.volume(name)
     }
