@@ -684,7 +684,24 @@ fn error_out(neg: &Negotiated, req: &Request, error: u32, msg: &str) -> Out {
     }
 }
 
+/// Command flags this server knows.
+const KNOWN_CMD_FLAGS: u16 =
+    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+
 async fn handle(neg: &Negotiated, engine: &Lanes, req: Request, payload: Bytes) -> Out {
+    // Flags the protocol does not define, or DF where it was not negotiated (it needs
+    // structured replies): refused, nothing done, the connection stays usable.
+    if req.flags & !KNOWN_CMD_FLAGS != 0 {
+        return error_out(neg, &req, EINVAL, "unknown command flags");
+    }
+    if req.flags & CMD_FLAG_DF != 0 && !neg.structured {
+        return error_out(
+            neg,
+            &req,
+            EINVAL,
+            "DF needs structured replies, which were not negotiated",
+        );
+    }
     let size = neg.engine.size_bytes();
     let in_range = req
         .offset

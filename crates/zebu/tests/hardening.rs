@@ -266,3 +266,48 @@ fn deleting_a_dead_node_lets_its_volumes_heal_or_be_deleted() {
         });
     }
 }
+
+#[test]
+fn nbd_refuses_unknown_flags_and_df_without_structured_replies() {
+    require("nbdsh"); // python3-libnbd
+    let c = Cluster::separate(47, 1);
+    let uri = c.create_attached("flags", "16MiB", 1, "node-1");
+    let script = r#"
+import nbd
+def attempt(h, what, **kw):
+    try:
+        h.pread(4096, 0, **kw)
+        print(what, "accepted")
+    except nbd.Error as e:
+        print(what, "errno", e.errno)
+for structured in (True, False):
+    h = nbd.NBD()
+    h.set_request_structured_replies(structured)
+    h.set_strict_mode(0)  # let the client send what the protocol forbids
+    h.connect_uri(URI)
+    s = "structured" if structured else "simple"
+    attempt(h, s + " unknown-flag", flags=1 << 9)
+    attempt(h, s + " df", flags=nbd.CMD_FLAG_DF)
+    attempt(h, s + " plain")
+    h.pwrite(b"z" * 4096, 8192, flags=nbd.CMD_FLAG_FUA)
+    assert h.pread(4096, 8192) == b"z" * 4096
+    print(s, "still usable")
+    h.shutdown()
+"#;
+    // nbdsh: the system's Python with the nbd module (apt's python3-libnbd), not another
+    // python3 that may come first on PATH.
+    let script = script.replace("URI", &format!("{uri:?}"));
+    let out = sh(&format!("PATH=/usr/bin:/bin nbdsh -c '{script}'"));
+    for want in [
+        "structured unknown-flag errno EINVAL",
+        "structured df accepted",
+        "structured plain accepted",
+        "structured still usable",
+        "simple unknown-flag errno EINVAL",
+        "simple df errno EINVAL",
+        "simple plain accepted",
+        "simple still usable",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+}
