@@ -122,6 +122,8 @@ pub struct Agent {
     cluster_id: Mutex<Option<String>>,
     /// The last refusal or hold logged, so each is logged once.
     last_refusal: Mutex<Option<String>>,
+    /// The largest file this node's disk holds (0: not known).
+    max_file_bytes: u64,
 }
 
 /// Bind the node's NBD unix socket. A socket file left by an earlier run is replaced; any other
@@ -161,6 +163,39 @@ fn valid_object_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The largest file the filesystem under `dir` holds (ext4 with 4 KiB blocks: 16 TiB), found by
+/// growing a sparse probe file with `ftruncate` (bisection: no data block is written) until the
+/// filesystem refuses. 0 if it cannot be measured.
+pub fn max_file_bytes(dir: &Path) -> u64 {
+    let probe = dir.join(".zebu-size-probe");
+    let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&probe)
+    else {
+        return 0;
+    };
+    const ALIGN: u64 = 4096;
+    let top = i64::MAX as u64 & !(ALIGN - 1);
+    let (mut lo, mut hi) = (0u64, top);
+    if f.set_len(top).is_ok() {
+        lo = top;
+    } else {
+        while hi - lo > ALIGN {
+            let mid = (lo + (hi - lo) / 2) & !(ALIGN - 1);
+            if f.set_len(mid).is_ok() {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&probe);
+    lo
 }
 
 fn disk_stats(path: &Path) -> (u64, u64) {
@@ -232,7 +267,9 @@ impl Agent {
         };
         let cluster_id = zebu_api::cluster_id::read(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("node {}: {e}", cfg.node))?;
+        let max_file_bytes = max_file_bytes(&replicas_dir);
         let agent = Arc::new(Agent {
+            max_file_bytes,
             cluster_id: Mutex::new(cluster_id),
             last_refusal: Mutex::new(None),
             api: ApiClient::new(&cfg.manager_url, &cfg.token),
@@ -463,6 +500,7 @@ impl Agent {
             disk_path: self.cfg.data_dir.display().to_string(),
             disk_total_bytes: total,
             disk_free_bytes: free,
+            max_file_bytes: self.max_file_bytes,
             replicas,
             engines,
         }

@@ -143,6 +143,10 @@ pub struct Node {
     pub replicas: u32,
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
+    /// The largest file the node's disk holds (its filesystem's limit; 0: not known), which
+    /// bounds the size of a volume with a replica there.
+    #[serde(default)]
+    pub max_file_bytes: u64,
 }
 
 /// A cluster-wide setting (Longhorn's names and units).
@@ -284,6 +288,10 @@ pub struct Heartbeat {
     pub disk_path: String,
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
+    /// The largest file the node's disk holds (its filesystem's limit; 0: not known): a volume
+    /// larger than this cannot have a replica there.
+    #[serde(default)]
+    pub max_file_bytes: u64,
     pub replicas: Vec<ReplicaReport>,
     pub engines: Vec<EngineReport>,
 }

@@ -561,6 +561,7 @@ impl State {
             replicas: self.replicas.values().filter(|r| r.node == n.name).count() as u32,
             disk_total_bytes: live.map(|l| l.report.disk_total_bytes).unwrap_or(0),
             disk_free_bytes: live.map(|l| l.report.disk_free_bytes).unwrap_or(0),
+            max_file_bytes: live.map(|l| l.report.max_file_bytes).unwrap_or(0),
         }
     }
 
@@ -599,8 +600,16 @@ impl State {
             ));
         }
         // Hard anti-affinity: one replica per node, on nodes that are up.
-        let ready = self.candidate_nodes(name);
+        let ready = self.candidate_nodes(name, size_bytes);
         if (ready.len() as u32) < count {
+            let small = self.too_small_for(size_bytes);
+            if !small.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "volume {name} of {size_bytes} bytes wants {count} replicas, but only {} ready node(s) can hold a file that large: {} (the largest file their filesystems allow; ext4 with 4 KiB blocks stops at 16 TiB); choose a smaller --size, lower --replicas, or add nodes whose disks hold larger files (e.g. XFS)",
+                    ready.len(),
+                    small.join(", ")
+                )));
+            }
             return Err(ApiError::bad_request(format!(
                 "volume {name} wants {count} replicas but only {} node(s) are ready, and replicas of one volume never share a node; lower --replicas or add nodes",
                 ready.len()

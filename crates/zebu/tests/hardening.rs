@@ -166,6 +166,19 @@ fn tokens_have_roles_and_names_and_bodies_are_checked() {
     assert_eq!(names(&c), vec!["victim".to_owned()]);
     assert_eq!(c.volume("victim")["desired_node"], serde_json::Value::Null);
 
+    // A size no node's filesystem can hold in one file is refused at create, naming the limit
+    // (the nodes' disks here are ext4, whose files stop at 16 TiB), and nothing is created.
+    let nodes = c.cli_json(&["node", "list"]).unwrap();
+    let max = nodes[0]["max_file_bytes"].as_u64().unwrap();
+    assert!(max > 0, "the agent measured its disk: {nodes}");
+    if max < 64 << 40 {
+        let o = c.cli(&["volume", "create", "huge", "--size", "64TiB", "--replicas", "1"]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success(), "a 64 TiB volume was created");
+        assert!(err.contains("node-1 holds files up to") && err.contains("TiB"), "{err}");
+        assert_eq!(names(&c), vec!["victim".to_owned()]);
+    }
+
     // A heartbeat may not register a node whose name is a path.
     let hb = br#"{"node":"../../x","address":"127.0.0.9","data_port":1,"nbd_port":2,"disk_path":"/tmp","disk_total_bytes":0,"disk_free_bytes":0,"replicas":[],"engines":[]}"#;
     let (status, said) = http(&c, "POST", "/v1/agent/heartbeat", Some(&agent), hb);

@@ -224,7 +224,7 @@ impl State {
                 continue;
             }
             let Some(target) = self
-                .candidate_nodes(&v.name)
+                .candidate_nodes(&v.name, v.size_bytes)
                 .into_iter()
                 .find(|n| rebuilding_on(n) < limit)
             else {
