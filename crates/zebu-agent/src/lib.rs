@@ -20,6 +20,7 @@ use zebu_api::{
     ApiClient, Assignment, EngineReplica, EngineReport, EngineSpec, Heartbeat, LastRebuild,
     MemberReport, RebuildStatus, ReplicaMode, ReplicaReport,
 };
+pub use zebu_engine::nbd::Limits as NbdLimits;
 use zebu_engine::{
     Engine, EngineConfig, LocalReplica, MembershipRecord, Mode, NbdServer, RecordError,
     ReplicaTarget,
@@ -74,6 +75,8 @@ pub struct AgentConfig {
     pub io_threads: usize,
     /// How long an NBD connection's thread may poll before it sleeps (zero: never).
     pub busy_poll: Duration,
+    /// How many NBD connections the node takes.
+    pub nbd_limits: zebu_engine::nbd::Limits,
     /// Background scrubs of attached volumes.
     pub scrub: Scrub,
     /// The file layer under every replica ([`zebu_replica::file::direct`] but in tests).
@@ -236,7 +239,7 @@ impl Agent {
             tracing::warn!(node = %cfg.node, layer = cfg.files.name(), "replica files go through a test file layer: writes not flushed are lost when this process ends, as at a power cut");
         }
         let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
-        let nbd = NbdServer::new(cfg.busy_poll);
+        let nbd = NbdServer::with_limits(cfg.busy_poll, cfg.nbd_limits);
         let rt = data_runtime();
         let bind = |port: u16, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
             let addr = std::net::SocketAddr::new(cfg.listen_ip, port);
@@ -501,6 +504,8 @@ impl Agent {
             disk_total_bytes: total,
             disk_free_bytes: free,
             max_file_bytes: self.max_file_bytes,
+            nbd_refusing: self.nbd.refusing(Duration::from_secs(60)),
+            nbd_connections: self.nbd.connections() as u64,
             replicas,
             engines,
         }

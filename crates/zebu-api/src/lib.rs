@@ -147,6 +147,12 @@ pub struct Node {
     /// bounds the size of a volume with a replica there.
     #[serde(default)]
     pub max_file_bytes: u64,
+    /// Set while the node's NBD frontend turns clients away (a connection limit), with why.
+    #[serde(default)]
+    pub nbd_refusing: Option<String>,
+    /// NBD connections open on the node.
+    #[serde(default)]
+    pub nbd_connections: u64,
 }
 
 /// A cluster-wide setting (Longhorn's names and units).
@@ -292,6 +298,12 @@ pub struct Heartbeat {
     /// larger than this cannot have a replica there.
     #[serde(default)]
     pub max_file_bytes: u64,
+    /// Set while the node's NBD frontend has turned a client away in the last minute, with why.
+    #[serde(default)]
+    pub nbd_refusing: Option<String>,
+    /// NBD connections open on the node.
+    #[serde(default)]
+    pub nbd_connections: u64,
     pub replicas: Vec<ReplicaReport>,
     pub engines: Vec<EngineReport>,
 }

@@ -36,14 +36,104 @@ pub const MAX_IO_BYTES: u32 = 32 << 20;
 /// Largest range one BLOCK_STATUS reply describes.
 const MAX_STATUS_BYTES: u64 = 1 << 30;
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replies may wait for a client that reads slowly up to this many bytes; past it no new
+/// request is read until the client has taken some (with the budget of the requests in flight,
+/// this bounds a connection's memory whatever the client does).
+const UNSENT_LIMIT: usize = 32 << 20;
+/// Once a request's first byte has come, the rest of its header and its payload must follow
+/// within this long (a connection may be idle between requests for as long as it likes).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing connection waits for its requests in flight to be answered.
 const CLOSE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// How many NBD connections a node takes: past them a client is refused (with a log line
+/// naming it), never served by running out of file descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open on the node, negotiating or not.
+    pub per_node: usize,
+    /// Connections to one export (volume).
+    pub per_export: usize,
+    /// Connections still negotiating: past it the one negotiating longest is closed, so
+    /// clients that connect and never negotiate cannot keep a real client out.
+    pub negotiating: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            per_node: 1024,
+            per_export: 256,
+            negotiating: 64,
+        }
+    }
+}
 
 /// The exports of one node: volume name → engine.
 pub struct NbdServer {
     exports: RwLock<HashMap<String, Arc<Engine>>>,
     /// How long a connection's thread may poll before it sleeps (see [`crate::busy_poll`]).
     busy_poll: Duration,
+    limits: Limits,
+    /// Connections open now, and per export.
+    open: AtomicUsize,
+    per_export: std::sync::Mutex<HashMap<String, usize>>,
+    /// The last client refused, and when (for the node's report).
+    last_refusal: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// Connections negotiating, oldest first: an id and what closes it.
+    negotiating: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// A connection counted against the limits while it lives.
+struct Counted {
+    server: Arc<NbdServer>,
+    export: Option<String>,
+}
+
+impl Counted {
+    /// Count the connection against `export`'s limit; false if that is full.
+    fn claim(&mut self, export: &str, peer: &str) -> bool {
+        let mut m = self
+            .server
+            .per_export
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(export.to_owned()).or_insert(0);
+        if *n >= self.server.limits.per_export {
+            drop(m);
+            self.server.refuse(
+                peer,
+                &format!(
+                    "export {export} has its limit of {} connections",
+                    self.server.limits.per_export
+                ),
+            );
+            return false;
+        }
+        *n += 1;
+        self.export = Some(export.to_owned());
+        true
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.server.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(e) = self.export.take() {
+            let mut m = self
+                .server
+                .per_export
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = m.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&e);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +170,74 @@ impl NbdServer {
     /// `busy_poll`: how long a connection's thread may poll its sockets before it sleeps
     /// (zero: never; see [`crate::busy_poll`]).
     pub fn new(busy_poll: Duration) -> Arc<NbdServer> {
+        Self::with_limits(busy_poll, Limits::default())
+    }
+
+    pub fn with_limits(busy_poll: Duration, limits: Limits) -> Arc<NbdServer> {
         Arc::new(NbdServer {
             exports: RwLock::default(),
             busy_poll,
+            limits,
+            open: AtomicUsize::new(0),
+            per_export: Default::default(),
+            last_refusal: Default::default(),
+            negotiating: Default::default(),
+            next_id: Default::default(),
         })
+    }
+
+    /// Count a connection as negotiating; the one negotiating longest is closed if that makes
+    /// too many. Returns its id and what closes it.
+    fn start_negotiating(&self, peer: &str) -> (u64, Arc<tokio::sync::Notify>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(tokio::sync::Notify::new());
+        let mut q = self.negotiating.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= self.limits.negotiating.max(1) {
+            if let Some((_, oldest)) = q.pop_front() {
+                oldest.notify_one();
+                drop(q);
+                self.refuse(
+                    peer,
+                    &format!(
+                        "more than {} connections are negotiating at once: the oldest was closed",
+                        self.limits.negotiating
+                    ),
+                );
+                q = self.negotiating.lock().unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        q.push_back((id, close.clone()));
+        (id, close)
+    }
+
+    fn done_negotiating(&self, id: u64) {
+        let mut q = self.negotiating.lock().unwrap_or_else(|p| p.into_inner());
+        q.retain(|(i, _)| *i != id);
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Why the last client was refused, if one was within `within`.
+    pub fn refusing(&self, within: Duration) -> Option<String> {
+        let last = self.last_refusal.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < within)
+            .map(|(_, why)| why.clone())
+    }
+
+    fn refuse(&self, peer: &str, why: &str) {
+        let mut last = self.last_refusal.lock().unwrap_or_else(|p| p.into_inner());
+        // One line per reason a second at most: a flood of clients does not flood the log.
+        if last
+            .as_ref()
+            .is_none_or(|(at, w)| w != why || at.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(client = %peer, "NBD client refused: {why}");
+        }
+        *last = Some((std::time::Instant::now(), why.to_owned()));
     }
 
     pub fn add(&self, engine: Arc<Engine>) {
@@ -134,9 +288,25 @@ impl NbdServer {
         loop {
             match S::accept(&listener).await {
                 Ok((stream, peer)) => {
+                    if self.open.fetch_add(1, Ordering::AcqRel) >= self.limits.per_node {
+                        self.open.fetch_sub(1, Ordering::AcqRel);
+                        self.refuse(
+                            &peer,
+                            &format!(
+                                "the node has its limit of {} NBD connections",
+                                self.limits.per_node
+                            ),
+                        );
+                        drop(stream);
+                        continue;
+                    }
+                    let counted = Counted {
+                        server: self.clone(),
+                        export: None,
+                    };
                     let this = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = this.connection(stream).await {
+                        if let Err(e) = this.connection(stream, counted, &peer).await {
                             tracing::debug!(%peer, "nbd connection closed: {e}");
                         }
                     });
@@ -150,13 +320,30 @@ impl NbdServer {
     }
 
     /// Negotiate here, then serve the connection on a thread of its own (see [`serve_on_thread`]).
-    async fn connection<S: Socket>(self: Arc<Self>, stream: S) -> Result<()> {
+    async fn connection<S: Socket>(
+        self: Arc<Self>,
+        stream: S,
+        mut counted: Counted,
+        peer: &str,
+    ) -> Result<()> {
         let (rd, mut wr) = stream.split();
         // Buffered: one recv usually brings several requests.
         let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
-        let neg = match tokio::time::timeout(NEGOTIATION_TIMEOUT, self.negotiate(&mut rd, &mut wr))
-            .await
-        {
+        let (id, evicted) = self.start_negotiating(peer);
+        let negotiated = tokio::select! {
+            r = tokio::time::timeout(
+                NEGOTIATION_TIMEOUT,
+                self.negotiate(&mut rd, &mut wr, &mut counted, peer),
+            ) => Some(r),
+            _ = evicted.notified() => None,
+        };
+        self.done_negotiating(id);
+        let Some(negotiated) = negotiated else {
+            return Err(ConnError::Protocol(
+                "closed while negotiating: too many connections were negotiating".into(),
+            ));
+        };
+        let neg = match negotiated {
             Ok(Ok(neg)) => neg,
             Ok(Err(ConnError::Done)) => return Ok(()),
             Ok(Err(e)) => return Err(e),
@@ -165,10 +352,16 @@ impl NbdServer {
         // Bytes the client sent right after negotiating must not be lost on the way.
         let early = rd.buffer().to_vec();
         let raw = S::unsplit(rd.into_inner(), wr)?;
-        serve_on_thread::<S>(neg, raw, early, self.busy_poll)
+        serve_on_thread::<S>(neg, raw, early, self.busy_poll, counted)
     }
 
-    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Negotiated>
+    async fn negotiate<R, W>(
+        &self,
+        rd: &mut R,
+        wr: &mut W,
+        counted: &mut Counted,
+        peer: &str,
+    ) -> Result<Negotiated>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -210,6 +403,11 @@ impl NbdServer {
                         // The protocol has no way to refuse EXPORT_NAME but to hang up.
                         return Err(ConnError::Protocol(format!("unknown export {name:?}")));
                     };
+                    if !counted.claim(&name, peer) {
+                        return Err(ConnError::Protocol(format!(
+                            "export {name:?} has too many connections"
+                        )));
+                    }
                     let mut out = Vec::with_capacity(134);
                     out.extend_from_slice(&engine.size_bytes().to_be_bytes());
                     out.extend_from_slice(&transmission_flags(structured).to_be_bytes());
@@ -263,6 +461,14 @@ impl NbdServer {
                         reply_err(wr, opt, REP_ERR_UNKNOWN, &msg).await?;
                         continue;
                     };
+                    if opt == OPT_GO && counted.export.is_none() && !counted.claim(&name, peer) {
+                        let msg = format!(
+                            "volume {name:?} has its limit of {} NBD connections on this node; close some and try again",
+                            self.limits.per_export
+                        );
+                        reply_err(wr, opt, REP_ERR_POLICY, &msg).await?;
+                        continue;
+                    }
                     let mut info = Vec::with_capacity(12);
                     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                     info.extend_from_slice(&engine.size_bytes().to_be_bytes());
@@ -528,11 +734,13 @@ fn serve_on_thread<S: Socket>(
     raw: S::Std,
     early: Vec<u8>,
     busy_poll: Duration,
+    counted: Counted,
 ) -> Result<()> {
     let volume = neg.engine.volume().to_owned();
     std::thread::Builder::new()
         .name("zebu-nbd-conn".into())
         .spawn(move || {
+            let _counted = counted;
             zebu_replica::io_pool::dedicated();
             // Between a reply and the client's next request, poll instead of sleeping (a
             // wake-up costs more than the request on a VM).
@@ -592,14 +800,28 @@ where
         loop {
             let mut hb = [0u8; REQUEST_BYTES];
             // A detached or fenced-off engine drops its clients: they must not keep writing.
+            // A client that does not read its replies is not read from either.
             let read = tokio::select! {
-                r = rd.read_exact(&mut hb) => r,
+                r = async {
+                    sender.wait_below(UNSENT_LIMIT).await;
+                    rd.read_exact(&mut hb[..1]).await
+                } => r,
                 _ = neg.engine.wait_closed() => return Ok(()),
             };
             match read {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(e.into()),
+            }
+            match tokio::time::timeout(REQUEST_TIMEOUT, rd.read_exact(&mut hb[1..])).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(ConnError::Protocol(format!(
+                        "a request header did not arrive whole within {} s",
+                        REQUEST_TIMEOUT.as_secs()
+                    )))
+                }
             }
             let Some(req) = Request::decode(&hb) else {
                 return Err(ConnError::Protocol("bad request magic".into()));
@@ -624,7 +846,21 @@ where
                         req.length
                     )));
                 }
-                payload = crate::payload::read_payload(&mut rd, req.length as usize).await?;
+                payload = match tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    crate::payload::read_payload(&mut rd, req.length as usize),
+                )
+                .await
+                {
+                    Ok(p) => p?,
+                    Err(_) => {
+                        return Err(ConnError::Protocol(format!(
+                            "the {} bytes of a write did not arrive within {} s",
+                            req.length,
+                            REQUEST_TIMEOUT.as_secs()
+                        )))
+                    }
+                };
             }
             if req.kind == CMD_DISC {
                 // Requests in flight finish and are answered below, then the connection closes.

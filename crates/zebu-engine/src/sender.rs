@@ -8,8 +8,10 @@
 //! Large frames (64 KiB and up) are written straight away whenever the socket is idle: batching
 //! them saves nothing and the copy would cost.
 //!
-//! The queue needs no bound of its own: every frame in it belongs to a request in flight, and
-//! those are bounded by the callers (NBD connection budgets).
+//! The queue is bounded by its callers: a frame is queued only by a request in flight (bounded
+//! by the NBD connection's budget), and a reader that takes new requests waits first until the
+//! bytes not yet on the socket are below its limit ([`Sender::wait_below`]), so a peer that
+//! stops reading its replies holds at most that much plus the requests in flight.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -52,6 +54,8 @@ struct State {
     busy: bool,
     /// Why sending failed; every later send fails too.
     failed: Option<String>,
+    /// Bytes queued or being written by the flusher: not on the socket yet.
+    unsent: usize,
 }
 
 struct Shared<S> {
@@ -60,6 +64,8 @@ struct Shared<S> {
     wake: Notify,
     /// Signalled whenever the flusher has emptied the queue (or given up).
     drained: Notify,
+    /// Signalled whenever the flusher has written a batch (or given up).
+    progress: Notify,
 }
 
 /// A socket's sending side; see the module docs. Dropping it stops the flusher (frames still
@@ -84,9 +90,11 @@ impl<S: TrySend> Sender<S> {
                 queued: Vec::new(),
                 busy: false,
                 failed: None,
+                unsent: 0,
             }),
             wake: Notify::new(),
             drained: Notify::new(),
+            progress: Notify::new(),
         });
         let flusher = tokio::spawn(flush_loop(shared.clone()));
         Sender { shared, flusher }
@@ -133,8 +141,36 @@ impl<S: TrySend> Sender<S> {
             st.busy = true;
             sh.wake.notify_one();
         }
+        let before = st.queued.len();
         append_from(&mut st.queued, parts, done);
+        st.unsent += st.queued.len() - before;
         Ok(())
+    }
+
+    /// Bytes sent but not on the socket yet.
+    pub fn unsent(&self) -> usize {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unsent
+    }
+
+    /// Wait until at most `limit` bytes are waiting for the socket (or sending failed).
+    pub async fn wait_below(&self, limit: usize) {
+        let sh = &*self.shared;
+        loop {
+            let progress = sh.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            {
+                let st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.unsent <= limit || st.failed.is_some() {
+                    return;
+                }
+            }
+            progress.await;
+        }
     }
 
     /// Wait until every frame sent so far has been written to the socket (or sending failed).
@@ -203,9 +239,13 @@ async fn flush_loop<S: TrySend>(sh: Arc<Shared<S>>) {
                 }
                 std::mem::take(&mut st.queued)
             };
-            if let Err(why) = write_all(&sh.socket, &buf).await {
-                let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            let written = write_all(&sh.socket, &buf).await;
+            let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.unsent -= buf.len();
+            sh.progress.notify_waiters();
+            if let Err(why) = written {
                 st.failed = Some(why);
+                st.unsent -= st.queued.len();
                 st.queued = Vec::new();
                 sh.drained.notify_waiters();
                 return;

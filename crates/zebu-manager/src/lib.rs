@@ -184,12 +184,58 @@ pub async fn serve(
             }
         })
     };
-    let served = axum::serve(listener, manager.router())
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = serve_bounded(listener, manager.router(), shutdown).await;
     ticker.abort();
-    served?;
-    Ok(())
+    served
+}
+
+/// REST connections open at once: past it a new one is closed at once, with a log line.
+const MAX_REST_CONNECTIONS: usize = 512;
+/// A request's headers must arrive whole within this long (from the connection's start, or
+/// the end of the last reply), else the connection is closed.
+const REST_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serve `app` on `listener` with bounds: a connection limit and a header timeout (HTTP/1.1).
+async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REST_CONNECTIONS));
+    let mut last_refusal: Option<std::time::Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("REST accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return Ok(()),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if last_refusal.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                tracing::warn!(client = %peer, "REST client refused: {MAX_REST_CONNECTIONS} connections are open");
+                last_refusal = Some(std::time::Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(REST_HEADER_TIMEOUT);
+            if let Err(e) = b.serve_connection(io, svc).await {
+                tracing::debug!(client = %peer, "REST connection closed: {e}");
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// What a token may do. `Admin` may do everything; `ReadOnly` every `GET`; `Agent` only what

@@ -513,6 +513,12 @@ impl State {
         } else {
             None
         };
+        // Serving, but its node's NBD frontend is turning clients away.
+        let message = message.or_else(|| {
+            let n = v.desired_node.as_deref()?;
+            let why = self.live.get(n)?.report.nbd_refusing.clone()?;
+            Some(format!("node {n} is refusing NBD clients: {why}"))
+        });
         Volume {
             name: v.name.clone(),
             size_bytes: v.size_bytes,
@@ -562,6 +568,8 @@ impl State {
             disk_total_bytes: live.map(|l| l.report.disk_total_bytes).unwrap_or(0),
             disk_free_bytes: live.map(|l| l.report.disk_free_bytes).unwrap_or(0),
             max_file_bytes: live.map(|l| l.report.max_file_bytes).unwrap_or(0),
+            nbd_refusing: live.and_then(|l| l.report.nbd_refusing.clone()),
+            nbd_connections: live.map(|l| l.report.nbd_connections).unwrap_or(0),
         }
     }
 

@@ -124,6 +124,13 @@ struct ServingArgs {
     /// from every replica), so scrubs leave the disks to the workload. 0: unlimited.
     #[arg(long, default_value_t = DEFAULT_SCRUB_MIBS, value_name = "MIB")]
     scrub_rate: u64,
+    /// NBD connections the node takes at once (negotiating or serving); past it a client is
+    /// refused, with a log line naming it, and the node's status says so.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_nbd_connections: usize,
+    /// NBD connections one volume takes at once on its node.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_nbd_connections_per_volume: usize,
     /// For durability tests only: `crash-sim` puts the replicas' files behind a cache in this
     /// process, written to disk only by a flush (or early, at random, whole or torn, as a
     /// kernel's writeback would), so ending the process loses what was not flushed, as a power
@@ -139,6 +146,13 @@ enum FileLayerArg {
 }
 
 impl ServingArgs {
+    fn nbd_limits(&self) -> zebu_agent::NbdLimits {
+        zebu_agent::NbdLimits {
+            per_node: self.max_nbd_connections,
+            per_export: self.max_nbd_connections_per_volume,
+            ..Default::default()
+        }
+    }
     fn busy_poll(&self) -> Duration {
         Duration::from_micros(self.busy_poll_us)
     }
@@ -534,6 +548,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_secs(1),
         io_threads: 4,
         busy_poll: a.serving.busy_poll(),
+        nbd_limits: a.serving.nbd_limits(),
         scrub: a.serving.scrub(),
         files: a.serving.files(),
     })?;
@@ -591,6 +606,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             heartbeat_interval: Duration::from_secs(1),
             io_threads: 3,
             busy_poll: a.serving.busy_poll(),
+            nbd_limits: a.serving.nbd_limits(),
             scrub: a.serving.scrub(),
             files: files.clone(),
         })?;

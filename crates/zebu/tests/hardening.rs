@@ -172,10 +172,21 @@ fn tokens_have_roles_and_names_and_bodies_are_checked() {
     let max = nodes[0]["max_file_bytes"].as_u64().unwrap();
     assert!(max > 0, "the agent measured its disk: {nodes}");
     if max < 64 << 40 {
-        let o = c.cli(&["volume", "create", "huge", "--size", "64TiB", "--replicas", "1"]);
+        let o = c.cli(&[
+            "volume",
+            "create",
+            "huge",
+            "--size",
+            "64TiB",
+            "--replicas",
+            "1",
+        ]);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(!o.status.success(), "a 64 TiB volume was created");
-        assert!(err.contains("node-1 holds files up to") && err.contains("TiB"), "{err}");
+        assert!(
+            err.contains("node-1 holds files up to") && err.contains("TiB"),
+            "{err}"
+        );
         assert_eq!(names(&c), vec!["victim".to_owned()]);
     }
 

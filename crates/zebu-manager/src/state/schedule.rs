@@ -21,7 +21,10 @@ impl State {
                     .values()
                     .any(|r| r.volume == volume && r.node == n.name)
             })
-            .filter(|n| self.max_file_bytes(&n.name).is_none_or(|max| size_bytes <= max))
+            .filter(|n| {
+                self.max_file_bytes(&n.name)
+                    .is_none_or(|max| size_bytes <= max)
+            })
             .map(|n| {
                 let held = self.replicas.values().filter(|r| r.node == n.name).count();
                 (held, n.name.clone())

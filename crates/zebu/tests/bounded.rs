@@ -1,0 +1,209 @@
+//! Bounded resources (`docs/hardening.md`): what one NBD client can make a node spend is
+//! bounded, whatever it does, and other clients are served meanwhile.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A raw NBD client past the handshake (fixed newstyle, EXPORT_NAME): the stream.
+fn nbd_connect(addr: &str, export: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export.as_bytes());
+    s.write_all(&opt).unwrap();
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).unwrap();
+    s
+}
+
+fn read_request(handle: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(28);
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes()); // READ
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&length.to_be_bytes());
+    r
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_holds_bounded_memory() {
+    require("qemu-io");
+    let c = Cluster::separate(48, 1);
+    let uri = c.create_attached("slow", "256MiB", 1, "node-1");
+    qemu_io(&uri, &["write -P 0x3c 0 8M".into()]);
+    let pid = c.agents[0].as_ref().unwrap().id();
+    let before = rss_bytes(pid);
+    // 64 reads of 32 MiB (2 GiB of replies) that are never read: the socket fills, and the
+    // server stops taking requests once 32 MiB wait for it (plus the 64 MiB budget of the
+    // requests in flight).
+    let addr = format!("{}:10809", c.node_ip(0));
+    let mut greedy = nbd_connect(&addr, "slow");
+    greedy
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for i in 0..64u64 {
+        if greedy.write_all(&read_request(i, 0, 32 << 20)).is_err() {
+            break; // the server stopped reading: that is the bound at work
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss_bytes(pid).saturating_sub(before);
+    // Budget (64 MiB) + replies waiting (32 MiB, + one reply of 32 MiB being written) + a
+    // constant for the runtime and buffers.
+    let bound: u64 = (64 + 32 + 32 + 64) << 20;
+    assert!(
+        grown < bound,
+        "the agent grew by {} MiB for one client that does not read (bound {} MiB)",
+        grown >> 20,
+        bound >> 20
+    );
+    // Another client of the same volume is served meanwhile.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x5d 16M 4M".into(),
+            "read -P 0x5d 16M 4M".into(),
+            "read -P 0x3c 0 8M".into(),
+        ],
+    );
+    drop(greedy);
+}
+
+#[test]
+fn idle_connections_past_the_limits_are_refused_and_a_fresh_client_still_works() {
+    require("qemu-io");
+    let c = Cluster::separate_with(49, 1, &["--max-nbd-connections", "300"]);
+    let uri = c.create_attached("busy", "64MiB", 1, "node-1");
+    let pid = c.agents[0].as_ref().unwrap().id();
+    let fds_before = open_fds(pid);
+    let addr = format!("{}:10809", c.node_ip(0));
+    // 2,000 connections that never negotiate.
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        if let Ok(s) = TcpStream::connect(&addr) {
+            idle.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // A fresh client is served all the same (the idlest negotiators make room for it).
+    qemu_io(
+        &uri,
+        &["write -P 0x11 0 1M".into(), "read -P 0x11 0 1M".into()],
+    );
+    // The node's descriptors stay bounded (the limit, plus the node's own).
+    let fds = open_fds(pid);
+    assert!(
+        fds < fds_before + 300 + 16,
+        "{fds} descriptors open (before: {fds_before})"
+    );
+    // Most of the idle connections were closed by the server: a read sees the end.
+    let mut closed = 0;
+    for s in idle.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 64];
+        let mut got = 0;
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(n) => got += n,
+                Err(_) => break,
+            }
+            if got > 18 {
+                break;
+            }
+        }
+    }
+    assert!(
+        closed >= 1900,
+        "only {closed} of 2000 idle connections were closed"
+    );
+    // The refusals show in the node's status and on the volume.
+    let nodes = c.cli_json(&["node", "list"]).unwrap();
+    let refusing = nodes[0]["nbd_refusing"].as_str().unwrap_or("").to_owned();
+    assert!(refusing.contains("negotiating"), "{nodes}");
+    let v = c.volume("busy");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("refusing NBD clients"),
+        "{v}"
+    );
+}
+
+#[test]
+fn half_open_rest_connections_are_bounded_and_closed_after_their_timeout() {
+    let c = Cluster::separate(50, 1);
+    let api = c.api.trim_start_matches("http://").to_owned();
+    // 1,000 connections that start a request and never finish its headers.
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        if let Ok(mut s) = TcpStream::connect(&api) {
+            let _ = s.write_all(b"GET /v1/volumes HTTP/1.1\r\nHost: zebu\r\n");
+            held.push(s);
+        }
+    }
+    // Within the header timeout (5 s) and some slack, every one of them is closed.
+    std::thread::sleep(Duration::from_secs(8));
+    let mut open = 0;
+    for s in held.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 256];
+        match s.read(&mut b) {
+            Ok(_) => {} // the end, or an answer (408) and then the end
+            // Still open: nothing to read yet. (A reset is a close: the server closed a
+            // socket whose request it had not read.)
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                open += 1
+            }
+            Err(_) => {}
+        }
+    }
+    assert_eq!(
+        open, 0,
+        "{open} half-open connections are still open after 8 s"
+    );
+    // The node never went unready, and the API answers.
+    let nodes = c.cli_json(&["node", "list"]).unwrap();
+    assert_eq!(nodes[0]["ready"], true, "{nodes}");
+    assert!(
+        c.log("manager").contains("REST client refused"),
+        "past the limit, refused"
+    );
+}
