@@ -427,6 +427,8 @@ impl ApiClient {
     pub fn new(base: &str, token: &str) -> ApiClient {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
+            // The manager closes a connection idle for 5 s: never reuse one that old.
+            .pool_idle_timeout(std::time::Duration::from_secs(4))
             .build()
             .expect("invariant: a plain HTTP client always builds");
         ApiClient {

@@ -80,8 +80,12 @@ pub struct NbdServer {
     per_export: std::sync::Mutex<HashMap<String, usize>>,
     /// The last client refused, and when (for the node's report).
     last_refusal: std::sync::Mutex<Option<(std::time::Instant, String)>>,
-    /// Connections negotiating, oldest first: an id and what closes it.
-    negotiating: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+    /// Connections negotiating, oldest first: an id, the peer's address (without the port),
+    /// the peer as logged, and what closes it.
+    #[allow(clippy::type_complexity)]
+    negotiating: std::sync::Mutex<
+        std::collections::VecDeque<(u64, String, String, Arc<tokio::sync::Notify>)>,
+    >,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -186,33 +190,48 @@ impl NbdServer {
         })
     }
 
-    /// Count a connection as negotiating; the one negotiating longest is closed if that makes
-    /// too many. Returns its id and what closes it.
+    /// Count a connection as negotiating. If that makes too many, one is closed: the oldest
+    /// of the peer address holding the most of them, so a flood from one address cannot push
+    /// out clients from others. Returns its id and what closes it.
     fn start_negotiating(&self, peer: &str) -> (u64, Arc<tokio::sync::Notify>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(tokio::sync::Notify::new());
+        let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h).to_owned();
         let mut q = self.negotiating.lock().unwrap_or_else(|p| p.into_inner());
+        let mut evicted = None;
         if q.len() >= self.limits.negotiating.max(1) {
-            if let Some((_, oldest)) = q.pop_front() {
-                oldest.notify_one();
-                drop(q);
-                self.refuse(
-                    peer,
-                    &format!(
-                        "more than {} connections are negotiating at once: the oldest was closed",
-                        self.limits.negotiating
-                    ),
-                );
-                q = self.negotiating.lock().unwrap_or_else(|p| p.into_inner());
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for (_, h, _, _) in q.iter() {
+                *counts.entry(h.as_str()).or_default() += 1;
+            }
+            let busiest = counts
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(h, _)| h.to_owned());
+            if let Some(at) = busiest.and_then(|b| q.iter().position(|(_, h, _, _)| *h == b)) {
+                if let Some((_, _, who, oldest)) = q.remove(at) {
+                    oldest.notify_one();
+                    evicted = Some(who);
+                }
             }
         }
-        q.push_back((id, close.clone()));
+        q.push_back((id, host, peer.to_owned(), close.clone()));
+        drop(q);
+        if let Some(who) = evicted {
+            self.refuse(
+                &who,
+                &format!(
+                    "more than {} connections were negotiating at once: the oldest from the busiest address was closed",
+                    self.limits.negotiating
+                ),
+            );
+        }
         (id, close)
     }
 
     fn done_negotiating(&self, id: u64) {
         let mut q = self.negotiating.lock().unwrap_or_else(|p| p.into_inner());
-        q.retain(|(i, _)| *i != id);
+        q.retain(|(i, _, _, _)| *i != id);
     }
 
     /// Connections open now.
@@ -331,6 +350,8 @@ impl NbdServer {
         let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
         let (id, evicted) = self.start_negotiating(peer);
         let negotiated = tokio::select! {
+            // A negotiation that has finished wins over a late eviction.
+            biased;
             r = tokio::time::timeout(
                 NEGOTIATION_TIMEOUT,
                 self.negotiate(&mut rd, &mut wr, &mut counted, peer),
@@ -846,8 +867,10 @@ where
                         req.length
                     )));
                 }
+                // 30 s, and a second more per MiB (a slow link still gets a large write in).
+                let patience = REQUEST_TIMEOUT + Duration::from_secs(u64::from(req.length >> 20));
                 payload = match tokio::time::timeout(
-                    REQUEST_TIMEOUT,
+                    patience,
                     crate::payload::read_payload(&mut rd, req.length as usize),
                 )
                 .await
@@ -857,7 +880,7 @@ where
                         return Err(ConnError::Protocol(format!(
                             "the {} bytes of a write did not arrive within {} s",
                             req.length,
-                            REQUEST_TIMEOUT.as_secs()
+                            patience.as_secs()
                         )))
                     }
                 };

@@ -203,8 +203,11 @@ async fn serve_bounded(
 ) -> anyhow::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REST_CONNECTIONS));
     let mut last_refusal: Option<std::time::Instant> = None;
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Reap finished connections as we go.
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -214,7 +217,14 @@ async fn serve_bounded(
                     continue;
                 }
             },
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                // Requests in progress finish (idle connections close by the header timeout).
+                let _ = tokio::time::timeout(REST_HEADER_TIMEOUT + std::time::Duration::from_secs(1), async {
+                    while conns.join_next().await.is_some() {}
+                })
+                .await;
+                return Ok(());
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             if last_refusal.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
@@ -225,7 +235,7 @@ async fn serve_bounded(
             continue;
         };
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(hyper_util::rt::TokioTimer::new())
