@@ -202,12 +202,14 @@ impl ReplicaClient {
             address: address.to_owned(),
             reason,
         };
+        let mut nonce = vec![0u8; zebu_proto::auth::NONCE_BYTES];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
         let hello = Hello {
             version: PROTOCOL_VERSION,
             volume: volume.to_owned(),
             replica: replica.to_owned(),
             epoch,
-            secret: secret.to_owned(),
+            nonce,
         };
         let fut = async {
             let mut s = TcpStream::connect(address)
@@ -215,11 +217,41 @@ impl ReplicaClient {
                 .map_err(|e| connect_err(e.to_string()))?;
             s.set_nodelay(true)
                 .map_err(|e| connect_err(e.to_string()))?;
-            s.write_all(&hello.encode())
+            let hello_bytes = hello.encode();
+            s.write_all(&hello_bytes)
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
+            // A challenge (the server proves it knows the secret, then we do), or a refusal.
+            let mut magic = [0u8; 8];
+            s.read_exact(&mut magic)
+                .await
+                .map_err(|e| connect_err(format!("reading the challenge: {e}")))?;
+            if magic == zebu_proto::auth::CHALLENGE_MAGIC {
+                use zebu_proto::auth::*;
+                let mut b = [0u8; CHALLENGE_FRAME_BYTES];
+                b[..8].copy_from_slice(&magic);
+                s.read_exact(&mut b[8..])
+                    .await
+                    .map_err(|e| connect_err(format!("reading the challenge: {e}")))?;
+                let c = Challenge::decode(&b).map_err(|e| connect_err(e.to_string()))?;
+                if !proofs_equal(&c.proof, &server_proof(secret, &hello_bytes, &c.nonce)) {
+                    return Err(connect_err(
+                        "the replica server could not prove it holds this cluster's secret (another cluster's node, or not a Zebu node): nothing was sent to it".into(),
+                    ));
+                }
+                let p = Proof {
+                    proof: client_proof(secret, &hello_bytes, &c.nonce, &c.proof),
+                };
+                s.write_all(&p.encode())
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                s.read_exact(&mut magic)
+                    .await
+                    .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
+            }
             let mut fixed = [0u8; WELCOME_FIXED_BYTES];
-            s.read_exact(&mut fixed)
+            fixed[..8].copy_from_slice(&magic);
+            s.read_exact(&mut fixed[8..])
                 .await
                 .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
             let rest = Welcome::rest_len(&fixed).map_err(|e| connect_err(e.to_string()))?;

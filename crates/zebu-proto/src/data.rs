@@ -10,8 +10,9 @@ use thiserror::Error;
 
 /// Protocol version spoken by this build (2 added SHARE_SESSION and JOIN_SESSION; 5 added
 /// WIL_REBUILD and the rebuild fields of a WIL_READ reply; 6: `NoSpace` means refused with
-/// nothing changed, never an ENOSPC after a partial write).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// nothing changed, never an ENOSPC after a partial write; 7: the Hello carries a nonce, not the
+/// secret, and both ends prove they know the secret by challenge–response, [`crate::auth`]).
+pub const PROTOCOL_VERSION: u16 = 7;
 /// First bytes of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"ZEBUDATA";
 /// First bytes of a [`Welcome`].
@@ -28,7 +29,8 @@ pub const REPLY_HEADER_BYTES: usize = 24;
 pub const MAX_PAYLOAD_BYTES: u32 = 32 << 20;
 /// Longest volume or replica name in a handshake.
 pub const MAX_NAME_BYTES: usize = 255;
-/// Longest cluster secret in a handshake.
+/// Longest nonce in a handshake (a Hello of this version carries exactly
+/// [`crate::auth::NONCE_BYTES`]).
 pub const MAX_SECRET_BYTES: usize = 256;
 /// Longest error message in a [`Welcome`].
 pub const MAX_MESSAGE_BYTES: usize = 4096;
@@ -256,7 +258,8 @@ pub struct Hello {
     /// accepted a higher one refuses the connection (`Fenced`); a higher one than it has is
     /// recorded durably before the Welcome, and fences every session of a lower epoch.
     pub epoch: u64,
-    pub secret: String,
+    /// The engine's fresh random nonce for the challenge–response ([`crate::auth`]).
+    pub nonce: Vec<u8>,
 }
 
 /// Fixed part of a [`Hello`] before the variable-length fields.
@@ -271,11 +274,11 @@ impl Hello {
         put_u64(&mut out, self.epoch);
         put_u16(&mut out, self.volume.len() as u16);
         put_u16(&mut out, self.replica.len() as u16);
-        put_u16(&mut out, self.secret.len() as u16);
+        put_u16(&mut out, self.nonce.len() as u16);
         put_u16(&mut out, 0);
         out.extend_from_slice(self.volume.as_bytes());
         out.extend_from_slice(self.replica.as_bytes());
-        out.extend_from_slice(self.secret.as_bytes());
+        out.extend_from_slice(&self.nonce);
         let crc = crate::crc32c(&out);
         put_u32(&mut out, crc);
         out
@@ -308,7 +311,7 @@ impl Hello {
         }
         if s > MAX_SECRET_BYTES {
             return Err(FrameError::TooLong {
-                what: "secret",
+                what: "nonce",
                 len: s,
                 max: MAX_SECRET_BYTES,
             });
@@ -347,13 +350,13 @@ impl Hello {
         };
         let volume = take(v, "volume name")?;
         let replica = take(r, "replica name")?;
-        let secret = take(s, "secret")?;
+        let nonce = bytes[at..at + s].to_vec();
         Ok(Hello {
             version: u16_at(bytes, 8),
             volume,
             replica,
             epoch: u64_at(bytes, 12),
-            secret,
+            nonce,
         })
     }
 }
@@ -683,7 +686,7 @@ mod tests {
             volume: "vol-1".into(),
             replica: "vol-1-r-abc".into(),
             epoch: 7,
-            secret: "s3cret".into(),
+            nonce: vec![9; 32],
         };
         let bytes = h.encode();
         assert_eq!(Hello::decode(&bytes).unwrap(), h);

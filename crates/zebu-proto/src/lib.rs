@@ -1,12 +1,14 @@
 //! Zebu wire formats, without I/O.
 //!
 //! * [`data`] — the engine ↔ replica data protocol (`docs/protocol.md` describes it byte by byte).
+//! * [`auth`] — its handshake's mutual challenge–response over the cluster secret.
 //! * [`nbd`] — constants and small codecs of the NBD protocol, used by the NBD frontend.
 //!
 //! Everything here is fixed-width little-endian for our own formats (NBD itself is big-endian,
 //! as its specification says). Parsers never trust a length from the wire: every length is checked
 //! against a limit before anything is allocated.
 
+pub mod auth;
 pub mod data;
 pub mod nbd;
 

@@ -194,6 +194,14 @@ impl ReplicaServer {
             .read_exact(&mut bytes[HELLO_FIXED_BYTES..])
             .await
             .map_err(|e| format!("reading hello: {e}"))?;
+        // Both ends prove they know the cluster secret before the Hello asks anything.
+        if let Err((status, msg)) = self.authenticate(stream, &bytes).await {
+            tracing::warn!("refused data connection: {msg}");
+            let _ = stream
+                .write_all(&Welcome::refused(status, msg.clone()).encode())
+                .await;
+            return Err(msg);
+        }
         let mut checked = self.check_hello(&bytes);
         if let Ok((replica, _, epoch)) = &checked {
             // The fence first: a durable metadata replace when the epoch is new.
@@ -242,27 +250,72 @@ impl ReplicaServer {
         }
     }
 
-    fn check_hello(&self, bytes: &[u8]) -> Result<Hailed, (WelcomeStatus, String)> {
-        let hello = Hello::decode(bytes).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
+    /// The challenge–response of `zebu_proto::auth`: a challenge proving this server knows the
+    /// secret, then the engine's proof, checked.
+    async fn authenticate(
+        &self,
+        stream: &mut TcpStream,
+        hello_bytes: &[u8],
+    ) -> Result<(), (WelcomeStatus, String)> {
+        use zebu_proto::auth::*;
+        let hello =
+            Hello::decode(hello_bytes).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
         if hello.version != PROTOCOL_VERSION {
             return Err((
                 WelcomeStatus::BadVersion,
                 format!("protocol version {} is not supported; this replica server speaks {PROTOCOL_VERSION}", hello.version),
             ));
         }
+        if hello.nonce.len() != NONCE_BYTES {
+            return Err((
+                WelcomeStatus::Malformed,
+                format!(
+                    "the Hello's nonce has {} bytes, not {NONCE_BYTES}",
+                    hello.nonce.len()
+                ),
+            ));
+        }
         let secret = self
             .secret
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let ok = match &secret {
-            Some(s) => constant_time_eq(s.as_bytes(), hello.secret.as_bytes()),
-            None => false,
-        };
-        if !ok {
+            .clone()
+            .ok_or_else(|| {
+                (
+                    WelcomeStatus::AuthFailed,
+                    "this node has no cluster secret yet (its manager has not answered it)".into(),
+                )
+            })?;
+        let mut nonce = [0u8; NONCE_BYTES];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+        let proof = server_proof(&secret, hello_bytes, &nonce);
+        let challenge = Challenge { nonce, proof };
+        stream
+            .write_all(&challenge.encode())
+            .await
+            .map_err(|e| (WelcomeStatus::Malformed, format!("writing challenge: {e}")))?;
+        let mut b = [0u8; PROOF_FRAME_BYTES];
+        stream
+            .read_exact(&mut b)
+            .await
+            .map_err(|e| (WelcomeStatus::Malformed, format!("reading proof: {e}")))?;
+        let theirs = Proof::decode(&b).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
+        let want = client_proof(&secret, hello_bytes, &nonce, &proof);
+        if !proofs_equal(&theirs.proof, &want) {
             return Err((
                 WelcomeStatus::AuthFailed,
-                "cluster secret does not match".into(),
+                "the engine's proof does not match: it does not hold this cluster's secret".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_hello(&self, bytes: &[u8]) -> Result<Hailed, (WelcomeStatus, String)> {
+        let hello = Hello::decode(bytes).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
+        if hello.version != PROTOCOL_VERSION {
+            return Err((
+                WelcomeStatus::BadVersion,
+                format!("protocol version {} is not supported; this replica server speaks {PROTOCOL_VERSION}", hello.version),
             ));
         }
         let (replica, stop) = self.get_with_stop(&hello.replica).ok_or_else(|| {
@@ -512,11 +565,4 @@ fn execute(replica: &Replica, session: &Session, h: &RequestHeader, payload: Vec
         Ok(payload) => reply(h.id, Status::Ok, payload),
         Err(e) => reply(h.id, e.status(), e.full_message().into_bytes()),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -19,15 +19,55 @@ fn volume_names(c: &Cluster) -> Vec<String> {
         .collect()
 }
 
-fn handshake(addr: &str, hello: &Hello) -> Welcome {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(&hello.encode()).unwrap();
+fn read_welcome(s: &mut TcpStream, magic: [u8; 8]) -> Welcome {
     let mut fixed = [0u8; WELCOME_FIXED_BYTES];
-    s.read_exact(&mut fixed).unwrap();
+    fixed[..8].copy_from_slice(&magic);
+    s.read_exact(&mut fixed[8..]).unwrap();
     let mut b = fixed.to_vec();
     b.resize(WELCOME_FIXED_BYTES + Welcome::rest_len(&fixed).unwrap(), 0);
     s.read_exact(&mut b[WELCOME_FIXED_BYTES..]).unwrap();
     Welcome::decode(&b).unwrap()
+}
+
+/// The data protocol's handshake as an engine does it, proving `secret`; returns the Welcome
+/// and every byte this side sent.
+fn handshake(addr: &str, hello: &Hello, secret: &str) -> (Welcome, Vec<u8>) {
+    use zebu_proto::auth::*;
+    let mut s = TcpStream::connect(addr).unwrap();
+    let hello_bytes = hello.encode();
+    s.write_all(&hello_bytes).unwrap();
+    let mut sent = hello_bytes.clone();
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).unwrap();
+    if magic == CHALLENGE_MAGIC {
+        let mut b = [0u8; CHALLENGE_FRAME_BYTES];
+        b[..8].copy_from_slice(&magic);
+        s.read_exact(&mut b[8..]).unwrap();
+        let c = Challenge::decode(&b).unwrap();
+        let p = Proof {
+            proof: client_proof(secret, &hello_bytes, &c.nonce, &c.proof),
+        }
+        .encode();
+        s.write_all(&p).unwrap();
+        sent.extend_from_slice(&p);
+        s.read_exact(&mut magic).unwrap();
+    }
+    (read_welcome(&mut s, magic), sent)
+}
+
+/// Send recorded bytes as they were; the Welcome that comes after the server's challenge.
+fn replay(addr: &str, sent: &[u8]) -> Welcome {
+    use zebu_proto::auth::*;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(sent).unwrap();
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).unwrap();
+    if magic == CHALLENGE_MAGIC {
+        let mut b = [0u8; CHALLENGE_FRAME_BYTES - 8];
+        s.read_exact(&mut b).unwrap();
+        s.read_exact(&mut magic).unwrap();
+    }
+    read_welcome(&mut s, magic)
 }
 
 #[test]
@@ -164,32 +204,49 @@ fn bad_requests_are_refused_and_change_nothing() {
         volume: "keep".into(),
         replica: replica.clone(),
         epoch: 0,
-        secret: "wrong".into(),
+        nonce: vec![0x5a; zebu_proto::auth::NONCE_BYTES],
     };
-    let w = handshake(&addr, &hello);
+    let (w, _) = handshake(&addr, &hello, "wrong");
     assert_eq!(w.status, WelcomeStatus::AuthFailed, "{w:?}");
     let secret = std::fs::read_to_string(c.dir.path().join("manager/cluster.secret"))
         .unwrap()
         .trim()
         .to_owned();
-    hello.secret = secret.clone();
+    // The secret never crosses the wire: the Hello carries a nonce.
+    assert!(!hello
+        .encode()
+        .windows(secret.len())
+        .any(|w| w == secret.as_bytes()));
     hello.version = PROTOCOL_VERSION + 1;
-    let w = handshake(&addr, &hello);
+    let (w, _) = handshake(&addr, &hello, &secret);
     assert_eq!(w.status, WelcomeStatus::BadVersion, "{w:?}");
     hello.version = PROTOCOL_VERSION;
     hello.volume = "other".into();
     assert_eq!(
-        handshake(&addr, &hello).status,
+        handshake(&addr, &hello, &secret).0.status,
         WelcomeStatus::VolumeMismatch
     );
     hello.volume = "keep".into();
     // The volume was attached once: its replicas have accepted epoch 1, and refuse an engine
     // of an older attachment.
-    let w = handshake(&addr, &hello);
+    let (w, _) = handshake(&addr, &hello, &secret);
     assert_eq!(w.status, WelcomeStatus::Fenced, "{w:?}");
     assert!(w.message.contains("newer engine"), "{w:?}");
     hello.epoch = 1;
-    assert_eq!(handshake(&addr, &hello).status, WelcomeStatus::Ok);
+    let (w, recorded) = handshake(&addr, &hello, &secret);
+    assert_eq!(w.status, WelcomeStatus::Ok);
+    // A recorded handshake, replayed byte for byte, is refused: the server's challenge is new.
+    let w = replay(&addr, &recorded);
+    assert_eq!(w.status, WelcomeStatus::AuthFailed, "{w:?}");
+    // A higher epoch from a peer without the secret is refused before it is recorded.
+    hello.epoch = 99;
+    let (w, _) = handshake(&addr, &hello, "wrong");
+    assert_eq!(w.status, WelcomeStatus::AuthFailed, "{w:?}");
+    hello.epoch = 1;
+    assert_eq!(
+        handshake(&addr, &hello, &secret).0.status,
+        WelcomeStatus::Ok
+    );
     // Garbage on the data port closes that connection only.
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(&[0xffu8; 64]).unwrap();
