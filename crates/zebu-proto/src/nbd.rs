@@ -176,6 +176,51 @@ pub fn option_reply_header(option: u32, reply: u32, length: u32) -> [u8; 20] {
     b
 }
 
+/// INFO/GO data: u32 name length, name, u16 count, count × u16 info types.
+pub fn parse_info(d: &[u8]) -> Option<(String, Vec<u16>)> {
+    let nlen = u32::from_be_bytes(d.get(0..4)?.try_into().ok()?) as usize;
+    if nlen > MAX_EXPORT_NAME_BYTES {
+        return None;
+    }
+    let name = std::str::from_utf8(d.get(4..4 + nlen)?).ok()?.to_owned();
+    let at = 4 + nlen;
+    let n = u16::from_be_bytes(d.get(at..at + 2)?.try_into().ok()?) as usize;
+    if d.len() != at + 2 + 2 * n {
+        return None;
+    }
+    let reqs = (0..n)
+        .map(|i| u16::from_be_bytes([d[at + 2 + 2 * i], d[at + 3 + 2 * i]]))
+        .collect();
+    Some((name, reqs))
+}
+
+/// META_CONTEXT data: u32 name length, name, u32 count, count × (u32 length, query).
+pub fn parse_meta(d: &[u8]) -> Option<(String, Vec<String>)> {
+    let nlen = u32::from_be_bytes(d.get(0..4)?.try_into().ok()?) as usize;
+    if nlen > MAX_EXPORT_NAME_BYTES {
+        return None;
+    }
+    let name = std::str::from_utf8(d.get(4..4 + nlen)?).ok()?.to_owned();
+    let mut at = 4 + nlen;
+    let n = u32::from_be_bytes(d.get(at..at + 4)?.try_into().ok()?) as usize;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let qlen = u32::from_be_bytes(d.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        queries.push(
+            std::str::from_utf8(d.get(at..at.checked_add(qlen)?)?)
+                .ok()?
+                .to_owned(),
+        );
+        at += qlen;
+    }
+    if at != d.len() {
+        return None;
+    }
+    Some((name, queries))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

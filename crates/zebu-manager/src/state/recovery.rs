@@ -300,7 +300,9 @@ impl State {
                         .clone()
                         .unwrap_or_else(|| "recovered; not in sync".into()),
                 });
-                r.failed_at_unix = Some(now_unix());
+                // Decided from the reports in hand: a report that came this second already
+                // counts as after the failure (salvage may choose it at once).
+                r.failed_at_unix = Some(now_unix().saturating_sub(1));
             }
             self.store.put(REPLICAS, &r.name, &r).map_err(store_err)?;
             self.replicas.insert(r.name.clone(), r);

@@ -66,7 +66,7 @@ impl State {
         match report.and_then(|x| x.error.clone()) {
             Some(e) => e,
             None if report.is_none() => "its node does not serve it".into(),
-            None => "unknown".into(),
+            None => "its node has not reported it since it failed; try again in a second".into(),
         }
     }
 
