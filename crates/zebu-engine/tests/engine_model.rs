@@ -1380,6 +1380,11 @@ async fn write_dropping_proxy(
                 if sw.write_all(&hello).await.is_err() {
                     return;
                 }
+                // The engine's proof, answering the server's challenge.
+                let mut proof = [0u8; zebu_proto::auth::PROOF_FRAME_BYTES];
+                if cr.read_exact(&mut proof).await.is_err() || sw.write_all(&proof).await.is_err() {
+                    return;
+                }
                 loop {
                     let mut h = [0u8; REQUEST_HEADER_BYTES];
                     if cr.read_exact(&mut h).await.is_err() {
