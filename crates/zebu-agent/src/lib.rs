@@ -501,11 +501,13 @@ impl Agent {
             data_port: self.cfg.advertise_data_port.unwrap_or(self.cfg.data_port),
             nbd_port: self.cfg.nbd_port,
             disk_path: self.cfg.data_dir.display().to_string(),
-            disk_total_bytes: total,
-            disk_free_bytes: free,
-            max_file_bytes: self.max_file_bytes,
-            nbd_refusing: self.nbd.refusing(Duration::from_secs(60)),
-            nbd_connections: self.nbd.connections() as u64,
+            status: zebu_api::NodeStatus {
+                disk_total_bytes: total,
+                disk_free_bytes: free,
+                max_file_bytes: self.max_file_bytes,
+                nbd_refusing: self.nbd.refusing(Duration::from_secs(60)),
+                nbd_connections: self.nbd.connections() as u64,
+            },
             replicas,
             engines,
         }

@@ -141,13 +141,24 @@ pub struct Node {
     /// Milliseconds since the last heartbeat (null: none since the manager started).
     pub heartbeat_age_ms: Option<u64>,
     pub replicas: u32,
+    /// What the node last reported of its disk and its NBD frontend (zeros and none until it
+    /// has reported since the manager started).
+    #[serde(flatten)]
+    pub status: NodeStatus,
+}
+
+/// A node's disk and NBD frontend, as its agent reports them in every heartbeat (and as the
+/// node's view shows them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
-    /// The largest file the node's disk holds (its filesystem's limit; 0: not known), which
-    /// bounds the size of a volume with a replica there.
+    /// The largest file the node's disk holds (its filesystem's limit; 0: not known): a volume
+    /// larger than this cannot have a replica there.
     #[serde(default)]
     pub max_file_bytes: u64,
-    /// Set while the node's NBD frontend turns clients away (a connection limit), with why.
+    /// Set while the node's NBD frontend has turned a client away in the last minute (a
+    /// connection limit), with why.
     #[serde(default)]
     pub nbd_refusing: Option<String>,
     /// NBD connections open on the node.
@@ -292,18 +303,8 @@ pub struct Heartbeat {
     pub data_port: u16,
     pub nbd_port: u16,
     pub disk_path: String,
-    pub disk_total_bytes: u64,
-    pub disk_free_bytes: u64,
-    /// The largest file the node's disk holds (its filesystem's limit; 0: not known): a volume
-    /// larger than this cannot have a replica there.
-    #[serde(default)]
-    pub max_file_bytes: u64,
-    /// Set while the node's NBD frontend has turned a client away in the last minute, with why.
-    #[serde(default)]
-    pub nbd_refusing: Option<String>,
-    /// NBD connections open on the node.
-    #[serde(default)]
-    pub nbd_connections: u64,
+    #[serde(flatten)]
+    pub status: NodeStatus,
     pub replicas: Vec<ReplicaReport>,
     pub engines: Vec<EngineReport>,
 }

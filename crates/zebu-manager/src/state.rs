@@ -516,7 +516,7 @@ impl State {
         // Serving, but its node's NBD frontend is turning clients away.
         let message = message.or_else(|| {
             let n = v.desired_node.as_deref()?;
-            let why = self.live.get(n)?.report.nbd_refusing.clone()?;
+            let why = self.live.get(n)?.report.status.nbd_refusing.clone()?;
             Some(format!("node {n} is refusing NBD clients: {why}"))
         });
         Volume {
@@ -565,11 +565,7 @@ impl State {
             ready: self.node_ready(&n.name),
             heartbeat_age_ms: live.map(|l| l.seen.elapsed().as_millis() as u64),
             replicas: self.replicas.values().filter(|r| r.node == n.name).count() as u32,
-            disk_total_bytes: live.map(|l| l.report.disk_total_bytes).unwrap_or(0),
-            disk_free_bytes: live.map(|l| l.report.disk_free_bytes).unwrap_or(0),
-            max_file_bytes: live.map(|l| l.report.max_file_bytes).unwrap_or(0),
-            nbd_refusing: live.and_then(|l| l.report.nbd_refusing.clone()),
-            nbd_connections: live.map(|l| l.report.nbd_connections).unwrap_or(0),
+            status: live.map(|l| l.report.status.clone()).unwrap_or_default(),
         }
     }
 
@@ -882,14 +878,7 @@ impl State {
         }
         if self.recovering() {
             self.adopt_reported(&node, &hb)?;
-            self.live.insert(
-                node.clone(),
-                Live {
-                    seen: Instant::now(),
-                    seen_unix: now_unix(),
-                    report: hb,
-                },
-            );
+            self.record_live(hb);
             return Ok(self.hold());
         }
         self.log_unknown(&node, &hb);
@@ -1033,15 +1022,20 @@ impl State {
             v.created = true;
             self.save_volume(v)?;
         }
+        self.record_live(hb);
+        Ok(self.assignment(&node))
+    }
+
+    /// Keep a node's report as what it last said, and when.
+    fn record_live(&mut self, hb: Heartbeat) {
         self.live.insert(
-            node.clone(),
+            hb.node.clone(),
             Live {
                 seen: Instant::now(),
                 seen_unix: now_unix(),
                 report: hb,
             },
         );
-        Ok(self.assignment(&node))
     }
 
     /// A node of another cluster is refused before anything it says is taken in.

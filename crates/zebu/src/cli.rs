@@ -366,7 +366,11 @@ pub async fn node(cmd: NodeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                             n.ready.to_string(),
                             n.address.clone(),
                             n.replicas.to_string(),
-                            format!("{}/{}", human(n.disk_free_bytes), human(n.disk_total_bytes)),
+                            format!(
+                                "{}/{}",
+                                human(n.status.disk_free_bytes),
+                                human(n.status.disk_total_bytes)
+                            ),
                             n.disk_path.clone(),
                         ]
                     })

@@ -38,7 +38,7 @@ impl State {
     pub(super) fn max_file_bytes(&self, node: &str) -> Option<u64> {
         self.live
             .get(node)
-            .map(|l| l.report.max_file_bytes)
+            .map(|l| l.report.status.max_file_bytes)
             .filter(|m| *m > 0)
     }
 
