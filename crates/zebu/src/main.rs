@@ -183,7 +183,8 @@ impl ServingArgs {
 
 #[derive(Args)]
 struct ManagerArgs {
-    /// Directory for the metadata store, admin.token and cluster.secret.
+    /// Directory for the metadata store (meta.redb), cluster.id, the tokens (admin.token,
+    /// readonly.token, agent.token) and cluster.secret.
     #[arg(long)]
     data_dir: PathBuf,
     /// Address of the REST API.
@@ -396,6 +397,7 @@ enum NodeCmd {
     /// are detached. Refused while the node is up, and while it holds the only in-sync copy of
     /// a volume unless --force repeats the node's name. Its disk is not touched.
     Delete {
+        /// The node to forget.
         name: String,
         /// Remove it even if it holds the only in-sync copy of a volume: repeat its name.
         #[arg(long, value_name = "NAME")]
