@@ -226,6 +226,9 @@ impl ReplicaClient {
             s.read_exact(&mut magic)
                 .await
                 .map_err(|e| connect_err(format!("reading the challenge: {e}")))?;
+            // Only a server that proved it holds the secret may welcome us; a refusal may come
+            // without a proof.
+            let mut proven = false;
             if magic == zebu_proto::auth::CHALLENGE_MAGIC {
                 use zebu_proto::auth::*;
                 let mut b = [0u8; CHALLENGE_FRAME_BYTES];
@@ -245,6 +248,7 @@ impl ReplicaClient {
                 s.write_all(&p.encode())
                     .await
                     .map_err(|e| connect_err(e.to_string()))?;
+                proven = true;
                 s.read_exact(&mut magic)
                     .await
                     .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
@@ -261,6 +265,11 @@ impl ReplicaClient {
                 .await
                 .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
             let w = Welcome::decode(&bytes).map_err(|e| connect_err(e.to_string()))?;
+            if w.status == WelcomeStatus::Ok && !proven {
+                return Err(connect_err(
+                    "the replica server welcomed us without proving it holds this cluster's secret (not a Zebu node of this cluster, or something in between): refused".into(),
+                ));
+            }
             Ok::<_, ClientError>((s, w))
         };
         let (stream, welcome) = tokio::time::timeout(timeout, fut)
@@ -407,5 +416,45 @@ impl ReplicaClient {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that skips the challenge and welcomes the engine at once is refused.
+    #[tokio::test]
+    async fn a_welcome_without_a_proof_is_refused() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).await;
+            let w = Welcome {
+                version: PROTOCOL_VERSION,
+                status: WelcomeStatus::Ok,
+                size_bytes: 1 << 20,
+                block_size: 4096,
+                generation: 1 << 40,
+                message: String::new(),
+            };
+            let _ = s.write_all(&w.encode()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let r = ReplicaClient::connect(
+            &addr,
+            "v",
+            "v-r-00000000",
+            1,
+            "secret",
+            Duration::from_secs(3),
+        )
+        .await;
+        let Err(e) = r else {
+            panic!("a server without the secret was accepted")
+        };
+        assert!(e.to_string().contains("without proving"), "{e}");
     }
 }
