@@ -214,22 +214,16 @@ impl State {
                 Evidence::Read { .. } => None,
             })
             .collect();
-        let top = evidence
+        // The highest generation (evidence) and fence (epoch) among the copies that were read.
+        let (top, fence) = evidence
             .iter()
             .filter_map(|(_, e)| match e {
-                Evidence::Read { generation, .. } => Some(*generation),
+                Evidence::Read {
+                    generation, fence, ..
+                } => Some((*generation, *fence)),
                 _ => None,
             })
-            .max()
-            .unwrap_or(0);
-        let fence = evidence
-            .iter()
-            .filter_map(|(_, e)| match e {
-                Evidence::Read { fence, .. } => Some(*fence),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
+            .fold((0, 0), |(g, f), (g2, f2)| (g.max(g2), f.max(f2)));
         v.epoch = v.epoch.max(fence);
         let in_sync: Vec<String> = if unknown.is_empty() {
             evidence
