@@ -21,6 +21,7 @@ use zebu_api::{
     MemberReport, RebuildStatus, ReplicaMode, ReplicaReport,
 };
 pub use zebu_engine::nbd::Limits as NbdLimits;
+pub use zebu_engine::tls::TlsFiles as NbdTlsFiles;
 use zebu_engine::{
     Engine, EngineConfig, LocalReplica, MembershipRecord, Mode, NbdServer, RecordError,
     ReplicaTarget,
@@ -77,6 +78,11 @@ pub struct AgentConfig {
     pub busy_poll: Duration,
     /// How many NBD connections the node takes.
     pub nbd_limits: zebu_engine::nbd::Limits,
+    /// TLS credentials for NBD over TCP: with them, TCP clients must use TLS.
+    pub nbd_tls: zebu_engine::tls::TlsFiles,
+    /// TCP clients may use NBD without TLS: with TLS credentials, TLS becomes optional; without
+    /// them, NBD may be served plain on an address other than loopback.
+    pub nbd_plain_tcp: bool,
     /// Background scrubs of attached volumes.
     pub scrub: Scrub,
     /// The file layer under every replica ([`zebu_replica::file::direct`] but in tests).
@@ -239,7 +245,25 @@ impl Agent {
             tracing::warn!(node = %cfg.node, layer = cfg.files.name(), "replica files go through a test file layer: writes not flushed are lost when this process ends, as at a power cut");
         }
         let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
-        let nbd = NbdServer::with_limits(cfg.busy_poll, cfg.nbd_limits);
+        let tls = if cfg.nbd_tls.any() {
+            let tls = zebu_engine::tls::NbdTls::load(&cfg.nbd_tls)
+                .map_err(|e| anyhow::anyhow!("node {}: NBD TLS: {e}", cfg.node))?;
+            tracing::info!(node = %cfg.node, "NBD over TCP uses TLS: {}{}", tls.describe,
+                if cfg.nbd_plain_tcp { "; plain TCP clients are served too (--nbd-allow-plain-tcp)" } else { "; plain TCP clients are refused" });
+            Some(tls)
+        } else {
+            if !cfg.listen_ip.is_loopback() && !cfg.nbd_plain_tcp {
+                anyhow::bail!(
+                    "node {}: NBD on {} would be open to the network without TLS: give \
+                     --nbd-tls-psk-file or --nbd-tls-x509-dir, or --nbd-allow-plain-tcp to \
+                     serve it plain anyway",
+                    cfg.node,
+                    cfg.listen_ip
+                );
+            }
+            None
+        };
+        let nbd = NbdServer::with_tls(cfg.busy_poll, cfg.nbd_limits, tls, cfg.nbd_plain_tcp);
         let rt = data_runtime();
         let bind = |port: u16, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
             let addr = std::net::SocketAddr::new(cfg.listen_ip, port);
@@ -318,9 +342,15 @@ impl Agent {
         }
     }
 
+    /// The export over TCP: `nbds://` when TCP clients must use TLS.
     pub fn nbd_uri(&self, volume: &str) -> String {
+        let scheme = if self.cfg.nbd_tls.any() && !self.cfg.nbd_plain_tcp {
+            "nbds"
+        } else {
+            "nbd"
+        };
         format!(
-            "nbd://{}:{}/{volume}",
+            "{scheme}://{}:{}/{volume}",
             self.cfg.listen_ip, self.cfg.nbd_port
         )
     }

@@ -8,8 +8,10 @@ pub mod client;
 pub mod engine;
 pub mod nbd;
 pub mod payload;
+pub mod pipe;
 pub mod range_lock;
 pub mod sender;
+pub mod tls;
 
 pub use backend::LocalReplica;
 pub use engine::{

@@ -26,6 +26,7 @@ use zebu_proto::nbd::*;
 
 use crate::engine::{Engine, EngineError, Lanes};
 use crate::sender::{Sender, TrySend};
+use crate::tls::NbdTls;
 
 /// Memory one connection may hold in request and reply buffers, in 64 KiB units (64 MiB).
 /// Every request costs at least one unit, which also bounds the requests in flight.
@@ -87,6 +88,62 @@ pub struct NbdServer {
         std::collections::VecDeque<(u64, String, String, Arc<tokio::sync::Notify>)>,
     >,
     next_id: std::sync::atomic::AtomicU64,
+    /// TLS on TCP connections (never on the unix socket, whose clients are on this node).
+    tls: Option<Arc<NbdTls>>,
+    /// TCP clients may skip TLS (always so when there is no TLS).
+    plain_tcp: bool,
+}
+
+/// Whether a connection may, must or did start TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    /// Not offered (no credentials, or the unix socket).
+    Unavailable,
+    /// Offered; `required`: nothing but STARTTLS (and ABORT) is answered before it.
+    Offered { required: bool },
+    /// The connection runs over TLS.
+    Done,
+}
+
+/// What negotiation ended with.
+enum Step {
+    Serve(Negotiated),
+    /// The client asked for TLS and was told yes: the handshake comes next. `no_zeroes`: the
+    /// client's flag from before, which holds after it.
+    StartTls {
+        no_zeroes: bool,
+    },
+}
+
+/// Keeps a connection counted as negotiating while it lives.
+struct Negotiating {
+    server: Arc<NbdServer>,
+    id: u64,
+    evicted: Arc<tokio::sync::Notify>,
+    deadline: tokio::time::Instant,
+}
+
+impl Drop for Negotiating {
+    fn drop(&mut self) {
+        self.server.done_negotiating(self.id);
+    }
+}
+
+impl Negotiating {
+    /// Run `f` unless the negotiation's time runs out or the connection is evicted first.
+    async fn bounded<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
+        tokio::select! {
+            // A step that has finished wins over a late eviction.
+            biased;
+            r = tokio::time::timeout_at(self.deadline, f) => match r {
+                Ok(r) => r,
+                Err(_) => Err(ConnError::Protocol("negotiation timed out".into())),
+            },
+            _ = self.evicted.notified() => Err(ConnError::Protocol(
+                "closed while negotiating: too many connections were negotiating".into(),
+            )),
+        }
+    }
 }
 
 /// A connection counted against the limits while it lives.
@@ -178,7 +235,20 @@ impl NbdServer {
     }
 
     pub fn with_limits(busy_poll: Duration, limits: Limits) -> Arc<NbdServer> {
+        Self::with_tls(busy_poll, limits, None, true)
+    }
+
+    /// `tls`: offered to TCP clients; `plain_tcp`: TCP clients may also go without it.
+    pub fn with_tls(
+        busy_poll: Duration,
+        limits: Limits,
+        tls: Option<Arc<NbdTls>>,
+        plain_tcp: bool,
+    ) -> Arc<NbdServer> {
+        let plain_tcp = plain_tcp || tls.is_none();
         Arc::new(NbdServer {
+            tls,
+            plain_tcp,
             exports: RwLock::default(),
             busy_poll,
             limits,
@@ -339,6 +409,8 @@ impl NbdServer {
     }
 
     /// Negotiate here, then serve the connection on a thread of its own (see [`serve_on_thread`]).
+    /// A client that starts TLS goes to its thread at once: the handshake and the rest of the
+    /// negotiation run there.
     async fn connection<S: Socket>(
         self: Arc<Self>,
         stream: S,
@@ -349,27 +421,45 @@ impl NbdServer {
         // Buffered: one recv usually brings several requests.
         let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
         let (id, evicted) = self.start_negotiating(peer);
-        let negotiated = tokio::select! {
-            // A negotiation that has finished wins over a late eviction.
-            biased;
-            r = tokio::time::timeout(
-                NEGOTIATION_TIMEOUT,
-                self.negotiate(&mut rd, &mut wr, &mut counted, peer),
-            ) => Some(r),
-            _ = evicted.notified() => None,
+        let negotiating = Negotiating {
+            server: self.clone(),
+            id,
+            evicted,
+            deadline: tokio::time::Instant::now() + NEGOTIATION_TIMEOUT,
         };
-        self.done_negotiating(id);
-        let Some(negotiated) = negotiated else {
-            return Err(ConnError::Protocol(
-                "closed while negotiating: too many connections were negotiating".into(),
-            ));
+        let tls = match &self.tls {
+            Some(_) if S::TLS => TlsState::Offered {
+                required: !self.plain_tcp,
+            },
+            _ => TlsState::Unavailable,
         };
-        let neg = match negotiated {
-            Ok(Ok(neg)) => neg,
-            Ok(Err(ConnError::Done)) => return Ok(()),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(ConnError::Protocol("negotiation timed out".into())),
+        let step = negotiating
+            .bounded(self.negotiate(&mut rd, &mut wr, &mut counted, peer, tls, false))
+            .await;
+        let neg = match step {
+            Ok(Step::Serve(neg)) => neg,
+            Ok(Step::StartTls { no_zeroes }) => {
+                if !rd.buffer().is_empty() {
+                    return Err(ConnError::Protocol(
+                        "the client sent data before the STARTTLS reply".into(),
+                    ));
+                }
+                let raw = S::unsplit(rd.into_inner(), wr)?;
+                let tls = self.tls.clone().expect("TLS was offered");
+                return serve_tls_on_thread::<S>(
+                    tls,
+                    raw,
+                    self.busy_poll,
+                    counted,
+                    peer.to_owned(),
+                    negotiating,
+                    no_zeroes,
+                );
+            }
+            Err(ConnError::Done) => return Ok(()),
+            Err(e) => return Err(e),
         };
+        drop(negotiating);
         // Bytes the client sent right after negotiating must not be lost on the way.
         let early = rd.buffer().to_vec();
         let raw = S::unsplit(rd.into_inner(), wr)?;
@@ -382,24 +472,32 @@ impl NbdServer {
         wr: &mut W,
         counted: &mut Counted,
         peer: &str,
-    ) -> Result<Negotiated>
+        tls: TlsState,
+        self_no_zeroes: bool,
+    ) -> Result<Step>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut hello = Vec::with_capacity(18);
-        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        wr.write_all(&hello).await?;
-        wr.flush().await?;
-        let client_flags = rd.read_u32().await?;
-        if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-            return Err(ConnError::Protocol(format!(
-                "unknown client flags {client_flags:#x}"
-            )));
-        }
-        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        // After STARTTLS the options go on over TLS, with the flags the client gave before.
+        let no_zeroes = match tls {
+            TlsState::Done => self_no_zeroes,
+            _ => {
+                let mut hello = Vec::with_capacity(18);
+                hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+                hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+                wr.write_all(&hello).await?;
+                wr.flush().await?;
+                let client_flags = rd.read_u32().await?;
+                if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+                    return Err(ConnError::Protocol(format!(
+                        "unknown client flags {client_flags:#x}"
+                    )));
+                }
+                client_flags & CLIENT_NO_ZEROES != 0
+            }
+        };
         let mut structured = false;
         // The meta context chosen by SET_META_CONTEXT, and for which export.
         let mut meta_for: Option<String> = None;
@@ -417,6 +515,22 @@ impl NbdServer {
             }
             let mut data = vec![0u8; len as usize];
             rd.read_exact(&mut data).await?;
+            if tls == (TlsState::Offered { required: true })
+                && opt != OPT_STARTTLS
+                && opt != OPT_ABORT
+            {
+                self.refuse(
+                    peer,
+                    "TLS is required on this node's NBD port (connect with nbds:// and a PSK or certificate)",
+                );
+                if opt == OPT_EXPORT_NAME {
+                    // The protocol has no way to refuse EXPORT_NAME but to hang up.
+                    return Err(ConnError::Protocol("EXPORT_NAME before STARTTLS".into()));
+                }
+                let msg = "this server requires TLS: use STARTTLS (an nbds:// URI with tls-psk-file, or certificates)";
+                reply_err(wr, opt, REP_ERR_TLS_REQD, msg).await?;
+                continue;
+            }
             match opt {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
@@ -438,11 +552,11 @@ impl NbdServer {
                     wr.write_all(&out).await?;
                     wr.flush().await?;
                     let base_allocation = structured && meta_for.as_deref() == Some(name.as_str());
-                    return Ok(Negotiated {
+                    return Ok(Step::Serve(Negotiated {
                         engine,
                         structured,
                         base_allocation,
-                    });
+                    }));
                 }
                 OPT_ABORT => {
                     let _ = reply(wr, opt, REP_ACK, &[]).await;
@@ -521,11 +635,11 @@ impl NbdServer {
                     if opt == OPT_GO {
                         let base_allocation =
                             structured && meta_for.as_deref() == Some(name.as_str());
-                        return Ok(Negotiated {
+                        return Ok(Step::Serve(Negotiated {
                             engine,
                             structured,
                             base_allocation,
-                        });
+                        }));
                     }
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -567,15 +681,22 @@ impl NbdServer {
                     }
                     reply(wr, opt, REP_ACK, &[]).await?;
                 }
-                OPT_STARTTLS => {
-                    reply_err(
-                        wr,
-                        opt,
-                        REP_ERR_UNSUP,
-                        "TLS is not supported by this server",
-                    )
-                    .await?
-                }
+                OPT_STARTTLS => match tls {
+                    _ if !data.is_empty() => {
+                        reply_err(wr, opt, REP_ERR_INVALID, "STARTTLS takes no data").await?
+                    }
+                    TlsState::Unavailable => {
+                        let msg = "TLS is not offered here (the node was started without TLS credentials, or this is its unix socket)";
+                        reply_err(wr, opt, REP_ERR_POLICY, msg).await?
+                    }
+                    TlsState::Done => {
+                        reply_err(wr, opt, REP_ERR_INVALID, "TLS is already on").await?
+                    }
+                    TlsState::Offered { .. } => {
+                        reply(wr, opt, REP_ACK, &[]).await?;
+                        return Ok(Step::StartTls { no_zeroes });
+                    }
+                },
                 _ => reply_err(wr, opt, REP_ERR_UNSUP, "option not supported").await?,
             }
         }
@@ -615,11 +736,13 @@ async fn reply_err<W: AsyncWrite + Unpin>(
 
 /// A stream NBD is served on (TCP, or a unix socket for clients on this node): how to split it
 /// for negotiation, and how to move it to another runtime afterwards.
-trait Socket: Sized + Send + 'static {
+trait Socket: AsyncRead + AsyncWrite + Unpin + Sized + Send + 'static {
     type Listener: Send + Sync + 'static;
     type Rd: AsyncRead + Unpin + Send + 'static;
     type Wr: AsyncWrite + TrySend + Unpin;
     type Std: Send + AsRawFd + 'static;
+    /// Whether TLS may be offered on it (not on the unix socket: its clients are on this node).
+    const TLS: bool;
     /// The next connection and a description of its peer, for logs.
     fn accept(l: &Self::Listener) -> impl Future<Output = std::io::Result<(Self, String)>> + Send;
     fn split(self) -> (Self::Rd, Self::Wr);
@@ -630,6 +753,7 @@ trait Socket: Sized + Send + 'static {
 
 impl Socket for tokio::net::TcpStream {
     type Listener = TcpListener;
+    const TLS: bool = true;
     async fn accept(l: &TcpListener) -> std::io::Result<(Self, String)> {
         let (s, peer) = l.accept().await?;
         let _ = s.set_nodelay(true);
@@ -653,6 +777,7 @@ impl Socket for tokio::net::TcpStream {
 
 impl Socket for tokio::net::UnixStream {
     type Listener = UnixListener;
+    const TLS: bool = false;
     async fn accept(l: &UnixListener) -> std::io::Result<(Self, String)> {
         let (s, _) = l.accept().await?;
         Ok((s, "a client on the unix socket".to_string()))
@@ -713,15 +838,101 @@ fn serve_on_thread<S: Socket>(
     counted: Counted,
 ) -> Result<()> {
     let volume = neg.engine.volume().to_owned();
+    on_thread(
+        volume,
+        raw.as_raw_fd(),
+        busy_poll,
+        counted,
+        move || async move {
+            let (rd, wr) = S::from_std(raw)?.split();
+            let rd = std::io::Cursor::new(early)
+                .chain(tokio::io::BufReader::with_capacity(256 * 1024, rd));
+            transmission(neg, rd, wr).await
+        },
+    )
+}
+
+/// Serve a connection that asked for TLS on a thread of its own: the handshake, the rest of
+/// the negotiation (still counted and timed as negotiating), then transmission. Replies go
+/// through a [`crate::pipe`], as a TLS stream cannot be written from many tasks at once.
+fn serve_tls_on_thread<S: Socket>(
+    tls: Arc<NbdTls>,
+    raw: S::Std,
+    busy_poll: Duration,
+    mut counted: Counted,
+    peer: String,
+    negotiating: Negotiating,
+    no_zeroes: bool,
+) -> Result<()> {
+    let fd = raw.as_raw_fd();
+    let server = counted.server.clone();
+    on_thread(peer.clone(), fd, busy_poll, (), move || async move {
+        let stream = S::from_std(raw)?;
+        let ssl = tls.session().map_err(ConnError::Protocol)?;
+        let mut stream = tokio_openssl::SslStream::new(ssl, stream)
+            .map_err(|e| ConnError::Protocol(format!("TLS session: {e}")))?;
+        let handshake = negotiating
+            .bounded(async {
+                std::pin::Pin::new(&mut stream)
+                    .accept()
+                    .await
+                    .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))
+            })
+            .await;
+        if let Err(e) = handshake {
+            server.refuse(&peer, &format!("{e} (wrong key or certificate?)"));
+            return Err(e);
+        }
+        let (rd, mut wr) = tokio::io::split(stream);
+        let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+        let step = negotiating
+            .bounded(server.negotiate(
+                &mut rd,
+                &mut wr,
+                &mut counted,
+                &peer,
+                TlsState::Done,
+                no_zeroes,
+            ))
+            .await;
+        drop(negotiating);
+        let neg = match step {
+            Ok(Step::Serve(neg)) => neg,
+            Ok(Step::StartTls { .. }) => unreachable!("STARTTLS is refused once TLS is on"),
+            Err(ConnError::Done) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _counted = counted;
+        let (pipe, writer) = crate::pipe::pipe(wr);
+        let result = transmission(neg, rd, pipe).await;
+        writer.finish(CLOSE_PATIENCE).await;
+        result
+    })
+}
+
+/// Run a connection on a thread of its own, with a single-threaded runtime; `what` names it
+/// in logs, and `keep` lives as long as the thread.
+fn on_thread<K, F, Fut>(
+    what: String,
+    fd: std::os::fd::RawFd,
+    busy_poll: Duration,
+    keep: K,
+    serve: F,
+) -> Result<()>
+where
+    K: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>>,
+{
     std::thread::Builder::new()
         .name("zebu-nbd-conn".into())
         .spawn(move || {
-            let _counted = counted;
+            let _keep = keep;
             zebu_replica::io_pool::dedicated();
             // Between a reply and the client's next request, poll instead of sleeping (a
             // wake-up costs more than the request on a VM).
             crate::busy_poll::enable(busy_poll);
-            let _watch = crate::busy_poll::watch(raw.as_raw_fd());
+            let _watch = crate::busy_poll::watch(fd);
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .on_thread_park(crate::busy_poll::before_park)
@@ -730,19 +941,13 @@ fn serve_on_thread<S: Socket>(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    tracing::error!(%volume, "cannot start an NBD connection's runtime: {e}");
+                    tracing::error!(%what, "cannot start an NBD connection's runtime: {e}");
                     return;
                 }
             };
-            let res = rt.block_on(async move {
-                let (rd, wr) = S::from_std(raw)?.split();
-                let rd = std::io::Cursor::new(early)
-                    .chain(tokio::io::BufReader::with_capacity(256 * 1024, rd));
-                transmission(neg, rd, wr).await
-            });
-            match res {
+            match rt.block_on(serve()) {
                 Ok(()) | Err(ConnError::Done) => {}
-                Err(e) => tracing::debug!(%volume, "nbd connection closed: {e}"),
+                Err(e) => tracing::debug!(%what, "nbd connection closed: {e}"),
             }
         })
         .map_err(|e| {

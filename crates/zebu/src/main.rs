@@ -131,6 +131,21 @@ struct ServingArgs {
     /// NBD connections one volume takes at once on its node.
     #[arg(long, default_value_t = 256, value_name = "N")]
     max_nbd_connections_per_volume: usize,
+    /// TLS for NBD over TCP with pre-shared keys: a file of IDENTITY:HEXKEY lines, as GnuTLS's
+    /// `psktool -u NAME -p FILE` makes and qemu and libnbd read (clients connect with
+    /// nbds://NAME@HOST/VOLUME?tls-psk-file=FILE). With TLS, TCP clients that do not start it
+    /// are refused; the node's unix socket stays plain.
+    #[arg(long, value_name = "FILE")]
+    nbd_tls_psk_file: Option<PathBuf>,
+    /// TLS for NBD over TCP with X.509: a directory with server-cert.pem and server-key.pem,
+    /// and ca-cert.pem to require client certificates signed by it (qemu's and nbdkit's
+    /// layout). May be given with --nbd-tls-psk-file.
+    #[arg(long, value_name = "DIR")]
+    nbd_tls_x509_dir: Option<PathBuf>,
+    /// Serve NBD over TCP to clients without TLS: needed to serve NBD on an address other than
+    /// loopback without TLS credentials; with them, makes TLS optional.
+    #[arg(long)]
+    nbd_allow_plain_tcp: bool,
     /// For durability tests only: `crash-sim` puts the replicas' files behind a cache in this
     /// process, written to disk only by a flush (or early, at random, whole or torn, as a
     /// kernel's writeback would), so ending the process loses what was not flushed, as a power
@@ -151,6 +166,12 @@ impl ServingArgs {
             per_node: self.max_nbd_connections,
             per_export: self.max_nbd_connections_per_volume,
             ..Default::default()
+        }
+    }
+    fn nbd_tls(&self) -> zebu_agent::NbdTlsFiles {
+        zebu_agent::NbdTlsFiles {
+            psk_file: self.nbd_tls_psk_file.clone(),
+            x509_dir: self.nbd_tls_x509_dir.clone(),
         }
     }
     fn busy_poll(&self) -> Duration {
@@ -551,6 +572,8 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         io_threads: 4,
         busy_poll: a.serving.busy_poll(),
         nbd_limits: a.serving.nbd_limits(),
+        nbd_tls: a.serving.nbd_tls(),
+        nbd_plain_tcp: a.serving.nbd_allow_plain_tcp,
         scrub: a.serving.scrub(),
         files: a.serving.files(),
     })?;
@@ -609,6 +632,8 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             io_threads: 3,
             busy_poll: a.serving.busy_poll(),
             nbd_limits: a.serving.nbd_limits(),
+            nbd_tls: a.serving.nbd_tls(),
+            nbd_plain_tcp: a.serving.nbd_allow_plain_tcp,
             scrub: a.serving.scrub(),
             files: files.clone(),
         })?;

@@ -266,7 +266,10 @@ impl Cluster {
             .cli_ok(&["volume", "attach", name, "--node", node])
             .trim()
             .to_owned();
-        assert!(uri.starts_with("nbd://"), "attach printed {uri:?}");
+        assert!(
+            uri.starts_with("nbd://") || uri.starts_with("nbds://"),
+            "attach printed {uri:?}"
+        );
         uri
     }
 
