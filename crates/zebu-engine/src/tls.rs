@@ -84,7 +84,7 @@ pub fn read_psk_file(path: &Path) -> Result<HashMap<String, Vec<u8>>, String> {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
