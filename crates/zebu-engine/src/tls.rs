@@ -101,6 +101,14 @@ impl NbdTls {
             .map_err(|e| ssl_err("setting up TLS", e))?;
         b.set_min_proto_version(Some(SslVersion::TLS1_3))
             .map_err(|e| ssl_err("setting up TLS", e))?;
+        // AES-GCM first and by the server's choice: every x86 and ARM server has AES in
+        // hardware. A PSK's binder is SHA-256, so AES-256-GCM-SHA384 cannot be used with it,
+        // and GnuTLS clients then prefer ChaCha20, which costs them 4× as much CPU.
+        b.set_ciphersuites(
+            "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
+        )
+        .map_err(|e| ssl_err("setting up TLS", e))?;
+        b.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
         let mut describe = Vec::new();
         if let Some(dir) = &files.x509_dir {
             let cert = dir.join("server-cert.pem");
