@@ -250,6 +250,21 @@ impl Agent {
                 .map_err(|e| anyhow::anyhow!("node {}: NBD TLS: {e}", cfg.node))?;
             tracing::info!(node = %cfg.node, "NBD over TCP uses TLS: {}{}", tls.describe,
                 if cfg.nbd_plain_tcp { "; plain TCP clients are served too (--nbd-allow-plain-tcp)" } else { "; plain TCP clients are refused" });
+            if !tls.authenticates_clients && !cfg.listen_ip.is_loopback() && !cfg.nbd_plain_tcp {
+                anyhow::bail!(
+                    "node {}: NBD on {} would take clients that prove nothing: {} has no \
+                     ca-cert.pem to check client certificates against. Add one, or give \
+                     --nbd-tls-psk-file alone, or --nbd-allow-plain-tcp to serve \
+                     unauthenticated clients anyway",
+                    cfg.node,
+                    cfg.listen_ip,
+                    cfg.nbd_tls
+                        .x509_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("?"))
+                        .display()
+                );
+            }
             Some(tls)
         } else {
             if !cfg.listen_ip.is_loopback() && !cfg.nbd_plain_tcp {

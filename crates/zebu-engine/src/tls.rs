@@ -33,6 +33,9 @@ pub struct NbdTls {
     acceptor: SslAcceptor,
     /// What credentials it takes, for logs.
     pub describe: String,
+    /// Every client that completes a handshake has proven who it is (a PSK, or a certificate
+    /// the CA signed). False with X.509 and no `ca-cert.pem`: TLS then only hides the data.
+    pub authenticates_clients: bool,
 }
 
 impl std::fmt::Debug for NbdTls {
@@ -110,6 +113,7 @@ impl NbdTls {
         .map_err(|e| ssl_err("setting up TLS", e))?;
         b.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
         let mut describe = Vec::new();
+        let mut authenticates_clients = true;
         if let Some(dir) = &files.x509_dir {
             let cert = dir.join("server-cert.pem");
             let key = dir.join("server-key.pem");
@@ -124,7 +128,11 @@ impl NbdTls {
                 )
             })?;
             let ca = dir.join("ca-cert.pem");
-            if ca.exists() {
+            let has_ca = ca
+                .try_exists()
+                .map_err(|e| format!("cannot look for {}: {e}", ca.display()))?;
+            authenticates_clients = has_ca;
+            if has_ca {
                 b.set_ca_file(&ca)
                     .map_err(|e| ssl_err(&format!("reading {}", ca.display()), e))?;
                 b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
@@ -134,7 +142,10 @@ impl NbdTls {
                 ));
             } else {
                 b.set_verify(SslVerifyMode::NONE);
-                describe.push(format!("X.509 from {}", dir.display()));
+                describe.push(format!(
+                    "X.509 from {} without client certificates (no ca-cert.pem)",
+                    dir.display()
+                ));
             }
         }
         if let Some(path) = &files.psk_file {
@@ -164,6 +175,7 @@ impl NbdTls {
         Ok(Arc::new(NbdTls {
             acceptor: b.build(),
             describe: describe.join(" and "),
+            authenticates_clients,
         }))
     }
 

@@ -139,7 +139,9 @@ struct ServingArgs {
     nbd_tls_psk_file: Option<PathBuf>,
     /// TLS for NBD over TCP with X.509: a directory with server-cert.pem and server-key.pem,
     /// and ca-cert.pem to require client certificates signed by it (qemu's and nbdkit's
-    /// layout). May be given with --nbd-tls-psk-file.
+    /// layout; without ca-cert.pem, clients are not authenticated, which is refused on an
+    /// address other than loopback unless --nbd-allow-plain-tcp). May be given with
+    /// --nbd-tls-psk-file. Any client that proves itself reaches every volume on the node.
     #[arg(long, value_name = "DIR")]
     nbd_tls_x509_dir: Option<PathBuf>,
     /// Serve NBD over TCP to clients without TLS: needed to serve NBD on an address other than

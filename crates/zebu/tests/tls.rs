@@ -249,4 +249,32 @@ fn nbd_without_tls_is_served_on_loopback_only_unless_turned_on_by_name() {
         err.contains("keys.psk line 1") && err.contains("psktool"),
         "the error names the file and what to do: {err}"
     );
+    // X.509 without a CA to check clients against authenticates nobody: not on the network.
+    let certs = dir.path().join("certs");
+    make_certs(&certs, "127.0.53.2");
+    std::fs::remove_file(certs.join("server/ca-cert.pem")).unwrap();
+    let o = run(Command::new(env!("CARGO_BIN_EXE_zebu")).args([
+        "agent",
+        "--manager",
+        "http://127.0.53.1:9500",
+        "--node",
+        "n1",
+        "--token",
+        "x",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "0.0.0.0",
+        "--nbd-tls-x509-dir",
+        certs.join("server").to_str().unwrap(),
+    ]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "an agent served unauthenticated TLS on 0.0.0.0"
+    );
+    assert!(
+        err.contains("ca-cert.pem") && err.contains("--nbd-allow-plain-tcp"),
+        "the refusal says what to add: {err}"
+    );
 }
