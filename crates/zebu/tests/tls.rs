@@ -203,11 +203,21 @@ fn nbd_over_tls_with_certificates_requires_a_client_certificate_signed_by_the_ca
     assert!(!ok, "a client without a certificate was served: {out}");
 }
 
-/// Start `zebu agent` with `args`; it must refuse to start: its stderr. An agent that starts
+/// Start `zebu agent` (node n1 on `data_dir`, a manager that is not there) with `args`; it must refuse to start: its stderr. An agent that starts
 /// instead is killed after 15 s and the test fails (it does not hang).
-fn agent_refuses(args: &[&str]) -> String {
+fn agent_refuses(data_dir: &Path, args: &[&str]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_zebu"))
-        .arg("agent")
+        .args([
+            "agent",
+            "--manager",
+            "http://127.0.53.1:9500",
+            "--node",
+            "n1",
+            "--token",
+            "x",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -233,18 +243,7 @@ fn agent_refuses(args: &[&str]) -> String {
 #[test]
 fn nbd_without_tls_is_served_on_loopback_only_unless_turned_on_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let err = agent_refuses(&[
-        "--manager",
-        "http://127.0.53.1:9500",
-        "--node",
-        "n1",
-        "--token",
-        "x",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--listen",
-        "0.0.0.0",
-    ]);
+    let err = agent_refuses(dir.path(), &["--listen", "0.0.0.0"]);
     assert!(
         err.contains("without TLS") && err.contains("--nbd-allow-plain-tcp"),
         "the refusal names the options: {err}"
@@ -252,20 +251,15 @@ fn nbd_without_tls_is_served_on_loopback_only_unless_turned_on_by_name() {
     // A PSK file that is not one stops the start, naming the file.
     let psk = dir.path().join("keys.psk");
     std::fs::write(&psk, "alice\n").unwrap();
-    let err = agent_refuses(&[
-        "--manager",
-        "http://127.0.53.1:9500",
-        "--node",
-        "n1",
-        "--token",
-        "x",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--listen",
-        "127.0.53.2",
-        "--nbd-tls-psk-file",
-        psk.to_str().unwrap(),
-    ]);
+    let err = agent_refuses(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.53.2",
+            "--nbd-tls-psk-file",
+            psk.to_str().unwrap(),
+        ],
+    );
     assert!(
         err.contains("keys.psk line 1") && err.contains("psktool"),
         "the error names the file and what to do: {err}"
@@ -274,20 +268,15 @@ fn nbd_without_tls_is_served_on_loopback_only_unless_turned_on_by_name() {
     let certs = dir.path().join("certs");
     make_certs(&certs, "127.0.53.2");
     std::fs::remove_file(certs.join("server/ca-cert.pem")).unwrap();
-    let err = agent_refuses(&[
-        "--manager",
-        "http://127.0.53.1:9500",
-        "--node",
-        "n1",
-        "--token",
-        "x",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--listen",
-        "0.0.0.0",
-        "--nbd-tls-x509-dir",
-        certs.join("server").to_str().unwrap(),
-    ]);
+    let err = agent_refuses(
+        dir.path(),
+        &[
+            "--listen",
+            "0.0.0.0",
+            "--nbd-tls-x509-dir",
+            certs.join("server").to_str().unwrap(),
+        ],
+    );
     assert!(
         err.contains("ca-cert.pem") && err.contains("--nbd-allow-plain-tcp"),
         "the refusal says what to add: {err}"
