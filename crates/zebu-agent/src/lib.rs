@@ -83,6 +83,8 @@ pub struct AgentConfig {
     /// TCP clients may use NBD without TLS: with TLS credentials, TLS becomes optional; without
     /// them, NBD may be served plain on an address other than loopback.
     pub nbd_plain_tcp: bool,
+    /// The data protocol over TLS: engines start it, the replica server requires it.
+    pub data_tls: bool,
     /// Background scrubs of attached volumes.
     pub scrub: Scrub,
     /// The file layer under every replica ([`zebu_replica::file::direct`] but in tests).
@@ -245,6 +247,12 @@ impl Agent {
             tracing::warn!(node = %cfg.node, layer = cfg.files.name(), "replica files go through a test file layer: writes not flushed are lost when this process ends, as at a power cut");
         }
         let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
+        server
+            .require_tls(cfg.data_tls)
+            .map_err(|e| anyhow::anyhow!("node {}: {e}", cfg.node))?;
+        if cfg.data_tls {
+            tracing::info!(node = %cfg.node, "data protocol: TLS (engines here start it; the replica server refuses engines that do not)");
+        }
         let tls = if cfg.nbd_tls.any() {
             let tls = zebu_engine::tls::NbdTls::load(&cfg.nbd_tls)
                 .map_err(|e| anyhow::anyhow!("node {}: NBD TLS: {e}", cfg.node))?;
@@ -834,6 +842,7 @@ impl Agent {
             size_bytes: spec.size_bytes,
             replicas: spec.replicas.iter().map(|r| self.target(r)).collect(),
             secret,
+            data_tls: self.cfg.data_tls,
             io_timeout: IO_TIMEOUT,
             connect_patience: Duration::from_secs(3),
             // Every member must be reached (a refusal may be a node that is still starting),

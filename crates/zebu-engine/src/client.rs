@@ -5,16 +5,21 @@
 //! reader task matches replies to requests by id. When the
 //! connection breaks, every request in flight fails at once with `Disconnected`, and so does
 //! every later one: a client is never reconnected (a replica that went away must be rebuilt).
+//!
+//! With `tls`, the connection is a TLS session (rustls, TLS 1.3) and the handshake's proofs are
+//! bound to it (`zebu_proto::auth`); frames then go out through a [`crate::pipe`], since a TLS
+//! stream cannot be written by many request tasks at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::pipe::{Pipe, Writer};
 use crate::sender::Sender;
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -169,10 +174,192 @@ impl Conn {
     }
 }
 
+/// The sending side of a connection.
+enum Link {
+    Plain(Sender<OwnedWriteHalf>),
+    /// The pipe's writer task ends with the client.
+    Tls(Sender<Pipe>, #[allow(dead_code)] Writer),
+}
+
+impl Link {
+    fn send(&self, parts: &[&[u8]], alone: bool) -> Result<(), String> {
+        match self {
+            Link::Plain(s) => s.send(parts, alone),
+            Link::Tls(s, _) => s.send(parts, alone),
+        }
+    }
+}
+
+/// A connected socket, plain or inside a TLS session.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// The TLS configuration of every engine: TLS 1.3, any certificate (see the module docs).
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let verifier = Arc::new(BoundByProof(provider.clone()));
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("invariant: the ring provider supports TLS 1.3")
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// Accepts the server's certificate whatever it is (the server's is a throwaway, made when it
+/// starts), but checks that the server holds its key: who the server is, the challenge–response
+/// bound to the session proves.
+#[derive(Debug)]
+struct BoundByProof(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for BoundByProof {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The engine's side of the data protocol's handshake (see `zebu_proto::auth`), on a plain
+/// socket or inside a TLS session whose channel binding is `binding`.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    hello_bytes: &[u8],
+    secret: &str,
+    binding: &[u8],
+) -> Result<Welcome, String> {
+    s.write_all(hello_bytes).await.map_err(|e| e.to_string())?;
+    s.flush().await.map_err(|e| e.to_string())?;
+    // A challenge (the server proves it knows the secret, then we do), or a refusal.
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic)
+        .await
+        .map_err(|e| format!("reading the challenge: {e}"))?;
+    // Only a server that proved it holds the secret may welcome us; a refusal may come
+    // without a proof.
+    let mut proven = false;
+    if magic == zebu_proto::auth::CHALLENGE_MAGIC {
+        use zebu_proto::auth::*;
+        let mut b = [0u8; CHALLENGE_FRAME_BYTES];
+        b[..8].copy_from_slice(&magic);
+        s.read_exact(&mut b[8..])
+            .await
+            .map_err(|e| format!("reading the challenge: {e}"))?;
+        let c = Challenge::decode(&b).map_err(|e| e.to_string())?;
+        if !proofs_equal(
+            &c.proof,
+            &server_proof(secret, hello_bytes, &c.nonce, binding),
+        ) {
+            return Err(
+                "the replica server could not prove it holds this cluster's secret (another cluster's node, or not a Zebu node): nothing was sent to it".into(),
+            );
+        }
+        let p = Proof {
+            proof: client_proof(secret, hello_bytes, &c.nonce, &c.proof, binding),
+        };
+        s.write_all(&p.encode()).await.map_err(|e| e.to_string())?;
+        s.flush().await.map_err(|e| e.to_string())?;
+        proven = true;
+        s.read_exact(&mut magic)
+            .await
+            .map_err(|e| format!("reading welcome: {e}"))?;
+    }
+    let mut fixed = [0u8; WELCOME_FIXED_BYTES];
+    fixed[..8].copy_from_slice(&magic);
+    s.read_exact(&mut fixed[8..])
+        .await
+        .map_err(|e| format!("reading welcome: {e}"))?;
+    let rest = Welcome::rest_len(&fixed).map_err(|e| e.to_string())?;
+    let mut bytes = fixed.to_vec();
+    bytes.resize(WELCOME_FIXED_BYTES + rest, 0);
+    s.read_exact(&mut bytes[WELCOME_FIXED_BYTES..])
+        .await
+        .map_err(|e| format!("reading welcome: {e}"))?;
+    let w = Welcome::decode(&bytes).map_err(|e| e.to_string())?;
+    if w.status == WelcomeStatus::Ok && !proven {
+        return Err(
+            "the replica server welcomed us without proving it holds this cluster's secret (not a Zebu node of this cluster, or something in between): refused".into(),
+        );
+    }
+    Ok(w)
+}
+
+/// Read replies and hand each to its waiter, until the connection fails; returns why.
+async fn read_replies<R: AsyncRead + Unpin>(mut rd: R, conn: &Conn) -> String {
+    loop {
+        let mut hb = [0u8; REPLY_HEADER_BYTES];
+        if let Err(e) = rd.read_exact(&mut hb).await {
+            return format!("receive failed: {e}");
+        }
+        let h = match ReplyHeader::decode(&hb) {
+            Ok(h) => h,
+            Err(e) => return format!("bad reply: {e}"),
+        };
+        let payload = match crate::payload::read_payload(&mut rd, h.length as usize).await {
+            Ok(p) => p,
+            Err(e) => return format!("receive failed: {e}"),
+        };
+        if !payload.is_empty() && crc32c::crc32c(&payload) != h.payload_crc {
+            return "reply payload failed its checksum in transit".to_string();
+        }
+        // No waiter: the request timed out and was abandoned.
+        if let Some(waiter) = conn.take(h.id) {
+            let status = Status::from_u32(h.status);
+            let _ = waiter.send(if status == Status::Ok {
+                Ok(payload)
+            } else {
+                Err((status, String::from_utf8_lossy(&payload).into_owned()))
+            });
+        }
+    }
+}
+
 pub struct ReplicaClient {
     address: String,
     welcome: Welcome,
-    sender: Sender<OwnedWriteHalf>,
+    sender: Link,
     conn: Arc<Conn>,
     next_id: AtomicU64,
     reader: JoinHandle<()>,
@@ -188,13 +375,14 @@ impl Drop for ReplicaClient {
 
 impl ReplicaClient {
     /// Connect and handshake with the engine's `epoch` (the fence); the replica's generation
-    /// (the evidence) is in [`ReplicaClient::welcome`].
+    /// (the evidence) is in [`ReplicaClient::welcome`]. With `tls`, inside a TLS session.
     pub async fn connect(
         address: &str,
         volume: &str,
         replica: &str,
         epoch: u64,
         secret: &str,
+        tls: bool,
         timeout: Duration,
     ) -> Result<ReplicaClient, ClientError> {
         let connect_err = |reason: String| ClientError::Connect {
@@ -212,69 +400,35 @@ impl ReplicaClient {
             nonce,
         };
         let fut = async {
-            let mut s = TcpStream::connect(address)
+            let s = TcpStream::connect(address)
                 .await
-                .map_err(|e| connect_err(e.to_string()))?;
-            s.set_nodelay(true)
-                .map_err(|e| connect_err(e.to_string()))?;
+                .map_err(|e| e.to_string())?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
             let hello_bytes = hello.encode();
-            s.write_all(&hello_bytes)
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
-            // A challenge (the server proves it knows the secret, then we do), or a refusal.
-            let mut magic = [0u8; 8];
-            s.read_exact(&mut magic)
-                .await
-                .map_err(|e| connect_err(format!("reading the challenge: {e}")))?;
-            // Only a server that proved it holds the secret may welcome us; a refusal may come
-            // without a proof.
-            let mut proven = false;
-            if magic == zebu_proto::auth::CHALLENGE_MAGIC {
-                use zebu_proto::auth::*;
-                let mut b = [0u8; CHALLENGE_FRAME_BYTES];
-                b[..8].copy_from_slice(&magic);
-                s.read_exact(&mut b[8..])
-                    .await
-                    .map_err(|e| connect_err(format!("reading the challenge: {e}")))?;
-                let c = Challenge::decode(&b).map_err(|e| connect_err(e.to_string()))?;
-                if !proofs_equal(&c.proof, &server_proof(secret, &hello_bytes, &c.nonce)) {
-                    return Err(connect_err(
-                        "the replica server could not prove it holds this cluster's secret (another cluster's node, or not a Zebu node): nothing was sent to it".into(),
-                    ));
-                }
-                let p = Proof {
-                    proof: client_proof(secret, &hello_bytes, &c.nonce, &c.proof),
-                };
-                s.write_all(&p.encode())
-                    .await
-                    .map_err(|e| connect_err(e.to_string()))?;
-                proven = true;
-                s.read_exact(&mut magic)
-                    .await
-                    .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
+            if !tls {
+                let mut s = s;
+                let w = exchange(&mut s, &hello_bytes, secret, &[]).await?;
+                return Ok::<_, String>((Stream::Plain(s), w));
             }
-            let mut fixed = [0u8; WELCOME_FIXED_BYTES];
-            fixed[..8].copy_from_slice(&magic);
-            s.read_exact(&mut fixed[8..])
+            let name = rustls::pki_types::ServerName::try_from("zebu-data")
+                .expect("invariant: a valid DNS name");
+            let mut t = tokio_rustls::TlsConnector::from(tls_config())
+                .connect(name, s)
                 .await
-                .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
-            let rest = Welcome::rest_len(&fixed).map_err(|e| connect_err(e.to_string()))?;
-            let mut bytes = fixed.to_vec();
-            bytes.resize(WELCOME_FIXED_BYTES + rest, 0);
-            s.read_exact(&mut bytes[WELCOME_FIXED_BYTES..])
-                .await
-                .map_err(|e| connect_err(format!("reading welcome: {e}")))?;
-            let w = Welcome::decode(&bytes).map_err(|e| connect_err(e.to_string()))?;
-            if w.status == WelcomeStatus::Ok && !proven {
-                return Err(connect_err(
-                    "the replica server welcomed us without proving it holds this cluster's secret (not a Zebu node of this cluster, or something in between): refused".into(),
-                ));
-            }
-            Ok::<_, ClientError>((s, w))
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            let mut binding = [0u8; zebu_proto::auth::BINDING_BYTES];
+            t.get_ref()
+                .1
+                .export_keying_material(&mut binding, zebu_proto::auth::EXPORTER_LABEL, None)
+                .map_err(|e| format!("TLS channel binding: {e}"))?;
+            let w = exchange(&mut t, &hello_bytes, secret, &binding).await?;
+            Ok((Stream::Tls(Box::new(t)), w))
         };
-        let (stream, welcome) = tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| connect_err(format!("no answer within {} ms", timeout.as_millis())))??;
+        let (stream, welcome) = tokio::time::timeout(timeout, async {
+            fut.await.map_err(|e: String| connect_err(e))
+        })
+        .await
+        .map_err(|_| connect_err(format!("no answer within {} ms", timeout.as_millis())))??;
         if welcome.status != WelcomeStatus::Ok {
             return Err(ClientError::Refused {
                 replica: replica.to_owned(),
@@ -285,61 +439,53 @@ impl ReplicaClient {
         Ok(Self::start(stream, replica, address, welcome))
     }
 
-    fn start(stream: TcpStream, replica: &str, address: &str, welcome: Welcome) -> ReplicaClient {
+    fn start(stream: Stream, replica: &str, address: &str, welcome: Welcome) -> ReplicaClient {
+        use std::os::fd::AsRawFd;
         // A lane, started on an NBD connection's thread, is polled there before it sleeps (the
         // reader below runs on that thread and keeps the registration).
-        let watch = crate::busy_poll::watch(std::os::fd::AsRawFd::as_raw_fd(&stream));
+        let fd = match &stream {
+            Stream::Plain(s) => s.as_raw_fd(),
+            Stream::Tls(t) => t.get_ref().0.as_raw_fd(),
+        };
+        let watch = crate::busy_poll::watch(fd);
         let watched = watch.token();
-        let (rd, wr) = stream.into_split();
-        // Buffered: one recv usually brings many replies (header and payload together).
-        let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
         let conn = Arc::new(Conn {
             replica: replica.to_owned(),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(String::new()),
         });
-        let reader = {
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let _watch = watch;
-                let why: String = async {
-                    loop {
-                        let mut hb = [0u8; REPLY_HEADER_BYTES];
-                        if let Err(e) = rd.read_exact(&mut hb).await {
-                            return format!("receive failed: {e}");
-                        }
-                        let h = match ReplyHeader::decode(&hb) {
-                            Ok(h) => h,
-                            Err(e) => return format!("bad reply: {e}"),
-                        };
-                        let payload =
-                            match crate::payload::read_payload(&mut rd, h.length as usize).await {
-                                Ok(p) => p,
-                                Err(e) => return format!("receive failed: {e}"),
-                            };
-                        if !payload.is_empty() && crc32c::crc32c(&payload) != h.payload_crc {
-                            return "reply payload failed its checksum in transit".to_string();
-                        }
-                        // No waiter: the request timed out and was abandoned.
-                        if let Some(waiter) = conn.take(h.id) {
-                            let status = Status::from_u32(h.status);
-                            let _ = waiter.send(if status == Status::Ok {
-                                Ok(payload)
-                            } else {
-                                Err((status, String::from_utf8_lossy(&payload).into_owned()))
-                            });
-                        }
-                    }
-                }
-                .await;
-                conn.fail_all(why);
-            })
+        // Buffered: one recv usually brings many replies (header and payload together).
+        const READ_BUFFER: usize = 256 * 1024;
+        let (sender, reader) = match stream {
+            Stream::Plain(s) => {
+                let (rd, wr) = s.into_split();
+                let rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
+                let conn = conn.clone();
+                let reader = tokio::spawn(async move {
+                    let _watch = watch;
+                    let why = read_replies(rd, &conn).await;
+                    conn.fail_all(why);
+                });
+                (Link::Plain(Sender::new(wr)), reader)
+            }
+            Stream::Tls(t) => {
+                let (rd, wr) = tokio::io::split(*t);
+                let rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
+                let conn = conn.clone();
+                let reader = tokio::spawn(async move {
+                    let _watch = watch;
+                    let why = read_replies(rd, &conn).await;
+                    conn.fail_all(why);
+                });
+                let (pipe, writer) = crate::pipe::pipe(wr);
+                (Link::Tls(Sender::new(pipe), writer), reader)
+            }
         };
         ReplicaClient {
             address: address.to_owned(),
             welcome,
-            sender: Sender::new(wr),
+            sender,
             conn,
             next_id: AtomicU64::new(1),
             reader,
@@ -449,6 +595,7 @@ mod tests {
             "v-r-00000000",
             1,
             "secret",
+            false,
             Duration::from_secs(3),
         )
         .await;

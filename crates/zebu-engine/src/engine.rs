@@ -122,6 +122,8 @@ pub struct EngineConfig {
     pub size_bytes: u64,
     pub replicas: Vec<ReplicaTarget>,
     pub secret: String,
+    /// Speak the data protocol over TLS (`zebu agent --data-tls`).
+    pub data_tls: bool,
     /// A replica that does not answer within this time is retired.
     pub io_timeout: Duration,
     /// How long start-up keeps retrying replicas that do not answer yet.
@@ -198,6 +200,8 @@ pub struct Engine {
     io_timeout: Duration,
     /// Cluster secret, for the extra connections of [`Lanes`].
     secret: String,
+    /// Connect over TLS (see [`EngineConfig::data_tls`]).
+    data_tls: bool,
     /// The fence this engine holds on every replica (see [`EngineConfig::epoch`]).
     epoch: u64,
     /// Replaced whole (copy on write, under `membership`) when a member joins; read without
@@ -390,6 +394,7 @@ impl Engine {
                     &t.name,
                     cfg.epoch,
                     &cfg.secret,
+                    cfg.data_tls,
                     cfg.io_timeout,
                 )
                 .await;
@@ -501,6 +506,7 @@ impl Engine {
             block_size: block_size.max(512),
             io_timeout: cfg.io_timeout,
             secret: cfg.secret.clone(),
+            data_tls: cfg.data_tls,
             epoch: cfg.epoch,
             members: std::sync::RwLock::new(Arc::new(members)),
             generation: AtomicU64::new(max_gen.max(cfg.generation_floor)),
@@ -1632,6 +1638,7 @@ impl Engine {
             &m.name,
             self.epoch,
             &self.secret,
+            self.data_tls,
             t,
         )
         .await?;

@@ -84,6 +84,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         size_bytes: SIZE,
         replicas: targets,
         secret: secret.into(),
+        data_tls: false,
         io_timeout: Duration::from_secs(5),
         connect_patience: Duration::from_millis(300),
         require_all: false,
@@ -623,9 +624,17 @@ fn assert_every_replica_holds(c: &Cluster, block: u64, byte: u8, why: &str) {
 
 /// A bare data-protocol connection to one replica, as an engine opens it.
 async fn raw_client(t: &ReplicaTarget) -> ReplicaClient {
-    ReplicaClient::connect(&t.address, "v", &t.name, 0, SECRET, Duration::from_secs(5))
-        .await
-        .unwrap()
+    ReplicaClient::connect(
+        &t.address,
+        "v",
+        &t.name,
+        0,
+        SECRET,
+        false,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1896,4 +1905,171 @@ async fn a_member_whose_disk_is_full_leaves_the_set_and_the_write_succeeds() {
         r.read(7 * BS, &mut b).unwrap();
         assert_eq!(b, vec![7u8; BS as usize], "replica {i} must hold the write");
     }
+}
+
+/// A proxy that passes bytes both ways and keeps a copy of everything that crossed it.
+async fn recording_proxy(target: String) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut r, mut w) in [(cr, sw), (sr, cw)].map(|(r, w)| (r, w)) {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        log.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// Text no encrypted stream carries by chance.
+const MARK: &[u8] = b"zebu-plaintext-marker-";
+
+fn marked(len: usize) -> Bytes {
+    Bytes::from(MARK.iter().copied().cycle().take(len).collect::<Vec<u8>>())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every replica behind a recording proxy and reached over the network (none in-process).
+async fn recorded(c: &Cluster) -> (Vec<ReplicaTarget>, Vec<Arc<std::sync::Mutex<Vec<u8>>>>) {
+    let mut targets = Vec::new();
+    let mut logs = Vec::new();
+    for t in &c.targets {
+        let (addr, log) = recording_proxy(t.address.clone()).await;
+        let mut t = t.clone();
+        t.address = addr;
+        t.in_process = None;
+        targets.push(t);
+        logs.push(log);
+    }
+    (targets, logs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_protocol_over_tls_round_trips_and_hides_the_data_on_the_wire() {
+    let c = cluster(3).await;
+    for s in &c.servers {
+        s.require_tls(true).unwrap();
+    }
+    let (targets, logs) = recorded(&c).await;
+
+    // An engine without TLS is refused by a server that requires it, saying what to do.
+    let err = Engine::start(config(targets.clone(), SECRET))
+        .await
+        .err()
+        .expect("a plain engine was served by servers that require TLS");
+    assert!(err.to_string().contains("--data-tls"), "{err}");
+    for log in &logs {
+        log.lock().unwrap().clear();
+    }
+
+    // With TLS: writes and reads round-trip, every replica holds the data.
+    let mut cfg = config(targets.clone(), SECRET);
+    cfg.data_tls = true;
+    let e = Engine::start(cfg).await.unwrap();
+    assert_all_in_sync(&e, "every replica joins over TLS");
+    let data = marked(16 * BS as usize);
+    e.write(4 * BS, data.clone(), false).await.unwrap();
+    // Large transfers too (they go to the I/O pool on the server).
+    let big = marked(SIZE as usize - 24 * BS as usize);
+    e.write(24 * BS, big.clone(), true).await.unwrap();
+    e.flush().await.unwrap();
+    assert_eq!(e.read(4 * BS, data.len() as u32).await.unwrap(), data);
+    assert_eq!(e.read(24 * BS, big.len() as u32).await.unwrap(), big);
+    assert_all_in_sync(&e, "after TLS I/O");
+    for (i, img) in images(&c).iter().enumerate() {
+        assert_eq!(
+            &img[4 * BS as usize..20 * BS as usize],
+            &data[..],
+            "replica {i}"
+        );
+        assert_eq!(&img[24 * BS as usize..], &big[..], "replica {i}");
+    }
+    drop(e);
+    for (i, log) in logs.iter().enumerate() {
+        let log = log.lock().unwrap();
+        assert!(
+            log.len() > big.len(),
+            "replica {i}: the data went elsewhere"
+        );
+        assert!(
+            !contains(&log, MARK),
+            "replica {i}: data crossed the wire in clear"
+        );
+        assert!(
+            !contains(&log, b"v-r"),
+            "replica {i}: the Hello crossed the wire in clear"
+        );
+    }
+
+    // The check sees plaintext when there is some: the same without TLS shows the data.
+    for s in &c.servers {
+        s.require_tls(false).unwrap();
+    }
+    let e = Engine::start(config(targets, SECRET)).await.unwrap();
+    e.write(4 * BS, data.clone(), false).await.unwrap();
+    e.flush().await.unwrap();
+    drop(e);
+    assert!(
+        contains(&logs[1].lock().unwrap(), MARK),
+        "the recorder saw no plaintext"
+    );
+}
+
+/// A server that starts TLS but cannot prove it holds the secret (someone in the middle who
+/// ends the engine's TLS session) is refused, and learns nothing but the Hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_server_without_the_secret_is_refused() {
+    let c = cluster(1).await;
+    c.servers[0].set_secret("another-cluster".into());
+    let t = &c.targets[0];
+    let err = ReplicaClient::connect(
+        &t.address,
+        "v",
+        &t.name,
+        1,
+        SECRET,
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .err()
+    .expect("a server without the secret was accepted over TLS");
+    assert!(err.to_string().contains("could not prove"), "{err}");
+    // And the other way round: an engine without the secret is refused over TLS too.
+    let err = ReplicaClient::connect(
+        &t.address,
+        "v",
+        &t.name,
+        1,
+        "another-secret",
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .err()
+    .expect("an engine without the secret was accepted over TLS");
+    assert!(err.to_string().contains("secret"), "{err}");
+    assert_eq!(c.servers[0].list()[0].epoch(), 0, "an epoch was recorded");
 }

@@ -13,6 +13,13 @@
 //!    epoch): a recorded handshake replayed meets a new `Ns` and is refused.
 //!
 //! Refusals before the proof (a wrong version, no secret set) come as a Welcome.
+//!
+//! Over TLS (the first byte the engine sends is a TLS handshake record instead of the Hello's
+//! magic), both proofs also cover the TLS session's channel binding: [`BINDING_BYTES`] bytes
+//! exported from it with [`EXPORTER_LABEL`] (RFC 5705/8446 exporters, as RFC 9266's
+//! `tls-exporter`), appended after `Ns`. Certificates are not checked: someone in the middle
+//! would hold two TLS sessions with two different bindings, and without the secret could not
+//! make a proof for either, so the handshake fails before anything but the Hello was sent.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -29,6 +36,9 @@ pub const PROOF_MAGIC: [u8; 8] = *b"ZEBUPROF";
 pub const CHALLENGE_FRAME_BYTES: usize = 8 + NONCE_BYTES + PROOF_BYTES + 4;
 /// A proof on the wire: magic, proof, CRC32C.
 pub const PROOF_FRAME_BYTES: usize = 8 + PROOF_BYTES + 4;
+/// The TLS exporter label of the channel binding, and its length.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-zebu-data-channel-binding";
+pub const BINDING_BYTES: usize = 32;
 
 fn mac(secret: &str, label: &[u8], parts: &[&[u8]]) -> [u8; PROOF_BYTES] {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
@@ -40,23 +50,30 @@ fn mac(secret: &str, label: &[u8], parts: &[&[u8]]) -> [u8; PROOF_BYTES] {
     m.finalize().into_bytes().into()
 }
 
-/// What the server sends to prove it knows the secret.
+/// What the server sends to prove it knows the secret. `binding` is the TLS channel binding
+/// (empty on plain TCP).
 pub fn server_proof(
     secret: &str,
     hello: &[u8],
     server_nonce: &[u8; NONCE_BYTES],
+    binding: &[u8],
 ) -> [u8; PROOF_BYTES] {
-    mac(secret, b"zebu-server", &[hello, server_nonce])
+    mac(secret, b"zebu-server", &[hello, server_nonce, binding])
 }
 
-/// What the engine sends to prove it knows the secret.
+/// What the engine sends to prove it knows the secret. `binding` as in [`server_proof`].
 pub fn client_proof(
     secret: &str,
     hello: &[u8],
     server_nonce: &[u8; NONCE_BYTES],
     server_proof: &[u8; PROOF_BYTES],
+    binding: &[u8],
 ) -> [u8; PROOF_BYTES] {
-    mac(secret, b"zebu-client", &[hello, server_nonce, server_proof])
+    mac(
+        secret,
+        b"zebu-client",
+        &[hello, server_nonce, binding, server_proof],
+    )
 }
 
 /// Compare two proofs in constant time.
@@ -138,14 +155,24 @@ mod tests {
     fn proofs_bind_the_secret_the_hello_and_both_nonces() {
         let hello = b"hello bytes";
         let ns = [7u8; NONCE_BYTES];
-        let sp = server_proof("s", hello, &ns);
-        assert_ne!(sp, server_proof("t", hello, &ns));
-        assert_ne!(sp, server_proof("s", b"hello byteS", &ns));
-        assert_ne!(sp, server_proof("s", hello, &[8u8; NONCE_BYTES]));
-        let cp = client_proof("s", hello, &ns, &sp);
+        let sp = server_proof("s", hello, &ns, &[]);
+        assert_ne!(sp, server_proof("t", hello, &ns, &[]));
+        assert_ne!(sp, server_proof("s", b"hello byteS", &ns, &[]));
+        assert_ne!(sp, server_proof("s", hello, &[8u8; NONCE_BYTES], &[]));
+        // Another TLS session (another binding) gets another proof.
+        assert_ne!(sp, server_proof("s", hello, &ns, &[1u8; BINDING_BYTES]));
+        assert_ne!(
+            server_proof("s", hello, &ns, &[1u8; BINDING_BYTES]),
+            server_proof("s", hello, &ns, &[2u8; BINDING_BYTES])
+        );
+        assert_ne!(
+            client_proof("s", hello, &ns, &sp, &[1u8; BINDING_BYTES]),
+            client_proof("s", hello, &ns, &sp, &[2u8; BINDING_BYTES])
+        );
+        let cp = client_proof("s", hello, &ns, &sp, &[]);
         assert_ne!(cp, sp, "the two directions differ");
-        assert_ne!(cp, client_proof("s", hello, &[8u8; NONCE_BYTES], &sp));
-        assert!(proofs_equal(&cp, &client_proof("s", hello, &ns, &sp)));
+        assert_ne!(cp, client_proof("s", hello, &[8u8; NONCE_BYTES], &sp, &[]));
+        assert!(proofs_equal(&cp, &client_proof("s", hello, &ns, &sp, &[])));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod meta;
 pub mod ops;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod wil;
 
 pub use error::ReplicaError;

@@ -14,10 +14,11 @@
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Write};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use zebu_proto::data::{
@@ -28,6 +29,7 @@ use zebu_proto::data::{
 use crate::io_pool::IoPool;
 use crate::ops;
 use crate::store::{Replica, Session};
+use crate::tls::{Duplex, TlsWriter, TLS_HANDSHAKE_RECORD};
 
 /// Memory one connection may hold in request and reply buffers, in units of [`UNIT_BYTES`]
 /// (64 MiB). Every request costs at least one unit, so this also bounds the requests in flight.
@@ -82,15 +84,38 @@ pub struct ReplicaServer {
     replicas: RwLock<HashMap<String, Served>>,
     secret: RwLock<Option<String>>,
     pool: Arc<IoPool>,
+    /// TLS for engines that ask for it (None: its certificate could not be made).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Refuse engines that do not use TLS.
+    require_tls: AtomicBool,
 }
 
 impl ReplicaServer {
     pub fn new(name: &str, io_threads: usize) -> Arc<ReplicaServer> {
+        let tls = match crate::tls::server_config() {
+            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+            Err(e) => {
+                tracing::warn!("the data server cannot offer TLS: {e}");
+                None
+            }
+        };
         Arc::new(ReplicaServer {
             replicas: RwLock::new(HashMap::new()),
             secret: RwLock::new(None),
             pool: Arc::new(IoPool::new(name, io_threads)),
+            tls,
+            require_tls: AtomicBool::new(false),
         })
+    }
+
+    /// Refuse engines that connect without TLS (`zebu agent --data-tls`). Engines that start
+    /// TLS are served either way.
+    pub fn require_tls(&self, on: bool) -> Result<(), String> {
+        if on && self.tls.is_none() {
+            return Err("TLS on the data protocol is required, but this server could not set it up (see the warning above)".into());
+        }
+        self.require_tls.store(on, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Set the cluster secret engines must present. Until it is set, every handshake is refused.
@@ -172,7 +197,13 @@ impl ReplicaServer {
         }
     }
 
-    async fn handshake(&self, stream: &mut TcpStream) -> Result<Accepted, String> {
+    /// The data protocol's handshake, on a plain socket or inside a TLS session whose channel
+    /// binding is `binding` (empty on plain TCP).
+    async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        binding: &[u8],
+    ) -> Result<Accepted, String> {
         let mut fixed = [0u8; HELLO_FIXED_BYTES];
         stream
             .read_exact(&mut fixed)
@@ -182,9 +213,11 @@ impl ReplicaServer {
             Ok(r) => r,
             Err(e) => {
                 let msg = e.to_string();
-                let _ = stream
-                    .write_all(&Welcome::refused(WelcomeStatus::Malformed, msg.clone()).encode())
-                    .await;
+                let _ = send(
+                    stream,
+                    &Welcome::refused(WelcomeStatus::Malformed, msg.clone()).encode(),
+                )
+                .await;
                 return Err(msg);
             }
         };
@@ -194,12 +227,20 @@ impl ReplicaServer {
             .read_exact(&mut bytes[HELLO_FIXED_BYTES..])
             .await
             .map_err(|e| format!("reading hello: {e}"))?;
+        if binding.is_empty() && self.require_tls.load(Ordering::Relaxed) {
+            let msg = "this node serves the data protocol over TLS only (its agent runs with --data-tls): start the engine's agent with --data-tls as well".to_string();
+            tracing::warn!("refused a plain data connection: {msg}");
+            let _ = send(
+                stream,
+                &Welcome::refused(WelcomeStatus::AuthFailed, msg.clone()).encode(),
+            )
+            .await;
+            return Err(msg);
+        }
         // Both ends prove they know the cluster secret before the Hello asks anything.
-        if let Err((status, msg)) = self.authenticate(stream, &bytes).await {
+        if let Err((status, msg)) = self.authenticate(stream, &bytes, binding).await {
             tracing::warn!("refused data connection: {msg}");
-            let _ = stream
-                .write_all(&Welcome::refused(status, msg.clone()).encode())
-                .await;
+            let _ = send(stream, &Welcome::refused(status, msg.clone()).encode()).await;
             return Err(msg);
         }
         let mut checked = self.check_hello(&bytes);
@@ -234,17 +275,14 @@ impl ReplicaServer {
                     generation: session.generation(),
                     message: String::new(),
                 };
-                stream
-                    .write_all(&w.encode())
+                send(stream, &w.encode())
                     .await
                     .map_err(|e| format!("writing welcome: {e}"))?;
                 Ok((replica, stop, Arc::new(session)))
             }
             Err((status, msg)) => {
                 tracing::warn!("refused data connection: {msg}");
-                let _ = stream
-                    .write_all(&Welcome::refused(status, msg.clone()).encode())
-                    .await;
+                let _ = send(stream, &Welcome::refused(status, msg.clone()).encode()).await;
                 Err(msg)
             }
         }
@@ -252,10 +290,11 @@ impl ReplicaServer {
 
     /// The challenge–response of `zebu_proto::auth`: a challenge proving this server knows the
     /// secret, then the engine's proof, checked.
-    async fn authenticate(
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         hello_bytes: &[u8],
+        binding: &[u8],
     ) -> Result<(), (WelcomeStatus, String)> {
         use zebu_proto::auth::*;
         let hello =
@@ -288,10 +327,9 @@ impl ReplicaServer {
             })?;
         let mut nonce = [0u8; NONCE_BYTES];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
-        let proof = server_proof(&secret, hello_bytes, &nonce);
+        let proof = server_proof(&secret, hello_bytes, &nonce, binding);
         let challenge = Challenge { nonce, proof };
-        stream
-            .write_all(&challenge.encode())
+        send(stream, &challenge.encode())
             .await
             .map_err(|e| (WelcomeStatus::Malformed, format!("writing challenge: {e}")))?;
         let mut b = [0u8; PROOF_FRAME_BYTES];
@@ -300,7 +338,7 @@ impl ReplicaServer {
             .await
             .map_err(|e| (WelcomeStatus::Malformed, format!("reading proof: {e}")))?;
         let theirs = Proof::decode(&b).map_err(|e| (WelcomeStatus::Malformed, e.to_string()))?;
-        let want = client_proof(&secret, hello_bytes, &nonce, &proof);
+        let want = client_proof(&secret, hello_bytes, &nonce, &proof, binding);
         if !proofs_equal(&theirs.proof, &want) {
             return Err((
                 WelcomeStatus::AuthFailed,
@@ -338,22 +376,61 @@ impl ReplicaServer {
         Ok((replica, stop, hello.epoch))
     }
 
-    async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {
-        let (replica, mut stop, session) =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+    async fn connection(self: Arc<Self>, stream: TcpStream) -> Result<(), String> {
+        let setup = |e: std::io::Error| format!("setting up the connection: {e}");
+        let blocking = |s: TcpStream| {
+            s.into_std()
+                .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                .map_err(setup)
+        };
+        let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let mut first = [0u8; 1];
+            let tls = stream
+                .peek(&mut first)
                 .await
-                .map_err(|_| "handshake timed out".to_string())??;
+                .map_err(|e| format!("reading hello: {e}"))?
+                == 1
+                && first[0] == TLS_HANDSHAKE_RECORD;
+            if !tls {
+                let mut stream = stream;
+                let a = self.handshake(&mut stream, &[]).await?;
+                return Ok::<_, String>((a, Transport::Plain(blocking(stream)?)));
+            }
+            let Some(acceptor) = &self.tls else {
+                return Err("an engine started TLS, which this server cannot offer".to_string());
+            };
+            let mut tls = acceptor
+                .accept(stream)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            let mut binding = [0u8; zebu_proto::auth::BINDING_BYTES];
+            tls.get_ref()
+                .1
+                .export_keying_material(&mut binding, zebu_proto::auth::EXPORTER_LABEL, None)
+                .map_err(|e| format!("TLS channel binding: {e}"))?;
+            let a = self.handshake(&mut tls, &binding).await?;
+            let (socket, session) = tls.into_inner();
+            let (rd, wr) = Duplex::split(blocking(socket)?, session).map_err(setup)?;
+            Ok((a, Transport::Tls(rd, wr)))
+        })
+        .await
+        .map_err(|_| "handshake timed out".to_string())??;
+        let ((replica, mut stop, session), transport) = accepted;
         // From here on the connection has a thread of its own (see the module docs).
-        let stream = stream
-            .into_std()
-            .and_then(|s| s.set_nonblocking(false).map(|()| s))
-            .map_err(|e| format!("setting up the connection: {e}"))?;
-        let closer = stream
-            .try_clone()
-            .map_err(|e| format!("setting up the connection: {e}"))?;
+        let (reader, sink, closer) = match transport {
+            Transport::Plain(s) => {
+                let closer = s.try_clone().map_err(setup)?;
+                let sink = s.try_clone().map_err(setup)?;
+                (Source::Plain(s), Sink::Plain(sink), closer)
+            }
+            Transport::Tls(rd, wr) => {
+                let closer = rd.socket().try_clone().map_err(setup)?;
+                (Source::Tls(rd), Sink::Tls(wr), closer)
+            }
+        };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let conn = Connection {
-            replies: Arc::new(Replies::new(&stream)?),
+            replies: Arc::new(Replies::new(sink)),
             budget: Arc::new(Budget::new(BUDGET_UNITS)),
             replica,
             session,
@@ -364,7 +441,7 @@ impl ReplicaServer {
             .name("zebu-replica-conn".into())
             .stack_size(CONNECTION_STACK_BYTES)
             .spawn(move || {
-                if let Err(e) = conn.serve(stream) {
+                if let Err(e) = conn.serve(reader) {
                     tracing::debug!("data connection closed: {e}");
                 }
                 let _ = done_tx.send(());
@@ -380,6 +457,13 @@ impl ReplicaServer {
         }
         Ok(())
     }
+}
+
+/// Write a handshake frame and push it out (under TLS, `write_all` may leave records in the
+/// session).
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 /// Stack of a connection thread: it only decodes requests and calls into the store.
@@ -413,20 +497,70 @@ impl Budget {
     }
 }
 
+/// A connection after its handshake: a plain socket, or the two sides of a TLS session.
+enum Transport {
+    Plain(std::net::TcpStream),
+    Tls(crate::tls::TlsReader, TlsWriter),
+}
+
+/// Where a connection's requests come from.
+enum Source {
+    Plain(std::net::TcpStream),
+    Tls(crate::tls::TlsReader),
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::Plain(s) => s.read(buf),
+            Source::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+/// Where a connection's replies go.
+enum Sink {
+    Plain(std::net::TcpStream),
+    Tls(TlsWriter),
+}
+
+impl Sink {
+    fn shutdown(&self) {
+        match self {
+            Sink::Plain(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Sink::Tls(s) => s.shutdown(),
+        }
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Plain(s) => s.write(buf),
+            Sink::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(s) => s.flush(),
+            Sink::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// The sending side of a connection, shared by its thread and the I/O threads. Replies are
 /// written in completion order; a failed send shuts the socket so the connection thread ends.
 struct Replies {
-    out: Mutex<BufWriter<std::net::TcpStream>>,
+    out: Mutex<BufWriter<Sink>>,
 }
 
 impl Replies {
-    fn new(stream: &std::net::TcpStream) -> Result<Replies, String> {
-        let s = stream
-            .try_clone()
-            .map_err(|e| format!("setting up the connection: {e}"))?;
-        Ok(Replies {
-            out: Mutex::new(BufWriter::with_capacity(256 * 1024, s)),
-        })
+    fn new(sink: Sink) -> Replies {
+        Replies {
+            out: Mutex::new(BufWriter::with_capacity(256 * 1024, sink)),
+        }
     }
 
     /// Queue one reply; with `flush`, send everything queued now.
@@ -437,14 +571,14 @@ impl Replies {
             .and_then(|()| out.write_all(&r.payload))
             .and_then(|()| if flush { out.flush() } else { Ok(()) });
         if res.is_err() {
-            let _ = out.get_ref().shutdown(Shutdown::Both);
+            out.get_ref().shutdown();
         }
     }
 
     fn flush(&self) {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         if !out.buffer().is_empty() && out.flush().is_err() {
-            let _ = out.get_ref().shutdown(Shutdown::Both);
+            out.get_ref().shutdown();
         }
     }
 }
@@ -465,7 +599,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn serve(&self, stream: std::net::TcpStream) -> Result<(), String> {
+    fn serve(&self, stream: Source) -> Result<(), String> {
         let mut rd = std::io::BufReader::with_capacity(256 * 1024, stream);
         // JOIN_SESSION replaces it with a session shared with other connections.
         let mut session = self.session.clone();
@@ -536,7 +670,7 @@ impl Connection {
 
     /// Before a read that would wait for the peer, send the replies queued so far: the peer
     /// may be waiting for them before it sends more.
-    fn fill_or_flush(&self, rd: &std::io::BufReader<std::net::TcpStream>, need: usize) {
+    fn fill_or_flush(&self, rd: &std::io::BufReader<Source>, need: usize) {
         if rd.buffer().len() < need {
             self.replies.flush();
         }

@@ -148,6 +148,12 @@ struct ServingArgs {
     /// loopback without TLS credentials; with them, makes TLS optional.
     #[arg(long)]
     nbd_allow_plain_tcp: bool,
+    /// Speak the data protocol (engines to replicas, between nodes) over TLS: this node's
+    /// engines start TLS, and its replica server refuses engines that do not. Give it to every
+    /// agent of the cluster. Both ends already prove they hold the cluster secret without it;
+    /// TLS adds secrecy and integrity of the data itself on the wire, for some CPU.
+    #[arg(long)]
+    data_tls: bool,
     /// For durability tests only: `crash-sim` puts the replicas' files behind a cache in this
     /// process, written to disk only by a flush (or early, at random, whole or torn, as a
     /// kernel's writeback would), so ending the process loses what was not flushed, as a power
@@ -576,6 +582,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         nbd_limits: a.serving.nbd_limits(),
         nbd_tls: a.serving.nbd_tls(),
         nbd_plain_tcp: a.serving.nbd_allow_plain_tcp,
+        data_tls: a.serving.data_tls,
         scrub: a.serving.scrub(),
         files: a.serving.files(),
     })?;
@@ -636,6 +643,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             nbd_limits: a.serving.nbd_limits(),
             nbd_tls: a.serving.nbd_tls(),
             nbd_plain_tcp: a.serving.nbd_allow_plain_tcp,
+            data_tls: a.serving.data_tls,
             scrub: a.serving.scrub(),
             files: files.clone(),
         })?;

@@ -45,7 +45,7 @@ fn handshake(addr: &str, hello: &Hello, secret: &str) -> (Welcome, Vec<u8>) {
         s.read_exact(&mut b[8..]).unwrap();
         let c = Challenge::decode(&b).unwrap();
         let p = Proof {
-            proof: client_proof(secret, &hello_bytes, &c.nonce, &c.proof),
+            proof: client_proof(secret, &hello_bytes, &c.nonce, &c.proof, &[]),
         }
         .encode();
         s.write_all(&p).unwrap();

@@ -236,6 +236,7 @@ impl Engine {
                 &target.name,
                 self.epoch,
                 &self.secret,
+                self.data_tls,
                 self.io_timeout,
             )
             .await
