@@ -196,19 +196,21 @@ enum Stream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// The TLS configuration of every engine: TLS 1.3, any certificate (see the module docs).
-fn tls_config() -> Arc<rustls::ClientConfig> {
+/// The TLS configuration of every engine: TLS 1.3, any certificate (see the module docs), no
+/// resumption (every connection proves itself from the start).
+pub fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let provider = zebu_replica::tls::provider();
             let verifier = Arc::new(BoundByProof(provider.clone()));
-            let config = rustls::ClientConfig::builder_with_provider(provider)
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .expect("invariant: the ring provider supports TLS 1.3")
                 .dangerous()
                 .with_custom_certificate_verifier(verifier)
                 .with_no_client_auth();
+            config.resumption = rustls::client::Resumption::disabled();
             Arc::new(config)
         })
         .clone()

@@ -2018,7 +2018,7 @@ async fn the_data_protocol_over_tls_round_trips_and_hides_the_data_on_the_wire()
             "replica {i}: data crossed the wire in clear"
         );
         assert!(
-            !contains(&log, b"v-r"),
+            !contains(&log, format!("v-r{i}").as_bytes()),
             "replica {i}: the Hello crossed the wire in clear"
         );
     }
@@ -2057,7 +2057,8 @@ async fn over_tls_a_server_without_the_secret_is_refused() {
     .err()
     .expect("a server without the secret was accepted over TLS");
     assert!(err.to_string().contains("could not prove"), "{err}");
-    // And the other way round: an engine without the secret is refused over TLS too.
+    // An engine with yet another secret fails too (it refuses the server first; that the server
+    // checks the engine's proof over TLS is the test after the next).
     let err = ReplicaClient::connect(
         &t.address,
         "v",
@@ -2072,4 +2073,116 @@ async fn over_tls_a_server_without_the_secret_is_refused() {
     .expect("an engine without the secret was accepted over TLS");
     assert!(err.to_string().contains("secret"), "{err}");
     assert_eq!(c.servers[0].list()[0].epoch(), 0, "an epoch was recorded");
+}
+
+/// Someone in the middle who relays the bytes between two TLS sessions of its own (one with
+/// the engine, one with the server): the proofs are bound to the sessions, so the engine
+/// refuses the relayed challenge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_relay_between_two_sessions_is_refused() {
+    let c = cluster(1).await;
+    let t = c.targets[0].clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(zebu_replica::tls::server_config().unwrap());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = l.local_addr().unwrap().to_string();
+    let server = t.address.clone();
+    tokio::spawn(async move {
+        while let Ok((engine_side, _)) = l.accept().await {
+            let (acceptor, server) = (acceptor.clone(), server.clone());
+            tokio::spawn(async move {
+                let Ok(mut a) = acceptor.accept(engine_side).await else {
+                    return;
+                };
+                let tcp = tokio::net::TcpStream::connect(&server).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("zebu-data").unwrap();
+                let mut b = tokio_rustls::TlsConnector::from(zebu_engine::client::tls_config())
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+    });
+    let err = ReplicaClient::connect(
+        &relay,
+        "v",
+        &t.name,
+        1,
+        SECRET,
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .err()
+    .expect("an engine was served through a relay between two TLS sessions");
+    assert!(err.to_string().contains("could not prove"), "{err}");
+    assert_eq!(c.servers[0].list()[0].epoch(), 0, "an epoch was recorded");
+    // The same engine straight to the server is served (the relay is what was refused).
+    ReplicaClient::connect(
+        &t.address,
+        "v",
+        &t.name,
+        1,
+        SECRET,
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+}
+
+/// Over TLS the server checks that the engine's proof covers this session: a proof made with
+/// the right secret but without the session's binding (what a relay would have to send) is
+/// refused; the same exchange with the binding is welcomed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_server_refuses_a_proof_not_bound_to_the_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use zebu_proto::auth::*;
+    use zebu_proto::data::{Hello, Welcome, WelcomeStatus, PROTOCOL_VERSION, WELCOME_FIXED_BYTES};
+    let c = cluster(1).await;
+    let t = c.targets[0].clone();
+    for bound in [false, true] {
+        let tcp = tokio::net::TcpStream::connect(&t.address).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("zebu-data").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(zebu_engine::client::tls_config())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let mut binding = [0u8; BINDING_BYTES];
+        s.get_ref()
+            .1
+            .export_keying_material(&mut binding, EXPORTER_LABEL, None)
+            .unwrap();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            volume: "v".into(),
+            replica: t.name.clone(),
+            epoch: 1,
+            nonce: vec![9u8; NONCE_BYTES],
+        }
+        .encode();
+        s.write_all(&hello).await.unwrap();
+        s.flush().await.unwrap();
+        let mut b = [0u8; CHALLENGE_FRAME_BYTES];
+        s.read_exact(&mut b).await.unwrap();
+        let ch = Challenge::decode(&b).unwrap();
+        let used: &[u8] = if bound { &binding } else { &[] };
+        let p = Proof {
+            proof: client_proof(SECRET, &hello, &ch.nonce, &ch.proof, used),
+        };
+        s.write_all(&p.encode()).await.unwrap();
+        s.flush().await.unwrap();
+        let mut fixed = [0u8; WELCOME_FIXED_BYTES];
+        s.read_exact(&mut fixed).await.unwrap();
+        let mut w = fixed.to_vec();
+        w.resize(WELCOME_FIXED_BYTES + Welcome::rest_len(&fixed).unwrap(), 0);
+        s.read_exact(&mut w[WELCOME_FIXED_BYTES..]).await.unwrap();
+        let w = Welcome::decode(&w).unwrap();
+        if bound {
+            assert_eq!(w.status, WelcomeStatus::Ok, "{}", w.message);
+        } else {
+            assert_eq!(w.status, WelcomeStatus::AuthFailed, "{}", w.message);
+            assert_eq!(c.servers[0].list()[0].epoch(), 0, "an epoch was recorded");
+        }
+    }
 }

@@ -48,6 +48,9 @@ fn cost(h: &RequestHeader) -> u32 {
     }
 }
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once (each may cost a TLS key exchange and signature): past them,
+/// new connections are closed at once, with a log line, until one ends. Engines retry.
+pub const MAX_HANDSHAKES: usize = 64;
 
 struct Reply {
     header: [u8; data::REPLY_HEADER_BYTES],
@@ -88,6 +91,8 @@ pub struct ReplicaServer {
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// Refuse engines that do not use TLS.
     require_tls: AtomicBool,
+    /// Permits for handshakes in progress ([`MAX_HANDSHAKES`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReplicaServer {
@@ -105,6 +110,7 @@ impl ReplicaServer {
             pool: Arc::new(IoPool::new(name, io_threads)),
             tls,
             require_tls: AtomicBool::new(false),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
         })
     }
 
@@ -181,10 +187,14 @@ impl ReplicaServer {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "refused a data connection: {MAX_HANDSHAKES} handshakes are in progress already");
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let this = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = this.connection(stream).await {
+                        if let Err(e) = this.connection(stream, permit).await {
                             tracing::debug!(%peer, "data connection closed: {e}");
                         }
                     });
@@ -376,7 +386,11 @@ impl ReplicaServer {
         Ok((replica, stop, hello.epoch))
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream) -> Result<(), String> {
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), String> {
         let setup = |e: std::io::Error| format!("setting up the connection: {e}");
         let blocking = |s: TcpStream| {
             s.into_std()
@@ -415,6 +429,7 @@ impl ReplicaServer {
         })
         .await
         .map_err(|_| "handshake timed out".to_string())??;
+        drop(permit);
         let ((replica, mut stop, session), transport) = accepted;
         // From here on the connection has a thread of its own (see the module docs).
         let (reader, sink, closer) = match transport {
