@@ -317,12 +317,18 @@ impl Agent {
         };
         let cluster_id = zebu_api::cluster_id::read(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("node {}: {e}", cfg.node))?;
+        // The node's own token once it has one; the shared agent token until then.
+        let node_token = zebu_api::node_token::read(&cfg.data_dir)
+            .map_err(|e| anyhow::anyhow!("node {}: {e}", cfg.node))?;
         let max_file_bytes = max_file_bytes(&replicas_dir);
         let agent = Arc::new(Agent {
             max_file_bytes,
             cluster_id: Mutex::new(cluster_id),
             last_refusal: Mutex::new(None),
-            api: ApiClient::new(&cfg.manager_url, &cfg.token),
+            api: ApiClient::new(
+                &cfg.manager_url,
+                node_token.as_deref().unwrap_or(&cfg.token),
+            ),
             replicas_dir,
             server,
             nbd,
@@ -388,6 +394,7 @@ impl Agent {
     /// Heartbeat until `shutdown` turns true, then stop engines cleanly.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut failing_since: Option<Instant> = None;
+        let mut last_failure: Option<String> = None;
         loop {
             let hb = self.report();
             match self.api.heartbeat(&hb).await {
@@ -395,14 +402,25 @@ impl Agent {
                     if failing_since.take().is_some() {
                         tracing::info!(node = %self.cfg.node, "manager reachable again");
                     }
+                    last_failure = None;
                     if self.accept(&a) {
                         self.reconcile(a);
                     }
                 }
                 Err(e) => {
-                    if failing_since.is_none() {
-                        tracing::warn!(node = %self.cfg.node, "heartbeat failed: {e}");
-                        failing_since = Some(Instant::now());
+                    // Logged when it starts failing and whenever the reason changes.
+                    let why = e.to_string();
+                    if failing_since.is_none() || last_failure.as_deref() != Some(why.as_str()) {
+                        tracing::warn!(node = %self.cfg.node, "heartbeat failed: {why}");
+                        failing_since.get_or_insert_with(Instant::now);
+                        last_failure = Some(why);
+                    }
+                    // A manager that does not know the node's own token (the node was deleted,
+                    // or the manager's records were recovered): register again with the shared
+                    // token, which gets a new one.
+                    if e.status() == Some(401) && self.api.token() != self.cfg.token {
+                        tracing::warn!(node = %self.cfg.node, "the manager does not know this node's own token ({}); registering again with the shared agent token", zebu_api::node_token::path(&self.cfg.data_dir).display());
+                        self.api.set_token(&self.cfg.token);
                     }
                 }
             }
@@ -595,6 +613,23 @@ impl Agent {
                 },
             }
         };
+        // The node's own token, from a manager of this node's cluster: kept before it is used.
+        if let (None, Some(t)) = (&refusal, &a.node_token) {
+            if !zebu_api::node_token::is_valid(t) {
+                tracing::warn!(node = %self.cfg.node, "the manager sent a node token that is not one (64 hexadecimal digits); kept the token in use");
+            } else {
+                match zebu_api::node_token::write(&self.cfg.data_dir, t) {
+                    Ok(()) => {
+                        tracing::info!(node = %self.cfg.node, "node has its own token now ({})", zebu_api::node_token::path(&self.cfg.data_dir).display());
+                        self.api.set_token(t);
+                    }
+                    // The shared token stays in use; the next heartbeat gets another token.
+                    Err(e) => {
+                        tracing::warn!(node = %self.cfg.node, "{e}; the shared agent token stays in use")
+                    }
+                }
+            }
+        }
         let refusal = refusal.or_else(|| {
             a.hold.as_ref().map(|why| {
                 format!(

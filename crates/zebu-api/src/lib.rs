@@ -2,6 +2,7 @@
 //! the agents use. JSON on the wire; every request carries `Authorization: Bearer <token>`.
 
 pub mod cluster_id;
+pub mod node_token;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -380,6 +381,10 @@ pub struct Assignment {
     pub engines: Vec<EngineSpec>,
     /// Replicas whose data must be deleted (their volume was deleted).
     pub delete_replicas: Vec<String>,
+    /// The node's own token, given once when the shared agent token registers it: the agent
+    /// keeps it in `DATA_DIR/node.token` and uses it from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_token: Option<String>,
 }
 
 // ---- client ----
@@ -420,7 +425,8 @@ impl ClientError {
 #[derive(Clone)]
 pub struct ApiClient {
     base: String,
-    token: String,
+    /// Shared by clones: an agent switches to its node's own token once it has one.
+    token: std::sync::Arc<std::sync::RwLock<String>>,
     http: reqwest::Client,
 }
 
@@ -434,9 +440,18 @@ impl ApiClient {
             .expect("invariant: a plain HTTP client always builds");
         ApiClient {
             base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
+            token: std::sync::Arc::new(std::sync::RwLock::new(token.to_owned())),
             http,
         }
+    }
+
+    /// Use `token` from now on (in this client and every clone of it).
+    pub fn set_token(&self, token: &str) {
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = token.to_owned();
+    }
+
+    pub fn token(&self) -> String {
+        self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn base(&self) -> &str {
@@ -449,7 +464,7 @@ impl ApiClient {
         url: &str,
     ) -> Result<T, ClientError> {
         let resp =
-            req.bearer_auth(&self.token)
+            req.bearer_auth(self.token())
                 .send()
                 .await
                 .map_err(|e| ClientError::Unreachable {

@@ -300,22 +300,29 @@ fn same(a: &str, b: &str) -> bool {
 
 async fn require_token(
     AxState(m): AxState<Shared>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let role = bearer(&req).and_then(|t| {
+    let found = bearer(&req).and_then(|t| {
         [
-            (&m.token, Role::Admin),
-            (&m.agent_token, Role::Agent),
-            (&m.readonly_token, Role::ReadOnly),
+            (&m.token, Role::Admin, state::Speaker::Admin),
+            (&m.agent_token, Role::Agent, state::Speaker::Join),
+            (&m.readonly_token, Role::ReadOnly, state::Speaker::Join),
         ]
         .into_iter()
-        .find(|(k, _)| same(t, k))
-        .map(|(_, r)| r)
+        .find(|(k, _, _)| same(t, k))
+        .map(|(_, r, s)| (r, s))
+        // A node's own token (only its SHA-256 is kept, so no timing tells it apart).
+        .or_else(|| {
+            m.state()
+                .node_for_token(t)
+                .map(|n| (Role::Agent, state::Speaker::Node(n)))
+        })
     });
-    let Some(role) = role else {
+    let Some((role, speaker)) = found else {
         return Err(ApiError::unauthorized());
     };
+    req.extensions_mut().insert(speaker);
     let path = format!("/v1{}", req.uri().path());
     let needed = Role::needed(req.method(), &path);
     if !role.allows(needed) {
@@ -473,6 +480,7 @@ async fn set_setting(
 
 async fn retire_members(
     AxState(m): AxState<Shared>,
+    axum::Extension(by): axum::Extension<state::Speaker>,
     UrlPath(name): UrlPath<String>,
     b: JsonBody<RetireMembers>,
 ) -> ApiResult<Volume> {
@@ -480,10 +488,14 @@ async fn retire_members(
     let req = body(b, "retirement record", "", None)?;
     let mut st = m.state();
     st.not_recovering()?;
-    st.record_retired(&name, &req).map(Json)
+    st.record_retired(&name, &req, &by).map(Json)
 }
 
-async fn heartbeat(AxState(m): AxState<Shared>, b: JsonBody<Heartbeat>) -> ApiResult<Assignment> {
+async fn heartbeat(
+    AxState(m): AxState<Shared>,
+    axum::Extension(by): axum::Extension<state::Speaker>,
+    b: JsonBody<Heartbeat>,
+) -> ApiResult<Assignment> {
     let hb = body(b, "heartbeat", "", None)?;
-    m.state().heartbeat(hb).map(Json)
+    m.state().heartbeat(hb, &by).map(Json)
 }

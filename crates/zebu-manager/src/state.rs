@@ -21,6 +21,8 @@ use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 use crate::error::ApiError;
 
 mod node_removal;
+mod node_tokens;
+pub use node_tokens::Speaker;
 pub mod recovery;
 mod replenish;
 mod salvage;
@@ -142,6 +144,12 @@ pub struct NodeRecord {
     pub data_port: u16,
     pub nbd_port: u16,
     pub disk_path: String,
+    /// SHA-256 (hex) of the node's own token (`state/node_tokens.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// The node has used its token: the shared agent token no longer speaks for it.
+    #[serde(default)]
+    pub token_confirmed: bool,
 }
 
 struct Live {
@@ -793,7 +801,10 @@ impl State {
         &mut self,
         name: &str,
         req: &zebu_api::RetireMembers,
+        by: &Speaker,
     ) -> Result<Volume, ApiError> {
+        validate_node_name(&req.node)?;
+        self.admit(&req.node, by)?;
         if let Some(theirs) = req.cluster_id.as_ref().filter(|t| **t != self.cluster_id) {
             return Err(ApiError::conflict(format!(
                 "node {} belongs to cluster {theirs}, but this manager's cluster is {}: its record of volume {name} is refused",
@@ -855,19 +866,38 @@ impl State {
     }
 
     /// Take a node's report, update observed state, and answer with what it should run.
-    pub fn heartbeat(&mut self, hb: Heartbeat) -> Result<Assignment, ApiError> {
-        let node = hb.node.clone();
-        validate_node_name(&node)?;
+    /// A node's heartbeat, sent with `by`'s token. The answer carries the node's own token when
+    /// the shared agent token registers it (`state/node_tokens.rs`).
+    pub fn heartbeat(&mut self, hb: Heartbeat, by: &Speaker) -> Result<Assignment, ApiError> {
+        validate_node_name(&hb.node)?;
         for r in &hb.replicas {
             validate_object_name("replica", &r.name)?;
         }
         self.check_cluster(&hb)?;
+        self.admit(&hb.node, by)?;
+        let minted = self.mint(&hb.node, by);
+        let mut a = self.heartbeat_admitted(hb, minted.as_ref().map(|(_, d)| d.clone()))?;
+        a.node_token = minted.map(|(t, _)| t);
+        Ok(a)
+    }
+
+    /// The heartbeat of a node whose token may speak for it; `new_token_sha256`: a token just
+    /// made for it, recorded with the node.
+    fn heartbeat_admitted(
+        &mut self,
+        hb: Heartbeat,
+        new_token_sha256: Option<String>,
+    ) -> Result<Assignment, ApiError> {
+        let node = hb.node.clone();
+        let known = self.nodes.get(&node);
         let rec = NodeRecord {
             name: node.clone(),
             address: hb.address.clone(),
             data_port: hb.data_port,
             nbd_port: hb.nbd_port,
             disk_path: hb.disk_path.clone(),
+            token_confirmed: new_token_sha256.is_none() && known.is_some_and(|n| n.token_confirmed),
+            token_sha256: new_token_sha256.or_else(|| known.and_then(|n| n.token_sha256.clone())),
         };
         if self.nodes.get(&node) != Some(&rec) {
             self.store.put(NODES, &node, &rec).map_err(store_err)?;
@@ -1160,6 +1190,7 @@ impl State {
             replicas,
             engines,
             delete_replicas,
+            node_token: None,
         }
     }
 

@@ -22,21 +22,6 @@ fn cluster_with_small_disk(net: u8, nodes: usize, mib: u64) -> (Cluster, SmallDi
     (c, disk)
 }
 
-/// qemu-io's output (it goes on after a failed command).
-fn qemu_io_any(uri: &str, cmds: &[String]) -> String {
-    let mut c = std::process::Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let o = run(c.arg(uri));
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 const MIB: u64 = 1 << 20;
 
 fn tail(log: &str, n: usize) -> String {

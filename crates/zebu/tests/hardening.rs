@@ -335,3 +335,120 @@ for structured in (True, False):
         assert!(out.contains(want), "{want:?} not in:\n{out}");
     }
 }
+
+/// A heartbeat body for `node` (nothing on it).
+fn heartbeat(node: &str) -> Vec<u8> {
+    format!(r#"{{"node":"{node}","address":"127.0.0.99","data_port":1,"nbd_port":2,"disk_path":"/tmp","disk_total_bytes":0,"disk_free_bytes":0,"replicas":[],"engines":[]}}"#).into_bytes()
+}
+
+#[test]
+fn each_node_gets_a_token_of_its_own_that_speaks_for_it_alone() {
+    let mut c = Cluster::separate(55, 2);
+    let root = c.dir.path().to_owned();
+    let own = |i: usize| {
+        let p = root.join(format!("node-{}", i + 1)).join("node.token");
+        std::fs::read_to_string(&p)
+            .map(|s| s.trim().to_owned())
+            .ok()
+            .filter(|t| t.len() == 64)
+    };
+    // Each node registered with the shared token and was given its own, kept on its disk.
+    let t1 = wait_until("node-1's own token", Duration::from_secs(15), || own(0));
+    let t2 = wait_until("node-2's own token", Duration::from_secs(15), || own(1));
+    let shared = token(&c, "agent.token");
+    assert_ne!(t1, t2);
+    assert!(t1 != shared && t2 != shared);
+    // Both nodes go on working with them (they are ready, and a volume attaches).
+    c.wait_nodes_ready(2);
+    wait_until(
+        "the manager to log that both nodes use their own tokens",
+        Duration::from_secs(15),
+        || (c.log("manager").matches("uses its own token").count() >= 2).then_some(()),
+    );
+    let uri = c.create_attached("mine", "16MiB", 2, "node-1");
+    qemu_io(
+        &uri,
+        &["write -P 0x5a 0 1M".into(), "read -P 0x5a 0 1M".into()],
+    );
+
+    let (b1, bs) = (format!("Bearer {t1}"), format!("Bearer {shared}"));
+    // A node's token speaks for its node only: not as another node, in a heartbeat or a
+    // retirement record.
+    let (status, said) = http(
+        &c,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&b1),
+        &heartbeat("node-2"),
+    );
+    assert_eq!(status, 403, "{said}");
+    assert!(said.contains("node node-1's token"), "{said}");
+    let retire = br#"{"node":"node-2","epoch":1,"retired":[]}"#;
+    let (status, said) = http(&c, "POST", "/v1/volumes/mine/retire", Some(&b1), retire);
+    assert_eq!(status, 403, "{said}");
+    assert!(said.contains("node node-1's token"), "{said}");
+    // It is an agent's token: it manages no volume.
+    let (status, said) = http(&c, "DELETE", "/v1/volumes/mine", Some(&b1), b"");
+    assert_eq!(status, 403, "{said}");
+    assert!(said.contains("agent role"), "{said}");
+    // The shared token no longer speaks for a node that has its own, and says what to do.
+    let (status, said) = http(
+        &c,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&bs),
+        &heartbeat("node-1"),
+    );
+    assert_eq!(status, 403, "{said}");
+    assert!(
+        said.contains("token of its own") && said.contains("zebu node delete node-1"),
+        "{said}"
+    );
+    // But it still registers a new node, whose answer carries that node's own token.
+    let (status, said) = http(
+        &c,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&bs),
+        &heartbeat("node-9"),
+    );
+    assert_eq!(status, 200, "{said}");
+    let a: serde_json::Value = serde_json::from_str(&said).unwrap();
+    let t9 = a["node_token"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(t9.len(), 64, "{said}");
+    let (status, said) = http(
+        &c,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&format!("Bearer {t9}")),
+        &heartbeat("node-9"),
+    );
+    assert_eq!(status, 200, "{said}");
+    assert!(a.get("node_token").is_some());
+    let again: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert!(again.get("node_token").is_none(), "{said}");
+
+    // Nothing was changed by the refusals, and an agent restarted keeps its token.
+    c.kill_agent(0);
+    c.start_agent(0);
+    c.wait_nodes_ready(2);
+    assert_eq!(own(0).as_deref(), Some(t1.as_str()));
+    let out = wait_until(
+        "the volume served again after the restart",
+        Duration::from_secs(60),
+        || {
+            let out = qemu_io_any(&uri, &["read -P 0x5a 0 1M".into()]);
+            (!out.contains("can't open")).then_some(out)
+        },
+    );
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("error"),
+        "{out}"
+    );
+    // And its heartbeats, with its own token, report the engine again.
+    wait_until(
+        "the volume shown attached again",
+        Duration::from_secs(30),
+        || (c.volume("mine")["state"] == "attached").then_some(()),
+    );
+}

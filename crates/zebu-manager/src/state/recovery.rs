@@ -65,6 +65,7 @@ impl State {
             replicas: Vec::new(),
             engines: Vec::new(),
             delete_replicas: Vec::new(),
+            node_token: None,
         }
     }
 

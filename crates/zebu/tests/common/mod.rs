@@ -287,6 +287,21 @@ impl Cluster {
     }
 }
 
+/// qemu-io's output, whatever it says (for callers that look at failures themselves).
+pub fn qemu_io_any(uri: &str, cmds: &[String]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let o = run(c.arg(uri));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// qemu-io command output; panics unless every read matched and nothing failed.
 pub fn qemu_io(uri: &str, cmds: &[String]) -> String {
     let mut c = Command::new("qemu-io");
