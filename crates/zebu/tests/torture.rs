@@ -179,7 +179,7 @@ fn randomized_faults_with_power_cuts_lose_no_flushed_write() {
 }
 
 fn torture(net: u8, agent_args: &[&str], power_cuts: bool) {
-    for t in ["qemu-io", "nbdcopy", "mkfs.ext4", "fallocate"] {
+    for t in ["qemu-io", "nbdcopy", "nbdinfo", "mkfs.ext4", "fallocate"] {
         require(t);
     }
     let trials: u64 = std::env::var("ZEBU_TORTURE_TRIALS")
@@ -294,7 +294,17 @@ fn torture(net: u8, agent_args: &[&str], power_cuts: bool) {
         let deadline = Instant::now() + Duration::from_secs(120);
         let v = loop {
             let v = c.cli_json(&["volume", "get", "t"]).unwrap_or_default();
-            if v["robustness"] == "healthy" && v["state"] == "attached" {
+            // The manager's view of a node restarted a moment ago may be from before the restart
+            // (it learns of the restart by the next heartbeat): the export must answer too.
+            let serving = || {
+                v["nbd_uri"].as_str().is_some_and(|u| {
+                    std::process::Command::new("nbdinfo")
+                        .arg(u)
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                })
+            };
+            if v["robustness"] == "healthy" && v["state"] == "attached" && serving() {
                 break v;
             }
             assert!(
