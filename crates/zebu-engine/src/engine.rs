@@ -1542,9 +1542,10 @@ impl Engine {
 /// replica (`SHARE_SESSION` / `JOIN_SESSION`), so fencing and generation bumps hold for it
 /// exactly as for the engine's own connection. Open it on the thread that serves the frontend
 /// connection: the lanes' replies are then read there, and a request completes without a hop
-/// to another thread. Lanes open in the background: until a member's lane is open (or if it
-/// cannot be opened), that member is reached over the engine's own connection, so a slow or
-/// unreachable replica never holds up a new frontend connection.
+/// to another thread. Lanes open in the background, when the connection's first request comes
+/// (an idle frontend connection costs no socket, and no thread, on the replicas' nodes): until
+/// a member's lane is open (or if it cannot be opened), that member is reached over the
+/// engine's own connection, so a slow or unreachable replica never holds up a request.
 /// Ping the members every [`KEEPALIVE_INTERVAL`] until the engine stops serving or is dropped.
 async fn keepalive(engine: std::sync::Weak<Engine>) {
     loop {
@@ -1563,19 +1564,24 @@ async fn keepalive(engine: std::sync::Weak<Engine>) {
 pub struct Lanes {
     engine: Arc<Engine>,
     via: Arc<[OnceLock<Backend>]>,
-    opening: tokio::task::JoinHandle<()>,
+    /// The members to open lanes to, taken by the first request.
+    to_open: std::sync::Mutex<Option<Arc<Vec<Arc<Member>>>>>,
+    opening: OnceLock<tokio::task::JoinHandle<()>>,
+    done: watch::Sender<bool>,
     settled: watch::Receiver<bool>,
 }
 
 impl Drop for Lanes {
     fn drop(&mut self) {
-        self.opening.abort();
+        if let Some(t) = self.opening.get() {
+            t.abort();
+        }
     }
 }
 
 impl Engine {
-    /// Start opening lanes to every remote replica in the set (see [`Lanes`]). Call it inside
-    /// the runtime that serves the frontend connection.
+    /// Lanes to every remote replica in the set (see [`Lanes`]), opened when the first request
+    /// is made through them, inside the runtime that makes it.
     pub fn lanes(self: &Arc<Self>) -> Lanes {
         // One snapshot of the members for both the slots and the opening: a member that joins
         // later (a rebuild) has a higher index and is reached over the engine's connection.
@@ -1583,36 +1589,12 @@ impl Engine {
         let slots = all.iter().map(|m| m.index + 1).max().unwrap_or(0);
         let via: Arc<[OnceLock<Backend>]> = (0..slots).map(|_| OnceLock::new()).collect();
         let (done, settled) = watch::channel(false);
-        let opening = {
-            let (engine, via) = (self.clone(), via.clone());
-            tokio::spawn(async move {
-                let opens = all.iter().map(|m| {
-                    let (engine, via) = (&engine, &via);
-                    async move {
-                        let Some(Backend::Remote(shared)) = &m.client else {
-                            return;
-                        };
-                        if m.mode() == Mode::Err {
-                            return;
-                        }
-                        match engine.open_lane(m, shared).await {
-                            Ok(lane) => {
-                                let _ = via[m.index].set(Backend::Remote(lane));
-                            }
-                            Err(e) => {
-                                tracing::info!(volume = %engine.volume, replica = %m.name, "no connection of its own, using the engine's: {e}");
-                            }
-                        }
-                    }
-                });
-                join_all(opens).await;
-                let _ = done.send(true);
-            })
-        };
         Lanes {
             engine: self.clone(),
             via,
-            opening,
+            to_open: std::sync::Mutex::new(Some(all)),
+            opening: OnceLock::new(),
+            done,
             settled,
         }
     }
@@ -1649,15 +1631,54 @@ impl Engine {
 }
 
 impl Lanes {
-    /// Wait until every lane is open or has failed to open; then how many members are reached
-    /// over a lane of their own.
+    /// Start opening the lanes, once (the first request does).
+    fn start(&self) {
+        let Some(all) = self
+            .to_open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let (engine, via, done) = (self.engine.clone(), self.via.clone(), self.done.clone());
+        let task = tokio::spawn(async move {
+            let opens = all.iter().map(|m| {
+                let (engine, via) = (&engine, &via);
+                async move {
+                    let Some(Backend::Remote(shared)) = &m.client else {
+                        return;
+                    };
+                    if m.mode() == Mode::Err {
+                        return;
+                    }
+                    match engine.open_lane(m, shared).await {
+                        Ok(lane) => {
+                            let _ = via[m.index].set(Backend::Remote(lane));
+                        }
+                        Err(e) => {
+                            tracing::info!(volume = %engine.volume, replica = %m.name, "no connection of its own, using the engine's: {e}");
+                        }
+                    }
+                }
+            });
+            join_all(opens).await;
+            let _ = done.send(true);
+        });
+        let _ = self.opening.set(task);
+    }
+
+    /// Open the lanes (if no request has yet), wait until every one is open or has failed to
+    /// open; then how many members are reached over a lane of their own.
     pub async fn opened(&self) -> usize {
+        self.start();
         let mut settled = self.settled.clone();
         let _ = settled.wait_for(|done| *done).await;
         self.via.iter().filter(|b| b.get().is_some()).count()
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        self.start();
         self.engine.write_via(&self.via, offset, data, fua).await
     }
 
@@ -1668,20 +1689,24 @@ impl Lanes {
         trim: bool,
         fua: bool,
     ) -> Result<(), EngineError> {
+        self.start();
         self.engine
             .zero_via(&self.via, offset, length, trim, fua)
             .await
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
+        self.start();
         self.engine.flush_via(&self.via).await
     }
 
     pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, EngineError> {
+        self.start();
         self.engine.read_via(&self.via, offset, length).await
     }
 
     pub async fn map(&self, offset: u64, length: u32) -> Result<Vec<MapExtent>, EngineError> {
+        self.start();
         self.engine.map_via(&self.via, offset, length).await
     }
 }

@@ -460,6 +460,19 @@ impl NbdServer {
             Err(e) => return Err(e),
         };
         drop(negotiating);
+        // An idle connection costs no thread: it waits here, on the shared runtime, for its
+        // first request (or its end, or the engine's).
+        if rd.buffer().is_empty() {
+            use tokio::io::AsyncBufReadExt;
+            tokio::select! {
+                r = rd.fill_buf() => match r {
+                    Ok([]) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                _ = neg.engine.wait_closed() => return Ok(()),
+            }
+        }
         // Bytes the client sent right after negotiating must not be lost on the way.
         let early = rd.buffer().to_vec();
         let raw = S::unsplit(rd.into_inner(), wr)?;

@@ -207,3 +207,65 @@ fn half_open_rest_connections_are_bounded_and_closed_after_their_timeout() {
         "past the limit, refused"
     );
 }
+
+fn threads(pid: u32) -> usize {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("Threads:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Connections past negotiation that send no request cost their node a socket, and no thread;
+/// the replicas' nodes nothing at all. The first request of one gets it served.
+#[test]
+fn idle_negotiated_connections_cost_no_thread_and_nothing_on_the_replicas_nodes() {
+    require("qemu-io");
+    let c = Cluster::separate(56, 3);
+    let uri = c.create_attached("quiet", "64MiB", 3, "node-1");
+    qemu_io(&uri, &["write -P 0x3c 0 1M".into()]);
+    let pids: Vec<u32> = (0..3).map(|i| c.agents[i].as_ref().unwrap().id()).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let before: Vec<(usize, usize)> = pids.iter().map(|&p| (threads(p), open_fds(p))).collect();
+    let addr = format!("{}:10809", c.node_ip(0));
+    let mut idle: Vec<TcpStream> = (0..200).map(|_| nbd_connect(&addr, "quiet")).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let after: Vec<(usize, usize)> = pids.iter().map(|&p| (threads(p), open_fds(p))).collect();
+    // The attached node: a socket each (and a few of its own), no thread each.
+    assert!(
+        after[0].0 < before[0].0 + 10,
+        "node-1 threads: {} before, {} with 200 idle connections",
+        before[0].0,
+        after[0].0
+    );
+    assert!(
+        after[0].1 < before[0].1 + 200 + 16,
+        "node-1 fds: {} before, {} with 200 idle connections",
+        before[0].1,
+        after[0].1
+    );
+    // The replicas' nodes: no connection (lanes open with the first request).
+    for i in 1..3 {
+        assert!(
+            after[i].0 < before[i].0 + 10 && after[i].1 < before[i].1 + 10,
+            "node-{}: threads {} -> {}, fds {} -> {}",
+            i + 1,
+            before[i].0,
+            after[i].0,
+            before[i].1,
+            after[i].1
+        );
+    }
+    // An idle connection's first request is served, and a fresh client's too.
+    let s = &mut idle[17];
+    s.write_all(&read_request(7, 0, 4096)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = [0u8; 16 + 4096];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "a simple reply");
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "no error");
+    assert_eq!(&reply[8..16], &7u64.to_be_bytes());
+    assert!(reply[16..].iter().all(|&b| b == 0x3c), "the data written");
+    qemu_io(&uri, &["read -P 0x3c 0 1M".into()]);
+}
