@@ -159,6 +159,7 @@ impl Manager {
             .nest("/v1", v1)
             .route("/healthz", get(|| async { "ok\n" }))
             .layer(DefaultBodyLimit::max(MAX_BODY))
+            .layer(middleware::from_fn(request_deadline))
             .with_state(self.clone())
     }
 }
@@ -194,6 +195,33 @@ const MAX_REST_CONNECTIONS: usize = 512;
 /// A request's headers must arrive whole within this long (from the connection's start, or
 /// the end of the last reply), else the connection is closed.
 const REST_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a request may take from its headers to its answer: its body must have come by then
+/// (handlers wait on nothing else, so only a body that has not come yet is cut short, before
+/// anything was changed). 408 past it.
+const REST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The [`REST_REQUEST_TIMEOUT`] on every request.
+async fn request_deadline(req: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let what = format!("{} {}", req.method(), req.uri().path());
+    match tokio::time::timeout(REST_REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(
+                "REST request {what} cut short: its body did not arrive within {} s",
+                REST_REQUEST_TIMEOUT.as_secs()
+            );
+            ApiError {
+                status: StatusCode::REQUEST_TIMEOUT,
+                message: format!(
+                    "{what}: the request did not arrive whole within {} s; nothing was changed",
+                    REST_REQUEST_TIMEOUT.as_secs()
+                ),
+            }
+            .into_response()
+        }
+    }
+}
 
 /// Serve `app` on `listener` with bounds: a connection limit and a header timeout (HTTP/1.1).
 async fn serve_bounded(

@@ -269,3 +269,37 @@ fn idle_negotiated_connections_cost_no_thread_and_nothing_on_the_replicas_nodes(
     assert!(reply[16..].iter().all(|&b| b == 0x3c), "the data written");
     qemu_io(&uri, &["read -P 0x3c 0 1M".into()]);
 }
+
+/// A request whose body stops coming is answered 408 within the request deadline (10 s), its
+/// connection is freed, and nothing is changed.
+#[test]
+fn a_request_whose_body_never_comes_gets_408_and_changes_nothing() {
+    let c = Cluster::separate(57, 1);
+    let api = c.api.trim_start_matches("http://").to_owned();
+    let admin = std::fs::read_to_string(c.dir.path().join("manager").join("admin.token")).unwrap();
+    let body = br#"{"name":"late","size_bytes":16777216}"#;
+    let mut s = TcpStream::connect(&api).unwrap();
+    let head = format!(
+        "POST /v1/volumes HTTP/1.1\r\nHost: zebu\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        admin.trim(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body[..10]).unwrap();
+    let started = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("nothing was changed"), "{resp}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // The rest of the body, sent late, creates nothing.
+    let _ = s.write_all(&body[10..]);
+    let v = c.cli_json(&["volume", "list"]).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 0, "{v}");
+}
