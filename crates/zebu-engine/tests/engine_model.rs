@@ -2186,3 +2186,64 @@ async fn over_tls_the_server_refuses_a_proof_not_bound_to_the_session() {
         }
     }
 }
+
+/// The data protocol's request deadline: a connection may be idle between requests as long as
+/// it likes, but once a request has started, its payload must come within
+/// `REQUEST_TIMEOUT` (15 s), or the server closes the connection (and writes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_payload_never_comes_closes_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use zebu_proto::auth::*;
+    use zebu_proto::data::{
+        Hello, RequestHeader, Welcome, WelcomeStatus, PROTOCOL_VERSION, WELCOME_FIXED_BYTES,
+    };
+    let c = cluster(1).await;
+    let t = c.targets[0].clone();
+    let mut s = tokio::net::TcpStream::connect(&t.address).await.unwrap();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        volume: "v".into(),
+        replica: t.name.clone(),
+        epoch: 1,
+        nonce: vec![5u8; NONCE_BYTES],
+    }
+    .encode();
+    s.write_all(&hello).await.unwrap();
+    let mut b = [0u8; CHALLENGE_FRAME_BYTES];
+    s.read_exact(&mut b).await.unwrap();
+    let ch = Challenge::decode(&b).unwrap();
+    let p = Proof {
+        proof: client_proof(SECRET, &hello, &ch.nonce, &ch.proof, &[]),
+    };
+    s.write_all(&p.encode()).await.unwrap();
+    let mut fixed = [0u8; WELCOME_FIXED_BYTES];
+    s.read_exact(&mut fixed).await.unwrap();
+    let mut w = fixed.to_vec();
+    w.resize(WELCOME_FIXED_BYTES + Welcome::rest_len(&fixed).unwrap(), 0);
+    s.read_exact(&mut w[WELCOME_FIXED_BYTES..]).await.unwrap();
+    assert_eq!(Welcome::decode(&w).unwrap().status, WelcomeStatus::Ok);
+    // Idle for longer than the deadline: still open.
+    let timeout = zebu_replica::server::REQUEST_TIMEOUT;
+    tokio::time::sleep(timeout + Duration::from_secs(1)).await;
+    let h = RequestHeader {
+        op: Op::Write,
+        flags: 0,
+        id: 1,
+        offset: 0,
+        length: 4096,
+        payload_crc: 0,
+    }
+    .encode();
+    s.write_all(&h).await.unwrap();
+    s.write_all(&[0xee; 100]).await.unwrap();
+    // The rest never comes: the server closes the connection within the deadline.
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(timeout + Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection is still open past the deadline: {r:?}"
+    );
+    let mut b = vec![0u8; BS as usize];
+    c.servers[0].list()[0].read(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "a partial write was written");
+}

@@ -48,6 +48,10 @@ fn cost(h: &RequestHeader) -> u32 {
     }
 }
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Once a request's first byte has come, the rest of its header and its payload must come
+/// within this (between requests a connection may be idle as long as it likes). An engine
+/// retires a replica that does not answer in 8 s, so a peer that stalls longer is gone anyway.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Handshakes in progress at once (each may cost a TLS key exchange and signature): past them,
 /// new connections are closed at once, with a log line, until one ends. Engines retry.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -524,6 +528,30 @@ enum Source {
     Tls(crate::tls::TlsReader),
 }
 
+impl Source {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Source::Plain(s) => s.set_read_timeout(t),
+            Source::Tls(s) => s.socket().set_read_timeout(t),
+        }
+    }
+}
+
+/// What a read that ran out of [`REQUEST_TIMEOUT`] says.
+fn stalled(what: &str, e: std::io::Error) -> String {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        format!(
+            "{what} did not arrive within {} s of the request's first byte",
+            REQUEST_TIMEOUT.as_secs()
+        )
+    } else {
+        format!("reading {what}: {e}")
+    }
+}
+
 impl Read for Source {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -618,14 +646,36 @@ impl Connection {
         let mut rd = std::io::BufReader::with_capacity(256 * 1024, stream);
         // JOIN_SESSION replaces it with a session shared with other connections.
         let mut session = self.session.clone();
+        // The socket's read timeout is on (the rest of a request is being read).
+        let mut timed = false;
         loop {
+            if timed {
+                rd.get_ref()
+                    .set_timeout(None)
+                    .map_err(|e| format!("clearing a read timeout: {e}"))?;
+                timed = false;
+            }
             let mut hb = [0u8; REQUEST_HEADER_BYTES];
             self.fill_or_flush(&rd, REQUEST_HEADER_BYTES);
-            match rd.read_exact(&mut hb) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(format!("reading request: {e}")),
+            // The first byte may take as long as the engine likes; the rest of the request is
+            // timed (a socket timeout, set only when a read would wait).
+            loop {
+                match rd.read(&mut hb[..1]) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(format!("reading request: {e}")),
+                }
             }
+            if rd.buffer().len() < REQUEST_HEADER_BYTES - 1 {
+                rd.get_ref()
+                    .set_timeout(Some(REQUEST_TIMEOUT))
+                    .map_err(|e| format!("setting a read timeout: {e}"))?;
+                timed = true;
+            }
+            rd.read_exact(&mut hb[1..])
+                .map_err(|e| stalled("a request header", e))?;
             let h = RequestHeader::decode(&hb).map_err(|e| format!("bad request: {e}"))?;
             match h.op {
                 Op::ShareSession => {
@@ -653,8 +703,14 @@ impl Connection {
             let units = if quick { 0 } else { cost(&h) };
             self.budget.acquire(units);
             self.fill_or_flush(&rd, h.payload_len());
+            if !timed && rd.buffer().len() < h.payload_len() {
+                rd.get_ref()
+                    .set_timeout(Some(REQUEST_TIMEOUT))
+                    .map_err(|e| format!("setting a read timeout: {e}"))?;
+                timed = true;
+            }
             let payload = read_payload(&mut rd, h.payload_len())
-                .map_err(|e| format!("reading payload: {e}"))?;
+                .map_err(|e| stalled("a request's payload", e))?;
             if h.op == Op::Read && h.length <= ops::QUICK_MAX_BYTES {
                 // Data in the page cache is copied right here, without a hop to an I/O thread.
                 let cached = match ops::read_cached(&self.replica, &session, h.offset, h.length) {
