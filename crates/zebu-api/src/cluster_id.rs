@@ -2,7 +2,6 @@
 //! `DATA_DIR/cluster.id` on the manager and on every agent (32 lowercase hex digits and a
 //! newline), written once, crash-safely, and never changed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FILE: &str = "cluster.id";
@@ -38,13 +37,6 @@ pub fn read(data_dir: &Path) -> Result<Option<String>, String> {
 /// Write `id` into `data_dir` durably: a temporary file, fsync, rename, fsync of the directory.
 pub fn write(data_dir: &Path, id: &str) -> Result<(), String> {
     let p = path(data_dir);
-    let tmp = data_dir.join(format!("{FILE}.tmp"));
-    let fail = |e: std::io::Error| format!("cannot write {}: {e}", p.display());
-    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
-    f.write_all(format!("{id}\n").as_bytes()).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, &p).map_err(fail)?;
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(fail)
+    crate::durable::write_file(&p, &format!("{id}\n"), 0o644)
+        .map_err(|e| format!("cannot write {}: {e}", p.display()))
 }

@@ -2,6 +2,7 @@
 //! the agents use. JSON on the wire; every request carries `Authorization: Bearer <token>`.
 
 pub mod cluster_id;
+pub mod durable;
 pub mod node_token;
 
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,6 @@
 //! `state/node_tokens.rs`). Written crash-safely (temporary file, fsync, rename, fsync of the
 //! directory), readable by its owner only.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const FILE: &str = "node.token";
@@ -32,21 +31,7 @@ pub fn read(data_dir: &Path) -> Result<Option<String>, String> {
 }
 
 pub fn write(data_dir: &Path, token: &str) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let p = path(data_dir);
-    let tmp = data_dir.join(format!("{FILE}.tmp"));
-    let fail = |e: std::io::Error| format!("cannot write {}: {e}", p.display());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(fail)?;
-    f.write_all(format!("{token}\n").as_bytes()).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, &p).map_err(fail)?;
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(fail)
+    crate::durable::write_file(&p, &format!("{token}\n"), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", p.display()))
 }

@@ -383,6 +383,16 @@ async fn a_newer_epoch_fences_the_old_engine_and_an_older_one_is_refused() {
 /// A TCP proxy in front of `target` that stops forwarding (both ways) once `frozen` is set:
 /// a replica that hangs without closing its connection.
 async fn freezable_proxy(target: String, frozen: Arc<std::sync::atomic::AtomicBool>) -> String {
+    proxy(target, frozen, None).await
+}
+
+/// A TCP proxy to `target` that holds every byte while `frozen` is set, and keeps a copy of
+/// everything that crosses it in `log`, if given.
+async fn proxy(
+    target: String,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    log: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
+) -> String {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -393,15 +403,16 @@ async fn freezable_proxy(target: String, frozen: Arc<std::sync::atomic::AtomicBo
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
             for (mut r, mut w) in [(cr, sw), (sr, cw)].map(|(r, w)| (r, w)) {
-                let frozen = frozen.clone();
+                let (frozen, log) = (frozen.clone(), log.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 1 << 16];
                     loop {
-                        let Ok(n) = r.read(&mut buf).await else {
-                            return;
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
                         };
-                        if n == 0 {
-                            return;
+                        if let Some(log) = &log {
+                            log.lock().unwrap().extend_from_slice(&buf[..n]);
                         }
                         while frozen.load(Ordering::SeqCst) {
                             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1909,34 +1920,8 @@ async fn a_member_whose_disk_is_full_leaves_the_set_and_the_write_succeeds() {
 
 /// A proxy that passes bytes both ways and keeps a copy of everything that crossed it.
 async fn recording_proxy(target: String) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = l.accept().await {
-            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            for (mut r, mut w) in [(cr, sw), (sr, cw)].map(|(r, w)| (r, w)) {
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 1 << 16];
-                    loop {
-                        let n = match r.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        log.lock().unwrap().extend_from_slice(&buf[..n]);
-                        if w.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        }
-    });
+    let addr = proxy(target, Arc::default(), Some(seen.clone())).await;
     (addr, seen)
 }
 
@@ -2037,6 +2022,11 @@ async fn the_data_protocol_over_tls_round_trips_and_hides_the_data_on_the_wire()
     );
 }
 
+/// An engine's TLS connection to `replica` at `addr`, at epoch 1, proving `secret`.
+async fn dial_tls(addr: &str, replica: &str, secret: &str) -> Result<ReplicaClient, ClientError> {
+    ReplicaClient::connect(addr, "v", replica, 1, secret, true, Duration::from_secs(5)).await
+}
+
 /// A server that starts TLS but cannot prove it holds the secret (someone in the middle who
 /// ends the engine's TLS session) is refused, and learns nothing but the Hello.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2044,33 +2034,17 @@ async fn over_tls_a_server_without_the_secret_is_refused() {
     let c = cluster(1).await;
     c.servers[0].set_secret("another-cluster".into());
     let t = &c.targets[0];
-    let err = ReplicaClient::connect(
-        &t.address,
-        "v",
-        &t.name,
-        1,
-        SECRET,
-        true,
-        Duration::from_secs(5),
-    )
-    .await
-    .err()
-    .expect("a server without the secret was accepted over TLS");
+    let err = dial_tls(&t.address, &t.name, SECRET)
+        .await
+        .err()
+        .expect("a server without the secret was accepted over TLS");
     assert!(err.to_string().contains("could not prove"), "{err}");
     // An engine with yet another secret fails too (it refuses the server first; that the server
     // checks the engine's proof over TLS is the test after the next).
-    let err = ReplicaClient::connect(
-        &t.address,
-        "v",
-        &t.name,
-        1,
-        "another-secret",
-        true,
-        Duration::from_secs(5),
-    )
-    .await
-    .err()
-    .expect("an engine without the secret was accepted over TLS");
+    let err = dial_tls(&t.address, &t.name, "another-secret")
+        .await
+        .err()
+        .expect("an engine without the secret was accepted over TLS");
     assert!(err.to_string().contains("secret"), "{err}");
     assert_eq!(c.servers[0].list()[0].epoch(), 0, "an epoch was recorded");
 }
@@ -2103,32 +2077,50 @@ async fn over_tls_a_relay_between_two_sessions_is_refused() {
             });
         }
     });
-    let err = ReplicaClient::connect(
-        &relay,
-        "v",
-        &t.name,
-        1,
-        SECRET,
-        true,
-        Duration::from_secs(5),
-    )
-    .await
-    .err()
-    .expect("an engine was served through a relay between two TLS sessions");
+    let err = dial_tls(&relay, &t.name, SECRET)
+        .await
+        .err()
+        .expect("an engine was served through a relay between two TLS sessions");
     assert!(err.to_string().contains("could not prove"), "{err}");
     assert_eq!(c.servers[0].list()[0].epoch(), 0, "an epoch was recorded");
     // The same engine straight to the server is served (the relay is what was refused).
-    ReplicaClient::connect(
-        &t.address,
-        "v",
-        &t.name,
-        1,
-        SECRET,
-        true,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    dial_tls(&t.address, &t.name, SECRET).await.unwrap();
+}
+
+/// The engine's side of the handshake done by hand on `s` (plain TCP or a TLS session), for
+/// replica `replica` of volume `v` at epoch 1, with the proof made over `binding`; the Welcome.
+async fn handshake_by_hand<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    replica: &str,
+    binding: &[u8],
+) -> zebu_proto::data::Welcome {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use zebu_proto::auth::*;
+    use zebu_proto::data::{Hello, Welcome, PROTOCOL_VERSION, WELCOME_FIXED_BYTES};
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        volume: "v".into(),
+        replica: replica.to_owned(),
+        epoch: 1,
+        nonce: vec![9u8; NONCE_BYTES],
+    }
+    .encode();
+    s.write_all(&hello).await.unwrap();
+    s.flush().await.unwrap();
+    let mut b = [0u8; CHALLENGE_FRAME_BYTES];
+    s.read_exact(&mut b).await.unwrap();
+    let ch = Challenge::decode(&b).unwrap();
+    let p = Proof {
+        proof: client_proof(SECRET, &hello, &ch.nonce, &ch.proof, binding),
+    };
+    s.write_all(&p.encode()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut fixed = [0u8; WELCOME_FIXED_BYTES];
+    s.read_exact(&mut fixed).await.unwrap();
+    let mut w = fixed.to_vec();
+    w.resize(WELCOME_FIXED_BYTES + Welcome::rest_len(&fixed).unwrap(), 0);
+    s.read_exact(&mut w[WELCOME_FIXED_BYTES..]).await.unwrap();
+    Welcome::decode(&w).unwrap()
 }
 
 /// Over TLS the server checks that the engine's proof covers this session: a proof made with
@@ -2136,9 +2128,8 @@ async fn over_tls_a_relay_between_two_sessions_is_refused() {
 /// refused; the same exchange with the binding is welcomed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_the_server_refuses_a_proof_not_bound_to_the_session() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use zebu_proto::auth::*;
-    use zebu_proto::data::{Hello, Welcome, WelcomeStatus, PROTOCOL_VERSION, WELCOME_FIXED_BYTES};
+    use zebu_proto::data::WelcomeStatus;
     let c = cluster(1).await;
     let t = c.targets[0].clone();
     for bound in [false, true] {
@@ -2153,31 +2144,8 @@ async fn over_tls_the_server_refuses_a_proof_not_bound_to_the_session() {
             .1
             .export_keying_material(&mut binding, EXPORTER_LABEL, None)
             .unwrap();
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            volume: "v".into(),
-            replica: t.name.clone(),
-            epoch: 1,
-            nonce: vec![9u8; NONCE_BYTES],
-        }
-        .encode();
-        s.write_all(&hello).await.unwrap();
-        s.flush().await.unwrap();
-        let mut b = [0u8; CHALLENGE_FRAME_BYTES];
-        s.read_exact(&mut b).await.unwrap();
-        let ch = Challenge::decode(&b).unwrap();
         let used: &[u8] = if bound { &binding } else { &[] };
-        let p = Proof {
-            proof: client_proof(SECRET, &hello, &ch.nonce, &ch.proof, used),
-        };
-        s.write_all(&p.encode()).await.unwrap();
-        s.flush().await.unwrap();
-        let mut fixed = [0u8; WELCOME_FIXED_BYTES];
-        s.read_exact(&mut fixed).await.unwrap();
-        let mut w = fixed.to_vec();
-        w.resize(WELCOME_FIXED_BYTES + Welcome::rest_len(&fixed).unwrap(), 0);
-        s.read_exact(&mut w[WELCOME_FIXED_BYTES..]).await.unwrap();
-        let w = Welcome::decode(&w).unwrap();
+        let w = handshake_by_hand(&mut s, &t.name, used).await;
         if bound {
             assert_eq!(w.status, WelcomeStatus::Ok, "{}", w.message);
         } else {
@@ -2193,35 +2161,12 @@ async fn over_tls_the_server_refuses_a_proof_not_bound_to_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_payload_never_comes_closes_its_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use zebu_proto::auth::*;
-    use zebu_proto::data::{
-        Hello, RequestHeader, Welcome, WelcomeStatus, PROTOCOL_VERSION, WELCOME_FIXED_BYTES,
-    };
+    use zebu_proto::data::{RequestHeader, WelcomeStatus};
     let c = cluster(1).await;
     let t = c.targets[0].clone();
     let mut s = tokio::net::TcpStream::connect(&t.address).await.unwrap();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        volume: "v".into(),
-        replica: t.name.clone(),
-        epoch: 1,
-        nonce: vec![5u8; NONCE_BYTES],
-    }
-    .encode();
-    s.write_all(&hello).await.unwrap();
-    let mut b = [0u8; CHALLENGE_FRAME_BYTES];
-    s.read_exact(&mut b).await.unwrap();
-    let ch = Challenge::decode(&b).unwrap();
-    let p = Proof {
-        proof: client_proof(SECRET, &hello, &ch.nonce, &ch.proof, &[]),
-    };
-    s.write_all(&p.encode()).await.unwrap();
-    let mut fixed = [0u8; WELCOME_FIXED_BYTES];
-    s.read_exact(&mut fixed).await.unwrap();
-    let mut w = fixed.to_vec();
-    w.resize(WELCOME_FIXED_BYTES + Welcome::rest_len(&fixed).unwrap(), 0);
-    s.read_exact(&mut w[WELCOME_FIXED_BYTES..]).await.unwrap();
-    assert_eq!(Welcome::decode(&w).unwrap().status, WelcomeStatus::Ok);
+    let w = handshake_by_hand(&mut s, &t.name, &[]).await;
+    assert_eq!(w.status, WelcomeStatus::Ok, "{}", w.message);
     // Idle for longer than the deadline: still open.
     let timeout = zebu_replica::server::REQUEST_TIMEOUT;
     tokio::time::sleep(timeout + Duration::from_secs(1)).await;

@@ -61,8 +61,6 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 
 /// Read a secret file, or create it (mode 0600) with a new random value.
 fn secret_file(path: &Path) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Ok(s) = std::fs::read_to_string(path) {
         let s = s.trim().to_owned();
         if !s.is_empty() {
@@ -70,26 +68,8 @@ fn secret_file(path: &Path) -> anyhow::Result<String> {
         }
     }
     let value = random_hex(32);
-    let mut tmp_name = path
-        .file_name()
-        .expect("secret paths have a file name")
-        .to_owned();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(format!("{value}\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
+    zebu_api::durable::write_file(path, &format!("{value}\n"), 0o600)
+        .with_context(|| format!("creating {}", path.display()))?;
     Ok(value)
 }
 
