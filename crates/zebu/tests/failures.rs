@@ -77,11 +77,16 @@ fn killing_replica_agents_degrades_without_errors_and_loses_nothing() {
         .unwrap();
     c.start_agent(1);
     c.wait_nodes_ready(2);
-    let r2 = wait_until("node-2's replica rebuilt", Duration::from_secs(60), || {
-        let r = replica_on(&c, "busy", "node-2");
-        (r["mode"] == "RW").then_some(r)
-    });
-    assert!(r2["generation"].as_u64().unwrap() > g_stale, "{r2}");
+    // RW comes with the engine's report, the generation with node-2's own heartbeat: the
+    // manager's view has both once both have come.
+    let r2 = wait_until(
+        "node-2's replica rebuilt, at a generation above its stale one",
+        Duration::from_secs(60),
+        || {
+            let r = replica_on(&c, "busy", "node-2");
+            (r["mode"] == "RW" && r["generation"].as_u64().unwrap_or(0) > g_stale).then_some(r)
+        },
+    );
     assert_eq!(r2["last_rebuild"]["kind"], "delta", "{r2}");
     qemu_io(&uri, &["read -P 0x33 220M 1M".into()]);
     let listed = c.cli_ok(&["volume", "list"]);
