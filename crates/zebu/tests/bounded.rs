@@ -7,15 +7,18 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-fn rss_bytes(pid: u32) -> u64 {
+/// A number field of `/proc/PID/status` (`VmRSS` in KiB, `Threads`, ...).
+fn status_field(pid: u32, key: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+    s.lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
+        .unwrap()
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    status_field(pid, "VmRSS") * 1024
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -209,12 +212,7 @@ fn half_open_rest_connections_are_bounded_and_closed_after_their_timeout() {
 }
 
 fn threads(pid: u32) -> usize {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with("Threads:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    status_field(pid, "Threads") as usize
 }
 
 /// Connections past negotiation that send no request cost their node a socket, and no thread;
