@@ -66,6 +66,10 @@ pub enum ReplicaError {
     },
     #[error("replica directory {path} already holds a replica")]
     AlreadyExists { path: PathBuf },
+    #[error("replica {replica} already has a snapshot named {name:?}; choose another name")]
+    SnapshotExists { replica: String, name: String },
+    #[error("replica {replica} has no snapshot named {name:?}")]
+    NoSnapshot { replica: String, name: String },
 }
 
 impl ReplicaError {
@@ -90,7 +94,9 @@ impl ReplicaError {
             ReplicaError::Checksum { .. } => Status::Checksum,
             ReplicaError::OutOfRange { .. }
             | ReplicaError::Invalid { .. }
-            | ReplicaError::AlreadyExists { .. } => Status::Invalid,
+            | ReplicaError::AlreadyExists { .. }
+            | ReplicaError::SnapshotExists { .. }
+            | ReplicaError::NoSnapshot { .. } => Status::Invalid,
             ReplicaError::Poisoned { .. } => Status::Poisoned,
             ReplicaError::TransitChecksum { .. } => Status::PayloadChecksum,
             ReplicaError::Stale { .. } | ReplicaError::Fenced { .. } => Status::Stale,

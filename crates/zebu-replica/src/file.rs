@@ -549,6 +549,7 @@ impl DiskFile for SimFile {
 pub struct Faulty {
     inner: Arc<dyn FileLayer>,
     full: Arc<std::sync::atomic::AtomicBool>,
+    sync_delay_us: Arc<AtomicU64>,
 }
 
 impl Faulty {
@@ -556,7 +557,15 @@ impl Faulty {
         Faulty {
             inner,
             full: Arc::default(),
+            sync_delay_us: Arc::default(),
         }
+    }
+
+    /// Every data sync takes this much longer (a slow disk): widens the windows races need.
+    pub fn slow_syncs(self, delay: std::time::Duration) -> Faulty {
+        self.sync_delay_us
+            .store(delay.as_micros() as u64, Ordering::SeqCst);
+        self
     }
 
     /// A switch: `true` makes the disk full, `false` frees it.
@@ -570,12 +579,14 @@ impl FileLayer for Faulty {
         Ok(Box::new(FaultyFile {
             inner: self.inner.open(path, create)?,
             full: self.full.clone(),
+            sync_delay_us: self.sync_delay_us.clone(),
         }))
     }
     fn open_or_create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
         Ok(Box::new(FaultyFile {
             inner: self.inner.open_or_create(path)?,
             full: self.full.clone(),
+            sync_delay_us: self.sync_delay_us.clone(),
         }))
     }
     fn name(&self) -> &'static str {
@@ -586,6 +597,7 @@ impl FileLayer for Faulty {
 struct FaultyFile {
     inner: Box<dyn DiskFile>,
     full: Arc<std::sync::atomic::AtomicBool>,
+    sync_delay_us: Arc<AtomicU64>,
 }
 
 impl DiskFile for FaultyFile {
@@ -602,6 +614,10 @@ impl DiskFile for FaultyFile {
         self.inner.write_all_at(buf, at)
     }
     fn sync_data(&self) -> io::Result<()> {
+        let delay = self.sync_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
         self.inner.sync_data()
     }
     fn sync_all(&self) -> io::Result<()> {

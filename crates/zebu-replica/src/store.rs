@@ -28,319 +28,47 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
 
 use crate::error::ReplicaError;
-use crate::file::{DiskFile, FileLayer};
+use crate::file::FileLayer;
 use crate::meta::{LayerMeta, ReplicaMeta};
 use crate::wil::IntentLog;
 
-/// Bytes before the first index entry.
-pub const INDEX_HEADER_BYTES: u64 = 4096;
-pub const INDEX_MAGIC: [u8; 8] = *b"ZEBUIDX\0";
-pub const INDEX_FORMAT_VERSION: u32 = 1;
-/// Entry bit: this layer holds the block's data; the low 32 bits are its CRC32C.
-pub const ENTRY_PRESENT: u64 = 1 << 32;
-/// Entry bit: the block reads as zeroes in this layer (masks older layers).
-pub const ENTRY_ZERO: u64 = 1 << 33;
-const ENTRY_KNOWN_BITS: u64 = ENTRY_PRESENT | ENTRY_ZERO | 0xffff_ffff;
+mod layer;
+mod snapshot;
+
+use layer::{
+    entry_of, layer_file_id, layer_paths, pack, slot_of, write_in_pieces, BlockIndex, Layer,
+    CHUNK_ENTRIES,
+};
+pub use layer::{ENTRY_PRESENT, ENTRY_ZERO, INDEX_FORMAT_VERSION, INDEX_HEADER_BYTES, INDEX_MAGIC};
+pub use snapshot::{LayerInfo, MergeProgress, SnapshotSpec, SnapshotView};
+
 /// The default block size of new replicas.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 
-const CHUNK_ENTRIES: usize = 4096;
 const LOCK_STRIPES: usize = 512;
 /// Blocks covered by one lock stripe.
 const STRIPE_BLOCKS: u64 = 64;
 
-/// In-memory index of one layer: lazily allocated chunks of atomic entries.
-struct BlockIndex {
-    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+/// The open layers of the live path (the head and its ancestors), by slot. Immutable: replaced
+/// whole when a snapshot is taken, a merge ends or a revert is done (see `docs/snapshots.md`).
+struct Chain {
+    slots: Vec<Option<Arc<Layer>>>,
+    /// Slot of the head.
+    head: usize,
+    /// Layers on the live path.
+    depth: usize,
 }
 
-impl BlockIndex {
-    fn new(blocks: u64) -> BlockIndex {
-        let n = blocks.div_ceil(CHUNK_ENTRIES as u64) as usize;
-        BlockIndex {
-            chunks: (0..n).map(|_| OnceLock::new()).collect(),
-        }
-    }
-
+impl Chain {
     #[inline]
-    fn get(&self, block: u64) -> u64 {
-        let (c, i) = (
-            (block / CHUNK_ENTRIES as u64) as usize,
-            (block % CHUNK_ENTRIES as u64) as usize,
-        );
-        match self.chunks[c].get() {
-            Some(chunk) => chunk[i].load(Ordering::Acquire),
-            None => 0,
-        }
+    fn layer(&self, slot: usize) -> Option<&Arc<Layer>> {
+        self.slots.get(slot).and_then(|l| l.as_ref())
     }
 
-    #[inline]
-    fn set(&self, block: u64, entry: u64) {
-        let (c, i) = (
-            (block / CHUNK_ENTRIES as u64) as usize,
-            (block % CHUNK_ENTRIES as u64) as usize,
-        );
-        if entry == 0 && self.chunks[c].get().is_none() {
-            return;
-        }
-        let chunk =
-            self.chunks[c].get_or_init(|| (0..CHUNK_ENTRIES).map(|_| AtomicU64::new(0)).collect());
-        chunk[i].store(entry, Ordering::Release);
-    }
-
-    fn allocated_chunks(&self) -> usize {
-        self.chunks.iter().filter(|c| c.get().is_some()).count()
-    }
-}
-
-struct Layer {
-    id: u64,
-    data: Box<dyn DiskFile>,
-    data_path: PathBuf,
-    index: Box<dyn DiskFile>,
-    index_path: PathBuf,
-    entries: BlockIndex,
-    /// A mutation completed since the last successful sync started. Set when a write or zero
-    /// finishes (after all its syscalls), cleared by a flush just before it syncs: a FLUSH with
-    /// nothing completed since the last one costs no fsync.
-    dirty: AtomicBool,
-}
-
-fn layer_paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
-    (
-        dir.join(format!("layer-{id:016x}.data")),
-        dir.join(format!("layer-{id:016x}.idx")),
-    )
-}
-
-fn index_header(id: u64, block_size: u32) -> Vec<u8> {
-    let mut h = vec![0u8; INDEX_HEADER_BYTES as usize];
-    h[0..8].copy_from_slice(&INDEX_MAGIC);
-    h[8..12].copy_from_slice(&INDEX_FORMAT_VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&block_size.to_le_bytes());
-    h[16..24].copy_from_slice(&id.to_le_bytes());
-    let crc = crc32c::crc32c(&h[0..24]);
-    h[24..28].copy_from_slice(&crc.to_le_bytes());
-    h
-}
-
-impl Layer {
-    fn create(
-        files: &dyn FileLayer,
-        dir: &Path,
-        id: u64,
-        size_bytes: u64,
-        block_size: u32,
-    ) -> Result<Layer, ReplicaError> {
-        let (data_path, index_path) = layer_paths(dir, id);
-        let open_new = |p: &Path| {
-            files
-                .open(p, true)
-                .map_err(|e| ReplicaError::io("create layer file", p, 0, e))
-        };
-        let data = open_new(&data_path)?;
-        data.set_len(size_bytes)
-            .map_err(|e| ReplicaError::io("size layer data", &data_path, 0, e))?;
-        let index = open_new(&index_path)?;
-        index
-            .write_all_at(&index_header(id, block_size), 0)
-            .map_err(|e| ReplicaError::io("write index header", &index_path, 0, e))?;
-        let blocks = size_bytes / block_size as u64;
-        index
-            .set_len(INDEX_HEADER_BYTES + blocks * 8)
-            .map_err(|e| ReplicaError::io("size layer index", &index_path, 0, e))?;
-        for (f, p) in [(&*data, &data_path), (&*index, &index_path)] {
-            f.sync_all()
-                .map_err(|e| ReplicaError::io("fsync new layer", p, 0, e))?;
-        }
-        Ok(Layer {
-            id,
-            data,
-            data_path,
-            index,
-            index_path,
-            entries: BlockIndex::new(blocks),
-            dirty: AtomicBool::new(false),
-        })
-    }
-
-    fn open(
-        files: &dyn FileLayer,
-        dir: &Path,
-        id: u64,
-        size_bytes: u64,
-        block_size: u32,
-    ) -> Result<Layer, ReplicaError> {
-        let (data_path, index_path) = layer_paths(dir, id);
-        let open = |p: &Path| {
-            files
-                .open(p, false)
-                .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
-        };
-        let data = open(&data_path)?;
-        let index = open(&index_path)?;
-        let bad = |block: u64, reason: String| ReplicaError::BadIndex {
-            path: index_path.clone(),
-            block,
-            reason,
-        };
-        let mut header = vec![0u8; INDEX_HEADER_BYTES as usize];
-        index
-            .read_exact_at(&mut header, 0)
-            .map_err(|e| ReplicaError::io("read index header", &index_path, 0, e))?;
-        if header[..28] != index_header(id, block_size)[..28] {
-            return Err(bad(
-                0,
-                "header does not match this layer (magic, version, block size, id or checksum)"
-                    .into(),
-            ));
-        }
-        let blocks = size_bytes / block_size as u64;
-        let len = index
-            .size()
-            .map_err(|e| ReplicaError::io("stat index", &index_path, 0, e))?;
-        if len != INDEX_HEADER_BYTES + blocks * 8 {
-            return Err(bad(
-                0,
-                format!(
-                    "file is {len} bytes, expected {}",
-                    INDEX_HEADER_BYTES + blocks * 8
-                ),
-            ));
-        }
-        let entries = BlockIndex::new(blocks);
-        // Load only the parts of the (sparse) index file that hold data.
-        let chunk_bytes = CHUNK_ENTRIES as u64 * 8;
-        let mut buf = vec![0u8; chunk_bytes as usize];
-        let mut pos = INDEX_HEADER_BYTES;
-        let end = INDEX_HEADER_BYTES + blocks * 8;
-        while pos < end {
-            let next = match index.next_data(pos) {
-                Ok(Some(next)) => next,
-                Ok(None) => break,
-                Err(e) => return Err(ReplicaError::io("seek index data", &index_path, pos, e)),
-            };
-            let first_block = next.saturating_sub(INDEX_HEADER_BYTES) / 8;
-            let first_block = first_block - first_block % CHUNK_ENTRIES as u64;
-            let start = INDEX_HEADER_BYTES + first_block * 8;
-            let n = chunk_bytes.min(end - start) as usize;
-            index
-                .read_exact_at(&mut buf[..n], start)
-                .map_err(|e| ReplicaError::io("read index", &index_path, start, e))?;
-            for (i, e) in buf[..n].chunks_exact(8).enumerate() {
-                let entry = u64::from_le_bytes(e.try_into().expect("8 bytes"));
-                if entry == 0 {
-                    continue;
-                }
-                let block = first_block + i as u64;
-                if entry & !ENTRY_KNOWN_BITS != 0
-                    || (entry & ENTRY_PRESENT != 0 && entry & ENTRY_ZERO != 0)
-                {
-                    return Err(bad(
-                        block,
-                        format!("entry {entry:#x} has unknown or conflicting bits"),
-                    ));
-                }
-                if entry & (ENTRY_PRESENT | ENTRY_ZERO) == 0 {
-                    return Err(bad(
-                        block,
-                        format!("entry {entry:#x} has a checksum but no state"),
-                    ));
-                }
-                entries.set(block, entry);
-            }
-            pos = start + n as u64;
-        }
-        Ok(Layer {
-            id,
-            data,
-            data_path,
-            index,
-            index_path,
-            entries,
-            // Unknown history (a crash may have left unsynced pages): sync at the first flush.
-            dirty: AtomicBool::new(true),
-        })
-    }
-
-    fn sync(&self) -> Result<(), ReplicaError> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return Ok(());
-        }
-        // Both files at once: the filesystem can commit them in one journal transaction.
-        let (data, index) = std::thread::scope(|s| {
-            let index = s.spawn(|| self.index.sync_data());
-            (self.data.sync_data(), index.join())
-        });
-        data.map_err(|e| ReplicaError::io("fdatasync", &self.data_path, 0, e))?;
-        index
-            .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked")))
-            .map_err(|e| ReplicaError::io("fdatasync", &self.index_path, 0, e))
-    }
-
-    /// Persist entries for `count` consecutive blocks starting at `first`, then publish them.
-    fn put_entries(&self, first: u64, new_entries: &[u64]) -> Result<(), ReplicaError> {
-        let mut buf = Vec::with_capacity(new_entries.len() * 8);
-        for e in new_entries {
-            buf.extend_from_slice(&e.to_le_bytes());
-        }
-        let at = INDEX_HEADER_BYTES + first * 8;
-        self.index
-            .write_all_at(&buf, at)
-            .map_err(|e| ReplicaError::io("write index", &self.index_path, at, e))?;
-        for (i, e) in new_entries.iter().enumerate() {
-            self.entries.set(first + i as u64, *e);
-        }
-        Ok(())
-    }
-
-    /// Reserve the space of blocks `[first, end)` in the data file (with `data`) and of their
-    /// entries in the index file, before any of them is written (see "A full disk" in
-    /// `docs/healing.md`): an ENOSPC here leaves everything as it was.
-    fn reserve(
-        &self,
-        replica: &str,
-        first: u64,
-        end: u64,
-        block_size: u64,
-        data: bool,
-    ) -> Result<(), ReplicaError> {
-        let ranges = [
-            (
-                &*self.data,
-                &self.data_path,
-                first * block_size,
-                (end - first) * block_size,
-            ),
-            (
-                &*self.index,
-                &self.index_path,
-                INDEX_HEADER_BYTES + first * 8,
-                (end - first) * 8,
-            ),
-        ];
-        for (file, path, at, len) in ranges.into_iter().skip(usize::from(!data)) {
-            file.allocate(at, len).map_err(|e| {
-                if e.raw_os_error() == Some(libc::ENOSPC) {
-                    ReplicaError::NoSpace {
-                        replica: replica.to_owned(),
-                        path: path.clone(),
-                        offset: first * block_size,
-                        length: (end - first) * block_size,
-                    }
-                } else {
-                    ReplicaError::io("reserve space", path, at, e)
-                }
-            })?;
-        }
-        Ok(())
-    }
-
-    fn punch_hole(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
-        // Filesystems without hole punching still read the entry as zero: not an error.
-        self.data
-            .punch_hole(offset, len)
-            .map_err(|e| ReplicaError::io("punch hole", &self.data_path, offset, e))
+    fn head(&self) -> &Arc<Layer> {
+        self.slots[self.head]
+            .as_ref()
+            .expect("invariant: the head's slot holds it")
     }
 }
 
@@ -352,28 +80,6 @@ enum ReadMode {
     Locked,
     /// Never wait for the disk (page cache only); give up on anything unusual.
     NoWait,
-}
-
-/// Largest piece of a data file written by one `pwrite` (aligned to file offsets).
-///
-/// On ext4 since Linux 6.16 the page cache allocates a folio as large as the write that creates
-/// it (up to 2 MiB), and every later write into a folio walks all of its buffer heads. A volume
-/// filled by large writes (a copy, a restore, a rebuild) then pays 20–80 µs of CPU for each 4 KiB
-/// overwrite, where it pays 2–5 µs in folios of 64 KiB or less. Writing in aligned pieces of
-/// 64 KiB keeps the folios that small, for 15–30% more CPU per MiB on large writes.
-const WRITE_PIECE_BYTES: u64 = 64 * 1024;
-
-/// `pwrite` all of `buf` at `at`, in pieces that end on multiples of [`WRITE_PIECE_BYTES`].
-fn write_in_pieces(file: &dyn DiskFile, buf: &[u8], at: u64) -> std::io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let pos = at + done as u64;
-        let room = (WRITE_PIECE_BYTES - pos % WRITE_PIECE_BYTES) as usize;
-        let n = room.min(buf.len() - done);
-        file.write_all_at(&buf[done..done + n], pos)?;
-        done += n;
-    }
-    Ok(())
 }
 
 /// Syncs started and completed (numbered from 1), for [`Replica::flush`].
@@ -419,20 +125,58 @@ impl Drop for SyncRunning<'_> {
 /// Where a block's current contents live.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Source {
-    /// In layer `index` of the chain, with this CRC32C.
-    Data { layer: usize, crc: u32 },
+    /// In the layer of this slot, with this CRC32C.
+    Data { slot: usize, crc: u32 },
     /// Zeroes (never written, trimmed or zeroed).
     Zero,
 }
 
-/// One replica: the chain of layers in a directory.
+/// Remove the layer files of `dir` that `meta` does not name: a snapshot's new head whose
+/// metadata replacement never happened, or a merged layer whose files outlived the replacement
+/// that took it out (see `docs/snapshots.md`). Neither holds data anything reads.
+fn remove_unnamed_layer_files(dir: &Path, meta: &ReplicaMeta) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(id) = layer_file_id(&name) {
+            if meta.layer(id).is_none() {
+                tracing::info!(path = %e.path().display(), "removing a layer file no record names (left by an interrupted snapshot or merge)");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// One replica: the tree of layers in a directory.
 pub struct Replica {
     dir: PathBuf,
     volume: String,
     name: String,
     size_bytes: u64,
     block_size: u32,
-    layers: Vec<Layer>,
+    files: Arc<dyn FileLayer>,
+    /// The open layers of the live path (see [`Chain`]).
+    chain: RwLock<Arc<Chain>>,
+    /// For every block, the entry of the live-path layer that decides it, tagged with that
+    /// layer's slot: one lookup per block, whatever the chain's length.
+    merged: BlockIndex,
+    /// Layers that left the chain, kept until no reader holds a chain naming them, so their
+    /// slots are not given to another layer before then.
+    freed: Mutex<Vec<Arc<Layer>>>,
+    /// Blocks each frozen layer holds (by id); the head's count is in its `held`.
+    sizes: Mutex<HashMap<u64, u64>>,
+    /// Held for a whole merge, a revert and a rebuild of the chain: one tree change at a time
+    /// (a snapshot only takes `meta`, so it never waits for a merge).
+    tree: Mutex<()>,
+    /// The merge running now, for progress reports.
+    merging: Mutex<Option<MergeProgress>>,
+    /// Held by a whole run of merges, and by a revert: one at a time.
+    merge_lock: Mutex<()>,
+    /// Test hook: the number of merge steps to do before failing as a crash would (-1: never).
+    #[cfg(test)]
+    crash_after: std::sync::atomic::AtomicI64,
     meta: Mutex<ReplicaMeta>,
     generation: AtomicU64,
     /// The highest engine epoch accepted (the fence; durable in `replica.meta`).
@@ -581,12 +325,22 @@ impl Replica {
             layers: vec![LayerMeta {
                 id: head_id,
                 created_unix,
-                name: String::new(),
+                flags: crate::meta::LAYER_HEAD,
+                ..Default::default()
             }],
         };
         // The metadata file is written last: a replica exists once it is there.
         meta.store(dir)?;
-        Ok(Replica::assemble(dir, meta, vec![layer], wil))
+        let blocks = size_bytes / block_size as u64;
+        Ok(Replica::assemble(
+            files,
+            dir,
+            meta,
+            vec![layer],
+            BlockIndex::new(blocks),
+            HashMap::new(),
+            wil,
+        ))
     }
 
     /// Open an existing replica, validating its metadata and indexes.
@@ -597,26 +351,80 @@ impl Replica {
     /// [`Replica::open`] with its files opened through `files`.
     pub fn open_in(files: &Arc<dyn FileLayer>, dir: &Path) -> Result<Replica, ReplicaError> {
         let meta = ReplicaMeta::load(dir)?;
-        let layers = meta
-            .layers
-            .iter()
-            .map(|l| Layer::open(&**files, dir, l.id, meta.size_bytes, meta.block_size))
-            .collect::<Result<Vec<_>, _>>()?;
+        remove_unnamed_layer_files(dir, &meta);
+        let blocks = meta.size_bytes / meta.block_size as u64;
+        let merged = BlockIndex::new(blocks);
+        let mut sizes = HashMap::new();
+        // The live path, root first: each layer's entries over those below it.
+        let mut path = meta.path(meta.head().id);
+        path.reverse();
+        let mut layers = Vec::with_capacity(path.len());
+        for (slot, id) in path.iter().enumerate() {
+            let mut layer = Layer::open(&**files, dir, *id, meta.size_bytes, meta.block_size)?;
+            layer.slot = slot;
+            let mut held = 0u64;
+            layer.scan(0, blocks, |b, e| {
+                held += u64::from(e & ENTRY_PRESENT != 0);
+                merged.set(b, pack(slot, e));
+                Ok(())
+            })?;
+            if slot + 1 == path.len() {
+                layer.held.store(held, Ordering::Relaxed);
+            } else {
+                sizes.insert(*id, held);
+            }
+            layers.push(layer);
+        }
+        // Layers off the live path (a branch a revert left): checked and counted, not kept open.
+        for l in meta.layers.iter().filter(|l| !path.contains(&l.id)) {
+            let layer = Layer::open(&**files, dir, l.id, meta.size_bytes, meta.block_size)?;
+            let mut held = 0u64;
+            layer.scan(0, blocks, |_, e| {
+                held += u64::from(e & ENTRY_PRESENT != 0);
+                Ok(())
+            })?;
+            sizes.insert(l.id, held);
+        }
         let wil = IntentLog::open(&**files, dir, meta.size_bytes, &meta.replica, false)?;
-        Ok(Replica::assemble(dir, meta, layers, wil))
+        Ok(Replica::assemble(
+            files, dir, meta, layers, merged, sizes, wil,
+        ))
     }
 
-    fn assemble(dir: &Path, meta: ReplicaMeta, layers: Vec<Layer>, wil: IntentLog) -> Replica {
+    fn assemble(
+        files: &Arc<dyn FileLayer>,
+        dir: &Path,
+        meta: ReplicaMeta,
+        layers: Vec<Layer>,
+        merged: BlockIndex,
+        sizes: HashMap<u64, u64>,
+        wil: IntentLog,
+    ) -> Replica {
         let block_size = meta.block_size;
+        let depth = layers.len();
+        let chain = Chain {
+            slots: layers.into_iter().map(|l| Some(Arc::new(l))).collect(),
+            head: depth - 1,
+            depth,
+        };
         Replica {
             dir: dir.to_owned(),
             volume: meta.volume.clone(),
             name: meta.replica.clone(),
             size_bytes: meta.size_bytes,
             block_size,
+            files: files.clone(),
+            chain: RwLock::new(Arc::new(chain)),
+            merged,
+            freed: Mutex::new(Vec::new()),
+            sizes: Mutex::new(sizes),
+            tree: Mutex::new(()),
+            merging: Mutex::new(None),
+            merge_lock: Mutex::new(()),
+            #[cfg(test)]
+            crash_after: std::sync::atomic::AtomicI64::new(-1),
             generation: AtomicU64::new(meta.generation),
             epoch: AtomicU64::new(meta.epoch),
-            layers,
             meta: Mutex::new(meta),
             crc_shift: zebu_proto::CrcShift::new(block_size as usize),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
@@ -692,29 +500,15 @@ impl Replica {
         let blocks = self.size_bytes / self.block_size as u64;
         let mut allocated = 0u64;
         for c in 0..blocks.div_ceil(CHUNK_ENTRIES as u64) {
-            // Chunks no layer has touched hold no data: skip them without resolving each block.
-            if self
-                .layers
-                .iter()
-                .all(|l| l.entries.chunks[c as usize].get().is_none())
-            {
+            // Chunks no layer has touched hold no data: skip them without looking at each block.
+            if !self.merged.has_chunk(c as usize) {
                 continue;
             }
             let lo = c * CHUNK_ENTRIES as u64;
             for b in lo..(lo + CHUNK_ENTRIES as u64).min(blocks) {
-                if let Source::Data { .. } = self.resolve(b) {
-                    allocated += 1;
-                }
+                allocated += u64::from(self.merged.get(b) & ENTRY_PRESENT != 0);
             }
         }
-        let index_memory_bytes: u64 = self
-            .layers
-            .iter()
-            .map(|l| {
-                (l.entries.allocated_chunks() * CHUNK_ENTRIES * 8 + l.entries.chunks.len() * 16)
-                    as u64
-            })
-            .sum();
         ReplicaFacts {
             volume: self.volume.clone(),
             name: self.name.clone(),
@@ -722,14 +516,55 @@ impl Replica {
             block_size: self.block_size,
             generation: self.generation(),
             allocated_bytes: allocated * self.block_size as u64,
-            index_memory_bytes,
+            index_memory_bytes: self.merged.memory_bytes(),
         }
     }
 
-    fn head(&self) -> &Layer {
-        self.layers
-            .last()
-            .expect("invariant: a replica has at least one layer")
+    /// The current chain (cheap: a reference count).
+    fn chain(&self) -> Arc<Chain> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn publish(&self, chain: Chain) {
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(chain);
+    }
+
+    /// The head's own entry for `block` (0: the head does not hold it).
+    #[inline]
+    fn head_entry(&self, chain: &Chain, block: u64) -> u64 {
+        let m = self.merged.get(block);
+        if m != 0 && slot_of(m) == chain.head {
+            entry_of(m)
+        } else {
+            0
+        }
+    }
+
+    /// Write the head's entries for blocks from `first` and publish them in the merged map.
+    /// The caller holds their stripes.
+    fn put_head_entries(
+        &self,
+        chain: &Chain,
+        first: u64,
+        entries: &[u64],
+    ) -> Result<(), ReplicaError> {
+        let head = chain.head();
+        let before = (0..entries.len() as u64)
+            .filter(|i| self.head_entry(chain, first + i) & ENTRY_PRESENT != 0)
+            .count() as u64;
+        head.write_entries(first, entries)?;
+        let mut after = 0u64;
+        for (i, e) in entries.iter().enumerate() {
+            after += u64::from(e & ENTRY_PRESENT != 0);
+            let m = if *e == 0 { 0 } else { pack(chain.head, *e) };
+            self.merged.set(first + i as u64, m);
+        }
+        if after >= before {
+            head.held.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            head.held.fetch_sub(before - after, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn poison(&self, err: &ReplicaError) {
@@ -773,6 +608,14 @@ impl Replica {
         (offset / bs, (offset + length).div_ceil(bs))
     }
 
+    /// Every stripe, in order: no write, zero or locked read runs while they are held.
+    fn lock_all(&self) -> Vec<MutexGuard<'_, ()>> {
+        self.stripes
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
     fn lock_blocks(&self, first: u64, end: u64) -> Vec<MutexGuard<'_, ()>> {
         let mut idx: Vec<usize> = (first / STRIPE_BLOCKS..=(end - 1) / STRIPE_BLOCKS)
             .map(|s| (s % LOCK_STRIPES as u64) as usize)
@@ -786,28 +629,24 @@ impl Replica {
 
     #[inline]
     fn resolve(&self, block: u64) -> Source {
-        for (i, layer) in self.layers.iter().enumerate().rev() {
-            let e = layer.entries.get(block);
-            if e & ENTRY_PRESENT != 0 {
-                return Source::Data {
-                    layer: i,
-                    crc: e as u32,
-                };
+        let m = self.merged.get(block);
+        if m & ENTRY_PRESENT != 0 {
+            Source::Data {
+                slot: slot_of(m),
+                crc: m as u32,
             }
-            if e & ENTRY_ZERO != 0 {
-                return Source::Zero;
-            }
+        } else {
+            Source::Zero
         }
-        Source::Zero
     }
 
-    /// Read whole blocks `[first, end)` into `out` (exactly `(end-first)*bs` bytes), verifying
-    /// checksums. `locked` says whether the caller holds the stripes.
-    /// Read whole blocks `[first, end)` into `out` (exactly `(end-first)*bs` bytes), verifying
-    /// checksums. Returns `Ok(false)` only in [`ReadMode::NoWait`], when the data is not all in
-    /// the page cache (or a check needs the lock): the caller then reads on an I/O thread.
+    /// Read whole blocks `[first, end)` into `out` (exactly `(end-first)*bs` bytes) through
+    /// `chain`, verifying checksums. Returns `Ok(false)` only in [`ReadMode::NoWait`], when the
+    /// data is not all in the page cache (or a check needs the lock): the caller then reads on
+    /// an I/O thread.
     fn read_blocks(
         &self,
+        chain: &Chain,
         first: u64,
         end: u64,
         out: &mut [u8],
@@ -823,7 +662,7 @@ impl Replica {
                 let next = self.resolve(run_end);
                 let same = match (src, next) {
                     (Source::Zero, Source::Zero) => true,
-                    (Source::Data { layer: a, .. }, Source::Data { layer: c, .. }) => a == c,
+                    (Source::Data { slot: a, .. }, Source::Data { slot: c, .. }) => a == c,
                     _ => false,
                 };
                 if !same {
@@ -834,8 +673,28 @@ impl Replica {
             let buf = &mut out[((b - first) as usize) * bs..((run_end - first) as usize) * bs];
             match src {
                 Source::Zero => buf.fill(0),
-                Source::Data { layer, .. } => {
-                    let l = &self.layers[layer];
+                Source::Data { slot, .. } => {
+                    let Some(l) = chain.layer(slot) else {
+                        // A layer newer than the reader's chain (a snapshot was taken since).
+                        match mode {
+                            ReadMode::NoWait => return Ok(false),
+                            ReadMode::Unlocked => {
+                                for (i, block_buf) in buf.chunks_exact_mut(bs).enumerate() {
+                                    self.reread_locked(b + i as u64, block_buf)?;
+                                }
+                                b = run_end;
+                                continue;
+                            }
+                            ReadMode::Locked => {
+                                return Err(ReplicaError::Invalid {
+                                    replica: self.name.clone(),
+                                    reason: format!(
+                                        "block {b} names layer slot {slot}, which is not open"
+                                    ),
+                                })
+                            }
+                        }
+                    };
                     let at = b * bs as u64;
                     if mode == ReadMode::NoWait {
                         if !l.data.read_cached(buf, at) {
@@ -849,8 +708,8 @@ impl Replica {
                     for (i, block_buf) in buf.chunks_exact_mut(bs).enumerate() {
                         let block = b + i as u64;
                         let expected = match self.resolve(block) {
-                            Source::Data { crc, .. } => Some(crc),
-                            Source::Zero => None,
+                            Source::Data { crc, slot: s } if s == slot => Some(crc),
+                            _ => None,
                         };
                         match (expected, mode) {
                             (Some(crc), _) if crc32c::crc32c(block_buf) == crc => {}
@@ -865,7 +724,13 @@ impl Replica {
                                     layer: l.id,
                                 })
                             }
-                            (None, ReadMode::Locked) => block_buf.fill(0),
+                            // Changed under a lock the caller holds: cannot be.
+                            (None, ReadMode::Locked) => {
+                                return Err(ReplicaError::Invalid {
+                                    replica: self.name.clone(),
+                                    reason: format!("block {block} changed under its lock"),
+                                })
+                            }
                         }
                     }
                 }
@@ -875,10 +740,12 @@ impl Replica {
         Ok(true)
     }
 
-    /// Re-read one block while holding its stripe, so no writer is half-way through it.
+    /// Re-read one block while holding its stripe, so no writer is half-way through it, through
+    /// the chain current then.
     fn reread_locked(&self, block: u64, out: &mut [u8]) -> Result<(), ReplicaError> {
         let _g = self.lock_blocks(block, block + 1);
-        self.read_blocks(block, block + 1, out, ReadMode::Locked)
+        let chain = self.chain();
+        self.read_blocks(&chain, block, block + 1, out, ReadMode::Locked)
             .map(|_| ())
     }
 
@@ -890,11 +757,12 @@ impl Replica {
         }
         let bs = self.block_size as u64;
         let (first, end) = self.block_span(offset, out.len() as u64);
+        let chain = self.chain();
         if offset.is_multiple_of(bs) && (out.len() as u64).is_multiple_of(bs) {
-            return self.read_blocks(first, end, out, mode);
+            return self.read_blocks(&chain, first, end, out, mode);
         }
         let mut tmp = vec![0u8; ((end - first) * bs) as usize];
-        if !self.read_blocks(first, end, &mut tmp, mode)? {
+        if !self.read_blocks(&chain, first, end, &mut tmp, mode)? {
             return Ok(false);
         }
         let skip = (offset - first * bs) as usize;
@@ -938,6 +806,8 @@ impl Replica {
         let bs = self.block_size as u64;
         let (first, end) = self.block_span(offset, data.len() as u64);
         let _guards = self.lock_blocks(first, end);
+        // Taken under the stripes: a snapshot takes every stripe to change the head.
+        let chain = self.chain();
         let aligned = offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs);
         let corrupt_in_transit = || ReplicaError::TransitChecksum {
             replica: self.name.clone(),
@@ -955,13 +825,19 @@ impl Replica {
             // Read-modify-write of the partial first/last blocks, under the stripe lock.
             let mut buf = vec![0u8; ((end - first) * bs) as usize];
             if !offset.is_multiple_of(bs) {
-                self.read_blocks(first, first + 1, &mut buf[..bs as usize], ReadMode::Locked)?;
+                self.read_blocks(
+                    &chain,
+                    first,
+                    first + 1,
+                    &mut buf[..bs as usize],
+                    ReadMode::Locked,
+                )?;
             }
             if !(offset + data.len() as u64).is_multiple_of(bs)
                 && (end - 1 > first || offset.is_multiple_of(bs))
             {
                 let last = ((end - 1 - first) * bs) as usize;
-                self.read_blocks(end - 1, end, &mut buf[last..], ReadMode::Locked)?;
+                self.read_blocks(&chain, end - 1, end, &mut buf[last..], ReadMode::Locked)?;
             }
             let skip = (offset - first * bs) as usize;
             buf[skip..skip + data.len()].copy_from_slice(data);
@@ -980,10 +856,10 @@ impl Replica {
                 return Err(corrupt_in_transit());
             }
         }
-        let head = self.head();
+        let head = chain.head();
         // A block the head does not hold yet needs space: reserved before anything is written,
         // so a full disk refuses the write with nothing changed (not poisoned).
-        if (first..end).any(|b| head.entries.get(b) & ENTRY_PRESENT == 0) {
+        if (first..end).any(|b| self.head_entry(&chain, b) & ENTRY_PRESENT == 0) {
             head.reserve(&self.name, first, end, bs, true)?;
         }
         let at = first * bs;
@@ -991,7 +867,7 @@ impl Replica {
             .map_err(|e| ReplicaError::io("write", &head.data_path, at, e))
             .and_then(|()| {
                 let entries: Vec<u64> = crcs.iter().map(|&c| ENTRY_PRESENT | c as u64).collect();
-                head.put_entries(first, &entries)
+                self.put_head_entries(&chain, first, &entries)
             });
         if let Err(e) = res {
             // A failed write leaves the block in an unknown state: refuse further I/O.
@@ -1023,6 +899,7 @@ impl Replica {
         if head_partial != 0 && !end_off.is_multiple_of(bs) && offset / bs != end_off / bs {
             let last = end_off / bs;
             self.read_blocks(
+                &self.chain(),
                 last,
                 last + 1,
                 &mut vec![0u8; bs as usize],
@@ -1038,9 +915,12 @@ impl Replica {
         let tail_partial = end_off % bs;
         let tail_bytes = if start < end_off { tail_partial } else { 0 };
         let stop = end_off - tail_bytes;
-        let head = self.head();
+        // Space is reserved in the head of now; the entries are written in the head of the
+        // moment the stripes are held (a snapshot in between reserves in the new head below).
+        let chain = self.chain();
+        let head = chain.head();
         // With older layers below, the head must mask them with explicit zero entries.
-        let entry = if self.layers.len() > 1 { ENTRY_ZERO } else { 0 };
+        let entry = if chain.depth > 1 { ENTRY_ZERO } else { 0 };
         // Every byte of space the request needs is reserved before any of it changes, so a
         // full disk refuses it with nothing changed: the edge blocks the head does not hold,
         // and entries turning from absent to ZERO (an index page that may hold no space).
@@ -1051,12 +931,12 @@ impl Replica {
             (tail_bytes > 0).then_some(stop / bs),
         ];
         for b in edges.into_iter().flatten() {
-            if head.entries.get(b) & ENTRY_PRESENT == 0 {
+            if self.head_entry(&chain, b) & ENTRY_PRESENT == 0 {
                 head.reserve(&self.name, b, b + 1, bs, true)?;
             }
         }
         let (first, end) = (start / bs, stop / bs);
-        if start < stop && entry != 0 && (first..end).any(|b| head.entries.get(b) == 0) {
+        if start < stop && entry != 0 && (first..end).any(|b| self.head_entry(&chain, b) == 0) {
             head.reserve(&self.name, first, end, bs, false)?;
         }
         if head_bytes > 0 {
@@ -1067,19 +947,30 @@ impl Replica {
         }
         if start < stop {
             let _guards = self.lock_blocks(first, end);
+            let now = self.chain();
+            if now.head != chain.head {
+                // A snapshot came between: the new head masks its layers below.
+                let h = now.head();
+                if (first..end).any(|b| self.head_entry(&now, b) == 0) {
+                    h.reserve(&self.name, first, end, bs, false)?;
+                }
+            }
+            let chain = now;
+            let head = chain.head();
+            let entry = if chain.depth > 1 { ENTRY_ZERO } else { 0 };
             let res = (|| {
                 const BATCH: u64 = 1 << 16;
                 let mut b = first;
                 while b < end {
-                    if head.entries.get(b) == entry {
+                    if self.head_entry(&chain, b) == entry {
                         b += 1;
                         continue;
                     }
                     let mut n = 1;
-                    while b + n < end && n < BATCH && head.entries.get(b + n) != entry {
+                    while b + n < end && n < BATCH && self.head_entry(&chain, b + n) != entry {
                         n += 1;
                     }
-                    head.put_entries(b, &vec![entry; n as usize])?;
+                    self.put_head_entries(&chain, b, &vec![entry; n as usize])?;
                     b += n;
                 }
                 match head.punch_hole(start, stop - start) {
@@ -1137,7 +1028,7 @@ impl Replica {
         drop(st);
         let res = self
             .check_usable()
-            .and_then(|()| self.head().sync().inspect_err(|e| self.poison(e)));
+            .and_then(|()| self.chain().head().sync().inspect_err(|e| self.poison(e)));
         running.finish();
         res
     }
@@ -1324,17 +1215,23 @@ impl Replica {
         }
         let (first, end) = self.block_span(offset, out.len() as u64);
         let _guards = self.lock_blocks(first, end);
+        let chain = self.chain();
         let mut adopted = 0;
         for (i, buf) in out.chunks_exact_mut(bs as usize).enumerate() {
             let block = first + i as u64;
-            let Source::Data { layer, crc } = self.resolve(block) else {
+            let Source::Data { slot, crc } = self.resolve(block) else {
                 buf.fill(0);
                 continue;
             };
             // Only the head takes writes, so only it can hold a torn one: elsewhere a checksum
-            // failure is rot, and is reported.
-            let adoptable = layer + 1 == self.layers.len();
-            let l = &self.layers[layer];
+            // failure is rot, and is reported (a merge syncs data before its entries).
+            let adoptable = slot == chain.head;
+            let Some(l) = chain.layer(slot) else {
+                return Err(ReplicaError::Invalid {
+                    replica: self.name.clone(),
+                    reason: format!("block {block} names layer slot {slot}, which is not open"),
+                });
+            };
             let at = block * bs;
             l.data
                 .read_exact_at(buf, at)
@@ -1352,7 +1249,7 @@ impl Replica {
             }
             // Rewritten in the layer that holds it: snapshots below the head are never torn
             // (they are frozen), so this is the head in practice.
-            if let Err(e) = l.put_entries(block, &[ENTRY_PRESENT | actual as u64]) {
+            if let Err(e) = self.put_head_entries(&chain, block, &[ENTRY_PRESENT | actual as u64]) {
                 self.poison(&e);
                 return Err(e);
             }

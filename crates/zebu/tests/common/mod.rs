@@ -71,6 +71,10 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failing test shows what its processes said last: CI keeps nothing else.
+        if std::thread::panicking() {
+            self.print_log_tails(60);
+        }
         let all = self
             .agents
             .iter_mut()
@@ -91,6 +95,28 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
 }
 
 impl Cluster {
+    /// The last `lines` lines of every process's log, to stderr (shown with a failing test).
+    pub fn print_log_tails(&self, lines: usize) {
+        let Ok(dir) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            eprintln!("----- last {} lines of {} -----", tail.len(), p.display());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+
     pub fn node_ip(&self, i: usize) -> String {
         format!("127.0.{}.{}", self.net, i + 2)
     }
