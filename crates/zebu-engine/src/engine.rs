@@ -31,6 +31,7 @@ use crate::range_lock::RangeLock;
 mod intents;
 mod rebuild;
 mod record;
+pub mod snapshots;
 pub use rebuild::{RebuildDone, RebuildProgress};
 pub use record::{MembershipRecord, RecordError, Retired, Survivors};
 
@@ -102,6 +103,25 @@ pub enum EngineError {
         length: u64,
         detail: String,
     },
+    #[error("volume {volume}: {message}")]
+    Snapshot {
+        volume: String,
+        kind: SnapshotRefusal,
+        message: String,
+    },
+}
+
+/// Why a snapshot operation was refused (see `engine/snapshots.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotRefusal {
+    /// The name is taken.
+    Exists,
+    /// No snapshot has that name.
+    NotFound,
+    /// Not now (a rebuild runs); try again later.
+    Busy,
+    /// No member in sync took it.
+    Failed,
 }
 
 /// Where to find one replica of the volume.
@@ -555,6 +575,11 @@ impl Engine {
         if resynced > 0 {
             tracing::info!(volume = %engine.volume, extents = resynced, "resync done: the replicas are identical");
         }
+        // Every member holds the same snapshots before the first request.
+        engine
+            .reconcile_snapshots()
+            .await
+            .map_err(|e| start_err(format!("making the members' snapshots agree: {e}")))?;
 
         tracing::info!(volume = %engine.volume, generation = engine.generation(), "engine started");
         tokio::spawn(keepalive(Arc::downgrade(&engine)));

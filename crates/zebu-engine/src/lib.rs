@@ -14,8 +14,9 @@ pub mod sender;
 pub mod tls;
 
 pub use backend::LocalReplica;
+pub use engine::snapshots as engine_snapshots;
 pub use engine::{
     Engine, EngineConfig, EngineError, Lanes, MemberStatus, MembershipRecord, Mode, RebuildDone,
-    RebuildProgress, RecordError, ReplicaTarget, Retired, ScrubReport, Survivors,
+    RebuildProgress, RecordError, ReplicaTarget, Retired, ScrubReport, SnapshotRefusal, Survivors,
 };
 pub use nbd::NbdServer;

@@ -221,7 +221,8 @@ fn errno(e: &EngineError) -> u32 {
         EngineError::NoReplicas { .. }
         | EngineError::Damaged { .. }
         | EngineError::Start { .. }
-        | EngineError::Rebuild { .. } => EIO,
+        | EngineError::Rebuild { .. }
+        | EngineError::Snapshot { .. } => EIO,
         EngineError::Closed { .. } => ESHUTDOWN,
         EngineError::NoSpace { .. } => ENOSPC,
     }

@@ -2192,3 +2192,196 @@ async fn a_request_whose_payload_never_comes_closes_its_connection() {
     c.servers[0].list()[0].read(0, &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 0), "a partial write was written");
 }
+
+fn snap(name: &str) -> zebu_proto::snapshot::SnapshotRequest {
+    zebu_proto::snapshot::SnapshotRequest {
+        name: name.into(),
+        system: false,
+        created_unix: 1,
+        labels: vec![],
+    }
+}
+
+/// Snapshot `name`'s whole content on replica server `i`.
+fn snapshot_image(c: &Cluster, i: usize, name: &str) -> Vec<u8> {
+    let view = c.servers[i].list()[0].snapshot_view(name).unwrap();
+    let mut all = vec![0u8; SIZE as usize];
+    view.read(0, &mut all).unwrap();
+    all
+}
+
+/// A block written by the `seq`-th write of the checker below: its number, then a pattern.
+fn seq_block(seq: u64) -> Vec<u8> {
+    let mut b = pattern(BS, seq as u8);
+    b[..8].copy_from_slice(&(seq + 1).to_le_bytes());
+    b
+}
+
+/// One writer writes block `seq % blocks` with write number `seq`, one at a time, while
+/// snapshots are taken every 20 ms. Each snapshot must be the volume after exactly the writes
+/// up to some number, one the writer had issued by the snapshot's reply and at least the last
+/// one acknowledged before it was asked for — and the same on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_under_a_writer_hold_one_instant_on_every_member() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (c, e) = started(3).await;
+    let blocks = SIZE / BS;
+    let acked = Arc::new(AtomicU64::new(0));
+    let issued = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (e, acked, issued, stop) = (e.clone(), acked.clone(), issued.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                issued.store(seq + 1, Ordering::SeqCst);
+                e.write((seq % blocks) * BS, Bytes::from(seq_block(seq)), false)
+                    .await
+                    .unwrap();
+                acked.store(seq + 1, Ordering::SeqCst);
+                seq += 1;
+            }
+        })
+    };
+    let mut taken = Vec::new();
+    for k in 0..15 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = acked.load(Ordering::SeqCst);
+        let name = format!("s{k}");
+        e.snapshot(&snap(&name)).await.unwrap();
+        let after = issued.load(Ordering::SeqCst);
+        taken.push((name, before, after));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert_all_in_sync(&e, "every member took every snapshot");
+    for (name, before, after) in taken {
+        let image = snapshot_image(&c, 0, &name);
+        for i in 1..3 {
+            assert!(
+                snapshot_image(&c, i, &name) == image,
+                "snapshot {name} differs between members 0 and {i}"
+            );
+        }
+        // The writes it holds: n = the highest write number found.
+        let n = (0..blocks)
+            .map(|b| {
+                let at = (b * BS) as usize;
+                u64::from_le_bytes(image[at..at + 8].try_into().unwrap())
+            })
+            .max()
+            .unwrap();
+        assert!(
+            n >= before && n <= after,
+            "snapshot {name} holds writes up to {n}, outside [{before}, {after}]"
+        );
+        for b in 0..blocks {
+            // The last write to block b among the first n.
+            let last = (0..n).rev().find(|s| s % blocks == b);
+            let want = last
+                .map(seq_block)
+                .unwrap_or_else(|| vec![0u8; BS as usize]);
+            let at = (b * BS) as usize;
+            assert!(
+                image[at..at + BS as usize] == want[..],
+                "snapshot {name} (writes up to {n}): block {b} is not the volume at one instant"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_names_are_checked_and_a_delete_merges_on_every_member() {
+    let (c, e) = started(3).await;
+    e.write(0, Bytes::from(pattern(8 * BS, 1)), false)
+        .await
+        .unwrap();
+    e.snapshot(&snap("a")).await.unwrap();
+    e.write(0, Bytes::from(pattern(4 * BS, 2)), false)
+        .await
+        .unwrap();
+    let err = e.snapshot(&snap("a")).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            EngineError::Snapshot {
+                kind: zebu_engine::SnapshotRefusal::Exists,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"a\""), "{err}");
+    let err = e.remove_snapshot("nope").await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            EngineError::Snapshot {
+                kind: zebu_engine::SnapshotRefusal::NotFound,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_all_in_sync(&e, "refusals retire nobody");
+    let lists = e.layers().await.unwrap();
+    assert_eq!(lists.len(), 3);
+    for (_, l) in &lists {
+        assert_eq!(zebu_engine::engine_snapshots::live_snapshots(l).len(), 1);
+    }
+    let head = images(&c);
+    e.remove_snapshot("a").await.unwrap();
+    // Each replica server merges it on its own, in the background.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lists = e.layers().await.unwrap();
+        if lists.iter().all(|(_, l)| l.layers.len() == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "merges did not end: {lists:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(images(&c), head, "the merge changed the volume");
+    assert!(images(&c).windows(2).all(|w| w[0] == w[1]));
+}
+
+/// A snapshot that a crash left on one member only is deleted there when the next engine
+/// starts, and the volume's content stays the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_some_members_lack_is_deleted_at_the_next_start() {
+    let (c, e) = started(3).await;
+    e.write(0, Bytes::from(pattern(8 * BS, 3)), true)
+        .await
+        .unwrap();
+    e.snapshot(&snap("all")).await.unwrap();
+    e.write(BS, Bytes::from(pattern(BS, 4)), true)
+        .await
+        .unwrap();
+    e.shutdown("test").await.unwrap();
+    // One member took "partial", the others did not.
+    c.servers[1].list()[0]
+        .snapshot(&zebu_replica::store::SnapshotSpec {
+            name: "partial".into(),
+            system: false,
+            labels: vec![],
+            created_unix: 2,
+        })
+        .unwrap();
+    let before = images(&c);
+    let e = Engine::start(with_epoch(config(c.targets.clone(), SECRET), 1))
+        .await
+        .unwrap();
+    for (name, l) in e.layers().await.unwrap() {
+        let live = zebu_engine::engine_snapshots::live_snapshots(&l);
+        assert_eq!(
+            live.into_iter().collect::<Vec<_>>(),
+            vec!["all".to_string()],
+            "{name}"
+        );
+    }
+    assert_eq!(images(&c), before);
+    assert_all_in_sync(&e, "nobody left the set");
+}

@@ -27,6 +27,8 @@ pub const REQUEST_HEADER_BYTES: usize = 32;
 pub const REPLY_HEADER_BYTES: usize = 24;
 /// Largest payload either side accepts (a READ or WRITE of at most this many bytes).
 pub const MAX_PAYLOAD_BYTES: u32 = 32 << 20;
+/// Largest payload of SNAPSHOT, SNAPSHOT_REMOVE and REVERT (a name and labels).
+pub const MAX_NAME_PAYLOAD_BYTES: u32 = 64 << 10;
 /// Longest volume or replica name in a handshake.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest nonce in a handshake (a Hello of this version carries exactly
@@ -81,6 +83,8 @@ pub enum FrameError {
     Truncated,
     #[error("reserved field is not zero")]
     Reserved,
+    #[error("{0} has bytes after its end")]
+    Trailing(&'static str),
 }
 
 /// Operations of the data protocol.
@@ -131,6 +135,19 @@ pub enum Op {
     /// byte was copied. The replica syncs its data before it records it. See
     /// `docs/healing.md`, "Resuming an interrupted rebuild".
     WilRebuild = 15,
+    /// Take a snapshot: the head becomes the snapshot named in the payload
+    /// ([`crate::snapshot::SnapshotRequest`]) and a new, empty head takes the writes. The head
+    /// is synced first. Runs alone on the replica (no other operation of any session meanwhile);
+    /// refused once the session is stale.
+    Snapshot = 16,
+    /// Delete the snapshot named in the payload (UTF-8): it is recorded removed, and merged into
+    /// its child in the background.
+    SnapshotRemove = 17,
+    /// The layer tree: reply [`crate::snapshot::LayersReply`].
+    Layers = 18,
+    /// Make the head's content exactly the snapshot's named in the payload (UTF-8): a new, empty
+    /// head over it; the old head's data is dropped. For a detached volume.
+    Revert = 19,
 }
 
 impl Op {
@@ -151,6 +168,10 @@ impl Op {
             13 => Op::WilSettle,
             14 => Op::WilRead,
             15 => Op::WilRebuild,
+            16 => Op::Snapshot,
+            17 => Op::SnapshotRemove,
+            18 => Op::Layers,
+            19 => Op::Revert,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }
@@ -505,13 +526,30 @@ impl RequestHeader {
         if h.length > MAX_PAYLOAD_BYTES
             && matches!(
                 h.op,
-                Op::Read | Op::Write | Op::WilMark | Op::WilSettle | Op::WilRead | Op::WilRebuild
+                Op::Read
+                    | Op::Write
+                    | Op::WilMark
+                    | Op::WilSettle
+                    | Op::WilRead
+                    | Op::WilRebuild
+                    | Op::Snapshot
+                    | Op::SnapshotRemove
+                    | Op::Revert
             )
         {
             return Err(FrameError::TooLong {
                 what: "request",
                 len: h.length as usize,
                 max: MAX_PAYLOAD_BYTES as usize,
+            });
+        }
+        if h.length > MAX_NAME_PAYLOAD_BYTES
+            && matches!(h.op, Op::Snapshot | Op::SnapshotRemove | Op::Revert)
+        {
+            return Err(FrameError::TooLong {
+                what: "snapshot request",
+                len: h.length as usize,
+                max: MAX_NAME_PAYLOAD_BYTES as usize,
             });
         }
         Ok(h)
@@ -521,7 +559,13 @@ impl RequestHeader {
     pub fn payload_len(&self) -> usize {
         if matches!(
             self.op,
-            Op::Write | Op::WilMark | Op::WilSettle | Op::WilRebuild
+            Op::Write
+                | Op::WilMark
+                | Op::WilSettle
+                | Op::WilRebuild
+                | Op::Snapshot
+                | Op::SnapshotRemove
+                | Op::Revert
         ) {
             self.length as usize
         } else {

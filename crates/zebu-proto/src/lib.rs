@@ -2,6 +2,7 @@
 //!
 //! * [`data`] — the engine ↔ replica data protocol (`docs/protocol.md` describes it byte by byte).
 //! * [`auth`] — its handshake's mutual challenge–response over the cluster secret.
+//! * [`snapshot`] — payloads of the data protocol's snapshot operations.
 //! * [`nbd`] — constants and small codecs of the NBD protocol, used by the NBD frontend.
 //!
 //! Everything here is fixed-width little-endian for our own formats (NBD itself is big-endian,
@@ -11,6 +12,7 @@
 pub mod auth;
 pub mod data;
 pub mod nbd;
+pub mod snapshot;
 
 /// CRC32C (Castagnoli) of a byte slice: the checksum used on the wire and on disk.
 #[inline]

@@ -6,7 +6,11 @@ use zebu_proto::data::{
     FLAG_WIL_REJOIN, WIL_CHANGED, WIL_CLEAN,
 };
 
-use crate::store::Session;
+use zebu_proto::snapshot::{
+    LayerRecord, LayersReply, MergeRecord, SnapshotRequest, LAYER_HEAD, LAYER_REMOVED, LAYER_SYSTEM,
+};
+
+use crate::store::{Session, SnapshotSpec};
 use crate::{Replica, ReplicaError};
 
 /// Largest request a connection's own thread runs itself. Larger transfers go to the I/O pool,
@@ -61,6 +65,28 @@ pub fn execute(
         Op::SetGeneration => replica
             .set_generation_for(session, offset)
             .map(|()| Vec::new()),
+        // They run alone on the replica: they take the fence themselves.
+        Op::Snapshot => checked_payload(replica, offset, payload, payload_crc)
+            .and_then(|p| {
+                let r = SnapshotRequest::decode(p).map_err(|e| ReplicaError::Invalid {
+                    replica: replica.name().to_owned(),
+                    reason: format!("bad snapshot request: {e}"),
+                })?;
+                replica.snapshot_for(
+                    session,
+                    &SnapshotSpec {
+                        name: r.name,
+                        system: r.system,
+                        labels: r.labels,
+                        created_unix: r.created_unix,
+                    },
+                )
+            })
+            .map(|()| Vec::new()),
+        Op::Revert => checked_payload(replica, offset, payload, payload_crc)
+            .and_then(|p| name_payload(replica, p))
+            .and_then(|name| replica.revert_for(session, &name))
+            .map(|()| Vec::new()),
         _ => replica.fenced(session, || run(op)),
     };
     if let Err(e) = &res {
@@ -69,6 +95,63 @@ pub fn execute(
         }
     }
     res
+}
+
+/// The payload, once it matches the checksum it crossed the network with.
+fn checked_payload<'a>(
+    replica: &Replica,
+    offset: u64,
+    payload: &'a [u8],
+    payload_crc: Option<u32>,
+) -> Result<&'a [u8], ReplicaError> {
+    if payload_crc.is_some_and(|c| c != crc32c::crc32c(payload)) {
+        return Err(ReplicaError::TransitChecksum {
+            replica: replica.name().to_owned(),
+            offset,
+        });
+    }
+    Ok(payload)
+}
+
+fn name_payload(replica: &Replica, payload: &[u8]) -> Result<String, ReplicaError> {
+    std::str::from_utf8(payload)
+        .map(str::to_owned)
+        .map_err(|_| ReplicaError::Invalid {
+            replica: replica.name().to_owned(),
+            reason: "the snapshot name is not UTF-8".into(),
+        })
+}
+
+/// The LAYERS reply of a replica.
+pub fn layers_reply(replica: &Replica) -> LayersReply {
+    LayersReply {
+        layers: replica
+            .layers()
+            .into_iter()
+            .map(|l| LayerRecord {
+                id: l.id,
+                parent: l.parent,
+                created_unix: l.created_unix,
+                size_bytes: l.size_bytes,
+                flags: [
+                    (l.head, LAYER_HEAD),
+                    (l.system, LAYER_SYSTEM),
+                    (l.removed, LAYER_REMOVED),
+                ]
+                .iter()
+                .filter(|(on, _)| *on)
+                .fold(0, |f, (_, bit)| f | bit),
+                name: l.name,
+                labels: l.labels,
+            })
+            .collect(),
+        merge: replica.merge_progress().map(|m| MergeRecord {
+            snapshot: m.snapshot,
+            into: m.into,
+            bytes_done: m.bytes_done,
+            bytes_total: m.bytes_total,
+        }),
+    }
 }
 
 fn run(
@@ -161,6 +244,16 @@ fn run(
         Op::Map => replica
             .map(offset, length as u64)
             .map(|m| data::encode_map(&m)),
+        Op::SnapshotRemove => checked_payload(replica, offset, payload, payload_crc)
+            .and_then(|p| name_payload(replica, p))
+            .and_then(|name| replica.remove_snapshot(&name))
+            .map(|()| Vec::new()),
+        Op::Layers => Ok(layers_reply(replica).encode()),
+        // Reached only without a session (never): sessions go through `execute`'s own arms.
+        Op::Snapshot | Op::Revert => Err(ReplicaError::Invalid {
+            replica: replica.name().to_owned(),
+            reason: format!("{op:?} needs a session"),
+        }),
         // They change which session a connection belongs to: the data server answers them.
         Op::ShareSession | Op::JoinSession => Err(ReplicaError::Invalid {
             replica: replica.name().to_owned(),

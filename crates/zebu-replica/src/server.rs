@@ -39,9 +39,17 @@ const UNIT_BYTES: u32 = 64 * 1024;
 /// Budget units a request holds while in flight: one, plus its data buffer.
 fn cost(h: &RequestHeader) -> u32 {
     match h.op {
-        Op::Read | Op::Write | Op::WilMark | Op::WilSettle | Op::WilRead | Op::WilRebuild => {
-            1 + h.length / UNIT_BYTES
-        }
+        Op::Read
+        | Op::Write
+        | Op::WilMark
+        | Op::WilSettle
+        | Op::WilRead
+        | Op::WilRebuild
+        | Op::Snapshot
+        | Op::SnapshotRemove
+        | Op::Revert => 1 + h.length / UNIT_BYTES,
+        // A layer list can be long (a record per snapshot).
+        Op::Layers => 8,
         // An allocation map can be up to MAX_MAP_EXTENTS × 8 bytes (512 KiB).
         Op::Map => 8,
         _ => 1,
@@ -85,6 +93,47 @@ type Accepted = (Arc<Replica>, watch::Receiver<bool>, Arc<Session>);
 /// A Hello that passed its checks: the replica, its stop signal and the engine's epoch.
 type Hailed = (Arc<Replica>, watch::Receiver<bool>, u64);
 
+/// How fast a merge of a deleted snapshot copies (bytes a second), so it never crowds out the
+/// volume's own I/O.
+pub const MERGE_RATE: u64 = 128 << 20;
+/// How often the merge thread looks for deleted snapshots to merge.
+const MERGE_POLL: Duration = Duration::from_millis(250);
+
+/// The server's merge thread: merges the deleted snapshots of every served replica, one
+/// replica at a time, paced ([`MERGE_RATE`]). A replica removed from the server stops its merge;
+/// a failed merge is logged and tried again later (a full disk, mostly).
+fn merge_loop(server: std::sync::Weak<ReplicaServer>) {
+    let mut failing: HashMap<String, String> = HashMap::new();
+    loop {
+        std::thread::sleep(MERGE_POLL);
+        let Some(s) = server.upgrade() else {
+            return;
+        };
+        let replicas = s.list();
+        drop(s);
+        for r in replicas {
+            if !r.has_pending_merges() || r.is_poisoned() {
+                continue;
+            }
+            match r.merge_pending(MERGE_RATE, r.closing()) {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(replica = %r.name(), "merged {n} deleted snapshot(s)");
+                    }
+                    failing.remove(r.name());
+                }
+                Err(e) => {
+                    let why = e.full_message();
+                    if failing.get(r.name()) != Some(&why) {
+                        tracing::warn!(replica = %r.name(), "merging a deleted snapshot failed, tried again later: {why}");
+                        failing.insert(r.name().to_owned(), why);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Serves all replicas of one node.
 pub struct ReplicaServer {
     /// Served replicas, each with a signal that closes its connections when it is removed.
@@ -108,14 +157,22 @@ impl ReplicaServer {
                 None
             }
         };
-        Arc::new(ReplicaServer {
+        let server = Arc::new(ReplicaServer {
             replicas: RwLock::new(HashMap::new()),
             secret: RwLock::new(None),
             pool: Arc::new(IoPool::new(name, io_threads)),
             tls,
             require_tls: AtomicBool::new(false),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
-        })
+        });
+        let weak = Arc::downgrade(&server);
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-merge"))
+            .spawn(move || merge_loop(weak));
+        if let Err(e) = spawned {
+            tracing::error!("no thread for snapshot merges ({e}): deleted snapshots keep their space until a restart");
+        }
+        server
     }
 
     /// Refuse engines that connect without TLS (`zebu agent --data-tls`). Engines that start
@@ -145,7 +202,8 @@ impl ReplicaServer {
         }
     }
 
-    /// Stop serving a replica; its open connections are closed.
+    /// Stop serving a replica; its open connections are closed, and a merge of its snapshots
+    /// stops (it goes on when the replica is opened again).
     pub fn remove(&self, name: &str) -> Option<Arc<Replica>> {
         let (replica, stop) = self
             .replicas
@@ -153,6 +211,7 @@ impl ReplicaServer {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)?;
         let _ = stop.send(true);
+        replica.close();
         Some(replica)
     }
 

@@ -174,6 +174,8 @@ pub struct Replica {
     merging: Mutex<Option<MergeProgress>>,
     /// Held by a whole run of merges, and by a revert: one at a time.
     merge_lock: Mutex<()>,
+    /// Set when the replica is no longer served: a merge stops.
+    closing: AtomicBool,
     /// Test hook: the number of merge steps to do before failing as a crash would (-1: never).
     #[cfg(test)]
     crash_after: std::sync::atomic::AtomicI64,
@@ -421,6 +423,7 @@ impl Replica {
             tree: Mutex::new(()),
             merging: Mutex::new(None),
             merge_lock: Mutex::new(()),
+            closing: AtomicBool::new(false),
             #[cfg(test)]
             crash_after: std::sync::atomic::AtomicI64::new(-1),
             generation: AtomicU64::new(meta.generation),
@@ -492,6 +495,15 @@ impl Replica {
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
+    /// No longer served (removed from its server): background work on it stops.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn closing(&self) -> &AtomicBool {
+        &self.closing
+    }
+
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
     }

@@ -1,0 +1,244 @@
+//! Snapshots across the members (`docs/snapshots.md`, "Across the replicas").
+//!
+//! * A snapshot drains the engine: no request runs while every member in sync freezes its head,
+//!   so all of them freeze it at the same point of the write stream (crash-consistent), and I/O
+//!   waits only for that switch. A member that fails it leaves the set, as for a failed write;
+//!   one that answers that it has the name already while others took it left the set too (its
+//!   snapshot holds other data).
+//! * Deletion records the snapshot removed on every member in sync; each merges it on its own.
+//! * At start, every member is made to hold the same snapshots: one that only some hold (a
+//!   snapshot a crash cut short) is deleted on those; its data stays in the head's path, so no
+//!   block changes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use zebu_proto::data::Op;
+use zebu_proto::snapshot::{LayersReply, SnapshotRequest, LAYER_HEAD, LAYER_REMOVED};
+
+use super::{flush_timeout, Engine, EngineError, Member, Mode, SnapshotRefusal};
+use crate::client::{Call, ClientError};
+
+fn named_call(op: Op, payload: Vec<u8>) -> Call {
+    let mut c = Call::new(op, 0, payload.len() as u32);
+    c.payload = Some(payload.into());
+    c.with_payload_crc()
+}
+
+/// The names of the live (not removed) snapshots in a LAYERS reply.
+pub fn live_snapshots(reply: &LayersReply) -> BTreeSet<String> {
+    reply
+        .layers
+        .iter()
+        .filter(|l| l.flags & (LAYER_HEAD | LAYER_REMOVED) == 0)
+        .map(|l| l.name.clone())
+        .collect()
+}
+
+fn message_of(e: &ClientError) -> String {
+    match e {
+        ClientError::Failed { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Engine {
+    fn refused(&self, kind: SnapshotRefusal, message: String) -> EngineError {
+        EngineError::Snapshot {
+            volume: self.volume.clone(),
+            kind,
+            message,
+        }
+    }
+
+    /// Take snapshot `req.name` on every member in sync, with I/O paused only for the switch.
+    pub async fn snapshot(&self, req: &SnapshotRequest) -> Result<(), EngineError> {
+        let _all = self.inflight.write().await;
+        if let Some(reason) = self.closed_reason() {
+            return Err(EngineError::Closed {
+                volume: self.volume.clone(),
+                reason,
+            });
+        }
+        let set = {
+            let _m = self.membership.lock().await;
+            let set = self.in_sync();
+            if let Some(m) = set.iter().find(|m| m.mode() == Mode::Wo) {
+                return Err(self.refused(
+                    SnapshotRefusal::Busy,
+                    format!(
+                        "replica {} is being rebuilt; take the snapshot once the rebuild is done",
+                        m.name
+                    ),
+                ));
+            }
+            set
+        };
+        if set.is_empty() {
+            return Err(self.no_replicas());
+        }
+        let call = named_call(Op::Snapshot, req.encode());
+        let timeout = flush_timeout(self.io_timeout);
+        let results = join_all(set.iter().map(|m| m.client().call(call.clone(), timeout))).await;
+        let took = results.iter().filter(|r| r.is_ok()).count();
+        let mut failed: Vec<(Arc<Member>, String)> = Vec::new();
+        let mut refusal = None;
+        for (m, r) in set.iter().zip(&results) {
+            match r {
+                Ok(_) => {}
+                Err(e) if e.is_invalid_request() && took == 0 => {
+                    refusal.get_or_insert_with(|| message_of(e));
+                }
+                Err(e) => failed.push((
+                    m.clone(),
+                    format!("snapshot {} failed on it: {e}", req.name),
+                )),
+            }
+        }
+        if let Some(message) = refusal.filter(|_| failed.is_empty()) {
+            let kind = if message.contains("already has a snapshot") {
+                SnapshotRefusal::Exists
+            } else {
+                SnapshotRefusal::Failed
+            };
+            return Err(self.refused(kind, message));
+        }
+        if took == 0 {
+            let detail: Vec<String> = failed.iter().map(|(_, why)| why.clone()).collect();
+            return Err(self.refused(SnapshotRefusal::Failed, detail.join("; ")));
+        }
+        if !failed.is_empty() {
+            for (m, why) in &failed {
+                tracing::warn!(volume = %self.volume, replica = %m.name, "{why}: it leaves the set");
+            }
+            self.retire(&failed).await;
+        }
+        tracing::info!(volume = %self.volume, snapshot = %req.name, members = took, "snapshot taken");
+        Ok(())
+    }
+
+    /// Delete snapshot `name` on every member in sync (each merges it in the background).
+    pub async fn remove_snapshot(&self, name: &str) -> Result<(), EngineError> {
+        let _in = self.enter().await?;
+        let set = self.in_sync();
+        if set.is_empty() {
+            return Err(self.no_replicas());
+        }
+        let call = named_call(Op::SnapshotRemove, name.as_bytes().to_vec());
+        let results = join_all(
+            set.iter()
+                .map(|m| m.client().call(call.clone(), self.io_timeout)),
+        )
+        .await;
+        let mut missing = 0;
+        let mut failed = Vec::new();
+        for (m, r) in set.iter().zip(&results) {
+            match r {
+                Ok(_) => {}
+                // Not there: deleted already on that member (a retried request).
+                Err(e) if e.is_invalid_request() && message_of(e).contains("has no snapshot") => {
+                    missing += 1
+                }
+                Err(e) => failed.push((
+                    m.clone(),
+                    format!("deleting snapshot {name} failed on it: {e}"),
+                )),
+            }
+        }
+        if missing == set.len() {
+            return Err(self.refused(
+                SnapshotRefusal::NotFound,
+                format!("volume {} has no snapshot named {name:?}", self.volume),
+            ));
+        }
+        if failed.len() == set.len() {
+            let detail: Vec<String> = failed.iter().map(|(_, why)| why.clone()).collect();
+            return Err(self.refused(SnapshotRefusal::Failed, detail.join("; ")));
+        }
+        if !failed.is_empty() {
+            self.retire(&failed).await;
+        }
+        Ok(())
+    }
+
+    /// The layer tree of every member in sync (name, reply), the local member first.
+    pub async fn layers(&self) -> Result<Vec<(String, LayersReply)>, EngineError> {
+        let _in = self.enter().await?;
+        let mut set = self.in_sync();
+        set.sort_by_key(|m| !m.local);
+        let call = Call::new(Op::Layers, 0, 0);
+        let results = join_all(
+            set.iter()
+                .map(|m| m.client().call(call.clone(), self.io_timeout)),
+        )
+        .await;
+        let mut out = Vec::new();
+        for (m, r) in set.iter().zip(results) {
+            match r.map(|b| LayersReply::decode(&b)) {
+                Ok(Ok(reply)) => out.push((m.name.clone(), reply)),
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %self.volume, replica = %m.name, "bad layer list: {e}")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, replica = %m.name, "layer list failed: {e}")
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(self.no_replicas());
+        }
+        Ok(out)
+    }
+
+    /// Delete, on the members that hold it, every snapshot not every member in sync holds.
+    pub(super) async fn reconcile_snapshots(&self) -> Result<(), EngineError> {
+        let set: Vec<Arc<Member>> = self
+            .in_sync()
+            .into_iter()
+            .filter(|m| m.mode() == Mode::Rw)
+            .collect();
+        if set.len() < 2 {
+            return Ok(());
+        }
+        let call = Call::new(Op::Layers, 0, 0);
+        let results = join_all(
+            set.iter()
+                .map(|m| m.client().call(call.clone(), self.io_timeout)),
+        )
+        .await;
+        let mut lists = Vec::new();
+        let mut failed = Vec::new();
+        for (m, r) in set.iter().zip(results) {
+            match r.map(|b| LayersReply::decode(&b)) {
+                Ok(Ok(reply)) => lists.push((m.clone(), live_snapshots(&reply))),
+                Ok(Err(e)) => failed.push((m.clone(), format!("its layer list is damaged: {e}"))),
+                Err(e) => failed.push((m.clone(), format!("its layer list failed: {e}"))),
+            }
+        }
+        if !failed.is_empty() {
+            self.retire(&failed).await;
+        }
+        let Some(common) = lists
+            .iter()
+            .map(|(_, names)| names.clone())
+            .reduce(|a, b| a.intersection(&b).cloned().collect())
+        else {
+            return Ok(());
+        };
+        for (m, names) in &lists {
+            for extra in names.difference(&common) {
+                tracing::warn!(volume = %self.volume, replica = %m.name, snapshot = %extra, "snapshot held by only some members (a crash cut it short): deleted there, its data stays in the head's path");
+                let call = named_call(Op::SnapshotRemove, extra.as_bytes().to_vec());
+                if let Err(e) = m.client().call(call, self.io_timeout).await {
+                    self.retire(&[(
+                        m.clone(),
+                        format!("deleting a partial snapshot failed: {e}"),
+                    )])
+                    .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
