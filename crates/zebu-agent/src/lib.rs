@@ -393,6 +393,152 @@ impl Agent {
 
     /// Heartbeat until `shutdown` turns true, then stop engines cleanly.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let commands = tokio::spawn(self.clone().command_loop());
+        self.clone().heartbeat_loop(&mut shutdown).await;
+        commands.abort();
+        self.stop().await;
+    }
+
+    /// Take the commands the manager hands this node at once (snapshot work a person waits
+    /// for; see `zebu-manager/src/commands.rs`), each run on its own task.
+    async fn command_loop(self: Arc<Self>) {
+        loop {
+            match self.api.poll_commands(&self.cfg.node).await {
+                Ok(cmds) => {
+                    for c in cmds {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            let r = this.command(c).await;
+                            if let Err(e) = this.api.command_result(&r).await {
+                                tracing::warn!(node = %this.cfg.node, "sending a command's result failed: {e}");
+                            }
+                        });
+                    }
+                }
+                // The heartbeat says why the manager cannot be reached.
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
+
+    async fn command(&self, c: zebu_api::AgentCommand) -> zebu_api::CommandResult {
+        let mut r = zebu_api::CommandResult {
+            id: c.id,
+            node: self.cfg.node.clone(),
+            ..Default::default()
+        };
+        let outcome = match &c.replica {
+            None => self.engine_command(&c).await,
+            Some(name) => self.replica_command(&c, name).await,
+        };
+        match outcome {
+            Ok(layers) => r.layers = layers,
+            Err((refusal, why)) => {
+                r.refusal = refusal.map(str::to_owned);
+                r.error = Some(why);
+            }
+        }
+        r
+    }
+
+    async fn engine_command(
+        &self,
+        c: &zebu_api::AgentCommand,
+    ) -> Result<Vec<zebu_api::ReplicaLayers>, (Option<&'static str>, String)> {
+        use zebu_api::CommandAction;
+        let engine = match self.engines.lock().unwrap().get(&c.volume) {
+            Some(EngineSlot::Running(e)) => e.clone(),
+            _ => {
+                return Err((
+                    None,
+                    format!(
+                        "volume {} has no engine serving on node {}",
+                        c.volume, self.cfg.node
+                    ),
+                ))
+            }
+        };
+        let refusal = |e: zebu_engine::EngineError| {
+            let kind = match &e {
+                zebu_engine::EngineError::Snapshot { kind, .. } => match kind {
+                    zebu_engine::SnapshotRefusal::Exists => Some("exists"),
+                    zebu_engine::SnapshotRefusal::NotFound => Some("not_found"),
+                    zebu_engine::SnapshotRefusal::Busy => Some("busy"),
+                    zebu_engine::SnapshotRefusal::Failed => None,
+                },
+                _ => None,
+            };
+            (kind, e.to_string())
+        };
+        match &c.action {
+            CommandAction::SnapshotCreate {
+                name,
+                system,
+                created_unix,
+                labels,
+            } => {
+                let req = zebu_proto::snapshot::SnapshotRequest {
+                    name: name.clone(),
+                    system: *system,
+                    created_unix: *created_unix,
+                    labels: labels.clone(),
+                };
+                engine.snapshot(&req).await.map_err(refusal)?;
+                Ok(vec![])
+            }
+            CommandAction::SnapshotDelete { name } => {
+                engine.remove_snapshot(name).await.map_err(refusal)?;
+                Ok(vec![])
+            }
+            CommandAction::Layers => Ok(engine
+                .layers()
+                .await
+                .map_err(refusal)?
+                .into_iter()
+                .map(|(replica, l)| layers_view(replica, l))
+                .collect()),
+        }
+    }
+
+    async fn replica_command(
+        &self,
+        c: &zebu_api::AgentCommand,
+        name: &str,
+    ) -> Result<Vec<zebu_api::ReplicaLayers>, (Option<&'static str>, String)> {
+        use zebu_api::CommandAction;
+        let Some(replica) = self.server.get(name).filter(|r| r.volume() == c.volume) else {
+            return Err((
+                None,
+                format!(
+                    "replica {name} of volume {} is not served on node {}",
+                    c.volume, self.cfg.node
+                ),
+            ));
+        };
+        let action = c.action.clone();
+        let volume = c.volume.clone();
+        let done = tokio::task::spawn_blocking(move || match action {
+            CommandAction::Layers => Ok(vec![layers_view(
+                replica.name().to_owned(),
+                zebu_replica::ops::layers_reply(&replica),
+            )]),
+            CommandAction::SnapshotDelete { name } => match replica.remove_snapshot(&name) {
+                Ok(()) => Ok(vec![]),
+                Err(e @ zebu_replica::ReplicaError::NoSnapshot { .. }) => {
+                    Err((Some("not_found"), e.to_string()))
+                }
+                Err(e) => Err((None, e.full_message())),
+            },
+            CommandAction::SnapshotCreate { .. } => Err((
+                None,
+                format!("a snapshot of volume {volume} is taken by its engine: attach it"),
+            )),
+        })
+        .await;
+        done.unwrap_or_else(|e| Err((None, format!("the command's task failed: {e}"))))
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, shutdown: &mut watch::Receiver<bool>) {
         let mut failing_since: Option<Instant> = None;
         let mut last_failure: Option<String> = None;
         loop {
@@ -429,7 +575,6 @@ impl Agent {
                 _ = shutdown.wait_for(|s| *s) => break,
             }
         }
-        self.stop().await;
     }
 
     /// Flush and close every engine (clean shutdown; volumes stay attached in desired state).
@@ -509,6 +654,12 @@ impl Agent {
                 missing: false,
                 epoch: r.epoch(),
                 block_size: r.block_size(),
+                merge: r.merge_progress().map(|m| zebu_api::MergeStatus {
+                    replica: r.name().to_owned(),
+                    snapshot: m.snapshot,
+                    bytes_done: m.bytes_done,
+                    bytes_total: m.bytes_total,
+                }),
             })
             .collect();
         // Replicas that are not served: unreadable on disk, or not on disk at all.
@@ -524,6 +675,7 @@ impl Agent {
                     missing,
                     epoch: 0,
                     block_size: 0,
+                    merge: None,
                 });
             }
         }
@@ -889,6 +1041,7 @@ impl Agent {
             generation_floor: spec.generation_floor,
             epoch: spec.epoch,
             replica_count: spec.replica_count,
+            snapshots: spec.snapshots.clone(),
             recorder: Some(Arc::new(ManagerRecord {
                 api: self.api.clone(),
                 node: self.cfg.node.clone(),
@@ -1051,5 +1204,34 @@ impl MembershipRecord for ManagerRecord {
                 Err(e) => Err(RecordError::Unavailable(e.to_string())),
             }
         })
+    }
+}
+
+/// A replica's LAYERS reply in the API's terms.
+fn layers_view(replica: String, l: zebu_proto::snapshot::LayersReply) -> zebu_api::ReplicaLayers {
+    use zebu_proto::snapshot::{LAYER_HEAD, LAYER_REMOVED, LAYER_SYSTEM};
+    zebu_api::ReplicaLayers {
+        merge: l.merge.map(|m| zebu_api::MergeStatus {
+            replica: replica.clone(),
+            snapshot: m.snapshot,
+            bytes_done: m.bytes_done,
+            bytes_total: m.bytes_total,
+        }),
+        replica,
+        layers: l
+            .layers
+            .into_iter()
+            .map(|x| zebu_api::LayerView {
+                id: x.id,
+                parent: x.parent,
+                created_unix: x.created_unix,
+                size_bytes: x.size_bytes,
+                head: x.flags & LAYER_HEAD != 0,
+                system: x.flags & LAYER_SYSTEM != 0,
+                removed: x.flags & LAYER_REMOVED != 0,
+                name: x.name,
+                labels: x.labels,
+            })
+            .collect(),
     }
 }

@@ -5,6 +5,8 @@ pub mod cluster_id;
 pub mod durable;
 pub mod node_token;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -109,6 +111,9 @@ pub struct Replica {
     pub rebuild: Option<RebuildStatus>,
     #[serde(default)]
     pub last_rebuild: Option<LastRebuild>,
+    /// A deleted snapshot's data being merged on this replica, as its node reports it.
+    #[serde(default)]
+    pub merge: Option<MergeStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +242,118 @@ pub struct ApiErrorBody {
     pub error: String,
 }
 
+// ---- snapshots ----
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    /// Chosen by the manager when absent (`snap-` and 8 hex digits).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub name: String,
+    pub volume: String,
+    /// The snapshot below it (null: the oldest).
+    pub parent: Option<String>,
+    /// Snapshots taken on top of it (and `volume-head` for the live head).
+    #[serde(default)]
+    pub children: Vec<String>,
+    /// Unix seconds when it was taken.
+    pub created_unix: u64,
+    /// Bytes its own layer holds (on the first replica that answered).
+    pub size_bytes: u64,
+    /// `user`, or `system` (made by Zebu for its own work).
+    pub kind: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A merge of a deleted snapshot running on a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeStatus {
+    pub replica: String,
+    pub snapshot: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// One layer of a replica's tree, as an agent reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerView {
+    pub id: u64,
+    pub parent: u64,
+    pub created_unix: u64,
+    pub size_bytes: u64,
+    pub head: bool,
+    pub system: bool,
+    pub removed: bool,
+    pub name: String,
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaLayers {
+    pub replica: String,
+    pub layers: Vec<LayerView>,
+    #[serde(default)]
+    pub merge: Option<MergeStatus>,
+}
+
+/// Work the manager hands an agent right away (not at the next heartbeat): see
+/// `POST /v1/agent/commands`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentCommand {
+    pub id: u64,
+    pub volume: String,
+    /// For work on one replica (the volume detached); `None`: the node's engine of the volume.
+    #[serde(default)]
+    pub replica: Option<String>,
+    pub action: CommandAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandAction {
+    SnapshotCreate {
+        name: String,
+        system: bool,
+        created_unix: u64,
+        labels: Vec<(String, String)>,
+    },
+    SnapshotDelete {
+        name: String,
+    },
+    Layers,
+}
+
+/// An agent asks for its commands (long poll: answered when one comes, or after a few seconds
+/// with none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollCommands {
+    pub node: String,
+}
+
+/// What became of a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub id: u64,
+    pub node: String,
+    /// Why it failed (None: done).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// For a refusal: `exists`, `not_found` or `busy`.
+    #[serde(default)]
+    pub refusal: Option<String>,
+    /// For `layers`: each member's (or the one replica's) tree.
+    #[serde(default)]
+    pub layers: Vec<ReplicaLayers>,
+}
+
 // ---- agent ↔ manager ----
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,6 +375,9 @@ pub struct ReplicaReport {
     /// Its block size (0 when it could not be opened).
     #[serde(default)]
     pub block_size: u32,
+    /// A merge of a deleted snapshot running on it.
+    #[serde(default)]
+    pub merge: Option<MergeStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -362,6 +482,11 @@ pub struct EngineSpec {
     /// down long enough); every other member given must be reached, or the start waits.
     #[serde(default)]
     pub may_leave_out: Vec<String>,
+    /// The volume's snapshots the manager has recorded: at start, a member's snapshot not among
+    /// them (one a crash cut short before it was acknowledged) is deleted. `None`: keep those
+    /// every member holds.
+    #[serde(default)]
+    pub snapshots: Option<Vec<String>>,
 }
 
 /// What the manager wants a node to run (the answer to a heartbeat). Level-triggered: the full
@@ -590,6 +715,21 @@ impl ApiClient {
         }
         self.delete(&path).await
     }
+    pub async fn poll_commands(&self, node: &str) -> Result<Vec<AgentCommand>, ClientError> {
+        self.post(
+            "/v1/agent/commands",
+            &PollCommands {
+                node: node.to_owned(),
+            },
+        )
+        .await
+    }
+
+    pub async fn command_result(&self, r: &CommandResult) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.post("/v1/agent/results", r).await?;
+        Ok(())
+    }
+
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Assignment, ClientError> {
         self.post("/v1/agent/heartbeat", hb).await
     }

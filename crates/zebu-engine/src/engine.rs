@@ -169,6 +169,10 @@ pub struct EngineConfig {
     /// Where members that leave the set are recorded before it counts (see `engine/record.rs`);
     /// none: a standalone engine.
     pub recorder: Option<Arc<dyn MembershipRecord>>,
+    /// The volume's acknowledged snapshots (the manager's records): at start, a member's
+    /// snapshot not among them is deleted (one a crash cut short). `None`: those not every
+    /// member holds are deleted.
+    pub snapshots: Option<Vec<String>>,
 }
 
 /// Status of one replica as the engine sees it.
@@ -549,6 +553,7 @@ impl Engine {
             recorder: cfg.recorder.clone(),
             unrecorded: std::sync::atomic::AtomicBool::new(true),
         });
+        let committed = cfg.snapshots.clone();
         // Every replica left out now must be older than every replica in the set.
         {
             let _m = engine.membership.lock().await;
@@ -577,7 +582,7 @@ impl Engine {
         }
         // Every member holds the same snapshots before the first request.
         engine
-            .reconcile_snapshots()
+            .reconcile_snapshots(committed.as_deref())
             .await
             .map_err(|e| start_err(format!("making the members' snapshots agree: {e}")))?;
 

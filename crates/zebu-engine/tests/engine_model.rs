@@ -94,6 +94,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         epoch: 0,
         replica_count: 0,
         recorder: None,
+        snapshots: None,
     }
 }
 

@@ -4,6 +4,7 @@
 //! full assignment (level-triggered, idempotent), so a lost message is repaired by the next one.
 
 pub mod cluster;
+pub mod commands;
 pub mod error;
 pub mod settings;
 pub mod state;
@@ -22,8 +23,9 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use zebu_api::{
-    Assignment, AttachVolume, CreateVolume, Heartbeat, Node, RetireMembers, SalvageVolume,
-    SetSetting, Setting, Volume,
+    AgentCommand, Assignment, AttachVolume, CommandAction, CommandResult, CreateSnapshot,
+    CreateVolume, Heartbeat, Node, PollCommands, ReplicaLayers, RetireMembers, SalvageVolume,
+    SetSetting, Setting, Snapshot, Volume,
 };
 
 use crate::error::ApiError;
@@ -44,6 +46,7 @@ pub struct ManagerConfig {
 
 pub struct Manager {
     state: Mutex<State>,
+    commands: commands::Commands,
     token: String,
     agent_token: String,
     readonly_token: String,
@@ -102,6 +105,7 @@ impl Manager {
             })?;
         Ok(Arc::new(Manager {
             state: Mutex::new(state),
+            commands: commands::Commands::default(),
             token,
             agent_token,
             readonly_token,
@@ -129,6 +133,16 @@ impl Manager {
             .route("/volumes/{name}/detach", post(detach_volume))
             .route("/volumes/{name}/salvage", post(salvage_volume))
             .route("/volumes/{name}/retire", post(retire_members))
+            .route(
+                "/volumes/{name}/snapshots",
+                get(list_snapshots).post(create_snapshot),
+            )
+            .route(
+                "/volumes/{name}/snapshots/{snap}",
+                get(get_snapshot).delete(delete_snapshot),
+            )
+            .route("/agent/commands", post(poll_commands))
+            .route("/agent/results", post(command_result))
             .route("/nodes", get(list_nodes))
             .route("/nodes/{name}", axum::routing::delete(delete_node))
             .route("/settings", get(list_settings))
@@ -506,4 +520,192 @@ async fn heartbeat(
 ) -> ApiResult<Assignment> {
     let hb = body(b, "heartbeat", "", None)?;
     m.state().heartbeat(hb, &by).map(Json)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A command's result as the REST answer: a refusal keeps its meaning.
+fn command_ok(r: &CommandResult) -> Result<(), ApiError> {
+    let Some(e) = &r.error else {
+        return Ok(());
+    };
+    Err(match r.refusal.as_deref() {
+        Some("exists") | Some("busy") => ApiError::conflict(e.clone()),
+        Some("not_found") => ApiError::not_found(e.clone()),
+        _ => ApiError::unavailable(format!("node {}: {e}", r.node)),
+    })
+}
+
+/// Every member's tree (the engine's node), or one replica's (detached).
+async fn layers_of(
+    m: &Manager,
+    volume: &str,
+    target: state::snapshots::SnapshotTarget,
+) -> Result<Vec<ReplicaLayers>, ApiError> {
+    use state::snapshots::SnapshotTarget;
+    let (node, replica) = match target {
+        SnapshotTarget::Engine(n) => (n, None),
+        SnapshotTarget::Replicas(list) => {
+            let (n, r) = list.into_iter().next().expect("a target has a replica");
+            (n, Some(r))
+        }
+    };
+    let r = m
+        .commands
+        .run(&node, volume, replica, CommandAction::Layers)
+        .await?;
+    command_ok(&r)?;
+    Ok(r.layers)
+}
+
+async fn snapshot_list(m: &Manager, volume: &str) -> Result<Vec<Snapshot>, ApiError> {
+    state::validate_volume_name(volume)?;
+    let (records, target) = {
+        let st = m.state();
+        let target = st.snapshot_target(volume, false)?;
+        (st.snapshot_records(volume), target)
+    };
+    let trees = layers_of(m, volume, target).await?;
+    Ok(state::snapshots::snapshot_views(&records, &trees))
+}
+
+async fn list_snapshots(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Vec<Snapshot>> {
+    snapshot_list(&m, &name).await.map(Json)
+}
+
+async fn get_snapshot(
+    AxState(m): AxState<Shared>,
+    UrlPath((name, snap)): UrlPath<(String, String)>,
+) -> ApiResult<Snapshot> {
+    state::validate_volume_name(&name)?;
+    m.state().snapshot_record(&name, &snap)?;
+    snapshot_list(&m, &name)
+        .await?
+        .into_iter()
+        .find(|s| s.name == snap)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "volume {name} has no snapshot named {snap} (zebu snapshot list {name})"
+            ))
+        })
+}
+
+async fn create_snapshot(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+    b: JsonBody<CreateSnapshot>,
+) -> ApiResult<Snapshot> {
+    use state::snapshots::{SnapshotRecord, SnapshotTarget};
+    state::validate_volume_name(&name)?;
+    let req = body(
+        b,
+        "request body",
+        "; send {\"name\": \"NAME\", \"labels\": {\"k\": \"v\"}} or nothing",
+        Some(CreateSnapshot::default()),
+    )?;
+    let snap = req
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("snap-{}", random_hex(4)));
+    let node = {
+        let st = m.state();
+        st.not_recovering()?;
+        st.check_new_snapshot(&name, &snap, &req.labels)?;
+        match st.snapshot_target(&name, true)? {
+            SnapshotTarget::Engine(n) => n,
+            SnapshotTarget::Replicas(_) => {
+                return Err(ApiError::conflict(format!(
+                    "volume {name} is detached: a snapshot is taken by its engine, so attach it first (zebu volume attach {name})"
+                )))
+            }
+        }
+    };
+    let rec = SnapshotRecord {
+        volume: name.clone(),
+        name: snap.clone(),
+        created_unix: now_unix(),
+        system: false,
+        labels: req.labels.clone(),
+    };
+    let action = CommandAction::SnapshotCreate {
+        name: snap.clone(),
+        system: false,
+        created_unix: rec.created_unix,
+        labels: req.labels.into_iter().collect(),
+    };
+    let r = m.commands.run(&node, &name, None, action).await?;
+    command_ok(&r)?;
+    m.state().record_snapshot(rec.clone())?;
+    tracing::info!(volume = %name, snapshot = %snap, "snapshot taken");
+    let listed = snapshot_list(&m, &name).await.ok();
+    Ok(Json(
+        listed
+            .and_then(|l| l.into_iter().find(|s| s.name == snap))
+            .unwrap_or_else(|| state::snapshots::snapshot_views(&[rec], &[]).remove(0)),
+    ))
+}
+
+async fn delete_snapshot(
+    AxState(m): AxState<Shared>,
+    UrlPath((name, snap)): UrlPath<(String, String)>,
+) -> ApiResult<Snapshot> {
+    use state::snapshots::SnapshotTarget;
+    state::validate_volume_name(&name)?;
+    let (rec, target) = {
+        let st = m.state();
+        st.not_recovering()?;
+        (
+            st.snapshot_record(&name, &snap)?,
+            st.snapshot_target(&name, true)?,
+        )
+    };
+    let targets: Vec<(String, Option<String>)> = match target {
+        SnapshotTarget::Engine(n) => vec![(n, None)],
+        SnapshotTarget::Replicas(list) => list.into_iter().map(|(n, r)| (n, Some(r))).collect(),
+    };
+    for (node, replica) in targets {
+        let action = CommandAction::SnapshotDelete { name: snap.clone() };
+        let r = m.commands.run(&node, &name, replica, action).await?;
+        // Gone there already: a repeated request.
+        if r.refusal.as_deref() != Some("not_found") {
+            command_ok(&r)?;
+        }
+    }
+    m.state().forget_snapshot(&name, &snap)?;
+    tracing::info!(volume = %name, snapshot = %snap, "snapshot deleted; its data is merged in the background");
+    Ok(Json(
+        state::snapshots::snapshot_views(&[rec], &[]).remove(0),
+    ))
+}
+
+async fn poll_commands(
+    AxState(m): AxState<Shared>,
+    axum::Extension(by): axum::Extension<state::Speaker>,
+    b: JsonBody<PollCommands>,
+) -> ApiResult<Vec<AgentCommand>> {
+    let req = body(b, "command poll", "", None)?;
+    state::validate_node_name(&req.node)?;
+    m.state().admit_agent(&req.node, &by)?;
+    Ok(Json(m.commands.poll(&req.node).await))
+}
+
+async fn command_result(
+    AxState(m): AxState<Shared>,
+    axum::Extension(by): axum::Extension<state::Speaker>,
+    b: JsonBody<CommandResult>,
+) -> ApiResult<serde_json::Value> {
+    let r = body(b, "command result", "", None)?;
+    state::validate_node_name(&r.node)?;
+    m.state().admit_agent(&r.node, &by)?;
+    m.commands.finish(r)?;
+    Ok(Json(serde_json::json!({})))
 }

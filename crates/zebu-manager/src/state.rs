@@ -27,6 +27,7 @@ pub mod recovery;
 mod replenish;
 mod salvage;
 mod schedule;
+pub mod snapshots;
 
 /// A node whose last heartbeat is older than this is not ready.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
@@ -180,6 +181,8 @@ pub struct State {
     unknown_logged: std::collections::HashSet<String>,
     /// Set while records are being recovered from the agents.
     recovery: Option<recovery::Recovery>,
+    /// Acknowledged snapshots, by `volume/name` (see `state/snapshots.rs`).
+    snapshots: BTreeMap<String, snapshots::SnapshotRecord>,
 }
 
 fn store_err(e: StoreError) -> ApiError {
@@ -293,7 +296,9 @@ impl State {
                 ),
             }
         }
+        let snapshots = State::load_snapshots(&*store)?;
         Ok(State {
+            snapshots,
             store,
             secret,
             replicas,
@@ -434,6 +439,11 @@ impl State {
                     .flatten()
                     .and_then(|m| m.rebuild.clone()),
                 last_rebuild: r.last_rebuild.clone(),
+                merge: self
+                    .live
+                    .get(&r.node)
+                    .and_then(|l| l.report.replicas.iter().find(|x| x.name == r.name))
+                    .and_then(|x| x.merge.clone()),
             })
             .collect();
         // Replicas that could serve now: in sync, on a ready node, on its disk.
@@ -1024,6 +1034,7 @@ impl State {
             .map(|v| v.name.clone())
             .collect();
         for name in finished {
+            self.forget_volume_snapshots(&name)?;
             self.store.delete(VOLUMES, &name).map_err(store_err)?;
             self.volumes.remove(&name);
             tracing::info!(volume = %name, "volume deleted");
@@ -1181,6 +1192,7 @@ impl State {
                 rebuild_rate: self
                     .setting_u64(crate::settings::REPLICA_REBUILD_BANDWIDTH_LIMIT)
                     .saturating_mul(1 << 20),
+                snapshots: Some(self.snapshot_names(&v.name)),
             });
         }
         Assignment {

@@ -352,8 +352,24 @@ impl Replica {
 
     /// [`Replica::open`] with its files opened through `files`.
     pub fn open_in(files: &Arc<dyn FileLayer>, dir: &Path) -> Result<Replica, ReplicaError> {
+        Replica::open_with(files, dir, true)
+    }
+
+    /// Open a replica another process may be serving (`zebu replica export`): layer files no
+    /// record names are left alone (that process may be about to name them).
+    pub fn open_beside(dir: &Path) -> Result<Replica, ReplicaError> {
+        Replica::open_with(&crate::file::direct(), dir, false)
+    }
+
+    fn open_with(
+        files: &Arc<dyn FileLayer>,
+        dir: &Path,
+        cleanup: bool,
+    ) -> Result<Replica, ReplicaError> {
         let meta = ReplicaMeta::load(dir)?;
-        remove_unnamed_layer_files(dir, &meta);
+        if cleanup {
+            remove_unnamed_layer_files(dir, &meta);
+        }
         let blocks = meta.size_bytes / meta.block_size as u64;
         let merged = BlockIndex::new(blocks);
         let mut sizes = HashMap::new();

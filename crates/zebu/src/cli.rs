@@ -6,7 +6,7 @@ use anyhow::bail;
 use zebu_api::{ApiClient, CreateVolume, Volume, VolumeState};
 
 use crate::size::{human, parse_size};
-use crate::{default_token, ClientArgs, NodeCmd, Output, SettingCmd, VolumeCmd};
+use crate::{default_token, ClientArgs, NodeCmd, Output, SettingCmd, SnapshotCmd, VolumeCmd};
 
 fn client(c: &ClientArgs) -> ApiClient {
     ApiClient::new(&c.api, &default_token(c.token.clone()))
@@ -78,6 +78,20 @@ fn show_volume(v: &Volume, out: Output) {
             })
             .collect(),
     );
+    for r in &v.replicas {
+        if let Some(m) = &r.merge {
+            let pct = (m.bytes_done * 100)
+                .checked_div(m.bytes_total)
+                .unwrap_or(100);
+            println!(
+                "Merging:     deleted snapshot {} on {}: {pct}% ({} of {})",
+                m.snapshot,
+                r.name,
+                human(m.bytes_done),
+                human(m.bytes_total)
+            );
+        }
+    }
 }
 
 /// A running rebuild's kind and progress, or how the last one went.
@@ -435,6 +449,153 @@ pub async fn setting(cmd: SettingCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 print_json(&s);
             } else {
                 println!("setting {} is {}", s.name, s.value);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn time_cell(unix: u64) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .saturating_sub(unix);
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+fn labels_cell(l: &std::collections::BTreeMap<String, String>) -> String {
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn show_snapshot(s: &zebu_api::Snapshot, out: Output) {
+    if out == Output::Json {
+        return print_json(s);
+    }
+    println!("Name:      {}", s.name);
+    println!("Volume:    {}", s.volume);
+    println!("Parent:    {}", s.parent.as_deref().unwrap_or("-"));
+    println!(
+        "Children:  {}",
+        if s.children.is_empty() {
+            "-".into()
+        } else {
+            s.children.join(", ")
+        }
+    );
+    println!(
+        "Created:   {} ({})",
+        time_cell(s.created_unix),
+        s.created_unix
+    );
+    println!(
+        "Size:      {} ({} bytes)",
+        human(s.size_bytes),
+        s.size_bytes
+    );
+    println!("Kind:      {}", s.kind);
+    println!("Labels:    {}", labels_cell(&s.labels));
+}
+
+/// The snapshots as a tree (oldest at the top, children indented), then the live head.
+fn snapshot_tree(all: &[zebu_api::Snapshot]) {
+    fn walk(
+        all: &[zebu_api::Snapshot],
+        parent: Option<&str>,
+        depth: usize,
+        rows: &mut Vec<Vec<String>>,
+    ) {
+        for s in all.iter().filter(|s| s.parent.as_deref() == parent) {
+            rows.push(vec![
+                format!("{}{}", "  ".repeat(depth), s.name),
+                human(s.size_bytes),
+                time_cell(s.created_unix),
+                s.kind.clone(),
+                labels_cell(&s.labels),
+            ]);
+            walk(all, Some(&s.name), depth + 1, rows);
+            if s.children.iter().any(|c| c == "volume-head") {
+                rows.push(vec![
+                    format!("{}volume-head", "  ".repeat(depth + 1)),
+                    String::new(),
+                    String::new(),
+                    "live".into(),
+                    String::new(),
+                ]);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    walk(all, None, 0, &mut rows);
+    table(&["NAME", "SIZE", "CREATED", "KIND", "LABELS"], rows);
+}
+
+pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
+    use zebu_api::seg;
+    let c = client(ca);
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            name,
+            labels,
+        } => {
+            let mut map = std::collections::BTreeMap::new();
+            for l in labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    bail!("label {l:?} is not KEY=VALUE; nothing was changed");
+                };
+                map.insert(k.to_owned(), v.to_owned());
+            }
+            let req = zebu_api::CreateSnapshot { name, labels: map };
+            let s: zebu_api::Snapshot = c
+                .post(&format!("/v1/volumes/{}/snapshots", seg(&volume)), &req)
+                .await?;
+            show_snapshot(&s, ca.output);
+        }
+        SnapshotCmd::List { volume } => {
+            let all: Vec<zebu_api::Snapshot> = c
+                .get(&format!("/v1/volumes/{}/snapshots", seg(&volume)))
+                .await?;
+            if ca.output == Output::Json {
+                print_json(&all);
+            } else if all.is_empty() {
+                println!(
+                    "volume {volume} has no snapshots (take one: zebu snapshot create {volume})"
+                );
+            } else {
+                snapshot_tree(&all);
+            }
+        }
+        SnapshotCmd::Get { volume, name } => {
+            let s: zebu_api::Snapshot = c
+                .get(&format!(
+                    "/v1/volumes/{}/snapshots/{}",
+                    seg(&volume),
+                    seg(&name)
+                ))
+                .await?;
+            show_snapshot(&s, ca.output);
+        }
+        SnapshotCmd::Delete { volume, name } => {
+            let s: zebu_api::Snapshot = c
+                .delete(&format!(
+                    "/v1/volumes/{}/snapshots/{}",
+                    seg(&volume),
+                    seg(&name)
+                ))
+                .await?;
+            if ca.output == Output::Json {
+                print_json(&s);
+            } else {
+                println!("snapshot {name} of volume {volume} deleted; its data is merged in the background (zebu volume get {volume} shows the progress)");
             }
         }
     }

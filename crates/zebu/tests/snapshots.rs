@@ -1,0 +1,206 @@
+//! Snapshots through the CLI on a real cluster (`docs/snapshots.md`): taken across every
+//! replica of an attached volume, listed as a tree, exported from each replica's directory
+//! byte for byte, deleted (merged in the background) while detached and while attached, and bad
+//! input refused with nothing changed.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+/// Snapshot `snap` (or the head) of every RW replica of `volume`, exported from its directory;
+/// all must be identical. Returns the content.
+fn every_replica_holds(c: &Cluster, volume: &str, snap: Option<&str>) -> Vec<u8> {
+    let v = c.volume(volume);
+    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
+    for r in v["replicas"].as_array().unwrap() {
+        assert_eq!(r["mode"], "RW", "{v}");
+        let name = r["name"].as_str().unwrap();
+        let dir = c.replica_dir(node_index(r), name);
+        let out = c.dir.path().join("snap-export.img");
+        let mut cmd = std::process::Command::new(ZEBU);
+        cmd.args(["replica", "export", "--dir"]).arg(&dir).arg(&out);
+        if let Some(s) = snap {
+            cmd.args(["--snapshot", s]);
+        }
+        let o = run(&mut cmd);
+        assert!(
+            o.status.success(),
+            "export of {snap:?} from {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        images.push((name.to_owned(), std::fs::read(&out).unwrap()));
+        std::fs::remove_file(&out).unwrap();
+    }
+    assert_eq!(images.len(), 3, "{v}");
+    for (name, img) in &images[1..] {
+        assert!(
+            img == &images[0].1,
+            "{snap:?} on replica {name} differs from {}",
+            images[0].0
+        );
+    }
+    images.remove(0).1
+}
+
+fn filled(size: usize, runs: &[(usize, usize, u8)]) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    for &(at, len, byte) in runs {
+        v[at..at + len].fill(byte);
+    }
+    v
+}
+
+fn snapshots(c: &Cluster, volume: &str) -> Vec<Value> {
+    c.cli_json(&["snapshot", "list", volume])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn refused(c: &Cluster, args: &[&str], says: &str) {
+    let o = c.cli(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "zebu {args:?} was accepted");
+    assert!(err.contains(says), "zebu {args:?}: {err}");
+}
+
+/// Every replica has merged its deleted snapshots: `layers` layer files pairs in each directory.
+fn merged_to(c: &Cluster, volume: &str, layers: usize) {
+    wait_until("the merges", Duration::from_secs(60), || {
+        let v = c.volume(volume);
+        let done = v["replicas"].as_array().unwrap().iter().all(|r| {
+            let dir = c.replica_dir(node_index(r), r["name"].as_str().unwrap());
+            let files = std::fs::read_dir(dir)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("layer-")
+                })
+                .count();
+            files == 2 * layers && r["merge"].is_null()
+        });
+        done.then_some(())
+    });
+}
+
+#[test]
+fn snapshots_hold_their_moment_on_every_replica_and_deletes_merge() {
+    require("qemu-io");
+    let c = Cluster::separate(58, 3);
+    let uri = c.create_attached("vol", "16MiB", 3, "node-1");
+    const M: usize = 1 << 20;
+    let size = 16 * M;
+    qemu_io(&uri, &["write -P 0x11 0 4M".into(), "flush".into()]);
+    let out = c.cli_ok(&["snapshot", "create", "vol", "first", "--label", "app=db"]);
+    assert!(out.contains("first"), "{out}");
+    qemu_io(&uri, &["write -P 0x22 1M 1M".into()]);
+    c.cli_ok(&["snapshot", "create", "vol", "second"]);
+    qemu_io(&uri, &["write -P 0x33 2M 1M".into(), "flush".into()]);
+
+    // The table is a tree; -o json a list with parents.
+    let table = c.cli_ok(&["snapshot", "list", "vol"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[1].starts_with("first ")
+            && lines[2].starts_with("  second ")
+            && lines[3].trim_start().starts_with("volume-head"),
+        "{table}"
+    );
+    let list = snapshots(&c, "vol");
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0]["name"], "first");
+    assert_eq!(list[0]["parent"], Value::Null);
+    assert_eq!(list[0]["labels"]["app"], "db");
+    assert_eq!(list[0]["size_bytes"], 4 * M as u64, "{list:?}");
+    assert_eq!(list[1]["parent"], "first");
+    assert_eq!(list[1]["children"], serde_json::json!(["volume-head"]));
+    let one = c.cli_json(&["snapshot", "get", "vol", "second"]).unwrap();
+    assert_eq!(one["size_bytes"], M as u64, "{one}");
+
+    // Bad input says why and changes nothing.
+    refused(
+        &c,
+        &["snapshot", "create", "vol", "first"],
+        "already has a snapshot named first",
+    );
+    refused(
+        &c,
+        &["snapshot", "create", "vol", "Bad_Name"],
+        "is not valid",
+    );
+    refused(
+        &c,
+        &["snapshot", "create", "vol", "x", "--label", "novalue"],
+        "KEY=VALUE",
+    );
+    refused(&c, &["snapshot", "create", "nope"], "nope");
+    refused(
+        &c,
+        &["snapshot", "get", "vol", "nope"],
+        "no snapshot named nope",
+    );
+    refused(
+        &c,
+        &["snapshot", "delete", "vol", "nope"],
+        "no snapshot named nope",
+    );
+    assert_eq!(snapshots(&c, "vol").len(), 2);
+
+    // Each replica's copy of each moment, byte for byte.
+    c.cli_ok(&["volume", "detach", "vol"]);
+    let first = filled(size, &[(0, 4 * M, 0x11)]);
+    let second = filled(size, &[(0, 4 * M, 0x11), (M, M, 0x22)]);
+    let head = filled(size, &[(0, 4 * M, 0x11), (M, M, 0x22), (2 * M, M, 0x33)]);
+    assert!(every_replica_holds(&c, "vol", Some("first")) == first);
+    assert!(every_replica_holds(&c, "vol", Some("second")) == second);
+    assert!(every_replica_holds(&c, "vol", None) == head);
+    refused(&c, &["snapshot", "create", "vol", "third"], "detached");
+
+    // Deleted while detached: gone from the list at once, merged in the background.
+    c.cli_ok(&["snapshot", "delete", "vol", "first"]);
+    let list = snapshots(&c, "vol");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["parent"], Value::Null);
+    merged_to(&c, "vol", 2);
+    assert!(every_replica_holds(&c, "vol", Some("second")) == second);
+    assert!(every_replica_holds(&c, "vol", None) == head);
+
+    // Deleted while attached, the one under the live head: merged into it under I/O.
+    let uri = c
+        .cli_ok(&["volume", "attach", "vol", "--node", "node-2"])
+        .trim()
+        .to_owned();
+    qemu_io(
+        &uri,
+        &["read -P 0x22 1M 1M".into(), "read -P 0x33 2M 1M".into()],
+    );
+    c.cli_ok(&["snapshot", "delete", "vol", "second"]);
+    qemu_io(&uri, &["write -P 0x44 3M 1M".into(), "flush".into()]);
+    merged_to(&c, "vol", 1);
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x11 0 1M".into(),
+            "read -P 0x22 1M 1M".into(),
+            "read -P 0x33 2M 1M".into(),
+            "read -P 0x44 3M 1M".into(),
+        ],
+    );
+    assert!(snapshots(&c, "vol").is_empty());
+    c.cli_ok(&["volume", "detach", "vol"]);
+    let head = filled(
+        size,
+        &[
+            (0, 4 * M, 0x11),
+            (M, M, 0x22),
+            (2 * M, M, 0x33),
+            (3 * M, M, 0x44),
+        ],
+    );
+    assert!(every_replica_holds(&c, "vol", None) == head);
+}
