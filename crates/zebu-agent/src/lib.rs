@@ -490,6 +490,10 @@ impl Agent {
                 engine.remove_snapshot(name).await.map_err(refusal)?;
                 Ok(vec![])
             }
+            CommandAction::SnapshotRevert { .. } => Err((
+                None,
+                format!("volume {} is attached: detach it to revert it", c.volume),
+            )),
             CommandAction::Layers => Ok(engine
                 .layers()
                 .await
@@ -524,6 +528,16 @@ impl Agent {
             )]),
             CommandAction::SnapshotDelete { name } => match replica.remove_snapshot(&name) {
                 Ok(()) => Ok(vec![]),
+                Err(e @ zebu_replica::ReplicaError::NoSnapshot { .. }) => {
+                    Err((Some("not_found"), e.to_string()))
+                }
+                Err(e) => Err((None, e.full_message())),
+            },
+            CommandAction::SnapshotRevert { name } => match replica.revert(&name) {
+                Ok(()) => {
+                    tracing::info!(replica = %replica.name(), snapshot = %name, "reverted to the snapshot");
+                    Ok(vec![])
+                }
                 Err(e @ zebu_replica::ReplicaError::NoSnapshot { .. }) => {
                     Err((Some("not_found"), e.to_string()))
                 }

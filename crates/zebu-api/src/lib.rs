@@ -328,6 +328,10 @@ pub enum CommandAction {
     SnapshotDelete {
         name: String,
     },
+    /// Make the replica's content exactly the snapshot's (the volume detached).
+    SnapshotRevert {
+        name: String,
+    },
     Layers,
 }
 

@@ -141,6 +141,10 @@ impl Manager {
                 "/volumes/{name}/snapshots/{snap}",
                 get(get_snapshot).delete(delete_snapshot),
             )
+            .route(
+                "/volumes/{name}/snapshots/{snap}/revert",
+                post(revert_snapshot),
+            )
             .route("/agent/commands", post(poll_commands))
             .route("/agent/results", post(command_result))
             .route("/nodes", get(list_nodes))
@@ -708,4 +712,65 @@ async fn command_result(
     m.state().admit_agent(&r.node, &by)?;
     m.commands.finish(r)?;
     Ok(Json(serde_json::json!({})))
+}
+
+async fn revert_snapshot(
+    AxState(m): AxState<Shared>,
+    UrlPath((name, snap)): UrlPath<(String, String)>,
+) -> ApiResult<Snapshot> {
+    use state::snapshots::SnapshotTarget;
+    state::validate_volume_name(&name)?;
+    let (rec, replicas) = {
+        let st = m.state();
+        st.not_recovering()?;
+        let rec = st.snapshot_record(&name, &snap)?;
+        let v = st.volume(&name)?;
+        if v.desired_node.is_some() || v.state != zebu_api::VolumeState::Detached {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is {}: a revert replaces its content, so detach it first (zebu volume detach {name}); nothing was changed",
+                v.state.as_str()
+            )));
+        }
+        match st.snapshot_target(&name, true)? {
+            SnapshotTarget::Replicas(list) => (rec, list),
+            SnapshotTarget::Engine(n) => {
+                return Err(ApiError::conflict(format!(
+                    "volume {name} is attached to node {n}: detach it first; nothing was changed"
+                )))
+            }
+        }
+    };
+    let mut failed = Vec::new();
+    let total = replicas.len();
+    for (node, replica) in replicas {
+        let action = zebu_api::CommandAction::SnapshotRevert { name: snap.clone() };
+        match m
+            .commands
+            .run(&node, &name, Some(replica.clone()), action)
+            .await
+        {
+            Ok(r) if r.error.is_none() => {}
+            Ok(r) => failed.push(format!(
+                "{replica} on node {node}: {}",
+                r.error.unwrap_or_default()
+            )),
+            Err(e) => failed.push(format!("{replica} on node {node}: {}", e.message)),
+        }
+    }
+    if !failed.is_empty() {
+        // The reverted ones carry a higher generation: the others are stale by evidence, and
+        // are rebuilt from them (whole) at the next attach.
+        return Err(ApiError::unavailable(format!(
+            "volume {name}: the revert to {snap} failed on {} of {total} replicas ({}); those that were reverted are newer, and the others are rebuilt from them when the volume is attached (or run the revert again)",
+            failed.len(),
+            failed.join("; ")
+        )));
+    }
+    tracing::info!(volume = %name, snapshot = %snap, "volume reverted to the snapshot");
+    let listed = snapshot_list(&m, &name).await.ok();
+    Ok(Json(
+        listed
+            .and_then(|l| l.into_iter().find(|s| s.name == snap))
+            .unwrap_or_else(|| state::snapshots::snapshot_views(&[rec], &[]).remove(0)),
+    ))
 }

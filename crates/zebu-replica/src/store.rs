@@ -176,6 +176,8 @@ pub struct Replica {
     merge_lock: Mutex<()>,
     /// Set when the replica is no longer served: a merge stops.
     closing: AtomicBool,
+    /// Set while a revert waits for a running merge: it stops at its next batch.
+    merge_yield: AtomicBool,
     /// Test hook: the number of merge steps to do before failing as a crash would (-1: never).
     #[cfg(test)]
     crash_after: std::sync::atomic::AtomicI64,
@@ -440,6 +442,7 @@ impl Replica {
             merging: Mutex::new(None),
             merge_lock: Mutex::new(()),
             closing: AtomicBool::new(false),
+            merge_yield: AtomicBool::new(false),
             #[cfg(test)]
             crash_after: std::sync::atomic::AtomicI64::new(-1),
             generation: AtomicU64::new(meta.generation),
@@ -1182,7 +1185,7 @@ impl Replica {
 
     /// A failed write or sync of the log leaves it unknown on disk (the kernel may have dropped
     /// the page): refuse further I/O, as for the data files.
-    fn poison_on_io(&self, r: Result<(), ReplicaError>) -> Result<(), ReplicaError> {
+    pub(crate) fn poison_on_io(&self, r: Result<(), ReplicaError>) -> Result<(), ReplicaError> {
         if let Err(e @ ReplicaError::Io { .. }) = &r {
             self.poison(e);
         }

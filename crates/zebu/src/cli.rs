@@ -584,6 +584,23 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 .await?;
             show_snapshot(&s, ca.output);
         }
+        SnapshotCmd::Revert { volume, name } => {
+            let s: zebu_api::Snapshot = c
+                .post(
+                    &format!(
+                        "/v1/volumes/{}/snapshots/{}/revert",
+                        seg(&volume),
+                        seg(&name)
+                    ),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if ca.output == Output::Json {
+                print_json(&s);
+            } else {
+                println!("volume {volume} reverted to snapshot {name}");
+            }
+        }
         SnapshotCmd::Delete { volume, name } => {
             let s: zebu_api::Snapshot = c
                 .delete(&format!(

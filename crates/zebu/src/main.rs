@@ -420,6 +420,9 @@ enum SnapshotCmd {
     List { volume: String },
     /// Show one snapshot.
     Get { volume: String, name: String },
+    /// Make a detached volume's content exactly a snapshot's (refused while attached). What
+    /// was written since that snapshot is dropped; snapshots taken after it stay.
+    Revert { volume: String, name: String },
     /// Delete a snapshot. It is gone at once; its data is merged into the snapshot (or the
     /// live head) above it in the background, paced, resumed after any crash; `zebu volume get`
     /// shows the merge's progress.

@@ -170,14 +170,36 @@ fn snapshots_hold_their_moment_on_every_replica_and_deletes_merge() {
     assert!(every_replica_holds(&c, "vol", Some("second")) == second);
     assert!(every_replica_holds(&c, "vol", None) == head);
 
+    // Revert (detached): the head becomes exactly the snapshot, on every replica.
+    c.cli_ok(&["snapshot", "revert", "vol", "second"]);
+    assert!(every_replica_holds(&c, "vol", None) == second);
+    assert!(every_replica_holds(&c, "vol", Some("second")) == second);
+    let list = snapshots(&c, "vol");
+    assert_eq!(
+        list[0]["children"],
+        serde_json::json!(["volume-head"]),
+        "{list:?}"
+    );
+    refused(
+        &c,
+        &["snapshot", "revert", "vol", "nope"],
+        "no snapshot named nope",
+    );
+
     // Deleted while attached, the one under the live head: merged into it under I/O.
     let uri = c
         .cli_ok(&["volume", "attach", "vol", "--node", "node-2"])
         .trim()
         .to_owned();
+    // What was written after `second` (0x33 at 2M) is gone.
     qemu_io(
         &uri,
-        &["read -P 0x22 1M 1M".into(), "read -P 0x33 2M 1M".into()],
+        &["read -P 0x22 1M 1M".into(), "read -P 0x11 2M 1M".into()],
+    );
+    refused(
+        &c,
+        &["snapshot", "revert", "vol", "second"],
+        "detach it first",
     );
     c.cli_ok(&["snapshot", "delete", "vol", "second"]);
     qemu_io(&uri, &["write -P 0x44 3M 1M".into(), "flush".into()]);
@@ -187,20 +209,12 @@ fn snapshots_hold_their_moment_on_every_replica_and_deletes_merge() {
         &[
             "read -P 0x11 0 1M".into(),
             "read -P 0x22 1M 1M".into(),
-            "read -P 0x33 2M 1M".into(),
+            "read -P 0x11 2M 1M".into(),
             "read -P 0x44 3M 1M".into(),
         ],
     );
     assert!(snapshots(&c, "vol").is_empty());
     c.cli_ok(&["volume", "detach", "vol"]);
-    let head = filled(
-        size,
-        &[
-            (0, 4 * M, 0x11),
-            (M, M, 0x22),
-            (2 * M, M, 0x33),
-            (3 * M, M, 0x44),
-        ],
-    );
+    let head = filled(size, &[(0, 4 * M, 0x11), (M, M, 0x22), (3 * M, M, 0x44)]);
     assert!(every_replica_holds(&c, "vol", None) == head);
 }

@@ -387,7 +387,7 @@ impl Replica {
             e
         };
         while b < blocks {
-            if stop.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) || self.merge_yield.load(Ordering::Relaxed) {
                 return Ok(false);
             }
             // Skip what the layer's sparse index does not hold.
@@ -586,7 +586,11 @@ impl Replica {
 
     fn revert_locked(&self, name: &str) -> Result<(), ReplicaError> {
         self.check_usable()?;
-        let _one = self.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // A running merge stops at its next batch (it goes on later, from where it was).
+        self.merge_yield.store(true, Ordering::Relaxed);
+        let one = self.merge_lock.lock();
+        self.merge_yield.store(false, Ordering::Relaxed);
+        let _one = one.unwrap_or_else(|p| p.into_inner());
         let _tree = self.tree.lock().unwrap_or_else(|p| p.into_inner());
         let _all = self.lock_all();
         let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -696,7 +700,19 @@ impl Replica {
             depth,
         });
         Layer::remove_files(&self.dir, old_head);
-        Ok(())
+        drop(meta);
+        // The content changed outside any write the logs saw: they cover nothing now (a member
+        // that left before rejoins by a full copy), and the generation goes up, so a replica
+        // of the volume that was not reverted is older by evidence (`docs/snapshots.md`).
+        let r = self.wil.settle(
+            &self.name,
+            &[],
+            false,
+            zebu_proto::data::WIL_CLEAN,
+            crate::wil::COVERS_NOTHING,
+        );
+        self.poison_on_io(r)?;
+        self.set_generation(self.generation() + 1)
     }
 
     /// Snapshot `name`'s content, to read while the replica goes on: its layers stay open for
