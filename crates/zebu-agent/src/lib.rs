@@ -473,15 +473,19 @@ impl Agent {
         match &c.action {
             CommandAction::SnapshotCreate {
                 name,
+                uid,
                 system,
                 created_unix,
                 labels,
             } => {
+                let mut labels = labels.clone();
+                labels.retain(|(k, _)| k != zebu_api::SNAPSHOT_UID_LABEL);
+                labels.push((zebu_api::SNAPSHOT_UID_LABEL.to_owned(), uid.clone()));
                 let req = zebu_proto::snapshot::SnapshotRequest {
                     name: name.clone(),
                     system: *system,
                     created_unix: *created_unix,
-                    labels: labels.clone(),
+                    labels,
                 };
                 engine.snapshot(&req).await.map_err(refusal)?;
                 Ok(vec![])

@@ -272,6 +272,19 @@ pub struct Snapshot {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The label every replica's layer of a snapshot carries: the snapshot's unique id.
+pub const SNAPSHOT_UID_LABEL: &str = "zebu.io/uid";
+
+/// How an engine tells an acknowledged snapshot (in [`EngineSpec::snapshots`]) from another of
+/// the same name (one deleted while a member was away, then taken again): name and unique id.
+pub fn snapshot_key(name: &str, uid: &str) -> String {
+    if uid.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}#{uid}")
+    }
+}
+
 /// A merge of a deleted snapshot running on a replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeStatus {
@@ -321,6 +334,8 @@ pub struct AgentCommand {
 pub enum CommandAction {
     SnapshotCreate {
         name: String,
+        /// Tells this snapshot from an older one of the same name (see [`snapshot_key`]).
+        uid: String,
         system: bool,
         created_unix: u64,
         labels: Vec<(String, String)>,

@@ -2349,8 +2349,8 @@ async fn snapshot_names_are_checked_and_a_delete_merges_on_every_member() {
     assert!(images(&c).windows(2).all(|w| w[0] == w[1]));
 }
 
-/// A snapshot that a crash left on one member only is deleted there when the next engine
-/// starts, and the volume's content stays the same.
+/// A snapshot that a crash left on one member only (the manager never recorded it) is deleted
+/// there when the next engine starts, and the volume's content stays the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_some_members_lack_is_deleted_at_the_next_start() {
     let (c, e) = started(3).await;
@@ -2371,10 +2371,20 @@ async fn a_snapshot_some_members_lack_is_deleted_at_the_next_start() {
             created_unix: 2,
         })
         .unwrap();
-    let before = images(&c);
-    let e = Engine::start(with_epoch(config(c.targets.clone(), SECRET), 1))
-        .await
+    // Another member holds an older snapshot of a name the records give another id.
+    c.servers[2].list()[0]
+        .snapshot(&zebu_replica::store::SnapshotSpec {
+            name: "again".into(),
+            system: false,
+            labels: vec![("zebu.io/uid".into(), "old".into())],
+            created_unix: 3,
+        })
         .unwrap();
+    let before = images(&c);
+    // The manager's records name "all", and "again" with another id.
+    let mut cfg = with_epoch(config(c.targets.clone(), SECRET), 1);
+    cfg.snapshots = Some(vec!["all".into(), "again#new".into()]);
+    let e = Engine::start(cfg).await.unwrap();
     for (name, l) in e.layers().await.unwrap() {
         let live = zebu_engine::engine_snapshots::live_snapshots(&l);
         assert_eq!(

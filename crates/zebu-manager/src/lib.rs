@@ -637,11 +637,13 @@ async fn create_snapshot(
         volume: name.clone(),
         name: snap.clone(),
         created_unix: now_unix(),
+        uid: random_hex(8),
         system: false,
         labels: req.labels.clone(),
     };
     let action = CommandAction::SnapshotCreate {
         name: snap.clone(),
+        uid: rec.uid.clone(),
         system: false,
         created_unix: rec.created_unix,
         labels: req.labels.into_iter().collect(),

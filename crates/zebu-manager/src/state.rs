@@ -1192,7 +1192,7 @@ impl State {
                 rebuild_rate: self
                     .setting_u64(crate::settings::REPLICA_REBUILD_BANDWIDTH_LIMIT)
                     .saturating_mul(1 << 20),
-                snapshots: Some(self.snapshot_names(&v.name)),
+                snapshots: Some(self.snapshot_keys(&v.name)),
             });
         }
         Assignment {

@@ -149,6 +149,26 @@ fn remove_unnamed_layer_files(dir: &Path, meta: &ReplicaMeta) {
     }
 }
 
+const COUNT_SHARDS: usize = 16;
+
+/// A counter on a cache line of its own.
+#[derive(Default)]
+#[repr(align(64))]
+struct PaddedCount(std::sync::atomic::AtomicI64);
+
+/// This thread's counter shard.
+fn shard() -> usize {
+    use std::cell::Cell;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local!(static SHARD: Cell<usize> = const { Cell::new(usize::MAX) });
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed) as usize % COUNT_SHARDS);
+        }
+        s.get()
+    })
+}
+
 /// One replica: the tree of layers in a directory.
 pub struct Replica {
     dir: PathBuf,
@@ -158,13 +178,15 @@ pub struct Replica {
     block_size: u32,
     files: Arc<dyn FileLayer>,
     /// The open layers of the live path (see [`Chain`]).
-    chain: RwLock<Arc<Chain>>,
+    chain: arc_swap::ArcSwap<Chain>,
     /// For every block, the entry of the live-path layer that decides it, tagged with that
     /// layer's slot: one lookup per block, whatever the chain's length.
     merged: BlockIndex,
     /// Layers that left the chain, kept until no reader holds a chain naming them, so their
     /// slots are not given to another layer before then.
     freed: Mutex<Vec<Arc<Layer>>>,
+    /// Per-thread shards of the change in the head's block count since its `held` was set.
+    head_counts: Box<[PaddedCount]>,
     /// Blocks each frozen layer holds (by id); the head's count is in its `held`.
     sizes: Mutex<HashMap<u64, u64>>,
     /// Held for a whole merge, a revert and a rebuild of the chain: one tree change at a time
@@ -434,10 +456,11 @@ impl Replica {
             size_bytes: meta.size_bytes,
             block_size,
             files: files.clone(),
-            chain: RwLock::new(Arc::new(chain)),
+            chain: arc_swap::ArcSwap::from_pointee(chain),
             merged,
             freed: Mutex::new(Vec::new()),
             sizes: Mutex::new(sizes),
+            head_counts: (0..COUNT_SHARDS).map(|_| PaddedCount::default()).collect(),
             tree: Mutex::new(()),
             merging: Mutex::new(None),
             merge_lock: Mutex::new(()),
@@ -551,13 +574,20 @@ impl Replica {
         }
     }
 
-    /// The current chain (cheap: a reference count).
+    /// The current chain, to keep.
     fn chain(&self) -> Arc<Chain> {
-        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.chain.load_full()
+    }
+
+    /// The current chain, for one request: no shared counter is touched (`arc_swap`), and a
+    /// chain replaced meanwhile stays alive, with its layers, while the guard lives.
+    #[inline]
+    fn chain_now(&self) -> arc_swap::Guard<Arc<Chain>> {
+        self.chain.load()
     }
 
     fn publish(&self, chain: Chain) {
-        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(chain);
+        self.chain.store(Arc::new(chain));
     }
 
     /// The head's own entry for `block` (0: the head does not hold it).
@@ -590,12 +620,38 @@ impl Replica {
             let m = if *e == 0 { 0 } else { pack(chain.head, *e) };
             self.merged.set(first + i as u64, m);
         }
-        if after >= before {
-            head.held.fetch_add(after - before, Ordering::Relaxed);
-        } else {
-            head.held.fetch_sub(before - after, Ordering::Relaxed);
-        }
+        self.count_head_blocks(after as i64 - before as i64);
         Ok(())
+    }
+
+    /// Add to the count of blocks the head holds, on this thread's shard of the counter (no
+    /// shared cache line per write).
+    #[inline]
+    fn count_head_blocks(&self, delta: i64) {
+        if delta != 0 {
+            self.head_counts[shard()]
+                .0
+                .fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// Blocks the head holds: its count at open or creation plus every write's change since.
+    fn head_blocks(&self, chain: &Chain) -> u64 {
+        let delta: i64 = self
+            .head_counts
+            .iter()
+            .map(|c| c.0.load(Ordering::Relaxed))
+            .sum();
+        (chain.head().held.load(Ordering::Relaxed) as i64 + delta).max(0) as u64
+    }
+
+    /// The head's count, moved out of the shards (no write runs: the caller holds every stripe).
+    fn take_head_blocks(&self, chain: &Chain) -> u64 {
+        let n = self.head_blocks(chain);
+        for c in self.head_counts.iter() {
+            c.0.store(0, Ordering::Relaxed);
+        }
+        n
     }
 
     fn poison(&self, err: &ReplicaError) {
@@ -788,7 +844,7 @@ impl Replica {
         }
         let bs = self.block_size as u64;
         let (first, end) = self.block_span(offset, out.len() as u64);
-        let chain = self.chain();
+        let chain = self.chain_now();
         if offset.is_multiple_of(bs) && (out.len() as u64).is_multiple_of(bs) {
             return self.read_blocks(&chain, first, end, out, mode);
         }
@@ -838,7 +894,7 @@ impl Replica {
         let (first, end) = self.block_span(offset, data.len() as u64);
         let _guards = self.lock_blocks(first, end);
         // Taken under the stripes: a snapshot takes every stripe to change the head.
-        let chain = self.chain();
+        let chain = self.chain_now();
         let aligned = offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs);
         let corrupt_in_transit = || ReplicaError::TransitChecksum {
             replica: self.name.clone(),
@@ -1057,11 +1113,41 @@ impl Replica {
             finished: false,
         };
         drop(st);
-        let res = self
-            .check_usable()
-            .and_then(|()| self.chain().head().sync().inspect_err(|e| self.poison(e)));
+        let res = self.check_usable().and_then(|()| {
+            self.chain_now()
+                .head()
+                .sync()
+                .inspect_err(|e| self.poison(e))
+        });
         running.finish();
         res
+    }
+
+    /// Run syncs of this replica's files outside [`Replica::flush`] (a merge's) while no flush
+    /// syncs: the kernel reports a writeback error to one fsync caller only, so two syncs of one
+    /// file must never race, or one could see success for pages the other's error lost. An
+    /// error poisons the replica before any flush runs again (and every later flush fails).
+    pub(crate) fn exclusive_sync(
+        &self,
+        f: impl FnOnce() -> Result<(), ReplicaError>,
+    ) -> Result<(), ReplicaError> {
+        struct Release<'a>(&'a Replica);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let r = self.0;
+                r.syncs.lock().unwrap_or_else(|p| p.into_inner()).running = false;
+                r.sync_done.notify_all();
+            }
+        }
+        let mut st = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        while st.running {
+            st = self.sync_done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.running = true;
+        drop(st);
+        let _release = Release(self);
+        self.check_usable()
+            .and_then(|()| f().inspect_err(|e| self.poison(e)))
     }
 
     /// Run `op` for `session`, unless another session has raised the generation past it.

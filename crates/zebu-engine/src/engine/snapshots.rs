@@ -6,9 +6,9 @@
 //!   one that answers that it has the name already while others took it left the set too (its
 //!   snapshot holds other data).
 //! * Deletion records the snapshot removed on every member in sync; each merges it on its own.
-//! * At start, every member is made to hold the same snapshots: one that only some hold (a
-//!   snapshot a crash cut short) is deleted on those; its data stays in the head's path, so no
-//!   block changes.
+//! * At start, a snapshot the manager does not record (one a crash cut short before it was
+//!   acknowledged) is deleted on the members that hold it; its data stays in the head's path,
+//!   so no block changes. Without records (no manager), nothing is deleted.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -28,11 +28,25 @@ fn named_call(op: Op, payload: Vec<u8>) -> Call {
 
 /// The names of the live (not removed) snapshots in a LAYERS reply.
 pub fn live_snapshots(reply: &LayersReply) -> BTreeSet<String> {
+    live_keys(reply).into_values().collect()
+}
+
+/// The label holding a snapshot's unique id (the manager's `zebu.io/uid`).
+pub const UID_LABEL: &str = "zebu.io/uid";
+
+/// The live snapshots of a LAYERS reply by key (name, and `#uid` when it has one) → name.
+fn live_keys(reply: &LayersReply) -> std::collections::BTreeMap<String, String> {
     reply
         .layers
         .iter()
         .filter(|l| l.flags & (LAYER_HEAD | LAYER_REMOVED) == 0)
-        .map(|l| l.name.clone())
+        .map(|l| {
+            let key = match l.labels.iter().find(|(k, _)| k == UID_LABEL) {
+                Some((_, uid)) if !uid.is_empty() => format!("{}#{uid}", l.name),
+                _ => l.name.clone(),
+            };
+            (key, l.name.clone())
+        })
         .collect()
 }
 
@@ -61,26 +75,25 @@ impl Engine {
                 reason,
             });
         }
-        let set = {
-            let _m = self.membership.lock().await;
-            let set = self.in_sync();
-            if let Some(m) = set.iter().find(|m| m.mode() == Mode::Wo) {
-                return Err(self.refused(
-                    SnapshotRefusal::Busy,
-                    format!(
-                        "replica {} is being rebuilt; take the snapshot once the rebuild is done",
-                        m.name
-                    ),
-                ));
-            }
-            set
-        };
+        // Held across the switch: no member joins (a rebuild target) or leaves meanwhile.
+        let membership = self.membership.lock().await;
+        let set = self.in_sync();
+        if let Some(m) = set.iter().find(|m| m.mode() == Mode::Wo) {
+            return Err(self.refused(
+                SnapshotRefusal::Busy,
+                format!(
+                    "replica {} is being rebuilt; take the snapshot once the rebuild is done",
+                    m.name
+                ),
+            ));
+        }
         if set.is_empty() {
             return Err(self.no_replicas());
         }
         let call = named_call(Op::Snapshot, req.encode());
         let timeout = flush_timeout(self.io_timeout);
         let results = join_all(set.iter().map(|m| m.client().call(call.clone(), timeout))).await;
+        drop(membership);
         let took = results.iter().filter(|r| r.is_ok()).count();
         let mut failed: Vec<(Arc<Member>, String)> = Vec::new();
         let mut refusal = None;
@@ -192,7 +205,7 @@ impl Engine {
     }
 
     /// Delete, on the members that hold it, every snapshot that is not acknowledged: not in
-    /// `committed` (the manager's records), or, without records, not on every member in sync.
+    /// `committed` (the manager's records). Without records, keep every one.
     pub(super) async fn reconcile_snapshots(
         &self,
         committed: Option<&[String]>,
@@ -202,7 +215,7 @@ impl Engine {
             .into_iter()
             .filter(|m| m.mode() == Mode::Rw)
             .collect();
-        if set.len() < 2 && committed.is_none() {
+        if committed.is_none() {
             return Ok(());
         }
         let call = Call::new(Op::Layers, 0, 0);
@@ -215,7 +228,7 @@ impl Engine {
         let mut failed = Vec::new();
         for (m, r) in set.iter().zip(results) {
             match r.map(|b| LayersReply::decode(&b)) {
-                Ok(Ok(reply)) => lists.push((m.clone(), live_snapshots(&reply))),
+                Ok(Ok(reply)) => lists.push((m.clone(), live_keys(&reply))),
                 Ok(Err(e)) => failed.push((m.clone(), format!("its layer list is damaged: {e}"))),
                 Err(e) => failed.push((m.clone(), format!("its layer list failed: {e}"))),
             }
@@ -223,25 +236,17 @@ impl Engine {
         if !failed.is_empty() {
             self.retire(&failed).await;
         }
-        let common = match committed {
-            Some(names) => names.iter().cloned().collect(),
-            None => match lists
-                .iter()
-                .map(|(_, names)| names.clone())
-                .reduce(|a, b| a.intersection(&b).cloned().collect())
-            {
-                Some(c) => c,
-                None => return Ok(()),
-            },
-        };
-        for (m, names) in &lists {
-            for lacking in common.difference(names) {
+        let common: BTreeSet<String> = committed.unwrap_or(&[]).iter().cloned().collect();
+        for (m, keys) in &lists {
+            let names: BTreeSet<String> = keys.keys().cloned().collect();
+            for lacking in common.difference(&names) {
                 // Rebuilds do not copy snapshots yet (docs/snapshots.md, "Next").
                 tracing::warn!(volume = %self.volume, replica = %m.name, snapshot = %lacking, "member lacks an acknowledged snapshot");
             }
         }
-        for (m, names) in &lists {
-            for extra in names.difference(&common) {
+        for (m, keys) in &lists {
+            // Not acknowledged, or an older snapshot of an acknowledged one's name.
+            for (_, extra) in keys.iter().filter(|(k, _)| !common.contains(*k)) {
                 tracing::warn!(volume = %self.volume, replica = %m.name, snapshot = %extra, "snapshot held by only some members (a crash cut it short): deleted there, its data stays in the head's path");
                 let call = named_call(Op::SnapshotRemove, extra.as_bytes().to_vec());
                 if let Err(e) = m.client().call(call, self.io_timeout).await {

@@ -22,6 +22,9 @@ pub struct SnapshotRecord {
     pub volume: String,
     pub name: String,
     pub created_unix: u64,
+    /// Unique per snapshot taken (a name may be taken again after a delete).
+    #[serde(default)]
+    pub uid: String,
     #[serde(default)]
     pub system: bool,
     #[serde(default)]
@@ -102,10 +105,11 @@ impl State {
         v
     }
 
-    pub(super) fn snapshot_names(&self, volume: &str) -> Vec<String> {
+    /// The keys (name and unique id) of the volume's acknowledged snapshots, for its engine.
+    pub(super) fn snapshot_keys(&self, volume: &str) -> Vec<String> {
         self.snapshot_records(volume)
             .into_iter()
-            .map(|s| s.name)
+            .map(|s| zebu_api::snapshot_key(&s.name, &s.uid))
             .collect()
     }
 

@@ -168,7 +168,7 @@ impl Replica {
             return Err(e);
         }
         *meta = next;
-        let old_held = chain.head().held.load(Ordering::Relaxed);
+        let old_held = self.take_head_blocks(&chain);
         self.sizes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -229,7 +229,7 @@ impl Replica {
     pub fn layers(&self) -> Vec<LayerInfo> {
         let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         let sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
-        let head_held = self.chain().head().held.load(Ordering::Relaxed);
+        let head_held = self.head_blocks(&self.chain());
         let bs = self.block_size as u64;
         meta.layers
             .iter()
@@ -440,11 +440,16 @@ impl Replica {
             self.crash_point()?;
             // 2. The data is durable before any entry names it.
             if !copied.is_empty() {
-                c.data
-                    .sync_data()
-                    .map_err(|e| poison(ReplicaError::io("fdatasync", &c.data_path, 0, e)))?;
+                self.exclusive_sync(|| {
+                    c.data
+                        .sync_data()
+                        .map_err(|e| ReplicaError::io("fdatasync", &c.data_path, 0, e))
+                })?;
             }
             self.crash_point()?;
+            // The child's files failed a sync (this merge's or a flush's): its pages may be
+            // lost, so nothing may name them.
+            self.check_usable()?;
             // 3. Under the stripes again, the entries the child still lacks (a write to the
             // head in between won), and the merged map moved from the snapshot to the child.
             {
@@ -452,6 +457,23 @@ impl Replica {
                 let c_entries = c.read_entries(b, n)?;
                 let chain = self.chain();
                 let mut present = 0u64;
+                // Index space first (zero entries need it too): a full disk stops the merge
+                // with nothing changed.
+                {
+                    let mut i = 0;
+                    while i < n {
+                        if !wanted(s_entries[i], c_entries[i]) {
+                            i += 1;
+                            continue;
+                        }
+                        let mut j = i + 1;
+                        while j < n && wanted(s_entries[j], c_entries[j]) {
+                            j += 1;
+                        }
+                        c.reserve(&self.name, b + i as u64, b + j as u64, bs, false)?;
+                        i = j;
+                    }
+                }
                 let mut i = 0;
                 while i < n {
                     if !wanted(s_entries[i], c_entries[i]) {
@@ -495,7 +517,9 @@ impl Replica {
                         .or_insert(0) += present;
                 }
                 c.dirty.store(true, Ordering::Release);
-                done += present * bs;
+                // Blocks of S the child held already count as done too.
+                let held = s_entries.iter().filter(|e| *e & ENTRY_PRESENT != 0).count() as u64;
+                done += held * bs;
             }
             self.crash_point()?;
             progress(done);
@@ -508,13 +532,16 @@ impl Replica {
             b = end;
         }
         // 4. Everything the child now holds is durable (both files, whatever a flush did).
-        c.data
-            .sync_data()
-            .map_err(|e| poison(ReplicaError::io("fdatasync", &c.data_path, 0, e)))?;
-        c.index
-            .sync_data()
-            .map_err(|e| poison(ReplicaError::io("fdatasync", &c.index_path, 0, e)))?;
+        self.exclusive_sync(|| {
+            c.data
+                .sync_data()
+                .map_err(|e| ReplicaError::io("fdatasync", &c.data_path, 0, e))?;
+            c.index
+                .sync_data()
+                .map_err(|e| ReplicaError::io("fdatasync", &c.index_path, 0, e))
+        })?;
         self.crash_point()?;
+        self.check_usable()?;
         self.commit_merge(&s_meta, Some(&c))
     }
 
@@ -652,10 +679,25 @@ impl Replica {
         }
         let mut head = head;
         head.slot = self.alloc_slot(&chain, &taken)?;
+        // The content changes outside any write the logs see: first (durably) the log covers
+        // nothing, so a member that left before rejoins by a full copy; then the new tree and a
+        // generation one higher in one replacement, so a replica of the volume the revert
+        // missed is older by evidence (`docs/snapshots.md`). A crash between them leaves the old
+        // content with a log that covers less: only more copying.
+        let r = self.wil.settle(
+            &self.name,
+            &[],
+            false,
+            zebu_proto::data::WIL_CLEAN,
+            crate::wil::COVERS_NOTHING,
+        );
+        self.poison_on_io(r)?;
+        next.generation = meta.generation + 1;
         if let Err(e) = next.store(&self.dir) {
             self.poison(&e);
             return Err(e);
         }
+        self.generation.store(next.generation, Ordering::Release);
         *meta = next;
         // The merged map of the new live path.
         self.merged.clear();
@@ -700,19 +742,7 @@ impl Replica {
             depth,
         });
         Layer::remove_files(&self.dir, old_head);
-        drop(meta);
-        // The content changed outside any write the logs saw: they cover nothing now (a member
-        // that left before rejoins by a full copy), and the generation goes up, so a replica
-        // of the volume that was not reverted is older by evidence (`docs/snapshots.md`).
-        let r = self.wil.settle(
-            &self.name,
-            &[],
-            false,
-            zebu_proto::data::WIL_CLEAN,
-            crate::wil::COVERS_NOTHING,
-        );
-        self.poison_on_io(r)?;
-        self.set_generation(self.generation() + 1)
+        Ok(())
     }
 
     /// Snapshot `name`'s content, to read while the replica goes on: its layers stay open for
