@@ -1,5 +1,5 @@
 //! The data protocol's frames after the handshake: request and reply headers, and the INFO,
-//! MAP and extent-list payloads.
+//! MAP, extent-list, SNAPSHOT and LAYERS payloads (a decoded one encodes back to the same bytes).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use zebu_proto::data::{
@@ -19,4 +19,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(map.len() <= data.len());
     }
     let _ = decode_extents(data);
+    if let Ok(r) = zebu_proto::snapshot::SnapshotRequest::decode(data) {
+        assert_eq!(r.encode(), data);
+    }
+    if let Ok(r) = zebu_proto::snapshot::LayersReply::decode(data) {
+        assert_eq!(r.encode(), data);
+    }
 });
