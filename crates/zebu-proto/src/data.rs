@@ -151,6 +151,26 @@ pub enum Op {
 }
 
 impl Op {
+    /// Ops whose request carries `length` bytes of payload after the header.
+    pub fn carries_payload(self) -> bool {
+        matches!(
+            self,
+            Op::Write
+                | Op::WilMark
+                | Op::WilSettle
+                | Op::WilRebuild
+                | Op::Snapshot
+                | Op::SnapshotRemove
+                | Op::Revert
+        )
+    }
+
+    /// Ops whose `length` is a byte count of data (a payload or a reply) bounded by
+    /// [`MAX_PAYLOAD_BYTES`].
+    pub fn length_is_bytes(self) -> bool {
+        self.carries_payload() || matches!(self, Op::Read | Op::WilRead)
+    }
+
     pub fn from_u8(v: u8) -> Result<Op, FrameError> {
         Ok(match v {
             1 => Op::Read,
@@ -523,20 +543,7 @@ impl RequestHeader {
             length: u32_at(b, 24),
             payload_crc: u32_at(b, 28),
         };
-        if h.length > MAX_PAYLOAD_BYTES
-            && matches!(
-                h.op,
-                Op::Read
-                    | Op::Write
-                    | Op::WilMark
-                    | Op::WilSettle
-                    | Op::WilRead
-                    | Op::WilRebuild
-                    | Op::Snapshot
-                    | Op::SnapshotRemove
-                    | Op::Revert
-            )
-        {
+        if h.length > MAX_PAYLOAD_BYTES && h.op.length_is_bytes() {
             return Err(FrameError::TooLong {
                 what: "request",
                 len: h.length as usize,
@@ -557,16 +564,7 @@ impl RequestHeader {
 
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self) -> usize {
-        if matches!(
-            self.op,
-            Op::Write
-                | Op::WilMark
-                | Op::WilSettle
-                | Op::WilRebuild
-                | Op::Snapshot
-                | Op::SnapshotRemove
-                | Op::Revert
-        ) {
+        if self.op.carries_payload() {
             self.length as usize
         } else {
             0

@@ -39,15 +39,7 @@ const UNIT_BYTES: u32 = 64 * 1024;
 /// Budget units a request holds while in flight: one, plus its data buffer.
 fn cost(h: &RequestHeader) -> u32 {
     match h.op {
-        Op::Read
-        | Op::Write
-        | Op::WilMark
-        | Op::WilSettle
-        | Op::WilRead
-        | Op::WilRebuild
-        | Op::Snapshot
-        | Op::SnapshotRemove
-        | Op::Revert => 1 + h.length / UNIT_BYTES,
+        op if op.length_is_bytes() => 1 + h.length / UNIT_BYTES,
         // A layer list can be long (a record per snapshot).
         Op::Layers => 8,
         // An allocation map can be up to MAX_MAP_EXTENTS × 8 bytes (512 KiB).

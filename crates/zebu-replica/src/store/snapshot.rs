@@ -64,6 +64,25 @@ pub struct SnapshotView {
     map: BlockIndex,
 }
 
+/// The runs `[i, j)` of indexes below `n` for which `keep` holds.
+fn runs(n: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < n {
+        if !keep(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && keep(j) {
+            j += 1;
+        }
+        out.push((i, j));
+        i = j;
+    }
+    out
+}
+
 fn check_spec(replica: &str, spec: &SnapshotSpec) -> Result<(), ReplicaError> {
     let invalid = |reason: String| ReplicaError::Invalid {
         replica: replica.to_owned(),
@@ -411,19 +430,10 @@ impl Replica {
             {
                 let _g = self.lock_blocks(b, end);
                 let c_entries = c.read_entries(b, n)?;
-                let mut i = 0;
-                while i < n {
-                    if !(wanted(s_entries[i], c_entries[i]) && s_entries[i] & ENTRY_PRESENT != 0) {
-                        i += 1;
-                        continue;
-                    }
-                    let mut j = i + 1;
-                    while j < n
-                        && wanted(s_entries[j], c_entries[j])
-                        && s_entries[j] & ENTRY_PRESENT != 0
-                    {
-                        j += 1;
-                    }
+                let data_runs = runs(n, |k| {
+                    wanted(s_entries[k], c_entries[k]) && s_entries[k] & ENTRY_PRESENT != 0
+                });
+                for (i, j) in data_runs {
                     let (first, last) = (b + i as u64, b + j as u64);
                     let mut buf = vec![0u8; (j - i) * bs as usize];
                     s.data
@@ -434,7 +444,6 @@ impl Replica {
                         poison(ReplicaError::io("write", &c.data_path, first * bs, e))
                     })?;
                     copied.push((first, last));
-                    i = j;
                 }
             }
             self.crash_point()?;
@@ -459,31 +468,11 @@ impl Replica {
                 let mut present = 0u64;
                 // Index space first (zero entries need it too): a full disk stops the merge
                 // with nothing changed.
-                {
-                    let mut i = 0;
-                    while i < n {
-                        if !wanted(s_entries[i], c_entries[i]) {
-                            i += 1;
-                            continue;
-                        }
-                        let mut j = i + 1;
-                        while j < n && wanted(s_entries[j], c_entries[j]) {
-                            j += 1;
-                        }
-                        c.reserve(&self.name, b + i as u64, b + j as u64, bs, false)?;
-                        i = j;
-                    }
+                let entry_runs = runs(n, |k| wanted(s_entries[k], c_entries[k]));
+                for &(i, j) in &entry_runs {
+                    c.reserve(&self.name, b + i as u64, b + j as u64, bs, false)?;
                 }
-                let mut i = 0;
-                while i < n {
-                    if !wanted(s_entries[i], c_entries[i]) {
-                        i += 1;
-                        continue;
-                    }
-                    let mut j = i + 1;
-                    while j < n && wanted(s_entries[j], c_entries[j]) {
-                        j += 1;
-                    }
+                for (i, j) in entry_runs {
                     c.write_entries(b + i as u64, &s_entries[i..j])
                         .map_err(poison)?;
                     for (k, s_e) in s_entries.iter().enumerate().take(j).skip(i) {
@@ -494,7 +483,6 @@ impl Replica {
                             self.merged.set(block, pack(c.slot, entry_of(m)));
                         }
                     }
-                    i = j;
                 }
                 // A zero entry of a root the child does not need: the merged map forgets it.
                 if on_path && root {
