@@ -115,15 +115,26 @@ impl Replica {
     /// `spec.name`, and a new, empty head takes the writes from now on. No operation of any
     /// session runs meanwhile.
     pub fn snapshot_for(&self, session: &Session, spec: &SnapshotSpec) -> Result<(), ReplicaError> {
-        let _exclusive = self.fence.write().unwrap_or_else(|p| p.into_inner());
-        self.check_session(session)?;
-        self.snapshot_locked(spec)
+        self.alone(Some(session), || self.snapshot_locked(spec))
     }
 
     /// [`Replica::snapshot_for`] without a session.
     pub fn snapshot(&self, spec: &SnapshotSpec) -> Result<(), ReplicaError> {
+        self.alone(None, || self.snapshot_locked(spec))
+    }
+
+    /// Run `f` with no operation of any session under way (the fence's write lock), for
+    /// `session` unless it is stale.
+    fn alone<T>(
+        &self,
+        session: Option<&Session>,
+        f: impl FnOnce() -> Result<T, ReplicaError>,
+    ) -> Result<T, ReplicaError> {
         let _exclusive = self.fence.write().unwrap_or_else(|p| p.into_inner());
-        self.snapshot_locked(spec)
+        if let Some(s) = session {
+            self.check_session(s)?;
+        }
+        f()
     }
 
     fn snapshot_locked(&self, spec: &SnapshotSpec) -> Result<(), ReplicaError> {
@@ -588,15 +599,12 @@ impl Replica {
     /// without a session are not kept out): a new, empty head over it; the old head's data is
     /// dropped. Snapshots newer than it stay, on another branch.
     pub fn revert_for(&self, session: &Session, name: &str) -> Result<(), ReplicaError> {
-        let _exclusive = self.fence.write().unwrap_or_else(|p| p.into_inner());
-        self.check_session(session)?;
-        self.revert_locked(name)
+        self.alone(Some(session), || self.revert_locked(name))
     }
 
     /// [`Replica::revert_for`] without a session.
     pub fn revert(&self, name: &str) -> Result<(), ReplicaError> {
-        let _exclusive = self.fence.write().unwrap_or_else(|p| p.into_inner());
-        self.revert_locked(name)
+        self.alone(None, || self.revert_locked(name))
     }
 
     fn revert_locked(&self, name: &str) -> Result<(), ReplicaError> {
