@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use super::layer::{entry_of, pack, slot_of, write_in_pieces, BlockIndex, Layer, MAX_SLOTS};
 use super::{Chain, Replica, Session, ENTRY_PRESENT, ENTRY_ZERO};
 use crate::error::ReplicaError;
-use crate::meta::{LayerMeta, LAYER_HEAD, LAYER_REMOVED, LAYER_SYSTEM, MAX_LABELS, MAX_LAYERS};
+use crate::meta::{
+    LayerMeta, ReplicaMeta, LAYER_HEAD, LAYER_REMOVED, LAYER_SYSTEM, MAX_LABELS, MAX_LAYERS,
+};
 
 /// Blocks a merge copies between two syncs (2 MiB of 4 KiB blocks). Writes to these blocks
 /// wait while a batch of a merge into the head is copied.
@@ -162,15 +164,7 @@ impl Replica {
         let chain = self.chain();
         // Every write completed before the snapshot is durable in it.
         self.flush()?;
-        let id = meta.layers.last().map_or(1, |l| l.id + 1);
-        Layer::remove_files(&self.dir, id);
-        let mut layer = Layer::create(
-            &*self.files,
-            &self.dir,
-            id,
-            self.size_bytes,
-            self.block_size,
-        )?;
+        let (id, mut layer) = self.new_layer(&meta)?;
         let old_head = chain.head().id;
         let mut next = meta.clone();
         for l in next.layers.iter_mut().filter(|l| l.id == old_head) {
@@ -186,10 +180,7 @@ impl Replica {
             flags: LAYER_HEAD,
             ..Default::default()
         });
-        next.check().map_err(|reason| ReplicaError::Invalid {
-            replica: self.name.clone(),
-            reason,
-        })?;
+        self.check_tree(&next)?;
         let slot = self.alloc_slot(&chain, &[])?;
         layer.slot = slot;
         if let Err(e) = next.store(&self.dir) {
@@ -214,6 +205,29 @@ impl Replica {
             depth: chain.depth + 1,
         });
         Ok(())
+    }
+
+    /// The files of a new, empty layer with the next id (any left by an attempt that failed
+    /// before its metadata named it are replaced).
+    fn new_layer(&self, meta: &ReplicaMeta) -> Result<(u64, Layer), ReplicaError> {
+        let id = meta.layers.last().map_or(1, |l| l.id + 1);
+        Layer::remove_files(&self.dir, id);
+        let layer = Layer::create(
+            &*self.files,
+            &self.dir,
+            id,
+            self.size_bytes,
+            self.block_size,
+        )?;
+        Ok((id, layer))
+    }
+
+    /// A changed layer list, checked against the rules every `replica.meta` obeys.
+    fn check_tree(&self, next: &ReplicaMeta) -> Result<(), ReplicaError> {
+        next.check().map_err(|reason| ReplicaError::Invalid {
+            replica: self.name.clone(),
+            reason,
+        })
     }
 
     /// A slot no open layer uses and no reader's chain may still name (`taken`: slots already
@@ -560,10 +574,7 @@ impl Replica {
                     l.parent = s.parent;
                 }
             }
-            next.check().map_err(|reason| ReplicaError::Invalid {
-                replica: self.name.clone(),
-                reason,
-            })?;
+            self.check_tree(&next)?;
             next.store(&self.dir)?;
             *meta = next;
             let chain = self.chain();
@@ -625,15 +636,7 @@ impl Replica {
         };
         let chain = self.chain();
         let old_head = chain.head().id;
-        let id = meta.layers.last().map_or(1, |l| l.id + 1);
-        Layer::remove_files(&self.dir, id);
-        let head = Layer::create(
-            &*self.files,
-            &self.dir,
-            id,
-            self.size_bytes,
-            self.block_size,
-        )?;
+        let (id, head) = self.new_layer(&meta)?;
         let mut next = meta.clone();
         next.layers.retain(|l| l.id != old_head);
         next.layers.push(LayerMeta {
@@ -646,10 +649,7 @@ impl Replica {
             flags: LAYER_HEAD,
             ..Default::default()
         });
-        next.check().map_err(|reason| ReplicaError::Invalid {
-            replica: self.name.clone(),
-            reason,
-        })?;
+        self.check_tree(&next)?;
         // The layers of the new live path, root first, opened (or kept, with their slots).
         let mut path = next.path(target);
         path.reverse();
