@@ -2396,3 +2396,33 @@ async fn a_snapshot_some_members_lack_is_deleted_at_the_next_start() {
     assert_eq!(images(&c), before);
     assert_all_in_sync(&e, "nobody left the set");
 }
+
+/// Two engines race for the volume: once a newer one (a higher epoch) holds the replicas, the
+/// old one's snapshot is refused on every member and changes nothing, and the newer one's is
+/// taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_engine_cannot_take_a_snapshot() {
+    let (c, old) = started(3).await;
+    old.write(0, Bytes::from(pattern(4 * BS, 5)), true)
+        .await
+        .unwrap();
+    let new = Engine::start(with_epoch(config(c.targets.clone(), SECRET), 1))
+        .await
+        .unwrap();
+    let err = old.snapshot(&snap("late")).await.unwrap_err();
+    for s in &c.servers {
+        let names: Vec<String> = s.list()[0].layers().into_iter().map(|l| l.name).collect();
+        assert_eq!(
+            names,
+            vec![String::new()],
+            "the fenced engine's snapshot ({err}) changed a replica"
+        );
+    }
+    new.snapshot(&snap("now")).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            snapshot_image(&c, i, "now")[..(4 * BS) as usize],
+            pattern(4 * BS, 5)[..]
+        );
+    }
+}
