@@ -197,6 +197,9 @@ const REST_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// (handlers wait on nothing else, so only a body that has not come yet is cut short, before
 /// anything was changed). 408 past it.
 const REST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A response (or any write to a client) that makes no progress for this long closes the
+/// connection: a client that stops reading cannot hold its slot, its buffers or its task.
+const REST_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The [`REST_REQUEST_TIMEOUT`] on every request.
 async fn request_deadline(req: Request, next: Next) -> Response {
@@ -221,7 +224,8 @@ async fn request_deadline(req: Request, next: Next) -> Response {
     }
 }
 
-/// Serve `app` on `listener` with bounds: a connection limit and a header timeout (HTTP/1.1).
+/// Serve `app` on `listener` with bounds: a connection limit, a header timeout and a write
+/// timeout (HTTP/1.1).
 async fn serve_bounded(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -262,7 +266,9 @@ async fn serve_bounded(
         };
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         conns.spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(REST_WRITE_TIMEOUT));
+            let io = hyper_util::rt::TokioIo::new(Box::pin(stream));
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(REST_HEADER_TIMEOUT);

@@ -301,3 +301,52 @@ fn a_request_whose_body_never_comes_gets_408_and_changes_nothing() {
     let v = c.cli_json(&["volume", "list"]).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 0, "{v}");
 }
+
+/// A client that sends requests and never reads the answers is cut off once a response has
+/// made no progress for the write timeout (10 s): it cannot hold a connection, its buffers
+/// and its task for ever. Other clients are served meanwhile.
+#[test]
+fn a_rest_client_that_never_reads_its_responses_is_cut_off() {
+    let c = Cluster::separate(59, 1);
+    let api = c.api.trim_start_matches("http://").to_owned();
+    let admin = std::fs::read_to_string(c.dir.path().join("manager").join("admin.token")).unwrap();
+    let request = format!(
+        "GET /v1/nodes HTTP/1.1\r\nHost: zebu\r\nAuthorization: Bearer {}\r\n\r\n",
+        admin.trim()
+    );
+    // Many requests in a row (pipelined), answers never read: the answers fill both
+    // sockets' buffers, then the server's write waits on a client that will not read.
+    let batch = request.repeat(200);
+    let mut s = TcpStream::connect(&api).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut cut_off = None;
+    while started.elapsed() < Duration::from_secs(40) {
+        match s.write_all(batch.as_bytes()) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                // The server stopped reading (it is stuck writing to us): a fresh client
+                // is still served.
+                let nodes = c.cli_json(&["node", "list"]).unwrap();
+                assert_eq!(nodes[0]["ready"], true, "{nodes}");
+            }
+            Err(e) => {
+                cut_off = Some((started.elapsed(), e));
+                break;
+            }
+        }
+    }
+    let (after, how) = cut_off.expect("the server still held the connection after 40 s");
+    assert!(
+        after < Duration::from_secs(30),
+        "cut off only after {after:?} ({how})"
+    );
+    let nodes = c.cli_json(&["node", "list"]).unwrap();
+    assert_eq!(nodes[0]["ready"], true, "{nodes}");
+}
