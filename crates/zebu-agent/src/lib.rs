@@ -747,6 +747,7 @@ impl Agent {
                 disk_free_bytes: free,
                 max_file_bytes: self.max_file_bytes,
                 nbd_refusing: self.nbd.refusing(Duration::from_secs(60)),
+                nbd_refusing_volumes: self.nbd.refusing_exports(Duration::from_secs(60)),
                 nbd_connections: self.nbd.connections() as u64,
             },
             replicas,

@@ -164,10 +164,13 @@ pub struct NodeStatus {
     /// larger than this cannot have a replica there.
     #[serde(default)]
     pub max_file_bytes: u64,
-    /// Set while the node's NBD frontend has turned a client away in the last minute (a
-    /// connection limit), with why.
+    /// Set while the node's NBD frontend has turned a client away in the last minute for a
+    /// reason of the whole node (its connection limit, ...), with why.
     #[serde(default)]
     pub nbd_refusing: Option<String>,
+    /// Volumes whose own connection limit turned a client away in the last minute, with why.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nbd_refusing_volumes: std::collections::BTreeMap<String, String>,
     /// NBD connections open on the node.
     #[serde(default)]
     pub nbd_connections: u64,

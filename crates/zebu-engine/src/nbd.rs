@@ -79,8 +79,11 @@ pub struct NbdServer {
     /// Connections open now, and per export.
     open: AtomicUsize,
     per_export: std::sync::Mutex<HashMap<String, usize>>,
-    /// The last client refused, and when (for the node's report).
+    /// The last client refused for a reason of the whole node, and when (for the node's
+    /// report: every volume served here shows it).
     last_refusal: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// The last client refused by each export's own limit, and when (shown on that volume).
+    export_refusals: std::sync::Mutex<HashMap<String, (std::time::Instant, String)>>,
     /// Connections negotiating, oldest first: an id, the peer's address (without the port),
     /// the peer as logged, and what closes it.
     #[allow(clippy::type_complexity)]
@@ -163,7 +166,8 @@ impl Counted {
         let n = m.entry(export.to_owned()).or_insert(0);
         if *n >= self.server.limits.per_export {
             drop(m);
-            self.server.refuse(
+            self.server.refuse_export(
+                export,
                 peer,
                 &format!(
                     "export {export} has its limit of {} connections",
@@ -215,6 +219,11 @@ struct Negotiated {
     base_allocation: bool,
 }
 
+/// One line per reason a second at most: a flood of clients does not flood the log.
+fn log_refusal(last: Option<&(std::time::Instant, String)>, why: &str) -> bool {
+    last.is_none_or(|(at, w)| w != why || at.elapsed() >= Duration::from_secs(1))
+}
+
 fn errno(e: &EngineError) -> u32 {
     match e {
         EngineError::OutOfRange { .. } | EngineError::Invalid { .. } => EINVAL,
@@ -256,6 +265,7 @@ impl NbdServer {
             open: AtomicUsize::new(0),
             per_export: Default::default(),
             last_refusal: Default::default(),
+            export_refusals: Default::default(),
             negotiating: Default::default(),
             next_id: Default::default(),
         })
@@ -310,7 +320,8 @@ impl NbdServer {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Why the last client was refused, if one was within `within`.
+    /// Why the last client was refused for a reason of the whole node (its connection limit,
+    /// too many negotiating, a failed TLS handshake), if one was within `within`.
     pub fn refusing(&self, within: Duration) -> Option<String> {
         let last = self.last_refusal.lock().unwrap_or_else(|p| p.into_inner());
         last.as_ref()
@@ -318,16 +329,39 @@ impl NbdServer {
             .map(|(_, why)| why.clone())
     }
 
+    /// The exports that refused a client by their own limit within `within`, with why.
+    pub fn refusing_exports(&self, within: Duration) -> std::collections::BTreeMap<String, String> {
+        let mut m = self
+            .export_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (at, _)| at.elapsed() < within.max(Duration::from_secs(3600)));
+        m.iter()
+            .filter(|(_, (at, _))| at.elapsed() < within)
+            .map(|(e, (_, why))| (e.clone(), why.clone()))
+            .collect()
+    }
+
     fn refuse(&self, peer: &str, why: &str) {
         let mut last = self.last_refusal.lock().unwrap_or_else(|p| p.into_inner());
-        // One line per reason a second at most: a flood of clients does not flood the log.
-        if last
-            .as_ref()
-            .is_none_or(|(at, w)| w != why || at.elapsed() >= Duration::from_secs(1))
-        {
+        if log_refusal(last.as_ref(), why) {
             tracing::warn!(client = %peer, "NBD client refused: {why}");
         }
         *last = Some((std::time::Instant::now(), why.to_owned()));
+    }
+
+    fn refuse_export(&self, export: &str, peer: &str, why: &str) {
+        let mut m = self
+            .export_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if log_refusal(m.get(export), why) {
+            tracing::warn!(client = %peer, "NBD client refused: {why}");
+        }
+        m.insert(
+            export.to_owned(),
+            (std::time::Instant::now(), why.to_owned()),
+        );
     }
 
     pub fn add(&self, engine: Arc<Engine>) {

@@ -531,10 +531,15 @@ impl State {
         } else {
             None
         };
-        // Serving, but its node's NBD frontend is turning clients away.
+        // Serving, but its node's NBD frontend is turning clients away: for the whole node
+        // (every volume there says so), or by this volume's own connection limit.
         let message = message.or_else(|| {
             let n = v.desired_node.as_deref()?;
-            let why = self.live.get(n)?.report.status.nbd_refusing.clone()?;
+            let status = &self.live.get(n)?.report.status;
+            let why = status
+                .nbd_refusing
+                .clone()
+                .or_else(|| status.nbd_refusing_volumes.get(&v.name).cloned())?;
             Some(format!("node {n} is refusing NBD clients: {why}"))
         });
         Volume {

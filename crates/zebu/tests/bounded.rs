@@ -350,3 +350,50 @@ fn a_rest_client_that_never_reads_its_responses_is_cut_off() {
     let nodes = c.cli_json(&["node", "list"]).unwrap();
     assert_eq!(nodes[0]["ready"], true, "{nodes}");
 }
+
+/// A volume's own connection limit turning a client away shows on that volume, not on the
+/// other volumes of its node (a limit of the whole node shows on all of them: see
+/// `idle_connections_past_the_limits_are_refused_and_a_fresh_client_still_works`).
+#[test]
+fn a_volumes_connection_limit_shows_on_that_volume_only() {
+    require("qemu-io");
+    let c = Cluster::separate_with(60, 1, &["--max-nbd-connections-per-volume", "2"]);
+    let full_uri = c.create_attached("full", "16MiB", 1, "node-1");
+    let other_uri = c.create_attached("other", "16MiB", 1, "node-1");
+    let addr = format!("{}:10809", c.node_ip(0));
+    let _held: Vec<TcpStream> = (0..2).map(|_| nbd_connect(&addr, "full")).collect();
+    // A third client of `full` is refused (qemu-io cannot open it); `other` is served.
+    let refused = run(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read 0 4k",
+        &full_uri,
+    ]));
+    assert!(
+        !refused.status.success(),
+        "a third client of full was served"
+    );
+    qemu_io(&other_uri, &["write -P 0x21 0 4k".into()]);
+    let msg = |name: &str| c.volume(name)["message"].as_str().unwrap_or("").to_owned();
+    let shown = wait_until(
+        "full's refusal in its message",
+        Duration::from_secs(20),
+        || {
+            let m = msg("full");
+            m.contains("refusing NBD clients").then_some(m)
+        },
+    );
+    assert!(shown.contains("limit of 2 connections"), "{shown}");
+    assert!(
+        !msg("other").contains("refusing"),
+        "other shows full's refusal: {}",
+        msg("other")
+    );
+    let nodes = c.cli_json(&["node", "list"]).unwrap();
+    assert!(nodes[0]["nbd_refusing"].is_null(), "{nodes}");
+    assert!(
+        nodes[0]["nbd_refusing_volumes"]["full"].is_string(),
+        "{nodes}"
+    );
+}
