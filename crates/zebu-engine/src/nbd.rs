@@ -58,6 +58,12 @@ pub struct Limits {
     /// Connections still negotiating: past it the one negotiating longest is closed, so
     /// clients that connect and never negotiate cannot keep a real client out.
     pub negotiating: usize,
+    /// Memory all connections of the node together may hold in requests in flight and in
+    /// replies not yet on their sockets: past it, requests wait to be read.
+    pub memory_bytes: u64,
+    /// A client whose socket takes none of its replies for this long is disconnected, and
+    /// what its replies held is let go.
+    pub send_stall: Duration,
 }
 
 impl Default for Limits {
@@ -66,6 +72,8 @@ impl Default for Limits {
             per_node: 1024,
             per_export: 256,
             negotiating: 64,
+            memory_bytes: 1 << 30,
+            send_stall: Duration::from_secs(60),
         }
     }
 }
@@ -95,6 +103,8 @@ pub struct NbdServer {
     tls: Option<Arc<NbdTls>>,
     /// TCP clients may skip TLS (always so when there is no TLS).
     plain_tcp: bool,
+    /// The node's memory budget ([`Limits::memory_bytes`]) in [`UNIT_BYTES`] units.
+    memory: Arc<Semaphore>,
 }
 
 /// Whether a connection may, must or did start TLS.
@@ -215,6 +225,8 @@ type Result<T> = std::result::Result<T, ConnError>;
 
 struct Negotiated {
     engine: Arc<Engine>,
+    /// The client, as logged.
+    peer: String,
     structured: bool,
     base_allocation: bool,
 }
@@ -256,7 +268,13 @@ impl NbdServer {
         plain_tcp: bool,
     ) -> Arc<NbdServer> {
         let plain_tcp = plain_tcp || tls.is_none();
+        // At least one largest request fits, whatever the limit says.
+        let units = (limits.memory_bytes / u64::from(UNIT_BYTES)).clamp(
+            u64::from(1 + MAX_IO_BYTES / UNIT_BYTES),
+            u64::from(u32::MAX >> 4),
+        );
         Arc::new(NbdServer {
+            memory: Arc::new(Semaphore::new(units as usize)),
             tls,
             plain_tcp,
             exports: RwLock::default(),
@@ -602,6 +620,7 @@ impl NbdServer {
                     let base_allocation = structured && meta_for.as_deref() == Some(name.as_str());
                     return Ok(Step::Serve(Negotiated {
                         engine,
+                        peer: peer.to_owned(),
                         structured,
                         base_allocation,
                     }));
@@ -685,6 +704,7 @@ impl NbdServer {
                             structured && meta_for.as_deref() == Some(name.as_str());
                         return Ok(Step::Serve(Negotiated {
                             engine,
+                            peer: peer.to_owned(),
                             structured,
                             base_allocation,
                         }));
@@ -886,6 +906,10 @@ fn serve_on_thread<S: Socket>(
     counted: Counted,
 ) -> Result<()> {
     let volume = neg.engine.volume().to_owned();
+    let (memory, stall) = (
+        counted.server.memory.clone(),
+        counted.server.limits.send_stall,
+    );
     on_thread(
         volume,
         raw.as_raw_fd(),
@@ -895,7 +919,7 @@ fn serve_on_thread<S: Socket>(
             let (rd, wr) = S::from_std(raw)?.split();
             let rd = std::io::Cursor::new(early)
                 .chain(tokio::io::BufReader::with_capacity(256 * 1024, rd));
-            transmission(neg, rd, wr).await
+            transmission(neg, rd, wr, memory, stall).await
         },
     )
 }
@@ -954,7 +978,8 @@ fn serve_tls_on_thread<S: Socket>(
         };
         let _counted = counted;
         let (pipe, writer) = crate::pipe::pipe(wr);
-        let result = transmission(neg, rd, pipe).await;
+        let memory = server.memory.clone();
+        let result = transmission(neg, rd, pipe, memory, server.limits.send_stall).await;
         writer.finish(CLOSE_PATIENCE).await;
         result
     })
@@ -1013,13 +1038,21 @@ struct Out {
     parts: Vec<Bytes>,
 }
 
-async fn transmission<R, W>(neg: Negotiated, mut rd: R, wr: W) -> Result<()>
+/// Serve requests until the client leaves. `memory`: the node's budget, shared by all its
+/// connections; `stall`: how long the client may take none of its replies.
+async fn transmission<R, W>(
+    neg: Negotiated,
+    mut rd: R,
+    wr: W,
+    memory: Arc<Semaphore>,
+    stall: Duration,
+) -> Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: TrySend,
 {
     // Replies are written by the request tasks themselves (see `crate::sender`).
-    let sender = Arc::new(Sender::new(wr));
+    let sender = Arc::new(Sender::with_stall(wr, Some(stall)));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     // Requests being handled: a reply written while others are pending waits to be batched.
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -1038,6 +1071,11 @@ where
                     rd.read_exact(&mut hb[..1]).await
                 } => r,
                 _ = neg.engine.wait_closed() => return Ok(()),
+                // A client that takes none of its replies is let go, reading or not.
+                why = sender.wait_failed() => {
+                    tracing::warn!(client = %neg.peer, volume = %neg.engine.volume(), "NBD client disconnected: {why}");
+                    return Err(ConnError::Protocol(why));
+                }
             };
             match read {
                 Ok(_) => {}
@@ -1065,6 +1103,12 @@ where
             };
             // Reserve the buffers before allocating them (bounded memory per connection).
             let permit = budget
+                .clone()
+                .acquire_many_owned(units)
+                .await
+                .expect("semaphore is never closed");
+            // And from the node's budget, held until the reply is on the socket.
+            let held = memory
                 .clone()
                 .acquire_many_owned(units)
                 .await
@@ -1109,7 +1153,7 @@ where
                 // A failed send means the connection is broken; the reader sees that too.
                 let before = in_flight.fetch_sub(1, Ordering::AcqRel);
                 let alone = before == 1;
-                let _ = sender.send(&parts, alone);
+                let _ = sender.send_holding(&parts, alone, Some(held));
                 drop(permit);
                 drop(counted);
             });

@@ -11,13 +11,15 @@
 //! The queue is bounded by its callers: a frame is queued only by a request in flight (bounded
 //! by the NBD connection's budget), and a reader that takes new requests waits first until the
 //! bytes not yet on the socket are below its limit ([`Sender::wait_below`]), so a peer that
-//! stops reading its replies holds at most that much plus the requests in flight.
+//! stops reading its replies holds at most that much plus the requests in flight. A frame may
+//! carry a permit (its share of a node-wide budget), let go once the frame is on the socket;
+//! with a stall limit, a socket that takes nothing for that long fails the sender.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 
 /// The write side of a socket that can be written without `&mut` (tokio's owned halves).
@@ -56,6 +58,9 @@ struct State {
     failed: Option<String>,
     /// Bytes queued or being written by the flusher: not on the socket yet.
     unsent: usize,
+    /// What the queued frames hold (a share of a node-wide memory budget): let go once they
+    /// are on the socket.
+    held: Vec<OwnedSemaphorePermit>,
 }
 
 struct Shared<S> {
@@ -66,6 +71,8 @@ struct Shared<S> {
     drained: Notify,
     /// Signalled whenever the flusher has written a batch (or given up).
     progress: Notify,
+    /// A socket that takes none of the queued bytes for this long fails the sender.
+    stall: Option<std::time::Duration>,
 }
 
 /// A socket's sending side; see the module docs. Dropping it stops the flusher (frames still
@@ -84,6 +91,12 @@ impl<S: TrySend> Drop for Sender<S> {
 impl<S: TrySend> Sender<S> {
     /// Must be called within a tokio runtime (it spawns the flusher).
     pub fn new(socket: S) -> Sender<S> {
+        Self::with_stall(socket, None)
+    }
+
+    /// `stall`: once frames wait, a socket that takes none of their bytes for this long (a
+    /// peer that has stopped reading) fails the sender, and every frame queued is let go.
+    pub fn with_stall(socket: S, stall: Option<std::time::Duration>) -> Sender<S> {
         let shared = Arc::new(Shared {
             socket,
             state: Mutex::new(State {
@@ -91,10 +104,12 @@ impl<S: TrySend> Sender<S> {
                 busy: false,
                 failed: None,
                 unsent: 0,
+                held: Vec::new(),
             }),
             wake: Notify::new(),
             drained: Notify::new(),
             progress: Notify::new(),
+            stall,
         });
         let flusher = tokio::spawn(flush_loop(shared.clone()));
         Sender { shared, flusher }
@@ -104,6 +119,17 @@ impl<S: TrySend> Sender<S> {
     /// other request is in flight, so nothing would be gained by waiting to batch. Returns once
     /// the frame is written or queued; an error means the connection is broken.
     pub fn send(&self, parts: &[&[u8]], alone: bool) -> Result<(), String> {
+        self.send_holding(parts, alone, None)
+    }
+
+    /// [`Sender::send`], where `hold` is kept until the frame is on the socket (let go at
+    /// once if it is written right away, or if sending has failed).
+    pub fn send_holding(
+        &self,
+        parts: &[&[u8]],
+        alone: bool,
+        hold: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), String> {
         let sh = &*self.shared;
         let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &st.failed {
@@ -123,6 +149,7 @@ impl<S: TrySend> Sender<S> {
                     Ok(0) => {
                         let why = "the peer closed the connection".to_string();
                         st.failed = Some(why.clone());
+                        sh.progress.notify_waiters();
                         return Err(why);
                     }
                     Ok(n) => done += n,
@@ -131,6 +158,7 @@ impl<S: TrySend> Sender<S> {
                     Err(e) => {
                         let why = format!("send failed: {e}");
                         st.failed = Some(why.clone());
+                        sh.progress.notify_waiters();
                         return Err(why);
                     }
                 }
@@ -144,6 +172,7 @@ impl<S: TrySend> Sender<S> {
         let before = st.queued.len();
         append_from(&mut st.queued, parts, done);
         st.unsent += st.queued.len() - before;
+        st.held.extend(hold);
         Ok(())
     }
 
@@ -168,6 +197,20 @@ impl<S: TrySend> Sender<S> {
                 if st.unsent <= limit || st.failed.is_some() {
                     return;
                 }
+            }
+            progress.await;
+        }
+    }
+
+    /// Wait until sending has failed (for ever if it never does).
+    pub async fn wait_failed(&self) -> String {
+        let sh = &*self.shared;
+        loop {
+            let progress = sh.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if let Some(why) = self.failure() {
+                return why;
             }
             progress.await;
         }
@@ -230,16 +273,17 @@ async fn flush_loop<S: TrySend>(sh: Arc<Shared<S>>) {
     loop {
         sh.wake.notified().await;
         loop {
-            let buf = {
+            let (buf, held) = {
                 let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
                 if st.queued.is_empty() {
                     st.busy = false;
                     sh.drained.notify_waiters();
                     break;
                 }
-                std::mem::take(&mut st.queued)
+                (std::mem::take(&mut st.queued), std::mem::take(&mut st.held))
             };
-            let written = write_all(&sh.socket, &buf).await;
+            let written = write_all(&sh.socket, &buf, sh.stall).await;
+            drop(held);
             let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
             st.unsent -= buf.len();
             sh.progress.notify_waiters();
@@ -247,6 +291,7 @@ async fn flush_loop<S: TrySend>(sh: Arc<Shared<S>>) {
                 st.failed = Some(why);
                 st.unsent -= st.queued.len();
                 st.queued = Vec::new();
+                st.held = Vec::new();
                 sh.drained.notify_waiters();
                 return;
             }
@@ -254,16 +299,34 @@ async fn flush_loop<S: TrySend>(sh: Arc<Shared<S>>) {
     }
 }
 
-async fn write_all<S: TrySend>(socket: &S, buf: &[u8]) -> Result<(), String> {
+async fn write_all<S: TrySend>(
+    socket: &S,
+    buf: &[u8],
+    stall: Option<std::time::Duration>,
+) -> Result<(), String> {
     let mut at = 0;
+    let mut progressed = tokio::time::Instant::now();
     while at < buf.len() {
-        socket
-            .writable()
-            .await
-            .map_err(|e| format!("send failed: {e}"))?;
+        let writable = socket.writable();
+        let ready = match stall {
+            None => writable.await,
+            Some(stall) => match tokio::time::timeout_at(progressed + stall, writable).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(format!(
+                        "the peer has taken none of its replies for {} s",
+                        stall.as_secs()
+                    ))
+                }
+            },
+        };
+        ready.map_err(|e| format!("send failed: {e}"))?;
         match socket.try_send(&[IoSlice::new(&buf[at..])]) {
             Ok(0) => return Err("the peer closed the connection".into()),
-            Ok(n) => at += n,
+            Ok(n) => {
+                at += n;
+                progressed = tokio::time::Instant::now();
+            }
             Err(e)
                 if matches!(
                     e.kind(),

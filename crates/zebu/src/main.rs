@@ -136,6 +136,15 @@ struct ServingArgs {
     /// NBD connections one volume takes at once on its node.
     #[arg(long, default_value_t = 256, value_name = "N")]
     max_nbd_connections_per_volume: usize,
+    /// Memory all NBD clients of the node together may hold in requests in flight and in
+    /// replies their clients have not taken yet (e.g. 1GiB); past it, requests wait to be
+    /// read. Each connection also holds at most 64 MiB of requests and 32 MiB of replies.
+    #[arg(long, default_value = "1GiB", value_parser = size::parse_size, value_name = "SIZE")]
+    max_nbd_memory: u64,
+    /// An NBD client that takes none of its replies for this many seconds (it has stopped
+    /// reading) is disconnected, with a log line naming it, and what its replies held is let go.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    nbd_send_timeout: u64,
     /// TLS for NBD over TCP with pre-shared keys: a file of IDENTITY:HEXKEY lines, as GnuTLS's
     /// `psktool -u NAME -p FILE` makes and qemu and libnbd read (clients connect with
     /// nbds://NAME@HOST/VOLUME?tls-psk-file=FILE). With TLS, TCP clients that do not start it
@@ -178,6 +187,8 @@ impl ServingArgs {
         zebu_agent::NbdLimits {
             per_node: self.max_nbd_connections,
             per_export: self.max_nbd_connections_per_volume,
+            memory_bytes: self.max_nbd_memory,
+            send_stall: Duration::from_secs(self.nbd_send_timeout.max(1)),
             ..Default::default()
         }
     }

@@ -397,3 +397,63 @@ fn a_volumes_connection_limit_shows_on_that_volume_only() {
         "{nodes}"
     );
 }
+
+/// Many clients that never read their replies hold no more than the node's memory budget
+/// together (`--max-nbd-memory`), and each is disconnected once its socket has taken none of
+/// its replies for the send timeout: then a fresh client is served again.
+#[test]
+fn clients_that_never_read_hold_at_most_the_nodes_memory_budget_and_are_let_go() {
+    require("qemu-io");
+    let c = Cluster::separate_with(
+        61,
+        1,
+        &["--max-nbd-memory", "160MiB", "--nbd-send-timeout", "5"],
+    );
+    let uri = c.create_attached("greedy", "256MiB", 1, "node-1");
+    qemu_io(&uri, &["write -P 0x3c 0 8M".into()]);
+    let pid = c.agents[0].as_ref().unwrap().id();
+    let before = rss_bytes(pid);
+    let addr = format!("{}:10809", c.node_ip(0));
+    // Six clients, each with 64 reads of 32 MiB it never reads: alone, each could hold
+    // ~96 MiB (its own bounds); together they may hold the node's 160 MiB.
+    let mut greedy = Vec::new();
+    for _ in 0..6 {
+        let mut s = nbd_connect(&addr, "greedy");
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        for i in 0..64u64 {
+            if s.write_all(&read_request(i, 0, 32 << 20)).is_err() {
+                break;
+            }
+        }
+        greedy.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss_bytes(pid).saturating_sub(before);
+    // The budget, one reply being copied into its queue, and a constant.
+    let bound: u64 = (160 + 32 + 64) << 20;
+    assert!(
+        grown < bound,
+        "the agent grew by {} MiB for six clients that do not read (bound {} MiB)",
+        grown >> 20,
+        bound >> 20
+    );
+    // Past the send timeout they are let go, and a fresh client is served.
+    wait_until(
+        "the clients that do not read to be disconnected",
+        Duration::from_secs(30),
+        || {
+            c.log("node-1")
+                .contains("has taken none of its replies for 5 s")
+                .then_some(())
+        },
+    );
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x5d 16M 4M".into(),
+            "read -P 0x5d 16M 4M".into(),
+            "read -P 0x3c 0 8M".into(),
+        ],
+    );
+    drop(greedy);
+}
