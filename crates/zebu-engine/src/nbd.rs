@@ -64,6 +64,10 @@ pub struct Limits {
     /// A client whose socket takes none of its replies for this long is disconnected, and
     /// what its replies held is let go.
     pub send_stall: Duration,
+    /// A connection with no request for this long gives its thread (and its own connections
+    /// to other nodes' replicas) back, and waits without them for its next request. None:
+    /// it keeps them while it is open.
+    pub idle_release: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -74,6 +78,7 @@ impl Default for Limits {
             negotiating: 64,
             memory_bytes: 1 << 30,
             send_stall: Duration::from_secs(60),
+            idle_release: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -513,23 +518,7 @@ impl NbdServer {
             Err(e) => return Err(e),
         };
         drop(negotiating);
-        // An idle connection costs no thread: it waits here, on the shared runtime, for its
-        // first request (or its end, or the engine's).
-        if rd.buffer().is_empty() {
-            use tokio::io::AsyncBufReadExt;
-            tokio::select! {
-                r = rd.fill_buf() => match r {
-                    Ok([]) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e.into()),
-                },
-                _ = neg.engine.wait_closed() => return Ok(()),
-            }
-        }
-        // Bytes the client sent right after negotiating must not be lost on the way.
-        let early = rd.buffer().to_vec();
-        let raw = S::unsplit(rd.into_inner(), wr)?;
-        serve_on_thread::<S>(neg, raw, early, self.busy_poll, counted)
+        park::<S>(neg, rd, wr, self.busy_poll, counted).await
     }
 
     async fn negotiate<R, W>(
@@ -817,6 +806,32 @@ trait Socket: AsyncRead + AsyncWrite + Unpin + Sized + Send + 'static {
     fn unsplit(rd: Self::Rd, wr: Self::Wr) -> std::io::Result<Self::Std>;
     /// Register with the current runtime.
     fn from_std(s: Self::Std) -> std::io::Result<Self>;
+    /// A second descriptor of the same socket.
+    fn dup(s: &Self::Std) -> std::io::Result<Self::Std>;
+    /// Let go of a write half without shutting the socket's sending side (as dropping it
+    /// would, which its other descriptor would feel too).
+    fn forget(wr: Self::Wr);
+}
+
+/// A write half that never shuts the socket down when dropped (see [`Socket::forget`]): the
+/// socket may live on through another descriptor, and closes when its last one does.
+struct Quiet<S: Socket>(Option<S::Wr>);
+
+impl<S: Socket> Drop for Quiet<S> {
+    fn drop(&mut self) {
+        if let Some(wr) = self.0.take() {
+            S::forget(wr);
+        }
+    }
+}
+
+impl<S: Socket> TrySend for Quiet<S> {
+    fn try_send(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.as_ref().expect("set until dropped").try_send(bufs)
+    }
+    fn writable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        self.0.as_ref().expect("set until dropped").writable()
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
@@ -840,6 +855,12 @@ impl Socket for tokio::net::TcpStream {
     }
     fn from_std(s: Self::Std) -> std::io::Result<Self> {
         tokio::net::TcpStream::from_std(s)
+    }
+    fn dup(s: &Self::Std) -> std::io::Result<Self::Std> {
+        s.try_clone()
+    }
+    fn forget(wr: Self::Wr) {
+        wr.forget()
     }
 }
 
@@ -866,6 +887,12 @@ impl Socket for tokio::net::UnixStream {
     }
     fn from_std(s: Self::Std) -> std::io::Result<Self> {
         tokio::net::UnixStream::from_std(s)
+    }
+    fn dup(s: &Self::Std) -> std::io::Result<Self::Std> {
+        s.try_clone()
+    }
+    fn forget(wr: Self::Wr) {
+        wr.forget()
     }
 }
 
@@ -906,22 +933,75 @@ fn serve_on_thread<S: Socket>(
     counted: Counted,
 ) -> Result<()> {
     let volume = neg.engine.volume().to_owned();
-    let (memory, stall) = (
-        counted.server.memory.clone(),
-        counted.server.limits.send_stall,
-    );
-    on_thread(
-        volume,
-        raw.as_raw_fd(),
-        busy_poll,
-        counted,
-        move || async move {
-            let (rd, wr) = S::from_std(raw)?.split();
-            let rd = std::io::Cursor::new(early)
-                .chain(tokio::io::BufReader::with_capacity(256 * 1024, rd));
-            transmission(neg, rd, wr, memory, stall).await
-        },
-    )
+    let server = counted.server.clone();
+    let (memory, stall) = (server.memory.clone(), server.limits.send_stall);
+    let idle = server.limits.idle_release;
+    // Where the connection waits again once it has gone idle: the shared runtime.
+    let shared = tokio::runtime::Handle::current();
+    let fd = raw.as_raw_fd();
+    on_thread(volume, fd, busy_poll, (), move || async move {
+        // A second descriptor of the socket, kept while the thread serves it, so that the
+        // socket outlives this runtime's halves when the connection goes back to wait.
+        let spare = match idle {
+            Some(_) => Some(S::dup(&raw)?),
+            None => None,
+        };
+        let (rd, wr) = S::from_std(raw)?.split();
+        let wr = Quiet::<S>(Some(wr));
+        let rd =
+            std::io::Cursor::new(early).chain(tokio::io::BufReader::with_capacity(256 * 1024, rd));
+        let Some(neg) = transmission(neg, rd, wr, memory, stall, idle).await? else {
+            return Ok(());
+        };
+        let Some(spare) = spare else {
+            return Ok(());
+        };
+        // Idle: nothing in flight, nothing unsent, nothing buffered (the request reader stops
+        // only between requests, having read no byte of the next). The thread ends; the
+        // connection waits on the shared runtime for its next request.
+        shared.spawn(async move {
+            let stream = match S::from_std(spare) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot move an idle NBD connection back: {e}");
+                    return;
+                }
+            };
+            let (rd, wr) = stream.split();
+            let rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+            if let Err(e) = park::<S>(neg, rd, wr, busy_poll, counted).await {
+                tracing::debug!("nbd connection closed: {e}");
+            }
+        });
+        Ok(())
+    })
+}
+
+/// A negotiated connection with no request yet costs no thread: it waits here, on the shared
+/// runtime, for its next request (or its end, or the engine's), then goes to a thread of its
+/// own ([`serve_on_thread`]).
+async fn park<S: Socket>(
+    neg: Negotiated,
+    mut rd: tokio::io::BufReader<S::Rd>,
+    wr: S::Wr,
+    busy_poll: Duration,
+    counted: Counted,
+) -> Result<()> {
+    if rd.buffer().is_empty() {
+        use tokio::io::AsyncBufReadExt;
+        tokio::select! {
+            r = rd.fill_buf() => match r {
+                Ok([]) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            },
+            _ = neg.engine.wait_closed() => return Ok(()),
+        }
+    }
+    // Bytes the client has sent must not be lost on the way.
+    let early = rd.buffer().to_vec();
+    let raw = S::unsplit(rd.into_inner(), wr)?;
+    serve_on_thread::<S>(neg, raw, early, busy_poll, counted)
 }
 
 /// Serve a connection that asked for TLS on a thread of its own: the handshake, the rest of
@@ -979,7 +1059,10 @@ fn serve_tls_on_thread<S: Socket>(
         let _counted = counted;
         let (pipe, writer) = crate::pipe::pipe(wr);
         let memory = server.memory.clone();
-        let result = transmission(neg, rd, pipe, memory, server.limits.send_stall).await;
+        // A TLS session lives in this thread's runtime: it keeps its thread while it lasts.
+        let result = transmission(neg, rd, pipe, memory, server.limits.send_stall, None)
+            .await
+            .map(|_| ());
         writer.finish(CLOSE_PATIENCE).await;
         result
     })
@@ -1039,14 +1122,17 @@ struct Out {
 }
 
 /// Serve requests until the client leaves. `memory`: the node's budget, shared by all its
-/// connections; `stall`: how long the client may take none of its replies.
+/// connections; `stall`: how long the client may take none of its replies; `idle`: after this
+/// long with no request and nothing in flight or unsent, stop before reading another byte and
+/// give the connection back (`Some`), for it to wait without a thread.
 async fn transmission<R, W>(
     neg: Negotiated,
     mut rd: R,
     wr: W,
     memory: Arc<Semaphore>,
     stall: Duration,
-) -> Result<()>
+    idle: Option<Duration>,
+) -> Result<Option<Negotiated>>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: TrySend,
@@ -1060,26 +1146,43 @@ where
     // thread, so a replicated write completes here without a hop to another thread.
     let lanes = Arc::new(neg.engine.lanes());
     let neg = Arc::new(neg);
-    let result: Result<()> = async {
+    // Ok(true): gone idle, see `idle`.
+    let result: Result<bool> = async {
         loop {
+            let idle_at = idle.map(|d| tokio::time::Instant::now() + d);
             let mut hb = [0u8; REQUEST_BYTES];
             // A detached or fenced-off engine drops its clients: they must not keep writing.
             // A client that does not read its replies is not read from either.
             let read = tokio::select! {
+                // A request that has begun wins over the idle timer.
+                biased;
                 r = async {
                     sender.wait_below(UNSENT_LIMIT).await;
                     rd.read_exact(&mut hb[..1]).await
                 } => r,
-                _ = neg.engine.wait_closed() => return Ok(()),
+                _ = neg.engine.wait_closed() => return Ok(false),
                 // A client that takes none of its replies is let go, reading or not.
                 why = sender.wait_failed() => {
                     tracing::warn!(client = %neg.peer, volume = %neg.engine.volume(), "NBD client disconnected: {why}");
                     return Err(ConnError::Protocol(why));
                 }
+                _ = sleep_until(idle_at) => {
+                    // Only when nothing at all is in flight or unsent (request tasks have
+                    // let go of everything they held once their permits are back).
+                    let quiet = in_flight.load(Ordering::Acquire) == 0
+                        && budget.available_permits() == BUDGET_UNITS as usize
+                        && sender.unsent() == 0
+                        && Arc::strong_count(&neg) == 1
+                        && Arc::strong_count(&sender) == 1;
+                    if quiet {
+                        return Ok(true);
+                    }
+                    continue;
+                }
             };
             match read {
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
                 Err(e) => return Err(e.into()),
             }
             match tokio::time::timeout(REQUEST_TIMEOUT, rd.read_exact(&mut hb[1..])).await {
@@ -1141,7 +1244,7 @@ where
             }
             if req.kind == CMD_DISC {
                 // Requests in flight finish and are answered below, then the connection closes.
-                return Ok(());
+                return Ok(false);
             }
             let (neg, lanes) = (neg.clone(), lanes.clone());
             let (sender, in_flight) = (sender.clone(), in_flight.clone());
@@ -1160,6 +1263,10 @@ where
         }
     }
     .await;
+    if let Ok(true) = result {
+        drop((sender, lanes, rd));
+        return Ok(Arc::into_inner(neg));
+    }
     // Every request in flight answers before the connection closes (unless the client has
     // stopped reading its replies for a long time).
     let _ = tokio::time::timeout(CLOSE_PATIENCE, async {
@@ -1167,7 +1274,15 @@ where
         sender.drain().await;
     })
     .await;
-    result
+    result.map(|_| None)
+}
+
+/// Sleep until `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn simple(error: u32, handle: u64) -> Out {

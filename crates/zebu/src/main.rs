@@ -145,6 +145,11 @@ struct ServingArgs {
     /// reading) is disconnected, with a log line naming it, and what its replies held is let go.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     nbd_send_timeout: u64,
+    /// An NBD connection with no request for this many seconds gives back its thread and its
+    /// connections to other nodes, and waits for its next request without them (a connection
+    /// over TLS keeps its thread). 0: never.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    nbd_idle_release: u64,
     /// TLS for NBD over TCP with pre-shared keys: a file of IDENTITY:HEXKEY lines, as GnuTLS's
     /// `psktool -u NAME -p FILE` makes and qemu and libnbd read (clients connect with
     /// nbds://NAME@HOST/VOLUME?tls-psk-file=FILE). With TLS, TCP clients that do not start it
@@ -189,6 +194,8 @@ impl ServingArgs {
             per_export: self.max_nbd_connections_per_volume,
             memory_bytes: self.max_nbd_memory,
             send_stall: Duration::from_secs(self.nbd_send_timeout.max(1)),
+            idle_release: (self.nbd_idle_release > 0)
+                .then(|| Duration::from_secs(self.nbd_idle_release)),
             ..Default::default()
         }
     }

@@ -457,3 +457,67 @@ fn clients_that_never_read_hold_at_most_the_nodes_memory_budget_and_are_let_go()
     );
     drop(greedy);
 }
+
+/// A connection that has been busy and then goes idle gives its thread back, and its node's
+/// replicas elsewhere their connections; its next request is served as before.
+#[test]
+fn busy_connections_gone_idle_give_their_threads_back() {
+    require("qemu-io");
+    let c = Cluster::separate_with(62, 3, &["--nbd-idle-release", "2"]);
+    let uri = c.create_attached("naps", "64MiB", 3, "node-1");
+    qemu_io(&uri, &["write -P 0x3c 0 1M".into()]);
+    let pids: Vec<u32> = (0..3).map(|i| c.agents[i].as_ref().unwrap().id()).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let counts =
+        || -> Vec<(usize, usize)> { pids.iter().map(|&p| (threads(p), open_fds(p))).collect() };
+    let before = counts();
+    let addr = format!("{}:10809", c.node_ip(0));
+    let mut conns: Vec<TcpStream> = (0..20).map(|_| nbd_connect(&addr, "naps")).collect();
+    let ask = |s: &mut TcpStream, handle: u64| {
+        s.write_all(&read_request(handle, 0, 4096)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reply = [0u8; 16 + 4096];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "no error");
+        assert_eq!(&reply[8..16], &handle.to_be_bytes());
+        assert!(reply[16..].iter().all(|&b| b == 0x3c), "the data written");
+    };
+    for (i, s) in conns.iter_mut().enumerate() {
+        ask(s, i as u64);
+    }
+    let busy = counts();
+    assert!(
+        busy[0].0 >= before[0].0 + 20,
+        "node-1 threads: {} before, {} with 20 busy connections",
+        before[0].0,
+        busy[0].0
+    );
+    // Past the idle time, the threads are back, and the replicas' nodes hold no lane.
+    let settled = wait_until(
+        "the idle connections' threads to end",
+        Duration::from_secs(30),
+        || {
+            let now = counts();
+            (now[0].0 < before[0].0 + 5).then_some(now)
+        },
+    );
+    for i in 1..3 {
+        assert!(
+            settled[i].1 < before[i].1 + 5,
+            "node-{}: fds {} before, {} busy, {} idle",
+            i + 1,
+            before[i].1,
+            busy[i].1,
+            settled[i].1
+        );
+    }
+    // Their next requests are served as before, twice (the second on the new thread).
+    for (i, s) in conns.iter_mut().enumerate() {
+        ask(s, 100 + i as u64);
+        ask(s, 200 + i as u64);
+    }
+    qemu_io(
+        &uri,
+        &["write -P 0x3c 1M 1M".into(), "read -P 0x3c 0 2M".into()],
+    );
+}
