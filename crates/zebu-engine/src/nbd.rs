@@ -1148,8 +1148,18 @@ where
     let neg = Arc::new(neg);
     // Ok(true): gone idle, see `idle`.
     let result: Result<bool> = async {
+        // One future for the whole connection: registering anew for every request would cost.
+        let broke = sender.wait_failed();
+        tokio::pin!(broke);
+        // Idleness is checked on a tick, not by a timer per request: a connection is idle
+        // when a whole tick has passed with no request (so after `idle` to twice that).
+        let mut ticks = idle.map(|d| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        let (mut requests, mut at_last_tick) = (0u64, 0u64);
         loop {
-            let idle_at = idle.map(|d| tokio::time::Instant::now() + d);
             let mut hb = [0u8; REQUEST_BYTES];
             // A detached or fenced-off engine drops its clients: they must not keep writing.
             // A client that does not read its replies is not read from either.
@@ -1162,14 +1172,15 @@ where
                 } => r,
                 _ = neg.engine.wait_closed() => return Ok(false),
                 // A client that takes none of its replies is let go, reading or not.
-                why = sender.wait_failed() => {
+                why = &mut broke => {
                     tracing::warn!(client = %neg.peer, volume = %neg.engine.volume(), "NBD client disconnected: {why}");
                     return Err(ConnError::Protocol(why));
                 }
-                _ = sleep_until(idle_at) => {
+                _ = tick(&mut ticks) => {
                     // Only when nothing at all is in flight or unsent (request tasks have
                     // let go of everything they held once their permits are back).
-                    let quiet = in_flight.load(Ordering::Acquire) == 0
+                    let quiet = requests == at_last_tick
+                        && in_flight.load(Ordering::Acquire) == 0
                         && budget.available_permits() == BUDGET_UNITS as usize
                         && sender.unsent() == 0
                         && Arc::strong_count(&neg) == 1
@@ -1177,11 +1188,12 @@ where
                     if quiet {
                         return Ok(true);
                     }
+                    at_last_tick = requests;
                     continue;
                 }
             };
             match read {
-                Ok(_) => {}
+                Ok(_) => requests += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
                 Err(e) => return Err(e.into()),
             }
@@ -1277,10 +1289,12 @@ where
     result.map(|_| None)
 }
 
-/// Sleep until `at`; never without one.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// The next tick; never without ticks.
+async fn tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(t) => {
+            t.tick().await;
+        }
         None => std::future::pending().await,
     }
 }

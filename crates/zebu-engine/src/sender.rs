@@ -71,6 +71,8 @@ struct Shared<S> {
     drained: Notify,
     /// Signalled whenever the flusher has written a batch (or given up).
     progress: Notify,
+    /// Signalled once, when sending fails.
+    broke: Notify,
     /// A socket that takes none of the queued bytes for this long fails the sender.
     stall: Option<std::time::Duration>,
 }
@@ -109,6 +111,7 @@ impl<S: TrySend> Sender<S> {
             wake: Notify::new(),
             drained: Notify::new(),
             progress: Notify::new(),
+            broke: Notify::new(),
             stall,
         });
         let flusher = tokio::spawn(flush_loop(shared.clone()));
@@ -150,6 +153,7 @@ impl<S: TrySend> Sender<S> {
                         let why = "the peer closed the connection".to_string();
                         st.failed = Some(why.clone());
                         sh.progress.notify_waiters();
+                        sh.broke.notify_waiters();
                         return Err(why);
                     }
                     Ok(n) => done += n,
@@ -159,6 +163,7 @@ impl<S: TrySend> Sender<S> {
                         let why = format!("send failed: {e}");
                         st.failed = Some(why.clone());
                         sh.progress.notify_waiters();
+                        sh.broke.notify_waiters();
                         return Err(why);
                     }
                 }
@@ -202,17 +207,18 @@ impl<S: TrySend> Sender<S> {
         }
     }
 
-    /// Wait until sending has failed (for ever if it never does).
+    /// Wait until sending has failed (for ever if it never does). Woken by nothing else, so a
+    /// reader may keep one such future across its requests at no cost per request.
     pub async fn wait_failed(&self) -> String {
         let sh = &*self.shared;
         loop {
-            let progress = sh.progress.notified();
-            tokio::pin!(progress);
-            progress.as_mut().enable();
+            let broke = sh.broke.notified();
+            tokio::pin!(broke);
+            broke.as_mut().enable();
             if let Some(why) = self.failure() {
                 return why;
             }
-            progress.await;
+            broke.await;
         }
     }
 
@@ -289,6 +295,7 @@ async fn flush_loop<S: TrySend>(sh: Arc<Shared<S>>) {
             sh.progress.notify_waiters();
             if let Err(why) = written {
                 st.failed = Some(why);
+                sh.broke.notify_waiters();
                 st.unsent -= st.queued.len();
                 st.queued = Vec::new();
                 st.held = Vec::new();
