@@ -209,7 +209,44 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
             name,
             size,
             replicas,
+            from: Some(from),
+            node,
         } => {
+            let size = size
+                .map(|s| parse_size(&s).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let c = client(ca);
+            let (v, copied) =
+                crate::import::create_from(&c, &name, size, replicas, &from, node).await?;
+            if ca.output == Output::Json {
+                print_json(&serde_json::json!({
+                    "volume": v,
+                    "imported": {
+                        "source": from,
+                        "data_bytes": copied.data_bytes,
+                        "hole_bytes": copied.hole_bytes,
+                        "sha256": copied.sha256,
+                    }
+                }));
+            } else {
+                println!(
+                    "volume {name} created from {from}: {} with {} replicas; {} of data written, {} of holes kept; verified (sha256 {})",
+                    human(v.size_bytes),
+                    v.replica_count,
+                    human(copied.data_bytes),
+                    human(copied.hole_bytes),
+                    copied.sha256
+                );
+            }
+        }
+        VolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            from: None,
+            ..
+        } => {
+            let size = size.expect("clap requires --size without --from");
             let size_bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
             let c = client(ca);
             let v = c

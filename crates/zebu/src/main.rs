@@ -3,6 +3,8 @@
 
 mod cli;
 mod fault_proxy;
+mod import;
+mod nbd_client;
 mod size;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -366,14 +368,29 @@ enum Output {
 #[derive(Subcommand)]
 enum VolumeCmd {
     /// Create a volume; its replicas are placed on distinct nodes.
+    ///
+    /// With --from, the volume gets another image's content: a raw image file (or block
+    /// device) or another NBD server's export (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH). The source is read before anything is created; the
+    /// volume is attached, written (holes and zero blocks are skipped, so they stay holes),
+    /// read back and compared by sha256, then detached. If that fails, the volume is deleted.
     Create {
         name: String,
         /// Size, e.g. 1GiB, 512MiB, 10G (K/M/G/T and Ki/Mi/Gi/Ti are powers of 1024; KB/MB/GB/TB of 1000).
-        #[arg(long)]
-        size: String,
+        /// With --from: at least the source's size (default: the source's size, rounded up to
+        /// whole 4 KiB blocks).
+        #[arg(long, required_unless_present = "from")]
+        size: Option<String>,
         /// Number of replicas (default: the default-replica-count setting, 3 unless changed).
         #[arg(long)]
         replicas: Option<u32>,
+        /// Import this raw image file, block device or NBD URI into the new volume.
+        #[arg(long, value_name = "FILE|NBD-URI")]
+        from: Option<String>,
+        /// With --from: the node to attach the volume to while it is written (default: where
+        /// the manager places it).
+        #[arg(long, requires = "from")]
+        node: Option<String>,
     },
     /// List volumes.
     List,
