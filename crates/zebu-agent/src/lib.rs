@@ -87,6 +87,8 @@ pub struct AgentConfig {
     pub data_tls: bool,
     /// Background scrubs of attached volumes.
     pub scrub: Scrub,
+    /// Bytes a second a merge of a deleted snapshot copies.
+    pub merge_rate: u64,
     /// The file layer under every replica ([`zebu_replica::file::direct`] but in tests).
     pub files: Arc<dyn FileLayer>,
 }
@@ -247,6 +249,7 @@ impl Agent {
             tracing::warn!(node = %cfg.node, layer = cfg.files.name(), "replica files go through a test file layer: writes not flushed are lost when this process ends, as at a power cut");
         }
         let server = ReplicaServer::new(&cfg.node, cfg.io_threads);
+        server.set_merge_rate(cfg.merge_rate);
         server
             .require_tls(cfg.data_tls)
             .map_err(|e| anyhow::anyhow!("node {}: {e}", cfg.node))?;

@@ -85,14 +85,14 @@ type Accepted = (Arc<Replica>, watch::Receiver<bool>, Arc<Session>);
 /// A Hello that passed its checks: the replica, its stop signal and the engine's epoch.
 type Hailed = (Arc<Replica>, watch::Receiver<bool>, u64);
 
-/// How fast a merge of a deleted snapshot copies (bytes a second), so it never crowds out the
-/// volume's own I/O.
+/// How fast a merge of a deleted snapshot copies by default (bytes a second), so it never
+/// crowds out the volume's own I/O ([`ReplicaServer::set_merge_rate`]).
 pub const MERGE_RATE: u64 = 128 << 20;
 /// How often the merge thread looks for deleted snapshots to merge.
 const MERGE_POLL: Duration = Duration::from_millis(250);
 
 /// The server's merge thread: merges the deleted snapshots of every served replica, one
-/// replica at a time, paced ([`MERGE_RATE`]). A replica removed from the server stops its merge;
+/// replica at a time, paced (its merge rate). A replica removed from the server stops its merge;
 /// a failed merge is logged and tried again later (a full disk, mostly).
 fn merge_loop(server: std::sync::Weak<ReplicaServer>) {
     let mut failing: HashMap<String, String> = HashMap::new();
@@ -107,7 +107,8 @@ fn merge_loop(server: std::sync::Weak<ReplicaServer>) {
             if !r.has_pending_merges() || r.is_poisoned() {
                 continue;
             }
-            match r.merge_pending(MERGE_RATE, r.closing()) {
+            let rate = s_rate(&server);
+            match r.merge_pending(rate, r.closing()) {
                 Ok(n) => {
                     if n > 0 {
                         tracing::info!(replica = %r.name(), "merged {n} deleted snapshot(s)");
@@ -126,8 +127,16 @@ fn merge_loop(server: std::sync::Weak<ReplicaServer>) {
     }
 }
 
+fn s_rate(server: &std::sync::Weak<ReplicaServer>) -> u64 {
+    server
+        .upgrade()
+        .map_or(MERGE_RATE, |s| s.merge_rate.load(Ordering::Relaxed))
+}
+
 /// Serves all replicas of one node.
 pub struct ReplicaServer {
+    /// Bytes a second a merge copies.
+    merge_rate: std::sync::atomic::AtomicU64,
     /// Served replicas, each with a signal that closes its connections when it is removed.
     replicas: RwLock<HashMap<String, Served>>,
     secret: RwLock<Option<String>>,
@@ -150,6 +159,7 @@ impl ReplicaServer {
             }
         };
         let server = Arc::new(ReplicaServer {
+            merge_rate: std::sync::atomic::AtomicU64::new(MERGE_RATE),
             replicas: RwLock::new(HashMap::new()),
             secret: RwLock::new(None),
             pool: Arc::new(IoPool::new(name, io_threads)),
@@ -169,6 +179,12 @@ impl ReplicaServer {
 
     /// Refuse engines that connect without TLS (`zebu agent --data-tls`). Engines that start
     /// TLS are served either way.
+    /// How fast merges of deleted snapshots copy, in bytes a second (at least 1 MiB).
+    pub fn set_merge_rate(&self, bytes_per_sec: u64) {
+        self.merge_rate
+            .store(bytes_per_sec.max(1 << 20), Ordering::Relaxed);
+    }
+
     pub fn require_tls(&self, on: bool) -> Result<(), String> {
         if on && self.tls.is_none() {
             return Err("TLS on the data protocol is required, but this server could not set it up (see the warning above)".into());

@@ -131,6 +131,10 @@ struct ServingArgs {
     /// from every replica), so scrubs leave the disks to the workload. 0: unlimited.
     #[arg(long, default_value_t = DEFAULT_SCRUB_MIBS, value_name = "MIB")]
     scrub_rate: u64,
+    /// Speed of a deleted snapshot's merge into its neighbour, in MiB a second (at least 1),
+    /// so merges leave the disks to the workload.
+    #[arg(long, default_value_t = 128, value_name = "MIB")]
+    snapshot_merge_rate: u64,
     /// NBD connections the node takes at once (negotiating or serving); past it a client is
     /// refused, with a log line naming it, and the node's status says so.
     #[arg(long, default_value_t = 1024, value_name = "N")]
@@ -663,6 +667,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         nbd_plain_tcp: a.serving.nbd_allow_plain_tcp,
         data_tls: a.serving.data_tls,
         scrub: a.serving.scrub(),
+        merge_rate: a.serving.snapshot_merge_rate.saturating_mul(1 << 20),
         files: a.serving.files(),
     })?;
     let (tx, rx) = watch::channel(false);
@@ -724,6 +729,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             nbd_plain_tcp: a.serving.nbd_allow_plain_tcp,
             data_tls: a.serving.data_tls,
             scrub: a.serving.scrub(),
+            merge_rate: a.serving.snapshot_merge_rate.saturating_mul(1 << 20),
             files: files.clone(),
         })?;
         agents.push(tokio::spawn(agent.run(stop_rx.clone())));
