@@ -257,7 +257,7 @@ fn merges_cut_by_kill_9_lose_nothing_and_complete_after_restart() {
     let mut head = vec![0u8; SIZE];
     let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     let mut cut_inside = 0;
-    let mut write = |head: &mut Vec<u8>, rng: &mut Lcg| {
+    let write = |head: &mut Vec<u8>, rng: &mut Lcg| {
         let at = rng.next(6) as usize; // MiB
         let byte = (rng.next(250) + 1) as u8;
         qemu_io(&uri, &[format!("write -P {byte} {at}M 2M")]);
