@@ -1,5 +1,5 @@
 //! The data protocol's frames after the handshake: request and reply headers, and the INFO,
-//! MAP, extent-list, SNAPSHOT and LAYERS payloads (a decoded one encodes back to the same bytes).
+//! MAP, extent-list, SNAPSHOT, LAYERS and READ_SNAPSHOT payloads (a decoded one encodes back to the same bytes).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use zebu_proto::data::{
@@ -24,5 +24,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(r) = zebu_proto::snapshot::LayersReply::decode(data) {
         assert_eq!(r.encode(), data);
+    }
+    if let Ok((len, name)) = zebu_proto::snapshot::decode_read_snapshot(data) {
+        assert_eq!(zebu_proto::snapshot::encode_read_snapshot(&name, len), data);
     }
 });

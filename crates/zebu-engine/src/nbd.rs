@@ -234,6 +234,25 @@ struct Negotiated {
     peer: String,
     structured: bool,
     base_allocation: bool,
+    /// `VOLUME@SNAPSHOT`: the export is that snapshot's content, read-only.
+    snapshot: Option<String>,
+}
+
+/// Whether `engine`'s volume has a live snapshot `snap` on a member in sync; why not.
+async fn snapshot_known(engine: &Engine, snap: &str) -> std::result::Result<(), String> {
+    let layers = engine.layers().await.map_err(|e| e.to_string())?;
+    if layers
+        .iter()
+        .any(|(_, l)| crate::engine_snapshots::live_snapshots(l).contains(snap))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "volume {:?} has no snapshot named {snap:?} (see `zebu snapshot list {}`)",
+            engine.volume(),
+            engine.volume()
+        ))
+    }
 }
 
 /// One line per reason a second at most: a flood of clients does not flood the log.
@@ -407,6 +426,17 @@ impl NbdServer {
             .unwrap_or_else(|p| p.into_inner())
             .get(volume)
             .cloned()
+    }
+
+    /// The engine an export name reaches, and the snapshot it names: `VOLUME@SNAPSHOT` is that
+    /// snapshot's content, read-only.
+    fn lookup(&self, name: &str) -> Option<(Arc<Engine>, Option<String>)> {
+        match name.rsplit_once('@') {
+            Some((volume, snap)) if !snap.is_empty() => {
+                self.get(volume).map(|e| (e, Some(snap.to_owned())))
+            }
+            _ => self.get(name).map(|e| (e, None)),
+        }
     }
 
     fn names(&self) -> Vec<String> {
@@ -589,10 +619,15 @@ impl NbdServer {
             match opt {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
-                    let Some(engine) = self.get(&name) else {
+                    let Some((engine, snapshot)) = self.lookup(&name) else {
                         // The protocol has no way to refuse EXPORT_NAME but to hang up.
                         return Err(ConnError::Protocol(format!("unknown export {name:?}")));
                     };
+                    if let Some(s) = &snapshot {
+                        if let Err(why) = snapshot_known(&engine, s).await {
+                            return Err(ConnError::Protocol(why));
+                        }
+                    }
                     if !counted.claim(&name, peer) {
                         return Err(ConnError::Protocol(format!(
                             "export {name:?} has too many connections"
@@ -600,18 +635,23 @@ impl NbdServer {
                     }
                     let mut out = Vec::with_capacity(134);
                     out.extend_from_slice(&engine.size_bytes().to_be_bytes());
-                    out.extend_from_slice(&transmission_flags(structured).to_be_bytes());
+                    out.extend_from_slice(
+                        &transmission_flags(structured, snapshot.is_some()).to_be_bytes(),
+                    );
                     if !no_zeroes {
                         out.extend_from_slice(&[0u8; 124]);
                     }
                     wr.write_all(&out).await?;
                     wr.flush().await?;
-                    let base_allocation = structured && meta_for.as_deref() == Some(name.as_str());
+                    let base_allocation = structured
+                        && snapshot.is_none()
+                        && meta_for.as_deref() == Some(name.as_str());
                     return Ok(Step::Serve(Negotiated {
                         engine,
                         peer: peer.to_owned(),
                         structured,
                         base_allocation,
+                        snapshot,
                     }));
                 }
                 OPT_ABORT => {
@@ -645,13 +685,19 @@ impl NbdServer {
                         reply_err(wr, opt, REP_ERR_INVALID, "malformed INFO/GO request").await?;
                         continue;
                     };
-                    let Some(engine) = self.get(&name) else {
+                    let Some((engine, snapshot)) = self.lookup(&name) else {
                         let msg = format!(
                             "volume {name:?} is not attached on this node (attach it here first)"
                         );
                         reply_err(wr, opt, REP_ERR_UNKNOWN, &msg).await?;
                         continue;
                     };
+                    if let Some(s) = &snapshot {
+                        if let Err(why) = snapshot_known(&engine, s).await {
+                            reply_err(wr, opt, REP_ERR_UNKNOWN, &why).await?;
+                            continue;
+                        }
+                    }
                     if opt == OPT_GO && counted.export.is_none() && !counted.claim(&name, peer) {
                         let msg = format!(
                             "volume {name:?} has its limit of {} NBD connections on this node; close some and try again",
@@ -663,7 +709,9 @@ impl NbdServer {
                     let mut info = Vec::with_capacity(12);
                     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                     info.extend_from_slice(&engine.size_bytes().to_be_bytes());
-                    info.extend_from_slice(&transmission_flags(structured).to_be_bytes());
+                    info.extend_from_slice(
+                        &transmission_flags(structured, snapshot.is_some()).to_be_bytes(),
+                    );
                     reply(wr, opt, REP_INFO, &info).await?;
                     for r in requests {
                         match r {
@@ -689,13 +737,15 @@ impl NbdServer {
                     }
                     reply(wr, opt, REP_ACK, &[]).await?;
                     if opt == OPT_GO {
-                        let base_allocation =
-                            structured && meta_for.as_deref() == Some(name.as_str());
+                        let base_allocation = structured
+                            && snapshot.is_none()
+                            && meta_for.as_deref() == Some(name.as_str());
                         return Ok(Step::Serve(Negotiated {
                             engine,
                             peer: peer.to_owned(),
                             structured,
                             base_allocation,
+                            snapshot,
                         }));
                     }
                 }
@@ -710,7 +760,7 @@ impl NbdServer {
                             .await?;
                         continue;
                     };
-                    if self.get(&name).is_none() {
+                    if self.lookup(&name).is_none() {
                         let msg = format!("volume {name:?} is not attached on this node");
                         reply_err(wr, opt, REP_ERR_UNKNOWN, &msg).await?;
                         continue;
@@ -760,7 +810,15 @@ impl NbdServer {
     }
 }
 
-fn transmission_flags(structured: bool) -> u16 {
+fn transmission_flags(structured: bool, read_only: bool) -> u16 {
+    if read_only {
+        // A snapshot: reads only (FLUSH is allowed and does nothing).
+        let mut f = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN;
+        if structured {
+            f |= TFLAG_SEND_DF;
+        }
+        return f;
+    }
     let mut f = TFLAG_HAS_FLAGS
         | TFLAG_SEND_FLUSH
         | TFLAG_SEND_FUA
@@ -1299,6 +1357,50 @@ async fn tick(ticks: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// A request to a snapshot's read-only export.
+async fn handle_snapshot(neg: &Negotiated, snap: &str, req: Request) -> Out {
+    match req.kind {
+        CMD_READ => {
+            if req.length > MAX_IO_BYTES {
+                return error_out(neg, &req, EINVAL, "read too large");
+            }
+            match neg.engine.read_snapshot(snap, req.offset, req.length).await {
+                Ok(data) => read_out(neg, &req, Bytes::from(data)),
+                Err(e) => {
+                    tracing::warn!("nbd snapshot read failed: {e}");
+                    error_out(neg, &req, errno(&e), &e.to_string())
+                }
+            }
+        }
+        CMD_FLUSH => simple(0, req.handle),
+        CMD_BLOCK_STATUS => error_out(neg, &req, EINVAL, "no metadata context was negotiated"),
+        _ => error_out(neg, &req, EPERM, "a snapshot is read-only"),
+    }
+}
+
+/// A READ's successful reply.
+fn read_out(neg: &Negotiated, req: &Request, data: Bytes) -> Out {
+    if neg.structured {
+        let h = structured_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            req.handle,
+            8 + req.length,
+        );
+        Out {
+            parts: vec![
+                Bytes::copy_from_slice(&h),
+                Bytes::copy_from_slice(&req.offset.to_be_bytes()),
+                data,
+            ],
+        }
+    } else {
+        Out {
+            parts: vec![Bytes::copy_from_slice(&simple_reply(0, req.handle)), data],
+        }
+    }
+}
+
 fn simple(error: u32, handle: u64) -> Out {
     Out {
         parts: vec![Bytes::copy_from_slice(&simple_reply(error, handle))],
@@ -1343,6 +1445,9 @@ async fn handle(neg: &Negotiated, engine: &Lanes, req: Request, payload: Bytes) 
             EINVAL,
             "DF needs structured replies, which were not negotiated",
         );
+    }
+    if let Some(snap) = &neg.snapshot {
+        return handle_snapshot(neg, snap, req).await;
     }
     let size = neg.engine.size_bytes();
     let in_range = req

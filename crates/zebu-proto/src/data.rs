@@ -29,6 +29,8 @@ pub const REPLY_HEADER_BYTES: usize = 24;
 pub const MAX_PAYLOAD_BYTES: u32 = 32 << 20;
 /// Largest payload of SNAPSHOT, SNAPSHOT_REMOVE and REVERT (a name and labels).
 pub const MAX_NAME_PAYLOAD_BYTES: u32 = 64 << 10;
+/// The most one READ_SNAPSHOT reads.
+pub const MAX_SNAPSHOT_READ_BYTES: u32 = 4 << 20;
 /// Longest volume or replica name in a handshake.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest nonce in a handshake (a Hello of this version carries exactly
@@ -148,6 +150,9 @@ pub enum Op {
     /// Make the head's content exactly the snapshot's named in the payload (UTF-8): a new, empty
     /// head over it; the old head's data is dropped. For a detached volume.
     Revert = 19,
+    /// Read `read length` bytes at `offset` of the content of the snapshot named in the
+    /// payload ([`crate::snapshot::encode_read_snapshot`]); reply: the bytes.
+    ReadSnapshot = 20,
 }
 
 impl Op {
@@ -162,6 +167,7 @@ impl Op {
                 | Op::Snapshot
                 | Op::SnapshotRemove
                 | Op::Revert
+                | Op::ReadSnapshot
         )
     }
 
@@ -192,6 +198,7 @@ impl Op {
             17 => Op::SnapshotRemove,
             18 => Op::Layers,
             19 => Op::Revert,
+            20 => Op::ReadSnapshot,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }
@@ -551,7 +558,10 @@ impl RequestHeader {
             });
         }
         if h.length > MAX_NAME_PAYLOAD_BYTES
-            && matches!(h.op, Op::Snapshot | Op::SnapshotRemove | Op::Revert)
+            && matches!(
+                h.op,
+                Op::Snapshot | Op::SnapshotRemove | Op::Revert | Op::ReadSnapshot
+            )
         {
             return Err(FrameError::TooLong {
                 what: "snapshot request",

@@ -145,6 +145,32 @@ impl SnapshotRequest {
     }
 }
 
+/// A READ_SNAPSHOT payload: the bytes to read (u32 LE), then the snapshot's name (UTF-8).
+pub fn encode_read_snapshot(name: &str, length: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + name.len());
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// A READ_SNAPSHOT payload's read length and name; the length at most
+/// [`crate::data::MAX_SNAPSHOT_READ_BYTES`], the name not empty.
+pub fn decode_read_snapshot(b: &[u8]) -> Result<(u32, String), FrameError> {
+    if b.len() < 5 {
+        return Err(FrameError::Truncated);
+    }
+    let length = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
+    if length > crate::data::MAX_SNAPSHOT_READ_BYTES {
+        return Err(FrameError::TooLong {
+            what: "snapshot read",
+            len: length as usize,
+            max: crate::data::MAX_SNAPSHOT_READ_BYTES as usize,
+        });
+    }
+    let name = std::str::from_utf8(&b[4..]).map_err(|_| FrameError::NotUtf8("snapshot name"))?;
+    Ok((length, name.to_owned()))
+}
+
 impl LayersReply {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -261,5 +287,17 @@ mod tests {
         let mut huge = vec![0xff, 0xff, 0xff, 0x7f];
         huge.push(0);
         assert!(LayersReply::decode(&huge).is_err());
+    }
+
+    #[test]
+    fn read_snapshot_payloads_round_trip_and_bad_ones_are_refused() {
+        let b = encode_read_snapshot("nightly", 4096);
+        assert_eq!(decode_read_snapshot(&b).unwrap(), (4096, "nightly".to_owned()));
+        assert!(decode_read_snapshot(&b[..4]).is_err(), "no name");
+        let too_long = encode_read_snapshot("x", crate::data::MAX_SNAPSHOT_READ_BYTES + 1);
+        assert!(decode_read_snapshot(&too_long).is_err());
+        let mut bad = encode_read_snapshot("x", 1);
+        bad[4] = 0xff;
+        assert!(decode_read_snapshot(&bad).is_err(), "not UTF-8");
     }
 }

@@ -249,6 +249,18 @@ fn run(
             .and_then(|name| replica.remove_snapshot(&name))
             .map(|()| Vec::new()),
         Op::Layers => Ok(layers_reply(replica).encode()),
+        Op::ReadSnapshot => {
+            let p = checked_payload(replica, offset, payload, payload_crc)?;
+            let (length, name) = zebu_proto::snapshot::decode_read_snapshot(p).map_err(|e| {
+                ReplicaError::Invalid {
+                    replica: replica.name().to_owned(),
+                    reason: format!("bad snapshot read: {e}"),
+                }
+            })?;
+            let mut buf = vec![0u8; length as usize];
+            replica.snapshot_view(&name)?.read(offset, &mut buf)?;
+            Ok(buf)
+        }
         // Reached only without a session (never): sessions go through `execute`'s own arms.
         Op::Snapshot | Op::Revert => Err(ReplicaError::Invalid {
             replica: replica.name().to_owned(),

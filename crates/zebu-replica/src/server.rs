@@ -39,6 +39,8 @@ const UNIT_BYTES: u32 = 64 * 1024;
 /// Budget units a request holds while in flight: one, plus its data buffer.
 fn cost(h: &RequestHeader) -> u32 {
     match h.op {
+        // Its payload is a name; its reply up to the largest snapshot read.
+        Op::ReadSnapshot => 1 + data::MAX_SNAPSHOT_READ_BYTES / UNIT_BYTES,
         op if op.length_is_bytes() => 1 + h.length / UNIT_BYTES,
         // A layer list can be long (a record per snapshot).
         Op::Layers => 8,

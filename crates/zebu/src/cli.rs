@@ -611,6 +611,31 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 snapshot_tree(&all);
             }
         }
+        SnapshotCmd::Export {
+            volume,
+            name,
+            dest,
+            node,
+        } => {
+            let copied = crate::import::export_snapshot(&c, &volume, &name, &dest, node).await?;
+            if ca.output == Output::Json {
+                print_json(&serde_json::json!({
+                    "volume": volume,
+                    "snapshot": name,
+                    "destination": dest,
+                    "data_bytes": copied.data_bytes,
+                    "hole_bytes": copied.hole_bytes,
+                    "sha256": copied.sha256,
+                }));
+            } else {
+                println!(
+                    "snapshot {name} of volume {volume} exported to {dest}: {} of data, {} of holes kept; verified (sha256 {})",
+                    human(copied.data_bytes),
+                    human(copied.hole_bytes),
+                    copied.sha256
+                );
+            }
+        }
         SnapshotCmd::Get { volume, name } => {
             let s: zebu_api::Snapshot = c
                 .get(&format!(

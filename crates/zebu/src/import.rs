@@ -163,11 +163,89 @@ fn hash_zeroes(h: &mut Sha256, mut n: u64) {
     }
 }
 
-/// Copy `src` to the start of `dst`, skipping holes and zero blocks; returns what it did and the
-/// sha256 of the source's whole content.
-pub fn copy(src: &mut Source, dst: &mut Client) -> anyhow::Result<Copied> {
+/// Where a copy writes.
+pub trait Sink {
+    /// Write `data` at `at` (it may be left in flight until [`Sink::finish`]).
+    fn write_at(&mut self, at: u64, data: &[u8]) -> anyhow::Result<()>;
+    /// Make `len` bytes at `at` read as zeroes (a hole where the sink can).
+    fn zero_at(&mut self, at: u64, len: u64) -> anyhow::Result<()>;
+    /// Everything written is durable.
+    fn finish(&mut self) -> anyhow::Result<()>;
+    /// The sha256 of the sink's first `len` bytes, read back.
+    fn checksum(&mut self, len: u64) -> anyhow::Result<String>;
+}
+
+/// An NBD export as a sink. `fresh`: it reads as zeroes already (a new volume), so zero ranges
+/// need no request at all.
+pub struct NbdSink {
+    pub client: Client,
+    pub fresh: bool,
+}
+
+impl Sink for NbdSink {
+    fn write_at(&mut self, at: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.client.submit_write(at, data)?;
+        while self.client.in_flight() >= WINDOW {
+            self.client.complete().context("writing")?;
+        }
+        Ok(())
+    }
+    fn zero_at(&mut self, at: u64, len: u64) -> anyhow::Result<()> {
+        if self.fresh || len == 0 {
+            return Ok(());
+        }
+        self.client.submit_zero(at, len)?;
+        while self.client.in_flight() >= WINDOW {
+            self.client.complete().context("writing zeroes")?;
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.client.flush().context("flushing")
+    }
+    fn checksum(&mut self, len: u64) -> anyhow::Result<String> {
+        checksum(&mut self.client, len)
+    }
+}
+
+/// A new file as a sink: zero ranges stay holes.
+pub struct FileSink {
+    pub file: File,
+}
+
+impl Sink for FileSink {
+    fn write_at(&mut self, at: u64, data: &[u8]) -> anyhow::Result<()> {
+        Ok(self.file.write_all_at(data, at)?)
+    }
+    fn zero_at(&mut self, _at: u64, _len: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(self.file.sync_all()?)
+    }
+    fn checksum(&mut self, len: u64) -> anyhow::Result<String> {
+        let bar = progress(len, "verifying");
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(CHUNK as u64) as usize;
+            self.file.read_exact_at(&mut buf[..n], at)?;
+            hash.update(&buf[..n]);
+            at += n as u64;
+            bar.set_position(at);
+        }
+        bar.finish_and_clear();
+        Ok(hex(&hash.finalize()))
+    }
+}
+
+/// Copy `src` to the start of `dst`, skipping holes and zero blocks (made zero in `dst`, which
+/// costs nothing where it is new); returns what it did and the sha256 of the source's whole
+/// content.
+pub fn copy(src: &mut Source, dst: &mut dyn Sink, what: &str) -> anyhow::Result<Copied> {
     let size = src.size();
-    let bar = progress(size, "importing");
+    let bar = progress(size, what);
     let mut hash = Sha256::new();
     let (mut data_bytes, mut hole_bytes) = (0u64, 0u64);
     let mut pos = 0u64;
@@ -180,6 +258,7 @@ pub fn copy(src: &mut Source, dst: &mut Client) -> anyhow::Result<Copied> {
         };
         let end = end.min(size);
         if start > pos {
+            dst.zero_at(pos, start - pos)?;
             hash_zeroes(&mut hash, start - pos);
             hole_bytes += start - pos;
             pos = start;
@@ -193,10 +272,12 @@ pub fn copy(src: &mut Source, dst: &mut Client) -> anyhow::Result<Copied> {
             let mut at = 0usize;
             while at < n {
                 let block_end = |i: usize| (i + BLOCK as usize).min(n);
+                let zeroes = at;
                 while at < n && buf[at..block_end(at)].iter().all(|&b| b == 0) {
                     hole_bytes += (block_end(at) - at) as u64;
                     at = block_end(at);
                 }
+                dst.zero_at(pos + zeroes as u64, (at - zeroes) as u64)?;
                 let run = at;
                 while at < n && !buf[at..block_end(at)].iter().all(|&b| b == 0) {
                     at = block_end(at);
@@ -210,17 +291,14 @@ pub fn copy(src: &mut Source, dst: &mut Client) -> anyhow::Result<Copied> {
                 let padded = (len as u64).div_ceil(BLOCK) * BLOCK;
                 let mut piece = buf[run..at].to_vec();
                 piece.resize(padded as usize, 0);
-                dst.submit_write(pos + run as u64, &piece)?;
+                dst.write_at(pos + run as u64, &piece)?;
                 data_bytes += len as u64;
-                while dst.in_flight() >= WINDOW {
-                    dst.complete().context("writing the volume")?;
-                }
             }
             pos += n as u64;
             bar.set_position(pos);
         }
     }
-    dst.flush().context("writing the volume")?;
+    dst.finish()?;
     bar.finish_and_clear();
     Ok(Copied {
         data_bytes,
@@ -343,7 +421,7 @@ async fn fill(
     let uri = reach(&v)?;
     let len = src.size();
     let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<Copied> {
-        let mut dst = Client::connect(&uri)?;
+        let dst = Client::connect(&uri)?;
         if dst.read_only() {
             bail!("the volume's export is read-only");
         }
@@ -353,8 +431,12 @@ async fn fill(
                 dst.size()
             );
         }
-        let copied = copy(&mut src, &mut dst)?;
-        let back = checksum(&mut dst, len)?;
+        let mut sink = NbdSink {
+            client: dst,
+            fresh: true,
+        };
+        let copied = copy(&mut src, &mut sink, "importing")?;
+        let back = sink.checksum(len)?;
         if back != copied.sha256 {
             bail!(
                 "the volume reads back differently from {} (sha256 {back}, source {})",
@@ -362,7 +444,7 @@ async fn fill(
                 copied.sha256
             );
         }
-        dst.disconnect();
+        sink.client.disconnect();
         Ok(copied)
     })
     .await??;
@@ -372,4 +454,119 @@ async fn fill(
     })
     .await?;
     Ok((v, copied))
+}
+
+/// `zebu snapshot export VOLUME SNAP DEST`: write snapshot `snap`'s content to a new file or to
+/// an NBD export, holes kept (a file's stay unwritten, an export's get WRITE_ZEROES), then read
+/// it back and compare by sha256. The snapshot is read through the volume's engine (its
+/// read-only export `VOLUME@SNAP`); a detached volume is attached for it (to `node`, or where
+/// the manager places it) and detached again. A destination that cannot be written, a file that
+/// exists, or an unknown snapshot changes nothing.
+pub async fn export_snapshot(
+    c: &ApiClient,
+    volume: &str,
+    snap: &str,
+    dest: &str,
+    node: Option<String>,
+) -> anyhow::Result<Copied> {
+    let _: zebu_api::Snapshot = c
+        .get(&format!(
+            "/v1/volumes/{}/snapshots/{}",
+            zebu_api::seg(volume),
+            zebu_api::seg(snap)
+        ))
+        .await?;
+    let v = c.get_volume(volume).await?;
+    let size = v.size_bytes;
+    // The destination first: nothing is attached for one that cannot take the data.
+    let dest_owned = dest.to_owned();
+    let sink: Box<dyn Sink + Send> =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Box<dyn Sink + Send>> {
+            let dest = dest_owned;
+            if nbd_client::is_uri(&dest) {
+                let uri = nbd_client::parse_uri(&dest).map_err(anyhow::Error::msg)?;
+                let client = Client::connect(&uri)
+                    .with_context(|| format!("cannot write to the export destination {dest}"))?;
+                if client.read_only() {
+                    bail!("the export destination {dest} is read-only");
+                }
+                if client.size() < size {
+                    bail!(
+                        "the export destination {dest} holds {}, less than the volume's {}",
+                        human(client.size()),
+                        human(size)
+                    );
+                }
+                return Ok(Box::new(NbdSink {
+                    client,
+                    fresh: false,
+                }));
+            }
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&dest)
+                .with_context(|| {
+                    format!("cannot create the export destination {dest} (it must not exist yet)")
+                })?;
+            file.set_len(size)?;
+            Ok(Box::new(FileSink { file }))
+        })
+        .await??;
+    let file_dest = (!nbd_client::is_uri(dest)).then(|| dest.to_owned());
+    let attached_here = v.state != VolumeState::Attached;
+    let result = async {
+        let v = if attached_here {
+            if v.state != VolumeState::Detached {
+                bail!(
+                    "volume {volume} is {}: try again when it is attached or detached",
+                    v.state.as_str()
+                );
+            }
+            c.attach_volume(volume, node).await?;
+            crate::cli::wait_for(c, volume, Duration::from_secs(90), |v| {
+                v.state == VolumeState::Attached
+            })
+            .await?
+        } else {
+            v
+        };
+        let mut uri = reach(&v)?;
+        uri.export = format!("{volume}@{snap}");
+        let (what, snap_owned) = (uri.to_string(), snap.to_owned());
+        let mut sink = sink;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Copied> {
+            let client = Client::connect(&uri)
+                .with_context(|| format!("cannot read snapshot {snap_owned} ({what})"))?;
+            let mut src = Source::Nbd { client, name: what };
+            let copied = copy(&mut src, sink.as_mut(), "exporting")?;
+            let back = sink.checksum(size)?;
+            if back != copied.sha256 {
+                bail!(
+                    "the destination reads back differently (sha256 {back}, snapshot {})",
+                    copied.sha256
+                );
+            }
+            Ok(copied)
+        })
+        .await?
+    }
+    .await;
+    if attached_here {
+        let _ = c.detach_volume(volume).await;
+        let _ = crate::cli::wait_for(c, volume, Duration::from_secs(60), |v| {
+            v.state == VolumeState::Detached
+        })
+        .await;
+    }
+    match result {
+        Ok(copied) => Ok(copied),
+        Err(e) => {
+            if let Some(f) = file_dest {
+                let _ = std::fs::remove_file(&f);
+            }
+            bail!("exporting snapshot {snap} of volume {volume} to {dest} failed: {e:#}")
+        }
+    }
 }

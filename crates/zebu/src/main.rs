@@ -466,6 +466,20 @@ enum SnapshotCmd {
     /// live head) above it in the background, paced, resumed after any crash; `zebu volume get`
     /// shows the merge's progress.
     Delete { volume: String, name: String },
+    /// Write a snapshot's content to a new raw image file or to an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH): holes are kept, and the
+    /// result is read back and compared by sha256. A detached volume is attached for it (to
+    /// --node, or where the manager places it) and detached again.
+    Export {
+        volume: String,
+        name: String,
+        /// A file that does not exist yet, or an NBD URI at least the volume's size.
+        #[arg(value_name = "FILE|NBD-URI")]
+        dest: String,
+        /// The node to attach a detached volume to for the export.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

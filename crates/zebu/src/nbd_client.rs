@@ -254,6 +254,23 @@ impl Client {
         self.request(CMD_WRITE, offset, data.len() as u32, data)
     }
 
+    /// Make `len` bytes at `offset` read as zeroes: WRITE_ZEROES where the server takes it (it
+    /// may punch a hole), else written zeroes. Each request is answered by [`Client::complete`].
+    pub fn submit_zero(&mut self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let zeroes = self.flags & TFLAG_SEND_WRITE_ZEROES != 0;
+        while offset < end {
+            let n = (end - offset).min(if zeroes { 1 << 30 } else { 1 << 20 });
+            if zeroes {
+                self.request(CMD_WRITE_ZEROES, offset, n as u32, &[])?;
+            } else {
+                self.request(CMD_WRITE, offset, n as u32, &vec![0u8; n as usize])?;
+            }
+            offset += n;
+        }
+        Ok(())
+    }
+
     /// The next reply: its handle and, for a READ, its data. An error reply is an error.
     pub fn complete(&mut self) -> io::Result<(u64, Vec<u8>)> {
         self.stream.flush()?;

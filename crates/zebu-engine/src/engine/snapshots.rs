@@ -176,6 +176,77 @@ impl Engine {
     }
 
     /// The layer tree of every member in sync (name, reply), the local member first.
+    /// `length` bytes at `offset` of snapshot `name`'s content, read from a member in sync that
+    /// holds it (the local one first). A member that cannot answer is passed over (a read of a
+    /// snapshot retires no one); none holding it is `NotFound`.
+    pub async fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<u8>, EngineError> {
+        let _in = self.enter().await?;
+        let end = offset.checked_add(u64::from(length));
+        if end.is_none_or(|e| e > self.size_bytes()) {
+            return Err(EngineError::OutOfRange {
+                volume: self.volume.clone(),
+                offset,
+                length: u64::from(length),
+                size_bytes: self.size_bytes(),
+            });
+        }
+        let mut set: Vec<Arc<Member>> = self
+            .in_sync()
+            .into_iter()
+            .filter(|m| m.mode() == Mode::Rw)
+            .collect();
+        set.sort_by_key(|m| !m.local);
+        let mut out = Vec::with_capacity(length as usize);
+        let mut at = offset;
+        while out.len() < length as usize {
+            let n = (length as usize - out.len())
+                .min(zebu_proto::data::MAX_SNAPSHOT_READ_BYTES as usize);
+            let payload = zebu_proto::snapshot::encode_read_snapshot(name, n as u32);
+            let mut call = Call::new(Op::ReadSnapshot, at, payload.len() as u32);
+            call.payload = Some(payload.into());
+            let call = call.with_payload_crc();
+            let mut why = Vec::new();
+            let mut got = None;
+            for m in &set {
+                match m.client().call(call.clone(), self.io_timeout).await {
+                    Ok(b) if b.len() == n => {
+                        got = Some(b);
+                        break;
+                    }
+                    Ok(b) => why.push(format!("{}: {} bytes instead of {n}", m.name, b.len())),
+                    Err(e) => why.push(format!("{}: {}", m.name, message_of(&e))),
+                }
+            }
+            let Some(b) = got else {
+                let missing = why.iter().all(|w| w.contains("no snapshot named"));
+                return Err(EngineError::Snapshot {
+                    volume: self.volume.clone(),
+                    kind: if missing && !why.is_empty() {
+                        SnapshotRefusal::NotFound
+                    } else {
+                        SnapshotRefusal::Failed
+                    },
+                    message: format!(
+                        "cannot read snapshot {name} at {at}: {}",
+                        if why.is_empty() {
+                            "no replica in sync".to_owned()
+                        } else {
+                            why.join("; ")
+                        }
+                    ),
+                });
+            };
+            out.extend_from_slice(&b);
+            at += n as u64;
+        }
+        Ok(out)
+    }
+
     pub async fn layers(&self) -> Result<Vec<(String, LayersReply)>, EngineError> {
         let _in = self.enter().await?;
         let mut set = self.in_sync();
