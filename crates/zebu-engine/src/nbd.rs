@@ -628,7 +628,7 @@ impl NbdServer {
                             return Err(ConnError::Protocol(why));
                         }
                     }
-                    if !counted.claim(&name, peer) {
+                    if !counted.claim(engine.volume(), peer) {
                         return Err(ConnError::Protocol(format!(
                             "export {name:?} has too many connections"
                         )));
@@ -698,7 +698,10 @@ impl NbdServer {
                             continue;
                         }
                     }
-                    if opt == OPT_GO && counted.export.is_none() && !counted.claim(&name, peer) {
+                    if opt == OPT_GO
+                        && counted.export.is_none()
+                        && !counted.claim(engine.volume(), peer)
+                    {
                         let msg = format!(
                             "volume {name:?} has its limit of {} NBD connections on this node; close some and try again",
                             self.limits.per_export
@@ -760,13 +763,16 @@ impl NbdServer {
                             .await?;
                         continue;
                     };
-                    if self.lookup(&name).is_none() {
+                    let Some((_, snapshot)) = self.lookup(&name) else {
                         let msg = format!("volume {name:?} is not attached on this node");
                         reply_err(wr, opt, REP_ERR_UNKNOWN, &msg).await?;
                         continue;
-                    }
+                    };
                     let set = opt == OPT_SET_META_CONTEXT;
-                    let wanted = if set {
+                    // A snapshot's export has no allocation map to offer.
+                    let wanted = if snapshot.is_some() {
+                        false
+                    } else if set {
                         queries.iter().any(|q| q == META_BASE_ALLOCATION)
                     } else {
                         queries.is_empty()
@@ -1209,6 +1215,8 @@ where
         // One future for the whole connection: registering anew for every request would cost.
         let broke = sender.wait_failed();
         tokio::pin!(broke);
+        let closed = neg.engine.wait_closed();
+        tokio::pin!(closed);
         // Idleness is checked on a tick, not by a timer per request: a connection is idle
         // when a whole tick has passed with no request (so after `idle` to twice that).
         let mut ticks = idle.map(|d| {
@@ -1221,19 +1229,20 @@ where
             let mut hb = [0u8; REQUEST_BYTES];
             // A detached or fenced-off engine drops its clients: they must not keep writing.
             // A client that does not read its replies is not read from either.
+            // In this order: the end of the engine or of sending wins over a client that keeps
+            // sending; a request that has begun wins over the idle tick.
             let read = tokio::select! {
-                // A request that has begun wins over the idle timer.
                 biased;
-                r = async {
-                    sender.wait_below(UNSENT_LIMIT).await;
-                    rd.read_exact(&mut hb[..1]).await
-                } => r,
-                _ = neg.engine.wait_closed() => return Ok(false),
+                _ = &mut closed => return Ok(false),
                 // A client that takes none of its replies is let go, reading or not.
                 why = &mut broke => {
                     tracing::warn!(client = %neg.peer, volume = %neg.engine.volume(), "NBD client disconnected: {why}");
                     return Err(ConnError::Protocol(why));
                 }
+                r = async {
+                    sender.wait_below(UNSENT_LIMIT).await;
+                    rd.read_exact(&mut hb[..1]).await
+                } => r,
                 _ = tick(&mut ticks) => {
                     // Only when nothing at all is in flight or unsent (request tasks have
                     // let go of everything they held once their permits are back).
@@ -1280,12 +1289,16 @@ where
                 .acquire_many_owned(units)
                 .await
                 .expect("semaphore is never closed");
-            // And from the node's budget, held until the reply is on the socket.
-            let held = memory
-                .clone()
-                .acquire_many_owned(units)
-                .await
-                .expect("semaphore is never closed");
+            // And from the node's budget, held until the reply is on the socket (a wait that
+            // the end of the engine or of sending cuts short).
+            let held = tokio::select! {
+                biased;
+                _ = &mut closed => return Ok(false),
+                why = &mut broke => return Err(ConnError::Protocol(why)),
+                p = memory.clone().acquire_many_owned(units) => {
+                    p.expect("semaphore is never closed")
+                }
+            };
             let mut payload = Bytes::new();
             if req.kind == CMD_WRITE {
                 if req.length > MAX_IO_BYTES {
@@ -1373,8 +1386,11 @@ async fn handle_snapshot(neg: &Negotiated, snap: &str, req: Request) -> Out {
             }
         }
         CMD_FLUSH => simple(0, req.handle),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => {
+            error_out(neg, &req, EPERM, "a snapshot is read-only")
+        }
         CMD_BLOCK_STATUS => error_out(neg, &req, EINVAL, "no metadata context was negotiated"),
-        _ => error_out(neg, &req, EPERM, "a snapshot is read-only"),
+        _ => error_out(neg, &req, EINVAL, "not a command a snapshot's export takes"),
     }
 }
 

@@ -312,7 +312,11 @@ async fn write_all<S: TrySend>(
     stall: Option<std::time::Duration>,
 ) -> Result<(), String> {
     let mut at = 0;
+    // Progress is a socket that took at least this much (or the rest): a peer that drips a
+    // byte now and then does not count as reading.
+    const PROGRESS_BYTES: usize = 64 * 1024;
     let mut progressed = tokio::time::Instant::now();
+    let mut at_progress = 0;
     while at < buf.len() {
         let writable = socket.writable();
         let ready = match stall {
@@ -332,7 +336,10 @@ async fn write_all<S: TrySend>(
             Ok(0) => return Err("the peer closed the connection".into()),
             Ok(n) => {
                 at += n;
-                progressed = tokio::time::Instant::now();
+                if at - at_progress >= PROGRESS_BYTES || at == buf.len() {
+                    progressed = tokio::time::Instant::now();
+                    at_progress = at;
+                }
             }
             Err(e)
                 if matches!(

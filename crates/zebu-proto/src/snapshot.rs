@@ -292,7 +292,10 @@ mod tests {
     #[test]
     fn read_snapshot_payloads_round_trip_and_bad_ones_are_refused() {
         let b = encode_read_snapshot("nightly", 4096);
-        assert_eq!(decode_read_snapshot(&b).unwrap(), (4096, "nightly".to_owned()));
+        assert_eq!(
+            decode_read_snapshot(&b).unwrap(),
+            (4096, "nightly".to_owned())
+        );
         assert!(decode_read_snapshot(&b[..4]).is_err(), "no name");
         let too_long = encode_read_snapshot("x", crate::data::MAX_SNAPSHOT_READ_BYTES + 1);
         assert!(decode_read_snapshot(&too_long).is_err());

@@ -266,6 +266,35 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        VolumeCmd::Clone {
+            name,
+            from,
+            replicas,
+            node,
+        } => {
+            let c = client(ca);
+            let (v, copied) = crate::import::clone_volume(&c, &name, &from, replicas, node).await?;
+            if ca.output == Output::Json {
+                print_json(&serde_json::json!({
+                    "volume": v,
+                    "cloned": {
+                        "source": from,
+                        "data_bytes": copied.data_bytes,
+                        "hole_bytes": copied.hole_bytes,
+                        "sha256": copied.sha256,
+                    }
+                }));
+            } else {
+                println!(
+                    "volume {name} cloned from {from}: {} with {} replicas; {} of data copied, {} of holes kept; verified (sha256 {})",
+                    human(v.size_bytes),
+                    v.replica_count,
+                    human(copied.data_bytes),
+                    human(copied.hole_bytes),
+                    copied.sha256
+                );
+            }
+        }
         VolumeCmd::List => {
             let vols = client(ca).list_volumes().await?;
             if ca.output == Output::Json {

@@ -469,6 +469,19 @@ pub async fn export_snapshot(
     dest: &str,
     node: Option<String>,
 ) -> anyhow::Result<Copied> {
+    export_snapshot_to(c, volume, snap, dest, false, node).await
+}
+
+/// [`export_snapshot`]; `fresh`: the NBD destination reads as zeroes already (a new volume),
+/// so its holes need no request.
+async fn export_snapshot_to(
+    c: &ApiClient,
+    volume: &str,
+    snap: &str,
+    dest: &str,
+    fresh: bool,
+    node: Option<String>,
+) -> anyhow::Result<Copied> {
     let _: zebu_api::Snapshot = c
         .get(&format!(
             "/v1/volumes/{}/snapshots/{}",
@@ -497,10 +510,7 @@ pub async fn export_snapshot(
                         human(size)
                     );
                 }
-                return Ok(Box::new(NbdSink {
-                    client,
-                    fresh: false,
-                }));
+                return Ok(Box::new(NbdSink { client, fresh }));
             }
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -567,6 +577,74 @@ pub async fn export_snapshot(
                 let _ = std::fs::remove_file(&f);
             }
             bail!("exporting snapshot {snap} of volume {volume} to {dest} failed: {e:#}")
+        }
+    }
+}
+
+/// `zebu volume clone NEW --from VOLUME/SNAP`: a new, independent volume with the snapshot's
+/// content (its size, holes kept), copied now and verified, then left detached. The source is
+/// attached for the copy if it is not (to `node`, or where the manager places it), and so is
+/// the new volume. If the copy fails, the new volume is deleted again.
+pub async fn clone_volume(
+    c: &ApiClient,
+    name: &str,
+    from: &str,
+    replicas: Option<u32>,
+    node: Option<String>,
+) -> anyhow::Result<(Volume, Copied)> {
+    let Some((volume, snap)) = from
+        .split_once('/')
+        .filter(|(v, s)| !v.is_empty() && !s.is_empty())
+    else {
+        bail!("--from {from:?}: name a snapshot as VOLUME/SNAPSHOT");
+    };
+    let _: zebu_api::Snapshot = c
+        .get(&format!(
+            "/v1/volumes/{}/snapshots/{}",
+            zebu_api::seg(volume),
+            zebu_api::seg(snap)
+        ))
+        .await?;
+    let src = c.get_volume(volume).await?;
+    c.create_volume(&CreateVolume {
+        name: name.to_owned(),
+        size_bytes: src.size_bytes,
+        replica_count: replicas,
+    })
+    .await?;
+    let result = async {
+        c.attach_volume(name, node.clone()).await?;
+        let v = crate::cli::wait_for(c, name, Duration::from_secs(90), |v| {
+            v.state == VolumeState::Attached
+        })
+        .await?;
+        let dest = reach(&v)?.to_string();
+        let copied = export_snapshot_to(c, volume, snap, &dest, true, node).await?;
+        c.detach_volume(name).await?;
+        let v = crate::cli::wait_for(c, name, Duration::from_secs(60), |v| {
+            v.state == VolumeState::Detached
+        })
+        .await?;
+        Ok::<_, anyhow::Error>((v, copied))
+    }
+    .await;
+    match result {
+        Ok(done) => Ok(done),
+        Err(e) => {
+            let _ = c.detach_volume(name).await;
+            let _ = crate::cli::wait_for(c, name, Duration::from_secs(60), |v| {
+                v.state == VolumeState::Detached
+            })
+            .await;
+            let gone = c.delete_volume(name).await.is_ok();
+            bail!(
+                "cloning {from} into volume {name} failed: {e:#}; {}",
+                if gone {
+                    "the new volume was deleted"
+                } else {
+                    "the new volume could not be deleted: delete it with `zebu volume delete`"
+                }
+            )
         }
     }
 }

@@ -396,6 +396,22 @@ enum VolumeCmd {
         #[arg(long, requires = "from")]
         node: Option<String>,
     },
+    /// Make a new volume from a snapshot: an independent copy of its content (holes kept),
+    /// copied now, verified by sha256, then left detached. The source volume (and the new one)
+    /// are attached for the copy if they are not, and detached again after.
+    Clone {
+        /// The new volume's name.
+        name: String,
+        /// The snapshot to copy, as VOLUME/SNAPSHOT.
+        #[arg(long, value_name = "VOLUME/SNAPSHOT")]
+        from: String,
+        /// Number of replicas (default: the default-replica-count setting).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// The node to attach the volumes to for the copy (default: where the manager places them).
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// List volumes.
     List,
     /// Show one volume and its replicas.

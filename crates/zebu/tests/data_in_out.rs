@@ -231,6 +231,20 @@ fn an_import_that_cannot_be_done_changes_nothing_and_says_why() {
             .len(),
         1
     );
+    // A clone from something that is not a snapshot.
+    let e = fail(&["volume", "clone", "c1", "--from", "taken"]);
+    assert!(e.contains("VOLUME/SNAPSHOT"), "{e}");
+    let e = fail(&["volume", "clone", "c1", "--from", "taken/never"]);
+    assert!(e.contains("never"), "{e}");
+    let e = fail(&["volume", "clone", "c1", "--from", "gone/never"]);
+    assert!(e.contains("gone"), "{e}");
+    let n = c
+        .cli_json(&["volume", "list"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(n, 1, "nothing was created");
 }
 
 /// `zebu snapshot export`: a snapshot's content, not the head's, to a new file (holes left

@@ -169,3 +169,92 @@ fn ext4_on_a_volume_survives_umount_fsck_and_cluster_restart() {
     detach_block(m);
     stop_up(&mut c);
 }
+
+/// ext4 on a volume: files, a snapshot (the filesystem frozen for it), more changes, a clone
+/// from the snapshot; the clone mounts with the files of the snapshot's moment, byte for byte,
+/// and `e2fsck -fn` finds it clean.
+#[test]
+fn a_clone_of_an_ext4_snapshot_holds_the_files_of_its_moment() {
+    for t in [
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "fusermount3",
+        "fsfreeze",
+    ] {
+        require(t);
+    }
+    let c = Cluster::separate(67, 2);
+    let d = c.dir.path().display().to_string();
+    let uri = c.create_attached("fs", "128MiB", 2, "node-1");
+    sh(&format!("mkdir -p {d}/a {d}/b"));
+    let m = attach_block(&format!("{d}/a"), &uri);
+    sh(&format!("mkfs.ext4 -F -q {}", m.loopdev));
+    sh(&format!("mount {} {}", m.loopdev, m.mnt));
+    for (f, mib) in [("one", 1), ("two", 3), ("three", 2)] {
+        sh(&format!(
+            "dd if=/dev/urandom of={}/{f} bs=1M count={mib} status=none",
+            m.mnt
+        ));
+    }
+    sh(&format!(
+        "mkdir {0}/dir && echo hello > {0}/dir/note",
+        m.mnt
+    ));
+    let sums = |dir: &str| sh(&format!("cd {dir} && sha256sum one two three dir/note"));
+    let at_snapshot = sums(&m.mnt);
+    // The snapshot of a frozen filesystem: everything it acknowledged is in it.
+    sh(&format!("fsfreeze -f {}", m.mnt));
+    let taken = c.cli(&["snapshot", "create", "fs", "s1"]);
+    sh(&format!("fsfreeze -u {}", m.mnt));
+    assert!(
+        taken.status.success(),
+        "{}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    // More changes after it.
+    sh(&format!(
+        "dd if=/dev/urandom of={0}/one bs=1M count=1 conv=notrunc status=none && rm {0}/two && echo later > {0}/four && sync",
+        m.mnt
+    ));
+    let one_now = sh(&format!("cd {} && sha256sum one", m.mnt));
+    assert_ne!(one_now.lines().next(), at_snapshot.lines().next());
+    let out = c.cli_ok(&[
+        "volume",
+        "clone",
+        "copy",
+        "--from",
+        "fs/s1",
+        "--replicas",
+        "2",
+    ]);
+    assert!(out.contains("verified"), "{out}");
+    let v = c.volume("copy");
+    assert_eq!(v["state"], "detached", "{v}");
+    assert_eq!(v["size_bytes"].as_u64().unwrap(), 128 << 20, "{v}");
+    // The clone, mounted (which replays the journal the freeze left), holds the snapshot's files.
+    let copy_uri = c
+        .cli_ok(&["volume", "attach", "copy", "--node", "node-2"])
+        .trim()
+        .to_owned();
+    let m2 = attach_block(&format!("{d}/b"), &copy_uri);
+    sh(&format!("mount {} {}", m2.loopdev, m2.mnt));
+    assert_eq!(
+        sums(&m2.mnt),
+        at_snapshot,
+        "the clone's files differ from the snapshot's"
+    );
+    assert!(
+        !std::path::Path::new(&format!("{}/four", m2.mnt)).exists(),
+        "a file made after the snapshot is in the clone"
+    );
+    sh(&format!("umount {}", m2.mnt));
+    sh(&format!("e2fsck -fn {}", m2.loopdev));
+    // The source went on unchanged by the clone.
+    assert!(std::path::Path::new(&format!("{}/four", m.mnt)).exists());
+    sh(&format!("umount {}", m.mnt));
+    sh(&format!("e2fsck -fn {}", m.loopdev));
+    detach_block(m2);
+    detach_block(m);
+}
