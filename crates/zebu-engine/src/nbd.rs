@@ -1484,24 +1484,7 @@ async fn handle(neg: &Negotiated, engine: &Lanes, req: Request, payload: Bytes) 
                 return error_out(neg, &req, EINVAL, "read outside the volume or too large");
             }
             match engine.read(req.offset, req.length).await {
-                Ok(data) if neg.structured => {
-                    let h = structured_header(
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_OFFSET_DATA,
-                        req.handle,
-                        8 + req.length,
-                    );
-                    Out {
-                        parts: vec![
-                            Bytes::copy_from_slice(&h),
-                            Bytes::copy_from_slice(&req.offset.to_be_bytes()),
-                            data,
-                        ],
-                    }
-                }
-                Ok(data) => Out {
-                    parts: vec![Bytes::copy_from_slice(&simple_reply(0, req.handle)), data],
-                },
+                Ok(data) => read_out(neg, &req, data),
                 Err(e) => {
                     tracing::warn!("nbd read failed: {e}");
                     error_out(neg, &req, errno(&e), &e.to_string())

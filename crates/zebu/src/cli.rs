@@ -203,6 +203,38 @@ pub async fn wait_for(
     }
 }
 
+/// A volume made with another's content (import, clone): `key` names the copy in `-o json`.
+fn show_filled(
+    v: &Volume,
+    copied: &crate::import::Copied,
+    from: &str,
+    key: &str,
+    verb: &str,
+    out: Output,
+) {
+    if out == Output::Json {
+        print_json(&serde_json::json!({
+            "volume": v,
+            key: {
+                "source": from,
+                "data_bytes": copied.data_bytes,
+                "hole_bytes": copied.hole_bytes,
+                "sha256": copied.sha256,
+            }
+        }));
+    } else {
+        println!(
+            "volume {} {verb} {from}: {} with {} replicas; {} of data written, {} of holes kept; verified (sha256 {})",
+            v.name,
+            human(v.size_bytes),
+            v.replica_count,
+            human(copied.data_bytes),
+            human(copied.hole_bytes),
+            copied.sha256
+        );
+    }
+}
+
 pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         VolumeCmd::Create {
@@ -218,26 +250,7 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
             let c = client(ca);
             let (v, copied) =
                 crate::import::create_from(&c, &name, size, replicas, &from, node).await?;
-            if ca.output == Output::Json {
-                print_json(&serde_json::json!({
-                    "volume": v,
-                    "imported": {
-                        "source": from,
-                        "data_bytes": copied.data_bytes,
-                        "hole_bytes": copied.hole_bytes,
-                        "sha256": copied.sha256,
-                    }
-                }));
-            } else {
-                println!(
-                    "volume {name} created from {from}: {} with {} replicas; {} of data written, {} of holes kept; verified (sha256 {})",
-                    human(v.size_bytes),
-                    v.replica_count,
-                    human(copied.data_bytes),
-                    human(copied.hole_bytes),
-                    copied.sha256
-                );
-            }
+            show_filled(&v, &copied, &from, "imported", "created from", ca.output);
         }
         VolumeCmd::Create {
             name,
@@ -274,26 +287,7 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
         } => {
             let c = client(ca);
             let (v, copied) = crate::import::clone_volume(&c, &name, &from, replicas, node).await?;
-            if ca.output == Output::Json {
-                print_json(&serde_json::json!({
-                    "volume": v,
-                    "cloned": {
-                        "source": from,
-                        "data_bytes": copied.data_bytes,
-                        "hole_bytes": copied.hole_bytes,
-                        "sha256": copied.sha256,
-                    }
-                }));
-            } else {
-                println!(
-                    "volume {name} cloned from {from}: {} with {} replicas; {} of data copied, {} of holes kept; verified (sha256 {})",
-                    human(v.size_bytes),
-                    v.replica_count,
-                    human(copied.data_bytes),
-                    human(copied.hole_bytes),
-                    copied.sha256
-                );
-            }
+            show_filled(&v, &copied, &from, "cloned", "cloned from", ca.output);
         }
         VolumeCmd::List => {
             let vols = client(ca).list_volumes().await?;

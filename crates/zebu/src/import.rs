@@ -357,6 +357,20 @@ fn reach(v: &Volume) -> anyhow::Result<nbd_client::NbdUri> {
     nbd_client::parse_uri(u).map_err(anyhow::Error::msg)
 }
 
+/// Detach and delete a volume made for a copy that failed; says whether it is gone.
+async fn take_back(c: &ApiClient, name: &str) -> String {
+    let _ = c.detach_volume(name).await;
+    let _ = crate::cli::wait_for(c, name, Duration::from_secs(60), |v| {
+        v.state == VolumeState::Detached
+    })
+    .await;
+    if c.delete_volume(name).await.is_ok() {
+        "the volume made for it was deleted".into()
+    } else {
+        format!("the volume made for it could not be deleted: delete it with `zebu volume delete {name}`")
+    }
+}
+
 /// Create `name` from `from`; see the module docs.
 pub async fn create_from(
     c: &ApiClient,
@@ -389,20 +403,8 @@ pub async fn create_from(
         Ok(done) => Ok(done),
         Err(e) => {
             // Take back the volume made for this import (nothing else was touched).
-            let _ = c.detach_volume(name).await;
-            let _ = crate::cli::wait_for(c, name, Duration::from_secs(60), |v| {
-                v.state == VolumeState::Detached
-            })
-            .await;
-            let gone = c.delete_volume(name).await.is_ok();
-            bail!(
-                "importing {from} into volume {name} failed: {e:#}; {}",
-                if gone {
-                    "the volume made for it was deleted"
-                } else {
-                    "the volume made for it could not be deleted: delete it with `zebu volume delete`"
-                }
-            )
+            let back = take_back(c, name).await;
+            bail!("importing {from} into volume {name} failed: {e:#}; {back}")
         }
     }
 }
@@ -631,20 +633,8 @@ pub async fn clone_volume(
     match result {
         Ok(done) => Ok(done),
         Err(e) => {
-            let _ = c.detach_volume(name).await;
-            let _ = crate::cli::wait_for(c, name, Duration::from_secs(60), |v| {
-                v.state == VolumeState::Detached
-            })
-            .await;
-            let gone = c.delete_volume(name).await.is_ok();
-            bail!(
-                "cloning {from} into volume {name} failed: {e:#}; {}",
-                if gone {
-                    "the new volume was deleted"
-                } else {
-                    "the new volume could not be deleted: delete it with `zebu volume delete`"
-                }
-            )
+            let back = take_back(c, name).await;
+            bail!("cloning {from} into volume {name} failed: {e:#}; {back}")
         }
     }
 }

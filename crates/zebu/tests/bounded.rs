@@ -56,6 +56,18 @@ fn read_request(handle: u64, offset: u64, length: u32) -> Vec<u8> {
     r
 }
 
+/// A fresh client of the volume writes and reads, and finds the 8 MiB of 0x3c written first.
+fn another_client_is_served(uri: &str) {
+    qemu_io(
+        uri,
+        &[
+            "write -P 0x5d 16M 4M".into(),
+            "read -P 0x5d 16M 4M".into(),
+            "read -P 0x3c 0 8M".into(),
+        ],
+    );
+}
+
 #[test]
 fn a_client_that_never_reads_its_replies_holds_bounded_memory() {
     require("qemu-io");
@@ -89,14 +101,7 @@ fn a_client_that_never_reads_its_replies_holds_bounded_memory() {
         bound >> 20
     );
     // Another client of the same volume is served meanwhile.
-    qemu_io(
-        &uri,
-        &[
-            "write -P 0x5d 16M 4M".into(),
-            "read -P 0x5d 16M 4M".into(),
-            "read -P 0x3c 0 8M".into(),
-        ],
-    );
+    another_client_is_served(&uri);
     drop(greedy);
 }
 
@@ -447,14 +452,7 @@ fn clients_that_never_read_hold_at_most_the_nodes_memory_budget_and_are_let_go()
                 .then_some(())
         },
     );
-    qemu_io(
-        &uri,
-        &[
-            "write -P 0x5d 16M 4M".into(),
-            "read -P 0x5d 16M 4M".into(),
-            "read -P 0x3c 0 8M".into(),
-        ],
-    );
+    another_client_is_served(&uri);
     drop(greedy);
 }
 

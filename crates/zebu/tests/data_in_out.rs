@@ -29,6 +29,23 @@ fn sparse_image(path: &Path) -> u64 {
     size
 }
 
+/// nbdkit serving `file` on the unix socket `sock`, once the socket is there.
+fn nbdkit_file(sock: &Path, file: &Path) -> std::process::Child {
+    let child = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(sock)
+        .arg("file")
+        .arg(file)
+        .spawn()
+        .unwrap();
+    wait_until(
+        "nbdkit's socket",
+        std::time::Duration::from_secs(10),
+        || sock.exists().then_some(()),
+    );
+    child
+}
+
 /// The volume's content, read over NBD by nbdcopy.
 fn volume_bytes(c: &Cluster, uri: &str) -> Vec<u8> {
     let out = c.dir.path().join("out.img");
@@ -128,18 +145,7 @@ fn import_from_a_sparse_file_and_from_an_nbd_server_is_identical_and_keeps_holes
 
     // From an nbdkit export of the same image, over a unix socket.
     let sock = c.dir.path().join("nbdkit.sock");
-    let mut nbdkit = Command::new("nbdkit")
-        .args(["-f", "-U"])
-        .arg(&sock)
-        .args(["file"])
-        .arg(&img)
-        .spawn()
-        .unwrap();
-    wait_until(
-        "nbdkit's socket",
-        std::time::Duration::from_secs(10),
-        || sock.exists().then_some(()),
-    );
+    let mut nbdkit = nbdkit_file(&sock, &img);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let out = c.cli_ok(&[
         "volume",
@@ -286,18 +292,7 @@ fn snapshot_export_to_a_file_and_to_an_nbd_server_is_identical_and_keeps_holes()
     let target = c.dir.path().join("target.img");
     std::fs::write(&target, vec![0xffu8; 16 << 20]).unwrap();
     let sock = c.dir.path().join("target.sock");
-    let mut nbdkit = Command::new("nbdkit")
-        .args(["-f", "-U"])
-        .arg(&sock)
-        .arg("file")
-        .arg(&target)
-        .spawn()
-        .unwrap();
-    wait_until(
-        "nbdkit's socket",
-        std::time::Duration::from_secs(10),
-        || sock.exists().then_some(()),
-    );
+    let mut nbdkit = nbdkit_file(&sock, &target);
     let dest = format!("nbd+unix:///?socket={}", sock.display());
     let out = c.cli_ok(&["snapshot", "export", "src", "s1", &dest]);
     assert!(out.contains("verified"), "{out}");
@@ -340,18 +335,7 @@ fn snapshot_export_to_a_file_and_to_an_nbd_server_is_identical_and_keeps_holes()
     let small = c.dir.path().join("small.img");
     std::fs::write(&small, vec![0x5au8; 1 << 20]).unwrap();
     let sock2 = c.dir.path().join("small.sock");
-    let mut small_kit = Command::new("nbdkit")
-        .args(["-f", "-U"])
-        .arg(&sock2)
-        .arg("file")
-        .arg(&small)
-        .spawn()
-        .unwrap();
-    wait_until(
-        "nbdkit's socket",
-        std::time::Duration::from_secs(10),
-        || sock2.exists().then_some(()),
-    );
+    let mut small_kit = nbdkit_file(&sock2, &small);
     let e = fail(&[
         "snapshot",
         "export",

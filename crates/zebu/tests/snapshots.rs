@@ -66,23 +66,27 @@ fn refused(c: &Cluster, args: &[&str], says: &str) {
     assert!(err.contains(says), "zebu {args:?}: {err}");
 }
 
+/// The layer files (data and index of each layer) in a replica's directory.
+fn layer_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("layer-")
+        })
+        .count()
+}
+
 /// Every replica has merged its deleted snapshots: `layers` layer files pairs in each directory.
 fn merged_to(c: &Cluster, volume: &str, layers: usize) {
     wait_until("the merges", Duration::from_secs(60), || {
         let v = c.volume(volume);
         let done = v["replicas"].as_array().unwrap().iter().all(|r| {
             let dir = c.replica_dir(node_index(r), r["name"].as_str().unwrap());
-            let files = std::fs::read_dir(dir)
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("layer-")
-                })
-                .count();
-            files == 2 * layers && r["merge"].is_null()
+            layer_files(&dir) == 2 * layers && r["merge"].is_null()
         });
         done.then_some(())
     });
@@ -282,17 +286,7 @@ fn merges_cut_by_kill_9_lose_nothing_and_complete_after_restart() {
         std::thread::sleep(Duration::from_millis(rng.next(1500)));
         c.kill_agent(0);
         // Cut inside the merge: the deleted snapshot's files are still there.
-        let layer_files = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("layer-")
-            })
-            .count();
-        if layer_files > 2 * (snaps.len() + 1) {
+        if layer_files(&dir) > 2 * (snaps.len() + 1) {
             cut_inside += 1;
         }
         for (s, content) in &snaps {
