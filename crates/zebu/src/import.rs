@@ -24,7 +24,7 @@ use crate::size::human;
 /// Bytes per request.
 const CHUNK: usize = 1 << 20;
 /// Requests in flight to the volume.
-const WINDOW: usize = 16;
+const WINDOW: usize = 32;
 /// The volume's block: writes are whole blocks, and its size a whole number of them.
 const BLOCK: u64 = 4096;
 
@@ -289,9 +289,13 @@ pub fn copy(src: &mut Source, dst: &mut dyn Sink, what: &str) -> anyhow::Result<
                 // (the volume's size is whole blocks, and its rest reads as zeroes).
                 let len = at - run;
                 let padded = (len as u64).div_ceil(BLOCK) * BLOCK;
-                let mut piece = buf[run..at].to_vec();
-                piece.resize(padded as usize, 0);
-                dst.write_at(pos + run as u64, &piece)?;
+                if padded as usize == len {
+                    dst.write_at(pos + run as u64, &buf[run..at])?;
+                } else {
+                    let mut piece = buf[run..at].to_vec();
+                    piece.resize(padded as usize, 0);
+                    dst.write_at(pos + run as u64, &piece)?;
+                }
                 data_bytes += len as u64;
             }
             pos += n as u64;
