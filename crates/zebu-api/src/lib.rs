@@ -667,6 +667,14 @@ impl ApiClient {
     pub async fn get_volume(&self, name: &str) -> Result<Volume, ClientError> {
         self.get(&format!("/v1/volumes/{}", seg(name))).await
     }
+    pub async fn get_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, ClientError> {
+        self.get(&format!(
+            "/v1/volumes/{}/snapshots/{}",
+            seg(volume),
+            seg(name)
+        ))
+        .await
+    }
     pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume, ClientError> {
         self.post("/v1/volumes", req).await
     }

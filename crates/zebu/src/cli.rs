@@ -660,13 +660,7 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::Get { volume, name } => {
-            let s: zebu_api::Snapshot = c
-                .get(&format!(
-                    "/v1/volumes/{}/snapshots/{}",
-                    seg(&volume),
-                    seg(&name)
-                ))
-                .await?;
+            let s = c.get_snapshot(&volume, &name).await?;
             show_snapshot(&s, ca.output);
         }
         SnapshotCmd::Revert { volume, name } => {

@@ -488,13 +488,7 @@ async fn export_snapshot_to(
     fresh: bool,
     node: Option<String>,
 ) -> anyhow::Result<Copied> {
-    let _: zebu_api::Snapshot = c
-        .get(&format!(
-            "/v1/volumes/{}/snapshots/{}",
-            zebu_api::seg(volume),
-            zebu_api::seg(snap)
-        ))
-        .await?;
+    c.get_snapshot(volume, snap).await?;
     let v = c.get_volume(volume).await?;
     let size = v.size_bytes;
     // The destination first: nothing is attached for one that cannot take the data.
@@ -604,13 +598,7 @@ pub async fn clone_volume(
     else {
         bail!("--from {from:?}: name a snapshot as VOLUME/SNAPSHOT");
     };
-    let _: zebu_api::Snapshot = c
-        .get(&format!(
-            "/v1/volumes/{}/snapshots/{}",
-            zebu_api::seg(volume),
-            zebu_api::seg(snap)
-        ))
-        .await?;
+    c.get_snapshot(volume, snap).await?;
     let src = c.get_volume(volume).await?;
     c.create_volume(&CreateVolume {
         name: name.to_owned(),
