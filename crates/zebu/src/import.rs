@@ -50,6 +50,9 @@ impl Source {
         let file =
             File::open(path).with_context(|| format!("cannot read the import source {from}"))?;
         let meta = file.metadata()?;
+        if meta.is_dir() {
+            bail!("the import source {from} is a directory, not an image");
+        }
         let size = if meta.file_type().is_file() {
             meta.len()
         } else {
@@ -57,9 +60,6 @@ impl Source {
             use std::io::Seek;
             (&file).seek(std::io::SeekFrom::End(0))?
         };
-        if meta.is_dir() {
-            bail!("the import source {from} is a directory, not an image");
-        }
         Ok(Source::File {
             file,
             size,
