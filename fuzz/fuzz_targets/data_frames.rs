@@ -28,4 +28,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((len, name)) = zebu_proto::snapshot::decode_read_snapshot(data) {
         assert_eq!(zebu_proto::snapshot::encode_read_snapshot(&name, len), data);
     }
+    if let Ok((len, name, base)) = zebu_proto::snapshot::decode_snapshot_delta(data) {
+        assert_eq!(
+            zebu_proto::snapshot::encode_snapshot_delta(&name, base.as_deref(), len),
+            data
+        );
+    }
 });

@@ -1032,6 +1032,8 @@ impl Agent {
                             bytes_copied: done.bytes_copied,
                             duration_ms: done.duration.as_millis() as u64,
                             resumed_from: done.resumed_from,
+                            snapshots_copied: done.snapshots_copied,
+                            snapshots_kept: done.snapshots_kept,
                         }),
                         Err(e) => {
                             tracing::warn!(node = %this.cfg.node, replica = %name, "rebuild failed, tried again later: {e}");

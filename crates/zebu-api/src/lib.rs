@@ -94,6 +94,11 @@ pub struct LastRebuild {
     /// Bytes already in place when its last attempt began (0: it ran from the beginning).
     #[serde(default)]
     pub resumed_from: u64,
+    /// Snapshots its last attempt copied to it, and those it already held and kept.
+    #[serde(default)]
+    pub snapshots_copied: u64,
+    #[serde(default)]
+    pub snapshots_kept: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -32,6 +32,7 @@ mod intents;
 mod rebuild;
 mod record;
 pub mod snapshots;
+mod tree_copy;
 pub use rebuild::{RebuildDone, RebuildProgress};
 pub use record::{MembershipRecord, RecordError, Retired, Survivors};
 
@@ -254,6 +255,10 @@ pub struct Engine {
     intents: intents::Intents,
     /// What changed while a rebuild target was away (see `engine/rebuild.rs`).
     resumes: rebuild::Resumes,
+    /// Rebuilds copying snapshots now (`engine/tree_copy.rs`): none is taken or deleted.
+    tree_copies: AtomicUsize,
+    /// Replicas a rebuild is filling now: one rebuild per target at a time.
+    rebuilding: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Members the volume should have (see [`EngineConfig::replica_count`]).
     replica_count: usize,
     recorder: Option<Arc<dyn MembershipRecord>>,
@@ -545,6 +550,8 @@ impl Engine {
             next_index: AtomicUsize::new(cfg.replicas.len()),
             intents: intents::Intents::default(),
             resumes: rebuild::Resumes::default(),
+            tree_copies: AtomicUsize::new(0),
+            rebuilding: Default::default(),
             replica_count: if cfg.replica_count == 0 {
                 cfg.replicas.len()
             } else {

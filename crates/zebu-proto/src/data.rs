@@ -153,6 +153,21 @@ pub enum Op {
     /// Read `read length` bytes at `offset` of the content of the snapshot named in the
     /// payload ([`crate::snapshot::encode_read_snapshot`]); reply: the bytes.
     ReadSnapshot = 20,
+    /// What the layers of a snapshot hold above another one, for a rebuild that copies the
+    /// tree: the payload ([`crate::snapshot::encode_snapshot_delta`]) names the snapshot, the
+    /// base (a snapshot below it on its path, or none: down to the root) and the range's length
+    /// (at `offset`). Reply as for [`Op::Map`], each extent flagged [`EXTENT_HOLE`] (no layer
+    /// between the base and the snapshot holds it: the base's content decides), [`EXTENT_ZERO`]
+    /// (one of them holds it as zeroes) or 0 (one of them holds data: read it through
+    /// [`Op::ReadSnapshot`]).
+    SnapshotDelta = 21,
+    /// For a rebuild target only: a new, empty head over the snapshot named in the payload
+    /// (UTF-8; empty: every layer is dropped, the replica is empty), the old head's data
+    /// dropped. `offset` is the generation of the set the caller serves: refused unless this
+    /// replica's generation is below it (a replica in sync is never rewound). Its own
+    /// write-intent log then has every extent dirty and covers nothing, so only a whole copy
+    /// makes it a member again; its generation does not change.
+    Rewind = 22,
 }
 
 impl Op {
@@ -168,6 +183,8 @@ impl Op {
                 | Op::SnapshotRemove
                 | Op::Revert
                 | Op::ReadSnapshot
+                | Op::SnapshotDelta
+                | Op::Rewind
         )
     }
 
@@ -199,6 +216,8 @@ impl Op {
             18 => Op::Layers,
             19 => Op::Revert,
             20 => Op::ReadSnapshot,
+            21 => Op::SnapshotDelta,
+            22 => Op::Rewind,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }
@@ -560,7 +579,12 @@ impl RequestHeader {
         if h.length > MAX_NAME_PAYLOAD_BYTES
             && matches!(
                 h.op,
-                Op::Snapshot | Op::SnapshotRemove | Op::Revert | Op::ReadSnapshot
+                Op::Snapshot
+                    | Op::SnapshotRemove
+                    | Op::Revert
+                    | Op::ReadSnapshot
+                    | Op::SnapshotDelta
+                    | Op::Rewind
             )
         {
             return Err(FrameError::TooLong {

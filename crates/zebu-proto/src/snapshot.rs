@@ -171,6 +171,39 @@ pub fn decode_read_snapshot(b: &[u8]) -> Result<(u32, String), FrameError> {
     Ok((length, name.to_owned()))
 }
 
+/// A SNAPSHOT_DELTA payload: the range's length (u32 LE), the base's name length (u16 LE, 0:
+/// none), the base's name, then the snapshot's name (UTF-8, the rest).
+pub fn encode_snapshot_delta(name: &str, base: Option<&str>, length: u32) -> Vec<u8> {
+    let base = base.unwrap_or("");
+    let mut out = Vec::with_capacity(6 + base.len() + name.len());
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(&(base.len() as u16).to_le_bytes());
+    out.extend_from_slice(base.as_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// A SNAPSHOT_DELTA payload's (range length, snapshot name, base name); the name not empty.
+pub fn decode_snapshot_delta(b: &[u8]) -> Result<(u32, String, Option<String>), FrameError> {
+    if b.len() < 6 {
+        return Err(FrameError::Truncated);
+    }
+    let length = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
+    let base_len = u16::from_le_bytes(b[4..6].try_into().expect("2 bytes")) as usize;
+    if b.len() < 6 + base_len + 1 {
+        return Err(FrameError::Truncated);
+    }
+    let base = std::str::from_utf8(&b[6..6 + base_len])
+        .map_err(|_| FrameError::NotUtf8("base snapshot name"))?;
+    let name = std::str::from_utf8(&b[6 + base_len..])
+        .map_err(|_| FrameError::NotUtf8("snapshot name"))?;
+    Ok((
+        length,
+        name.to_owned(),
+        (!base.is_empty()).then(|| base.to_owned()),
+    ))
+}
+
 impl LayersReply {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -302,5 +335,29 @@ mod tests {
         let mut bad = encode_read_snapshot("x", 1);
         bad[4] = 0xff;
         assert!(decode_read_snapshot(&bad).is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn snapshot_delta_payloads_round_trip_and_bad_ones_are_refused() {
+        let b = encode_snapshot_delta("s2", Some("s1"), 1 << 20);
+        assert_eq!(
+            decode_snapshot_delta(&b).unwrap(),
+            (1 << 20, "s2".to_owned(), Some("s1".to_owned()))
+        );
+        let b = encode_snapshot_delta("s1", None, 4096);
+        assert_eq!(
+            decode_snapshot_delta(&b).unwrap(),
+            (4096, "s1".to_owned(), None)
+        );
+        assert!(decode_snapshot_delta(&b[..6]).is_err(), "no name");
+        let mut long_base = encode_snapshot_delta("s", Some("b"), 1);
+        long_base[4] = 9;
+        assert!(
+            decode_snapshot_delta(&long_base).is_err(),
+            "base past the end"
+        );
+        let mut bad = encode_snapshot_delta("s", Some("b"), 1);
+        bad[6] = 0xff;
+        assert!(decode_snapshot_delta(&bad).is_err(), "not UTF-8");
     }
 }

@@ -87,6 +87,15 @@ pub fn execute(
             .and_then(|p| name_payload(replica, p))
             .and_then(|name| replica.revert_for(session, &name))
             .map(|()| Vec::new()),
+        Op::Rewind => checked_payload(replica, offset, payload, payload_crc)
+            .and_then(|p| {
+                let base = std::str::from_utf8(p).map_err(|_| ReplicaError::Invalid {
+                    replica: replica.name().to_owned(),
+                    reason: "the snapshot name is not UTF-8".into(),
+                })?;
+                replica.rewind_for(session, (!base.is_empty()).then_some(base), offset)
+            })
+            .map(|()| Vec::new()),
         _ => replica.fenced(session, || run(op)),
     };
     if let Err(e) = &res {
@@ -261,8 +270,21 @@ fn run(
             replica.snapshot_view(&name)?.read(offset, &mut buf)?;
             Ok(buf)
         }
+        Op::SnapshotDelta => {
+            let p = checked_payload(replica, offset, payload, payload_crc)?;
+            let (length, name, base) =
+                zebu_proto::snapshot::decode_snapshot_delta(p).map_err(|e| {
+                    ReplicaError::Invalid {
+                        replica: replica.name().to_owned(),
+                        reason: format!("bad snapshot delta request: {e}"),
+                    }
+                })?;
+            replica
+                .snapshot_delta(&name, base.as_deref(), offset, u64::from(length))
+                .map(|m| data::encode_map(&m))
+        }
         // Reached only without a session (never): sessions go through `execute`'s own arms.
-        Op::Snapshot | Op::Revert => Err(ReplicaError::Invalid {
+        Op::Snapshot | Op::Revert | Op::Rewind => Err(ReplicaError::Invalid {
             replica: replica.name().to_owned(),
             reason: format!("{op:?} needs a session"),
         }),

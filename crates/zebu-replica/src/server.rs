@@ -41,6 +41,8 @@ fn cost(h: &RequestHeader) -> u32 {
     match h.op {
         // Its payload is a name; its reply up to the largest snapshot read.
         Op::ReadSnapshot => 1 + data::MAX_SNAPSHOT_READ_BYTES / UNIT_BYTES,
+        // Its reply is an allocation map.
+        Op::SnapshotDelta => 8,
         op if op.length_is_bytes() => 1 + h.length / UNIT_BYTES,
         // A layer list can be long (a record per snapshot).
         Op::Layers => 8,

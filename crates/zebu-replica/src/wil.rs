@@ -249,7 +249,7 @@ impl IntentLog {
     }
 
     /// Every extent dirty, durably (nothing is known about this replica's log).
-    fn reset_all_dirty(&self) -> Result<(), ReplicaError> {
+    pub(crate) fn reset_all_dirty(&self) -> Result<(), ReplicaError> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.states.fill(WIL_DIRTY);
         inner.head.covers_from = COVERS_NOTHING;

@@ -115,10 +115,18 @@ fn rebuild_cell(r: &zebu_api::Replica) -> String {
     }
     match &r.last_rebuild {
         Some(l) => format!(
-            "last: {}, {} in {:.1} s",
+            "last: {}, {} in {:.1} s{}",
             l.kind,
             human(l.bytes_copied),
-            l.duration_ms as f64 / 1000.0
+            l.duration_ms as f64 / 1000.0,
+            if l.snapshots_copied + l.snapshots_kept > 0 {
+                format!(
+                    ", snapshots: {} copied, {} kept",
+                    l.snapshots_copied, l.snapshots_kept
+                )
+            } else {
+                String::new()
+            }
         ),
         None => "-".into(),
     }

@@ -187,6 +187,19 @@ impl Resumes {
     }
 }
 
+/// A rebuild's claim on its target (see [`Engine::rebuilding_one`]).
+struct OneRebuild<'a>(&'a Engine, String);
+
+impl Drop for OneRebuild<'_> {
+    fn drop(&mut self) {
+        self.0
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
 /// What a finished rebuild did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuildDone {
@@ -196,6 +209,9 @@ pub struct RebuildDone {
     pub duration: Duration,
     /// Bytes already in place when this attempt began (a resumed rebuild; 0 otherwise).
     pub resumed_from: u64,
+    /// Snapshots copied to the target, and those it held already and kept.
+    pub snapshots_copied: u64,
+    pub snapshots_kept: u64,
 }
 
 impl Engine {
@@ -218,6 +234,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Refused while another rebuild fills `name`; the guard ends this one's claim.
+    fn rebuilding_one(&self, name: &str) -> Result<OneRebuild<'_>, EngineError> {
+        let mut all = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        if !all.insert(name.to_owned()) {
+            return Err(self.rebuild_err(format!("a rebuild of replica {name} is running already")));
+        }
+        Ok(OneRebuild(self, name.to_owned()))
+    }
+
     /// Add `target` to the set and fill it from the members in sync (see the module docs);
     /// returns once it is RW. Fails, leaving the target out of the set (ERR), if the target
     /// fails, the engine stops serving, or no RW member can be read.
@@ -228,6 +253,7 @@ impl Engine {
     ) -> Result<RebuildDone, EngineError> {
         let started = Instant::now();
         self.not_a_member(&target.name)?;
+        let _one = self.rebuilding_one(&target.name)?;
         let backend = match &target.in_process {
             Some(l) => l.open(self.epoch).await.map(Backend::Local),
             None => ReplicaClient::connect(
@@ -275,19 +301,10 @@ impl Engine {
         let left_at = LogFacts::decode(&facts)
             .map(|f| f.rejoin_from)
             .ok_or_else(|| self.rebuild_err("a short write-intent log reply".into()))?;
-        let (member, base) = {
+        let copying = {
             let _m = self.membership.lock().await;
-            // Again under the lock: two rebuilds of one replica never both join.
             self.not_a_member(&target.name)?;
-            // Its failed entry is replaced below: a retirement of it not recorded yet (a
-            // cancelled request's) is finished first, or it would be forgotten.
-            if self.all().iter().any(|m| {
-                m.name == target.name && m.unrecorded.load(std::sync::atomic::Ordering::Acquire)
-            }) {
-                self.bump_generation().await;
-                self.record_retirements(None).await?;
-            }
-            // Joining under `membership`: no retirement's generation bump is half done, and the
+            // Fencing under `membership`: no retirement's generation bump is half done, and the
             // target's generation must be below the set's, or it would be the fresher copy.
             if opened.generation >= self.generation() {
                 return Err(self.rebuild_err(format!(
@@ -320,6 +337,54 @@ impl Engine {
                 .map_err(|e| {
                     self.rebuild_err(format!("fencing older sessions on the new replica: {e}"))
                 })?;
+            // Under `membership`: no snapshot is being taken or deleted.
+            self.copying_tree()
+        };
+        // Its snapshots first, while no live write reaches it (`engine/tree_copy.rs`).
+        let tree = self.copy_tree(&backend, &target.name, rate).await?;
+        let fresh = if tree.rewound {
+            let info = backend
+                .call(Call::new(Op::Info, 0, 0), self.io_timeout)
+                .await
+                .map_err(|e| self.rebuild_err(e.to_string()))?;
+            data::ReplicaInfo::decode(&info)
+                .map_err(|e| self.rebuild_err(format!("bad INFO reply: {e}")))?
+                .allocated_bytes
+                == 0
+        } else {
+            fresh
+        };
+        let (member, base) = {
+            let _m = self.membership.lock().await;
+            // Again under the lock: two rebuilds of one replica never both join.
+            self.not_a_member(&target.name)?;
+            if self.fenced_off.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(EngineError::Closed {
+                    volume: self.volume.clone(),
+                    reason: self.closed_reason().unwrap_or_default(),
+                });
+            }
+            // The snapshots it holds are still the set's (none was taken or deleted since).
+            let now: Vec<String> =
+                super::tree_copy::live_path(&self.source_layers(&target.name).await?)
+                    .into_iter()
+                    .map(|s| s.key)
+                    .collect();
+            if now != tree.keys {
+                return Err(self.rebuild_err(format!(
+                    "the set's snapshots changed while they were copied to replica {} (it holds {:?}, the set {:?}); the next attempt copies the rest",
+                    target.name, tree.keys, now
+                )));
+            }
+            drop(copying);
+            // Its failed entry is replaced below: a retirement of it not recorded yet (a
+            // cancelled request's) is finished first, or it would be forgotten.
+            if self.all().iter().any(|m| {
+                m.name == target.name && m.unrecorded.load(std::sync::atomic::Ordering::Acquire)
+            }) {
+                self.bump_generation().await;
+                self.record_retirements(None).await?;
+            }
             let mut all = self.members.write().unwrap_or_else(|p| p.into_inner());
             let member = Arc::new(Member {
                 index: self
@@ -371,6 +436,8 @@ impl Engine {
                     bytes_copied: copied,
                     duration: started.elapsed(),
                     resumed_from: plan.already,
+                    snapshots_copied: tree.snapshots as u64,
+                    snapshots_kept: (tree.keys.len() - tree.snapshots) as u64,
                 };
                 tracing::info!(volume = %self.volume, replica = %target.name, kind, bytes_copied = copied, ms = done.duration.as_millis() as u64, "rebuild done: the replica is RW");
                 Ok(done)
@@ -703,11 +770,40 @@ impl Engine {
                 (true, e.to_string())
             })
         };
+        // Where the target holds data now (a target that held nothing needs no zeroes): a
+        // hole of the source is zeroed only there. Under the piece's range lock, so no live
+        // write changes it meanwhile.
+        let target_data: Vec<(u64, u64)> = if fresh {
+            Vec::new()
+        } else {
+            let map = target
+                .client()
+                .call(Call::new(Op::Map, at, len), t)
+                .await
+                .map_err(|e| (true, e.to_string()))?;
+            let mut ranges = Vec::new();
+            let mut o = at;
+            for x in data::decode_map(&map).map_err(|e| (true, e.to_string()))? {
+                if x.flags & EXTENT_HOLE == 0 {
+                    ranges.push((o, o + u64::from(x.length)));
+                }
+                o += u64::from(x.length);
+            }
+            if o != at + u64::from(len) {
+                // A short map: zero every hole of the source, as if the target held data.
+                ranges = vec![(at, at + u64::from(len))];
+            }
+            ranges
+        };
         for x in extents {
             let n = x.length;
             if x.flags & EXTENT_HOLE != 0 {
-                if !fresh {
-                    send(Call::new(Op::WriteZeroes, off, n)).await?;
+                let end = off + u64::from(n);
+                for &(s, e) in &target_data {
+                    let (s, e) = (s.max(off), e.min(end));
+                    if s < e {
+                        send(Call::new(Op::WriteZeroes, s, (e - s) as u32)).await?;
+                    }
                 }
             } else {
                 let good = src

@@ -20,7 +20,7 @@ use zebu_proto::snapshot::{LayersReply, SnapshotRequest, LAYER_HEAD, LAYER_REMOV
 use super::{flush_timeout, Engine, EngineError, Member, Mode, SnapshotRefusal};
 use crate::client::{Call, ClientError};
 
-fn named_call(op: Op, payload: Vec<u8>) -> Call {
+pub(super) fn named_call(op: Op, payload: Vec<u8>) -> Call {
     let mut c = Call::new(op, 0, payload.len() as u32);
     c.payload = Some(payload.into());
     c.with_payload_crc()
@@ -34,23 +34,26 @@ pub fn live_snapshots(reply: &LayersReply) -> BTreeSet<String> {
 /// The label holding a snapshot's unique id (the manager's `zebu.io/uid`).
 pub const UID_LABEL: &str = "zebu.io/uid";
 
-/// The live snapshots of a LAYERS reply by key (name, and `#uid` when it has one) → name.
+/// A snapshot's key: its name, and `#uid` when it has one (two snapshots of one name taken at
+/// different times have different keys).
+pub(super) fn key_of(l: &zebu_proto::snapshot::LayerRecord) -> String {
+    match l.labels.iter().find(|(k, _)| k == UID_LABEL) {
+        Some((_, uid)) if !uid.is_empty() => format!("{}#{uid}", l.name),
+        _ => l.name.clone(),
+    }
+}
+
+/// The live snapshots of a LAYERS reply by key → name.
 fn live_keys(reply: &LayersReply) -> std::collections::BTreeMap<String, String> {
     reply
         .layers
         .iter()
         .filter(|l| l.flags & (LAYER_HEAD | LAYER_REMOVED) == 0)
-        .map(|l| {
-            let key = match l.labels.iter().find(|(k, _)| k == UID_LABEL) {
-                Some((_, uid)) if !uid.is_empty() => format!("{}#{uid}", l.name),
-                _ => l.name.clone(),
-            };
-            (key, l.name.clone())
-        })
+        .map(|l| (key_of(l), l.name.clone()))
         .collect()
 }
 
-fn message_of(e: &ClientError) -> String {
+pub(super) fn message_of(e: &ClientError) -> String {
     match e {
         ClientError::Failed { message, .. } => message.clone(),
         other => other.to_string(),
@@ -85,6 +88,12 @@ impl Engine {
                     "replica {} is being rebuilt; take the snapshot once the rebuild is done",
                     m.name
                 ),
+            ));
+        }
+        if let Some(why) = self.tree_copy_running() {
+            return Err(self.refused(
+                SnapshotRefusal::Busy,
+                format!("{why}; take the snapshot once the rebuild is done"),
             ));
         }
         if set.is_empty() {
@@ -134,6 +143,15 @@ impl Engine {
     /// Delete snapshot `name` on every member in sync (each merges it in the background).
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), EngineError> {
         let _in = self.enter().await?;
+        // Held across the sends: a rebuild copying the snapshots, and a member joining, see
+        // the tree either before or after the deletion, never during it.
+        let membership = self.membership.lock().await;
+        if let Some(why) = self.tree_copy_running() {
+            return Err(self.refused(
+                SnapshotRefusal::Busy,
+                format!("{why}; delete the snapshot once the rebuild is done"),
+            ));
+        }
         let set = self.in_sync();
         if set.is_empty() {
             return Err(self.no_replicas());
@@ -144,6 +162,7 @@ impl Engine {
                 .map(|m| m.client().call(call.clone(), self.io_timeout)),
         )
         .await;
+        drop(membership);
         let mut missing = 0;
         let mut failed = Vec::new();
         for (m, r) in set.iter().zip(&results) {
@@ -311,7 +330,8 @@ impl Engine {
         for (m, keys) in &lists {
             let names: BTreeSet<String> = keys.keys().cloned().collect();
             for lacking in common.difference(&names) {
-                // Rebuilds do not copy snapshots yet (docs/snapshots.md, "Next").
+                // A rebuild copies the live path's snapshots, not yet those a revert left on
+                // another branch (docs/snapshots.md, "Rebuild copies the tree").
                 tracing::warn!(volume = %self.volume, replica = %m.name, snapshot = %lacking, "member lacks an acknowledged snapshot");
             }
         }

@@ -619,7 +619,45 @@ impl Replica {
     }
 
     fn revert_locked(&self, name: &str) -> Result<(), ReplicaError> {
+        self.new_head_over(Some(name), None)
+    }
+
+    /// For a rebuild target only (`docs/snapshots.md`, "Rebuild copies the tree"): a new, empty
+    /// head over snapshot `base` (none: every layer is dropped), for `session` of a set at
+    /// `set_generation`; refused unless this replica's generation is below it.
+    pub fn rewind_for(
+        &self,
+        session: &Session,
+        base: Option<&str>,
+        set_generation: u64,
+    ) -> Result<(), ReplicaError> {
+        self.alone(Some(session), || {
+            self.new_head_over(base, Some(set_generation))
+        })
+    }
+
+    /// [`Replica::rewind_for`] without a session.
+    pub fn rewind(&self, base: Option<&str>, set_generation: u64) -> Result<(), ReplicaError> {
+        self.alone(None, || self.new_head_over(base, Some(set_generation)))
+    }
+
+    /// A new, empty head over snapshot `base`, the old head's data dropped. A revert
+    /// (`rewind: None`) raises the generation and makes the log cover nothing. A rewind
+    /// (`Some(set generation)`) keeps the generation, marks every extent of the log dirty, and
+    /// with no `base` drops every layer.
+    fn new_head_over(&self, base: Option<&str>, rewind: Option<u64>) -> Result<(), ReplicaError> {
         self.check_usable()?;
+        if let Some(set) = rewind {
+            let mine = self.generation();
+            if mine >= set {
+                return Err(ReplicaError::Invalid {
+                    replica: self.name.clone(),
+                    reason: format!(
+                        "it is at generation {mine}, not below the set's {set}: a replica in sync is never rewound"
+                    ),
+                });
+            }
+        }
         // A running merge stops at its next batch (it goes on later, from where it was).
         self.merge_yield.store(true, Ordering::Relaxed);
         let one = self.merge_lock.lock();
@@ -628,20 +666,38 @@ impl Replica {
         let _tree = self.tree.lock().unwrap_or_else(|p| p.into_inner());
         let _all = self.lock_all();
         let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(target) = meta.snapshot(name).map(|l| l.id) else {
-            return Err(ReplicaError::NoSnapshot {
-                replica: self.name.clone(),
-                name: name.to_owned(),
-            });
+        let target = match base {
+            Some(name) => match meta.snapshot(name) {
+                Some(l) => Some(l.id),
+                None => {
+                    return Err(ReplicaError::NoSnapshot {
+                        replica: self.name.clone(),
+                        name: name.to_owned(),
+                    })
+                }
+            },
+            None if rewind.is_some() => None,
+            None => {
+                return Err(ReplicaError::Invalid {
+                    replica: self.name.clone(),
+                    reason: "a revert names the snapshot to revert to".into(),
+                })
+            }
         };
         let chain = self.chain();
         let old_head = chain.head().id;
         let (id, head) = self.new_layer(&meta)?;
         let mut next = meta.clone();
-        next.layers.retain(|l| l.id != old_head);
+        let dropped: Vec<u64> = next
+            .layers
+            .iter()
+            .map(|l| l.id)
+            .filter(|l| *l == old_head || target.is_none())
+            .collect();
+        next.layers.retain(|l| !dropped.contains(&l.id));
         next.layers.push(LayerMeta {
             id,
-            parent: target,
+            parent: target.unwrap_or(0),
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -651,7 +707,7 @@ impl Replica {
         });
         self.check_tree(&next)?;
         // The layers of the new live path, root first, opened (or kept, with their slots).
-        let mut path = next.path(target);
+        let mut path = target.map(|t| next.path(t)).unwrap_or_default();
         path.reverse();
         let mut layers: Vec<Arc<Layer>> = Vec::with_capacity(path.len() + 1);
         let mut taken = Vec::new();
@@ -675,20 +731,27 @@ impl Replica {
         }
         let mut head = head;
         head.slot = self.alloc_slot(&chain, &taken)?;
-        // The content changes outside any write the logs see: first (durably) the log covers
-        // nothing, so a member that left before rejoins by a full copy; then the new tree and a
-        // generation one higher in one replacement, so a replica of the volume the revert
-        // missed is older by evidence (`docs/snapshots.md`). A crash between them leaves the old
-        // content with a log that covers less: only more copying.
-        let r = self.wil.settle(
-            &self.name,
-            &[],
-            false,
-            zebu_proto::data::WIL_CLEAN,
-            crate::wil::COVERS_NOTHING,
-        );
-        self.poison_on_io(r)?;
-        next.generation = meta.generation + 1;
+        if rewind.is_some() {
+            // Only a whole copy makes it a member again (the rebuild's plan copies every
+            // extent its own log has dirty), whatever an interrupted rebuild recorded.
+            let r = self.wil.reset_all_dirty();
+            self.poison_on_io(r)?;
+        } else {
+            // The content changes outside any write the logs see: first (durably) the log
+            // covers nothing, so a member that left before rejoins by a full copy; then the new
+            // tree and a generation one higher in one replacement, so a replica of the volume
+            // the revert missed is older by evidence (`docs/snapshots.md`). A crash between them
+            // leaves the old content with a log that covers less: only more copying.
+            let r = self.wil.settle(
+                &self.name,
+                &[],
+                false,
+                zebu_proto::data::WIL_CLEAN,
+                crate::wil::COVERS_NOTHING,
+            );
+            self.poison_on_io(r)?;
+            next.generation = meta.generation + 1;
+        }
         if let Err(e) = next.store(&self.dir) {
             self.poison(&e);
             return Err(e);
@@ -718,6 +781,12 @@ impl Replica {
                 }
             }
         }
+        {
+            let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+            for d in &dropped {
+                sizes.remove(d);
+            }
+        }
         let head_slot = head.slot;
         let depth = layers.len() + 1;
         let max = layers
@@ -737,8 +806,97 @@ impl Replica {
             head: head_slot,
             depth,
         });
-        Layer::remove_files(&self.dir, old_head);
+        for d in dropped {
+            Layer::remove_files(&self.dir, d);
+        }
         Ok(())
+    }
+
+    /// What the layers of snapshot `name`'s path above snapshot `base` (none: down to the root)
+    /// hold in `length` bytes at `offset`: each block's extent is [`EXTENT_HOLE`] (none of them
+    /// holds it), [`EXTENT_ZERO`] (the topmost that holds it holds zeroes) or data (0). Removed
+    /// layers being merged count, so a merge running meanwhile changes nothing in the answer's
+    /// effect: the content of `name` is `base`'s with these blocks laid over it.
+    pub fn snapshot_delta(
+        &self,
+        name: &str,
+        base: Option<&str>,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<zebu_proto::data::MapExtent>, ReplicaError> {
+        use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
+        self.check_usable()?;
+        self.check_range(offset, length)?;
+        let bs = self.block_size as u64;
+        if !offset.is_multiple_of(bs)
+            || !length.is_multiple_of(bs)
+            || length / bs > zebu_proto::data::MAX_MAP_EXTENTS as u64
+        {
+            return Err(ReplicaError::Invalid {
+                replica: self.name.clone(),
+                reason: format!(
+                    "a snapshot delta of {offset}+{length} is not block-aligned or spans more than {} blocks",
+                    zebu_proto::data::MAX_MAP_EXTENTS
+                ),
+            });
+        }
+        let _tree = self.tree.lock().unwrap_or_else(|p| p.into_inner());
+        let segment: Vec<u64> = {
+            let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            let missing = |n: &str| ReplicaError::NoSnapshot {
+                replica: self.name.clone(),
+                name: n.to_owned(),
+            };
+            let s = meta.snapshot(name).ok_or_else(|| missing(name))?;
+            let path = meta.path(s.id);
+            match base {
+                None => path,
+                Some(b) => {
+                    let b_id = meta.snapshot(b).ok_or_else(|| missing(b))?.id;
+                    let Some(at) = path.iter().position(|id| *id == b_id) else {
+                        return Err(ReplicaError::Invalid {
+                            replica: self.name.clone(),
+                            reason: format!("snapshot {b} is not below snapshot {name}"),
+                        });
+                    };
+                    path[..at].to_vec()
+                }
+            }
+        };
+        let chain = self.chain();
+        let (first, count) = (offset / bs, (length / bs) as usize);
+        let mut decided = vec![0u64; count];
+        for id in &segment {
+            let l = self.layer_handle(&chain, *id)?;
+            for (d, e) in decided.iter_mut().zip(l.read_entries(first, count)?) {
+                if *d == 0 {
+                    *d = e;
+                }
+            }
+        }
+        let mut out: Vec<MapExtent> = Vec::new();
+        for e in decided {
+            let flags = if e & ENTRY_PRESENT != 0 {
+                0
+            } else if e & ENTRY_ZERO != 0 {
+                EXTENT_ZERO
+            } else {
+                EXTENT_HOLE
+            };
+            match out.last_mut() {
+                Some(last)
+                    if last.flags == flags
+                        && u64::from(last.length) + bs <= u64::from(u32::MAX) =>
+                {
+                    last.length += bs as u32
+                }
+                _ => out.push(MapExtent {
+                    length: bs as u32,
+                    flags,
+                }),
+            }
+        }
+        Ok(out)
     }
 
     /// Snapshot `name`'s content, to read while the replica goes on: its layers stay open for
@@ -1186,6 +1344,200 @@ mod tests {
         assert_eq!(r.facts().index_memory_bytes, memory);
         let sizes: u64 = r.layers().iter().map(|l| l.size_bytes).sum();
         assert!(sizes >= SIZE, "the layers hold every block: {sizes}");
+    }
+
+    /// The live snapshots on the head's path, root first.
+    fn live_path(r: &Replica) -> Vec<String> {
+        let layers = r.layers();
+        let mut out = Vec::new();
+        let mut at = layers.iter().find(|l| l.head);
+        while let Some(l) = at {
+            if !l.head && !l.removed {
+                out.push(l.name.clone());
+            }
+            at = layers.iter().find(|p| p.id == l.parent && l.parent != 0);
+        }
+        out.reverse();
+        out
+    }
+
+    /// What a rebuild does (`zebu-engine/src/engine/tree_copy.rs`): snapshot `name`'s blocks
+    /// above `base`, read from `src`, written into `dst`'s head; then `dst` takes the snapshot.
+    fn copy_snapshot(src: &Replica, dst: &Replica, name: &str, base: Option<&str>) {
+        use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
+        let view = src.snapshot_view(name).unwrap();
+        let mut off = 0;
+        for x in src.snapshot_delta(name, base, 0, SIZE).unwrap() {
+            let n = u64::from(x.length);
+            if x.flags & EXTENT_HOLE != 0 {
+            } else if x.flags & EXTENT_ZERO != 0 {
+                dst.zero(off, n, false).unwrap();
+            } else {
+                let mut buf = vec![0u8; n as usize];
+                view.read(off, &mut buf).unwrap();
+                dst.write(off, &buf, false).unwrap();
+            }
+            off += n;
+        }
+        assert_eq!(off, SIZE);
+        dst.snapshot(&spec(name)).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// A tree built by any steps (writes, zeroes, snapshots, deletes, merges cut short,
+        /// reverts) is copied snapshot by snapshot into an empty replica, with a copy cut short
+        /// and rewound on the way: every snapshot of the live path then reads the same there.
+        #[test]
+        fn a_tree_copied_by_deltas_reads_the_same(
+            steps in proptest::collection::vec(step(), 1..40),
+            cut in any::<usize>(),
+            garbage in any::<u8>(),
+        ) {
+            let sdir = tempfile::tempdir().unwrap();
+            let ddir = tempfile::tempdir().unwrap();
+            let src = Replica::create(sdir.path(), "v", "v-r1", SIZE, BS as u32).unwrap();
+            let dst = Replica::create(ddir.path(), "v", "v-r2", SIZE, BS as u32).unwrap();
+            let stop = AtomicBool::new(false);
+            let mut n = 0;
+            let mut live: Vec<String> = Vec::new();
+            for s in steps {
+                match s {
+                    Step::Write { offset, len, seed } => {
+                        src.write(offset, &pattern(len, seed), false).unwrap();
+                    }
+                    Step::Zero { offset, len } => src.zero(offset, len, false).unwrap(),
+                    Step::Snapshot => {
+                        n += 1;
+                        let name = format!("s{n}");
+                        src.snapshot(&spec(&name)).unwrap();
+                        live.push(name);
+                    }
+                    Step::Remove(i) if !live.is_empty() => {
+                        let name = live.remove(i % live.len());
+                        src.remove_snapshot(&name).unwrap();
+                    }
+                    Step::Revert(i) if !live.is_empty() => {
+                        src.revert(&live[i % live.len()]).unwrap();
+                    }
+                    Step::MergeCut(k) => {
+                        // Merges left half done make removed layers sit in the deltas.
+                        src.crash_after(k);
+                        let _ = src.merge_pending(0, &stop);
+                        src.crash_after(-1);
+                    }
+                    Step::Merge => {
+                        src.merge_pending(0, &stop).unwrap();
+                    }
+                    _ => {}
+                }
+            }
+            let path = live_path(&src);
+            let cut = if path.is_empty() { 0 } else { cut % path.len() };
+            for (k, name) in path.iter().enumerate() {
+                let base = k.checked_sub(1).map(|i| path[i].as_str());
+                if k == cut {
+                    // A copy cut short: half of it, and some garbage, in the head; the next
+                    // attempt rewinds to what it keeps and copies the snapshot again.
+                    dst.write(0, &pattern(8 * BS, garbage), false).unwrap();
+                    dst.rewind(base, 1).unwrap();
+                    prop_assert_eq!(live_path(&dst), path[..k].to_vec());
+                }
+                copy_snapshot(&src, &dst, name, base);
+            }
+            prop_assert_eq!(live_path(&dst), path.clone());
+            for name in &path {
+                prop_assert!(view_all(&dst, name) == view_all(&src, name), "snapshot {} differs", name);
+            }
+            drop(dst);
+            let dst = Replica::open(ddir.path()).unwrap();
+            for name in &path {
+                prop_assert!(view_all(&dst, name) == view_all(&src, name), "snapshot {} differs after reopen", name);
+            }
+        }
+    }
+
+    #[test]
+    fn a_rewind_drops_the_head_or_everything_and_never_runs_on_a_replica_in_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), "v", "v-r", SIZE, BS as u32).unwrap();
+        r.write(0, &pattern(4 * BS, 3), false).unwrap();
+        r.snapshot(&spec("a")).unwrap();
+        r.write(BS, &pattern(BS, 9), false).unwrap();
+        r.set_generation(5).unwrap();
+        let before = std::fs::read(dir.path().join(crate::meta::META_FILE)).unwrap();
+        // Not below the set's generation: a member in sync; nothing changes.
+        assert!(matches!(
+            r.rewind(Some("a"), 5),
+            Err(ReplicaError::Invalid { .. })
+        ));
+        assert!(matches!(
+            r.rewind(Some("nope"), 6),
+            Err(ReplicaError::NoSnapshot { .. })
+        ));
+        assert_eq!(
+            std::fs::read(dir.path().join(crate::meta::META_FILE)).unwrap(),
+            before
+        );
+        r.rewind(Some("a"), 6).unwrap();
+        assert_eq!(read_all(&r), view_all(&r, "a"));
+        assert_eq!(r.generation(), 5, "a rewind is no evidence");
+        let log = crate::wil::LogFacts::decode(&r.wil_read(0, 1).unwrap()).unwrap();
+        assert_eq!(log.covers_from, crate::wil::COVERS_NOTHING);
+        r.rewind(None, 6).unwrap();
+        assert_eq!(read_all(&r), vec![0u8; SIZE as usize]);
+        assert_eq!(r.layers().len(), 1);
+        assert_eq!(layer_files(dir.path()), 2);
+        drop(r);
+        let r = Replica::open(dir.path()).unwrap();
+        assert_eq!(read_all(&r), vec![0u8; SIZE as usize]);
+        assert_eq!(r.generation(), 5);
+        // Every extent is dirty: only a whole copy makes it a member again.
+        let states = r.wil_read(0, 1).unwrap();
+        assert_eq!(
+            states[crate::wil::READ_HEADER_BYTES],
+            zebu_proto::data::WIL_DIRTY
+        );
+    }
+
+    fn layer_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("layer-")
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_delta_names_only_snapshots_on_one_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), "v", "v-r", SIZE, BS as u32).unwrap();
+        r.snapshot(&spec("a")).unwrap();
+        r.snapshot(&spec("b")).unwrap();
+        r.revert("a").unwrap();
+        r.snapshot(&spec("c")).unwrap();
+        assert!(matches!(
+            r.snapshot_delta("c", Some("b"), 0, SIZE),
+            Err(ReplicaError::Invalid { .. })
+        ));
+        assert!(matches!(
+            r.snapshot_delta("x", None, 0, SIZE),
+            Err(ReplicaError::NoSnapshot { .. })
+        ));
+        assert!(
+            r.snapshot_delta("c", Some("a"), 1, BS).is_err(),
+            "not aligned"
+        );
+        assert!(
+            r.snapshot_delta("c", Some("a"), 0, SIZE + BS).is_err(),
+            "past the end"
+        );
+        assert_eq!(r.snapshot_delta("c", Some("a"), 0, SIZE).unwrap().len(), 1);
     }
 
     #[test]
