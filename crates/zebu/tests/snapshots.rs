@@ -4,6 +4,9 @@
 //! input refused with nothing changed.
 
 mod common;
+#[path = "../src/nbd_client.rs"]
+#[allow(dead_code)]
+mod nbd_client;
 use common::*;
 use serde_json::Value;
 use std::time::Duration;
@@ -330,4 +333,307 @@ fn merges_cut_by_kill_9_lose_nothing_and_complete_after_restart() {
         );
     }
     assert!(exported(&c, &dir, None) == head, "at the end: the head");
+}
+
+/// Every live snapshot in `expected`, and the head, exported offline from each RW replica of
+/// `volume` (detached), equals the model; at least `rw` replicas are RW.
+fn every_rw_replica_holds(
+    c: &Cluster,
+    volume: &str,
+    expected: &std::collections::BTreeMap<String, Vec<u8>>,
+    head: &[u8],
+    rw: usize,
+) {
+    let v = c.volume(volume);
+    let replicas: Vec<&Value> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["mode"] == "RW")
+        .collect();
+    assert_eq!(replicas.len(), rw, "{v}");
+    for r in replicas {
+        let name = r["name"].as_str().unwrap();
+        let dir = c.replica_dir(node_index(r), name);
+        for (snap, content) in expected {
+            assert!(
+                exported(c, &dir, Some(snap)) == *content,
+                "snapshot {snap} on replica {name} differs from what it held when taken"
+            );
+        }
+        assert!(
+            exported(c, &dir, None) == head,
+            "the head of {name} differs"
+        );
+    }
+}
+
+/// Must-hold 6: a volume with 10 snapshots (two of them deleted, their merges under way) loses
+/// a replica twice: one returns after the set took and deleted snapshots without it (it keeps
+/// the snapshots it shares, drops the one deleted meanwhile, and is given the new one), and one
+/// never returns (a new replica on a free node is given every snapshot). Afterwards every
+/// snapshot reads the same on every replica, equal to the volume at the moment it was taken.
+#[test]
+fn rebuilds_copy_every_snapshot_to_returning_and_new_replicas() {
+    require("qemu-io");
+    let mut c = Cluster::separate(68, 4);
+    // The returning replica comes back before a replacement is considered.
+    c.cli_ok(&[
+        "setting",
+        "set",
+        "replica-replenishment-wait-interval",
+        "600",
+    ]);
+    let uri = c.create_attached("tree", "24MiB", 3, "node-1");
+    const M: usize = 1 << 20;
+    let mut head = vec![0u8; 24 * M];
+    let mut snaps = std::collections::BTreeMap::new();
+    let write = |head: &mut Vec<u8>, cmds: &[(usize, usize, Option<u8>)]| {
+        let mut line = Vec::new();
+        for &(at, len, byte) in cmds {
+            match byte {
+                Some(b) => {
+                    line.push(format!("write -P {b:#x} {at} {len}"));
+                    head[at..at + len].fill(b);
+                }
+                None => {
+                    line.push(format!("write -z {at} {len}"));
+                    head[at..at + len].fill(0);
+                }
+            }
+        }
+        line.push("flush".into());
+        qemu_io(&uri, &line);
+    };
+    for i in 1..=10usize {
+        let mut cmds = vec![
+            (i * M, M, Some(0x10 + i as u8)),
+            (0, 64 << 10, Some(i as u8)),
+        ];
+        if i % 3 == 0 {
+            // Zeroes over what older snapshots hold: the copy must keep them zero.
+            cmds.push(((i - 2) * M, M / 2, None));
+        }
+        write(&mut head, &cmds);
+        c.cli_ok(&["snapshot", "create", "tree", &format!("s{i}")]);
+        snaps.insert(format!("s{i}"), head.clone());
+    }
+    for gone in ["s3", "s6"] {
+        c.cli_ok(&["snapshot", "delete", "tree", gone]);
+        snaps.remove(gone);
+    }
+
+    // A replica leaves; the set takes a snapshot and deletes one without it.
+    let v = c.volume("tree");
+    let away = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .find(|n| n != "node-1")
+        .unwrap();
+    let i_away: usize = away.trim_start_matches("node-").parse().unwrap();
+    c.kill_agent(i_away - 1);
+    write(&mut head, &[(20 * M, 2 * M, Some(0x77)), (2 * M, M, None)]);
+    wait_until("the replica away ERR", Duration::from_secs(30), || {
+        (replica_on(&c.volume("tree"), &away).unwrap()["mode"] == "ERR").then_some(())
+    });
+    c.cli_ok(&["snapshot", "create", "tree", "s11"]);
+    snaps.insert("s11".into(), head.clone());
+    c.cli_ok(&["snapshot", "delete", "tree", "s1"]);
+    snaps.remove("s1");
+    // Zeroes in the head over what the snapshots hold: the head's copy must keep them zero.
+    write(&mut head, &[(21 * M, M, Some(0x78)), (M, M / 2, None)]);
+    c.start_agent(i_away - 1);
+    let r = wait_until("the returning replica RW", Duration::from_secs(90), || {
+        replica_on(&c.volume("tree"), &away).filter(|r| r["mode"] == "RW")
+    });
+    // It kept the 7 it shares (s2 s4 s5 s7 s8 s9 s10; s1, deleted meanwhile, was dropped)
+    // and was given s11 only.
+    assert_eq!(r["last_rebuild"]["snapshots_kept"], 7, "{r}");
+    assert_eq!(r["last_rebuild"]["snapshots_copied"], 1, "{r}");
+
+    // Another one never returns: a new replica on the free node gets every snapshot.
+    let v = c.volume("tree");
+    let lost = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .find(|n| n != "node-1" && *n != away)
+        .unwrap();
+    let free = (1..=4)
+        .map(|i| format!("node-{i}"))
+        .find(|n| replica_on(&v, n).is_none())
+        .unwrap();
+    c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
+    let i_lost: usize = lost.trim_start_matches("node-").parse().unwrap();
+    c.kill_agent(i_lost - 1);
+    write(
+        &mut head,
+        &[(22 * M, M, Some(0x79)), (4 * M + M / 2, M / 2, None)],
+    );
+    let v = wait_until(
+        "a new replica RW on the free node",
+        Duration::from_secs(120),
+        || {
+            let v = c.volume("tree");
+            (replica_on(&v, &free).is_some_and(|r| r["mode"] == "RW")
+                && v["robustness"] == "healthy")
+                .then_some(v)
+        },
+    );
+    let r = replica_on(&v, &free).unwrap();
+    assert_eq!(r["last_rebuild"]["kind"], "full", "{r}");
+    assert_eq!(r["last_rebuild"]["snapshots_copied"], 8, "{r}");
+    // Snapshots are taken again once no rebuild runs.
+    c.cli_ok(&["snapshot", "create", "tree", "s12"]);
+    snaps.insert("s12".into(), head.clone());
+    let names: Vec<String> = snapshots(&c, "tree")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    let mut want: Vec<String> = snaps.keys().cloned().collect();
+    want.sort();
+    let mut got = names.clone();
+    got.sort();
+    assert_eq!(got, want, "{names:?}");
+    c.cli_ok(&["volume", "detach", "tree"]);
+    every_rw_replica_holds(&c, "tree", &snaps, &head, 3);
+}
+
+/// One write of the stamping writer: its sequence number, block, and when it was sent and
+/// acknowledged.
+struct Stamp {
+    seq: u64,
+    block: usize,
+    sent: std::time::Instant,
+    acked: std::time::Instant,
+}
+
+/// Must-hold 1: with fio verify writing one half of the volume and a QD1 writer stamping
+/// blocks of the other half with sequence numbers, a snapshot every 100 ms. Afterwards each
+/// snapshot, exported from every replica's directory, is identical on all of them, and holds
+/// exactly the writes of one prefix of the writer's sequence (one instant), which contains every
+/// write acknowledged before the snapshot call began and none sent after it returned.
+#[test]
+fn snapshots_every_100_ms_under_writers_each_hold_one_instant() {
+    require("fio");
+    let c = Cluster::separate(69, 3);
+    const M: usize = 1 << 20;
+    const BS: usize = 4096;
+    let uri = c.create_attached("inst", "16MiB", 3, "node-1");
+    let fio = fio_verify(&c, &uri, "8m", "2m");
+    let (region, blocks) = (8 * M, 8 * M / BS);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (uri, stop) = (uri.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut nbd = nbd_client::Client::connect(&nbd_client::parse_uri(&uri).unwrap())
+                .expect("the stamping writer connects");
+            let mut rng = Lcg(0x5eed);
+            let mut done = Vec::new();
+            let mut seq = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
+                let block = rng.next(blocks as u64) as usize;
+                let data: Vec<u8> = seq.to_le_bytes().repeat(BS / 8);
+                let sent = std::time::Instant::now();
+                nbd.submit_write((region + block * BS) as u64, &data)
+                    .unwrap();
+                nbd.complete().expect("a stamped write failed");
+                done.push(Stamp {
+                    seq,
+                    block,
+                    sent,
+                    acked: std::time::Instant::now(),
+                });
+            }
+            nbd.disconnect();
+            done
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut calls = Vec::new();
+    for j in 0..30 {
+        let began = std::time::Instant::now();
+        c.cli_ok(&["snapshot", "create", "inst", &format!("p{j}")]);
+        calls.push((format!("p{j}"), began, std::time::Instant::now()));
+        if let Some(rest) = Duration::from_millis(100).checked_sub(began.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stamps = writer.join().unwrap();
+    fio_ok(&c, fio);
+    assert!(stamps.len() > 100, "only {} stamped writes", stamps.len());
+    // For each block, the sequence numbers written to it, in order.
+    let mut by_block: Vec<Vec<u64>> = vec![Vec::new(); blocks];
+    for w in &stamps {
+        by_block[w.block].push(w.seq);
+    }
+    c.cli_ok(&["volume", "detach", "inst"]);
+    let v = c.volume("inst");
+    let dirs: Vec<std::path::PathBuf> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| c.replica_dir(node_index(r), r["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(dirs.len(), 3);
+    for (name, began, returned) in &calls {
+        let img = exported(&c, &dirs[0], Some(name));
+        for d in &dirs[1..] {
+            assert!(
+                exported(&c, d, Some(name)) == img,
+                "snapshot {name} differs between replicas"
+            );
+        }
+        // The prefix [1, k] of the writer's sequence the snapshot holds: k at least the
+        // highest stamp seen, and below the next write to any block after the one it shows.
+        let (mut lo, mut hi) = (0u64, u64::MAX);
+        for (b, seqs) in by_block.iter().enumerate() {
+            let at = region + b * BS;
+            let seen = u64::from_le_bytes(img[at..at + 8].try_into().unwrap());
+            assert!(
+                img[at..at + BS] == seen.to_le_bytes().repeat(BS / 8)[..],
+                "snapshot {name}: block {b} is torn"
+            );
+            if seen != 0 {
+                assert!(
+                    seqs.contains(&seen),
+                    "snapshot {name}: block {b} shows {seen}, never written there"
+                );
+            }
+            lo = lo.max(seen);
+            if let Some(next) = seqs.iter().find(|s| **s > seen) {
+                hi = hi.min(next - 1);
+            }
+        }
+        assert!(
+            lo <= hi,
+            "snapshot {name} holds no single instant: writes up to {lo} but not {}",
+            hi + 1
+        );
+        let acked_before = stamps
+            .iter()
+            .filter(|w| w.acked < *began)
+            .map(|w| w.seq)
+            .max()
+            .unwrap_or(0);
+        let sent_after = stamps
+            .iter()
+            .filter(|w| w.sent > *returned)
+            .map(|w| w.seq)
+            .min()
+            .unwrap_or(u64::MAX);
+        assert!(
+            hi >= acked_before,
+            "snapshot {name} lacks write {acked_before}, acknowledged before the snapshot was asked for (it holds at most {hi})"
+        );
+        assert!(
+            lo < sent_after,
+            "snapshot {name} holds write {lo}, sent after the snapshot call returned (first such: {sent_after})"
+        );
+    }
 }
