@@ -259,6 +259,9 @@ pub struct CreateSnapshot {
     pub name: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A system snapshot: one Zebu takes for its own work (`snapshot purge` removes these).
+    #[serde(default)]
+    pub system: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

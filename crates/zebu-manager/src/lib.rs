@@ -141,6 +141,7 @@ impl Manager {
                 "/volumes/{name}/snapshots/{snap}",
                 get(get_snapshot).delete(delete_snapshot),
             )
+            .route("/volumes/{name}/snapshot-purge", post(purge_snapshots))
             .route(
                 "/volumes/{name}/snapshots/{snap}/revert",
                 post(revert_snapshot),
@@ -644,13 +645,13 @@ async fn create_snapshot(
         name: snap.clone(),
         created_unix: now_unix(),
         uid: random_hex(8),
-        system: false,
+        system: req.system,
         labels: req.labels.clone(),
     };
     let action = CommandAction::SnapshotCreate {
         name: snap.clone(),
         uid: rec.uid.clone(),
-        system: false,
+        system: req.system,
         created_unix: rec.created_unix,
         labels: req.labels.into_iter().collect(),
     };
@@ -670,8 +671,47 @@ async fn delete_snapshot(
     AxState(m): AxState<Shared>,
     UrlPath((name, snap)): UrlPath<(String, String)>,
 ) -> ApiResult<Snapshot> {
-    use state::snapshots::SnapshotTarget;
     state::validate_volume_name(&name)?;
+    let rec = delete_one_snapshot(&m, &name, &snap).await?;
+    Ok(Json(
+        state::snapshots::snapshot_views(&[rec], &[]).remove(0),
+    ))
+}
+
+/// `POST /v1/volumes/V/snapshot-purge`: delete every system snapshot of the volume (each merged
+/// in the background, as a deletion is); the answer lists them (none: an empty list).
+async fn purge_snapshots(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Vec<Snapshot>> {
+    state::validate_volume_name(&name)?;
+    let system: Vec<String> = {
+        let st = m.state();
+        st.not_recovering()?;
+        st.volume(&name)?;
+        st.snapshot_records(&name)
+            .into_iter()
+            .filter(|r| r.system)
+            .map(|r| r.name)
+            .collect()
+    };
+    let mut gone = Vec::new();
+    for snap in system {
+        gone.push(delete_one_snapshot(&m, &name, &snap).await?);
+    }
+    tracing::info!(volume = %name, purged = gone.len(), "system snapshots purged");
+    Ok(Json(state::snapshots::snapshot_views(&gone, &[])))
+}
+
+/// Delete snapshot `snap` of `name` where its data lives (the engine, or each replica in sync
+/// when detached), then forget its record.
+async fn delete_one_snapshot(
+    m: &Shared,
+    name: &str,
+    snap: &str,
+) -> Result<state::snapshots::SnapshotRecord, ApiError> {
+    use state::snapshots::SnapshotTarget;
+    let (name, snap) = (name.to_owned(), snap.to_owned());
     let (rec, target) = {
         let st = m.state();
         st.not_recovering()?;
@@ -694,9 +734,7 @@ async fn delete_snapshot(
     }
     m.state().forget_snapshot(&name, &snap)?;
     tracing::info!(volume = %name, snapshot = %snap, "snapshot deleted; its data is merged in the background");
-    Ok(Json(
-        state::snapshots::snapshot_views(&[rec], &[]).remove(0),
-    ))
+    Ok(rec)
 }
 
 async fn poll_commands(

@@ -614,6 +614,7 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
             volume,
             name,
             labels,
+            system,
         } => {
             let mut map = std::collections::BTreeMap::new();
             for l in labels {
@@ -622,11 +623,35 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 };
                 map.insert(k.to_owned(), v.to_owned());
             }
-            let req = zebu_api::CreateSnapshot { name, labels: map };
+            let req = zebu_api::CreateSnapshot {
+                name,
+                labels: map,
+                system,
+            };
             let s: zebu_api::Snapshot = c
                 .post(&format!("/v1/volumes/{}/snapshots", seg(&volume)), &req)
                 .await?;
             show_snapshot(&s, ca.output);
+        }
+        SnapshotCmd::Purge { volume } => {
+            let gone: Vec<zebu_api::Snapshot> = c
+                .post(
+                    &format!("/v1/volumes/{}/snapshot-purge", seg(&volume)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if ca.output == Output::Json {
+                print_json(&gone);
+            } else if gone.is_empty() {
+                println!("volume {volume} has no system snapshots; nothing was changed");
+            } else {
+                let names: Vec<&str> = gone.iter().map(|s| s.name.as_str()).collect();
+                println!(
+                    "{} system snapshot(s) of volume {volume} deleted: {}; their data is merged in the background (zebu volume get {volume} shows the progress)",
+                    gone.len(),
+                    names.join(", ")
+                );
+            }
         }
         SnapshotCmd::List { volume } => {
             let all: Vec<zebu_api::Snapshot> = c

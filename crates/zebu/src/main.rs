@@ -131,8 +131,8 @@ struct ServingArgs {
     /// from every replica), so scrubs leave the disks to the workload. 0: unlimited.
     #[arg(long, default_value_t = DEFAULT_SCRUB_MIBS, value_name = "MIB")]
     scrub_rate: u64,
-    /// Speed of a deleted snapshot's merge into its neighbour, in MiB a second (at least 1),
-    /// so merges leave the disks to the workload.
+    /// Speed of a deleted snapshot's merge into its neighbour, in MiB a second, so merges
+    /// leave the disks to the workload. 0: unlimited.
     #[arg(long, default_value_t = 128, value_name = "MIB")]
     snapshot_merge_rate: u64,
     /// NBD connections the node takes at once (negotiating or serving); past it a client is
@@ -470,7 +470,14 @@ enum SnapshotCmd {
         /// A label, KEY=VALUE; may be repeated.
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// Take it as a system snapshot (the kind Zebu takes for its own work, which
+        /// `zebu snapshot purge` removes) rather than a user one.
+        #[arg(long)]
+        system: bool,
     },
+    /// Delete every system snapshot of a volume (those Zebu took for its own work; user
+    /// snapshots stay). Each is merged in the background, as a deletion is.
+    Purge { volume: String },
     /// List a volume's snapshots: a tree in the table, a list with `parent` in -o json.
     List { volume: String },
     /// Show one snapshot.

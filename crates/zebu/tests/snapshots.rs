@@ -221,8 +221,56 @@ fn snapshots_hold_their_moment_on_every_replica_and_deletes_merge() {
         ],
     );
     assert!(snapshots(&c, "vol").is_empty());
+
+    // Purge deletes the system snapshots and nothing else.
+    let out = c.cli_ok(&["snapshot", "purge", "vol"]);
+    assert!(out.contains("has no system snapshots"), "{out}");
+    c.cli_ok(&["snapshot", "create", "vol", "sys-a", "--system"]);
+    c.cli_ok(&["snapshot", "create", "vol", "mine"]);
+    qemu_io(&uri, &["write -P 0x55 0 1M".into(), "flush".into()]);
+    c.cli_ok(&["snapshot", "create", "vol", "sys-b", "--system"]);
+    let mut kinds: Vec<(String, String)> = snapshots(&c, "vol")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [("mine", "user"), ("sys-a", "system"), ("sys-b", "system")]
+            .map(|(n, k)| (n.to_owned(), k.to_owned()))
+            .to_vec()
+    );
+    let gone = c.cli_json(&["snapshot", "purge", "vol"]).unwrap();
+    let mut gone: Vec<&str> = gone
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    gone.sort();
+    assert_eq!(gone, ["sys-a", "sys-b"]);
+    let left = snapshots(&c, "vol");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["name"], "mine");
+    refused(&c, &["snapshot", "purge", "nope"], "nope");
+    merged_to(&c, "vol", 2);
     c.cli_ok(&["volume", "detach", "vol"]);
-    let head = filled(size, &[(0, 4 * M, 0x11), (M, M, 0x22), (3 * M, M, 0x44)]);
+    let mine = filled(size, &[(0, 4 * M, 0x11), (M, M, 0x22), (3 * M, M, 0x44)]);
+    assert!(every_replica_holds(&c, "vol", Some("mine")) == mine);
+    let head = filled(
+        size,
+        &[
+            (0, M, 0x55),
+            (M, M, 0x22),
+            (2 * M, M, 0x11),
+            (3 * M, M, 0x44),
+        ],
+    );
     assert!(every_replica_holds(&c, "vol", None) == head);
 }
 
