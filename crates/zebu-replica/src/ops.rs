@@ -267,7 +267,9 @@ fn run(
                 }
             })?;
             let mut buf = vec![0u8; length as usize];
-            replica.snapshot_view(&name)?.read(offset, &mut buf)?;
+            replica
+                .snapshot_view_cached(&name)?
+                .read(offset, &mut buf)?;
             Ok(buf)
         }
         Op::SnapshotDelta => {

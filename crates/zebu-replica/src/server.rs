@@ -92,6 +92,8 @@ type Hailed = (Arc<Replica>, watch::Receiver<bool>, u64);
 /// How fast a merge of a deleted snapshot copies by default (bytes a second), so it never
 /// crowds out the volume's own I/O ([`ReplicaServer::set_merge_rate`]).
 pub const MERGE_RATE: u64 = 128 << 20;
+/// A snapshot view unread this long is dropped (see [`Replica::snapshot_view_cached`]).
+const VIEW_IDLE: Duration = Duration::from_secs(30);
 /// How often the merge thread looks for deleted snapshots to merge.
 const MERGE_POLL: Duration = Duration::from_millis(250);
 
@@ -108,6 +110,8 @@ fn merge_loop(server: std::sync::Weak<ReplicaServer>) {
         let replicas = s.list();
         drop(s);
         for r in replicas {
+            // Views of snapshots nobody read for a while give their memory back.
+            r.drop_idle_views(VIEW_IDLE);
             if !r.has_pending_merges() || r.is_poisoned() {
                 continue;
             }

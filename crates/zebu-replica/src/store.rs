@@ -223,6 +223,9 @@ pub struct Replica {
     shared: Mutex<HashMap<u64, Weak<Session>>>,
     /// Which extents may differ between members (see [`crate::wil`]).
     wil: IntentLog,
+    /// The snapshot views built last, kept for the reads that follow (an export or a rebuild
+    /// reads a snapshot piece by piece); emptied at every change of the tree but a snapshot.
+    views: Mutex<snapshot::ViewCache>,
 }
 
 /// One engine's use of a replica (a data connection, or an in-process handle). It remembers the
@@ -480,6 +483,7 @@ impl Replica {
             fence: RwLock::new(()),
             shared: Mutex::new(HashMap::new()),
             wil,
+            views: Mutex::new(snapshot::ViewCache::default()),
         }
     }
 

@@ -66,6 +66,18 @@ pub struct SnapshotView {
     map: BlockIndex,
 }
 
+/// Views a replica keeps built (each holds its layers open and a map of the blocks they hold).
+const CACHED_VIEWS: usize = 2;
+
+/// The snapshot views a replica keeps built, newest last, with the tree's change count they
+/// were built at.
+#[derive(Default)]
+pub(crate) struct ViewCache {
+    changes: u64,
+    /// Name, layer id, view, last read.
+    views: Vec<(String, u64, Arc<SnapshotView>, Instant)>,
+}
+
 /// The runs `[i, j)` of indexes below `n` for which `keep` holds.
 fn runs(n: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
@@ -266,7 +278,57 @@ impl Replica {
         }
         next.store(&self.dir)?;
         *meta = next;
+        self.tree_changed();
         Ok(())
+    }
+
+    /// The tree changed (not by a new snapshot): built views are dropped, so they keep no
+    /// layer open that a merge or a revert removed.
+    fn tree_changed(&self) {
+        let mut c = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        c.changes += 1;
+        c.views.clear();
+    }
+
+    /// [`Replica::snapshot_view`], kept for the next reads of the same snapshot (a view reads
+    /// the same whatever merges run meanwhile: frozen content never changes).
+    pub fn snapshot_view_cached(&self, name: &str) -> Result<Arc<SnapshotView>, ReplicaError> {
+        let id = {
+            let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            meta.snapshot(name).map(|l| l.id)
+        };
+        let changes = {
+            let mut c = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, _, v, used)) = c
+                .views
+                .iter_mut()
+                .find(|(n, i, _, _)| n == name && Some(*i) == id)
+            {
+                *used = Instant::now();
+                return Ok(v.clone());
+            }
+            c.changes
+        };
+        let view = Arc::new(self.snapshot_view(name)?);
+        if let Some(id) = id {
+            let mut c = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            // Not if the tree changed while it was built: the next read builds it again.
+            if c.changes == changes {
+                c.views.retain(|(n, _, _, _)| n != name);
+                if c.views.len() >= CACHED_VIEWS {
+                    c.views.remove(0);
+                }
+                c.views
+                    .push((name.to_owned(), id, view.clone(), Instant::now()));
+            }
+        }
+        Ok(view)
+    }
+
+    /// Drop the views unread for `idle`.
+    pub fn drop_idle_views(&self, idle: Duration) {
+        let mut c = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        c.views.retain(|(_, _, _, used)| used.elapsed() < idle);
     }
 
     /// Every layer of the tree, oldest first.
@@ -602,6 +664,7 @@ impl Replica {
                 .remove(&s.id);
         }
         self.crash_point()?;
+        self.tree_changed();
         Layer::remove_files(&self.dir, s.id);
         Ok(true)
     }
@@ -809,6 +872,7 @@ impl Replica {
         for d in dropped {
             Layer::remove_files(&self.dir, d);
         }
+        self.tree_changed();
         Ok(())
     }
 
@@ -1511,6 +1575,33 @@ mod tests {
                     .starts_with("layer-")
             })
             .count()
+    }
+
+    #[test]
+    fn cached_views_are_reused_and_dropped_when_the_tree_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), "v", "v-r", SIZE, BS as u32).unwrap();
+        r.write(0, &pattern(4 * BS, 1), false).unwrap();
+        r.snapshot(&spec("a")).unwrap();
+        r.write(BS, &pattern(BS, 2), false).unwrap();
+        r.snapshot(&spec("b")).unwrap();
+        let b = view_all(&r, "b");
+        let v1 = r.snapshot_view_cached("b").unwrap();
+        assert!(Arc::ptr_eq(&v1, &r.snapshot_view_cached("b").unwrap()));
+        // a merges into b: b reads the same, from a view built again.
+        r.remove_snapshot("a").unwrap();
+        assert!(matches!(
+            r.snapshot_view_cached("a"),
+            Err(ReplicaError::NoSnapshot { .. })
+        ));
+        r.merge_pending(0, &AtomicBool::new(false)).unwrap();
+        let v2 = r.snapshot_view_cached("b").unwrap();
+        assert!(!Arc::ptr_eq(&v1, &v2));
+        let mut got = vec![0u8; SIZE as usize];
+        v2.read(0, &mut got).unwrap();
+        assert!(got == b);
+        r.drop_idle_views(Duration::ZERO);
+        assert!(!Arc::ptr_eq(&v2, &r.snapshot_view_cached("b").unwrap()));
     }
 
     #[test]
