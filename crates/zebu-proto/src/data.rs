@@ -159,7 +159,8 @@ pub enum Op {
     /// (at `offset`). Reply as for [`Op::Map`], each extent flagged [`EXTENT_HOLE`] (no layer
     /// between the base and the snapshot holds it: the base's content decides), [`EXTENT_ZERO`]
     /// (one of them holds it as zeroes) or 0 (one of them holds data: read it through
-    /// [`Op::ReadSnapshot`]).
+    /// [`Op::ReadSnapshot`]). An empty name is the live head's (a base named): under the
+    /// caller's range lock, what a rebuild copies of the head over the last snapshot.
     SnapshotDelta = 21,
     /// For a rebuild target only: a new, empty head over the snapshot named in the payload
     /// (UTF-8; empty: every layer is dropped, the replica is empty), the old head's data

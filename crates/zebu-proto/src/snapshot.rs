@@ -183,14 +183,15 @@ pub fn encode_snapshot_delta(name: &str, base: Option<&str>, length: u32) -> Vec
     out
 }
 
-/// A SNAPSHOT_DELTA payload's (range length, snapshot name, base name); the name not empty.
+/// A SNAPSHOT_DELTA payload's (range length, snapshot name, base name); an empty name is the
+/// live head's (its base then named).
 pub fn decode_snapshot_delta(b: &[u8]) -> Result<(u32, String, Option<String>), FrameError> {
     if b.len() < 6 {
         return Err(FrameError::Truncated);
     }
     let length = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
     let base_len = u16::from_le_bytes(b[4..6].try_into().expect("2 bytes")) as usize;
-    if b.len() < 6 + base_len + 1 {
+    if b.len() < 6 + base_len || (base_len == 0 && b.len() == 6) {
         return Err(FrameError::Truncated);
     }
     let base = std::str::from_utf8(&b[6..6 + base_len])
@@ -349,7 +350,12 @@ mod tests {
             decode_snapshot_delta(&b).unwrap(),
             (4096, "s1".to_owned(), None)
         );
-        assert!(decode_snapshot_delta(&b[..6]).is_err(), "no name");
+        assert!(decode_snapshot_delta(&b[..6]).is_err(), "no name, no base");
+        let head = encode_snapshot_delta("", Some("s1"), 4096);
+        assert_eq!(
+            decode_snapshot_delta(&head).unwrap(),
+            (4096, String::new(), Some("s1".to_owned()))
+        );
         let mut long_base = encode_snapshot_delta("s", Some("b"), 1);
         long_base[4] = 9;
         assert!(

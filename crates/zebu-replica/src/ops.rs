@@ -281,9 +281,17 @@ fn run(
                         reason: format!("bad snapshot delta request: {e}"),
                     }
                 })?;
-            replica
-                .snapshot_delta(&name, base.as_deref(), offset, u64::from(length))
-                .map(|m| data::encode_map(&m))
+            match (name.is_empty(), base) {
+                (true, Some(base)) => replica.head_delta(&base, offset, u64::from(length)),
+                (true, None) => Err(ReplicaError::Invalid {
+                    replica: replica.name().to_owned(),
+                    reason: "a delta of the head names its base snapshot".into(),
+                }),
+                (false, base) => {
+                    replica.snapshot_delta(&name, base.as_deref(), offset, u64::from(length))
+                }
+            }
+            .map(|m| data::encode_map(&m))
         }
         // Reached only without a session (never): sessions go through `execute`'s own arms.
         Op::Snapshot | Op::Revert | Op::Rewind => Err(ReplicaError::Invalid {

@@ -500,6 +500,11 @@ fn rebuilds_copy_every_snapshot_to_returning_and_new_replicas() {
     // and was given s11 only.
     assert_eq!(r["last_rebuild"]["snapshots_kept"], 7, "{r}");
     assert_eq!(r["last_rebuild"]["snapshots_copied"], 1, "{r}");
+    // Its head is copied over s11 only: the 1 MiB written since (the volume holds 20 MiB).
+    assert!(
+        r["last_rebuild"]["bytes_copied"].as_u64().unwrap() <= 2 * M as u64,
+        "{r}"
+    );
 
     // Another one never returns: a new replica on the free node gets every snapshot.
     let v = c.volume("tree");
@@ -534,6 +539,10 @@ fn rebuilds_copy_every_snapshot_to_returning_and_new_replicas() {
     let r = replica_on(&v, &free).unwrap();
     assert_eq!(r["last_rebuild"]["kind"], "full", "{r}");
     assert_eq!(r["last_rebuild"]["snapshots_copied"], 8, "{r}");
+    assert!(
+        r["last_rebuild"]["bytes_copied"].as_u64().unwrap() <= 3 * M as u64,
+        "{r}"
+    );
     // Snapshots are taken again once no rebuild runs.
     c.cli_ok(&["snapshot", "create", "tree", "s12"]);
     snaps.insert("s12".into(), head.clone());

@@ -81,6 +81,10 @@ struct Plan {
     record: Option<Rebuild>,
     /// A copy from the beginning: its record is written before the first piece.
     new_record: bool,
+    /// Set when the target's head was empty as this copy began, over this snapshot (the set's
+    /// last on the live path): only what the source's head holds over it is copied, the rest
+    /// reads the same there already (`engine/tree_copy.rs`).
+    over: Option<String>,
 }
 
 impl Plan {
@@ -420,7 +424,12 @@ impl Engine {
             (member, self.generation())
         };
         let plan = match self.plan(&member, fresh, left_at, base).await {
-            Ok(p) => p,
+            Ok(mut p) => {
+                if tree.rewound && p.new_record {
+                    p.over = tree.last.clone();
+                }
+                p
+            }
             Err(e) => {
                 self.retire(&[(member, format!("its rebuild failed: {e}"))])
                     .await;
@@ -493,6 +502,7 @@ impl Engine {
             already: 0,
             record: Some(Rebuild { base, copied_to: 0 }),
             new_record: true,
+            over: None,
         };
         if let Some(own) = &own {
             let before = own.facts.rebuild;
@@ -520,6 +530,7 @@ impl Engine {
                     already: to - again,
                     record: Some(before),
                     new_record: false,
+                    over: None,
                 }
             };
             if let Some(changed) = self.resumes.changed_since(&target.name, before) {
@@ -549,6 +560,7 @@ impl Engine {
                         already: 0,
                         record: None,
                         new_record: false,
+                        over: None,
                     });
                 }
                 if before.base != NO_REBUILD && log.facts.covers_from <= before.base {
@@ -631,7 +643,9 @@ impl Engine {
                 return Err(self.rebuild_err(format!("the new replica left the set: {why}")));
             }
             let _piece = self.ranges.lock(at, end).await;
-            let n = self.copy_piece(target, at, end, fresh).await?;
+            let n = self
+                .copy_piece(target, at, end, fresh, plan.over.as_deref())
+                .await?;
             Ok::<_, EngineError>((at, end, n))
         };
         // A paced copy takes one piece at a time: the pieces ahead must not sit on their range
@@ -719,11 +733,12 @@ impl Engine {
         at: u64,
         end: u64,
         fresh: bool,
+        over: Option<&str>,
     ) -> Result<u64, EngineError> {
         let len = (end - at) as u32;
         let mut last = String::from("no member is in sync");
         for source in self.read_order() {
-            match self.copy_from(&source, target, at, len, fresh).await {
+            match self.copy_from(&source, target, at, len, fresh, over).await {
                 Ok(n) => return Ok(n),
                 // The target failed: the rebuild is over.
                 Err((true, e)) => return Err(self.rebuild_err(e)),
@@ -744,11 +759,23 @@ impl Engine {
         at: u64,
         len: u32,
         fresh: bool,
+        over: Option<&str>,
     ) -> Result<u64, (bool, String)> {
         let t = self.io_timeout;
         let src = source.client();
+        // Over the last snapshot, on a target whose head was empty: a hole of this map is a
+        // block the head does not hold (the snapshot's content, on the target already).
+        let map_call = match over {
+            Some(base) => {
+                let p = zebu_proto::snapshot::encode_snapshot_delta("", Some(base), len);
+                let mut c = Call::new(Op::SnapshotDelta, at, p.len() as u32);
+                c.payload = Some(p.into());
+                c.with_payload_crc()
+            }
+            None => Call::new(Op::Map, at, len),
+        };
         let map = src
-            .call(Call::new(Op::Map, at, len), t)
+            .call(map_call, t)
             .await
             .map_err(|e| (false, e.to_string()))?;
         let extents = data::decode_map(&map).map_err(|e| (false, e.to_string()))?;
@@ -773,7 +800,7 @@ impl Engine {
         // Where the target holds data now (a target that held nothing needs no zeroes): a
         // hole of the source is zeroed only there. Under the piece's range lock, so no live
         // write changes it meanwhile.
-        let target_data: Vec<(u64, u64)> = if fresh {
+        let target_data: Vec<(u64, u64)> = if fresh || over.is_some() {
             Vec::new()
         } else {
             let map = target
@@ -797,7 +824,10 @@ impl Engine {
         };
         for x in extents {
             let n = x.length;
-            if x.flags & EXTENT_HOLE != 0 {
+            if over.is_some() && x.flags & EXTENT_HOLE == 0 && x.flags & data::EXTENT_ZERO != 0 {
+                // Zeroes the head holds over the snapshot's data.
+                send(Call::new(Op::WriteZeroes, off, n)).await?;
+            } else if x.flags & EXTENT_HOLE != 0 {
                 let end = off + u64::from(n);
                 for &(s, e) in &target_data {
                     let (s, e) = (s.max(off), e.min(end));

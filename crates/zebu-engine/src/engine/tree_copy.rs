@@ -91,6 +91,8 @@ pub(super) struct TreeCopy {
     pub bytes: u64,
     /// The live path's keys it holds now (checked again as it joins).
     pub keys: Vec<String>,
+    /// The name of the last of them, the one its head lies over.
+    pub last: Option<String>,
 }
 
 /// While alive, a rebuild is copying snapshots: none is taken or deleted meanwhile.
@@ -195,6 +197,7 @@ impl Engine {
         }
         let mut done = TreeCopy {
             keys: src[..kept].iter().map(|s| s.key.clone()).collect(),
+            last: src.last().map(|s| s.name.clone()),
             ..TreeCopy::default()
         };
         if kept == src.len() {

@@ -876,6 +876,94 @@ impl Replica {
         Ok(())
     }
 
+    /// What the live head's path above snapshot `base` holds in `length` bytes at `offset`, as
+    /// [`Replica::snapshot_delta`] tells it of a snapshot: read from the merged map (each
+    /// block's deciding layer, whether it lies above `base`). Writes to the range must not run
+    /// meanwhile (a rebuild holds its range lock); a merge may: it moves blocks between layers
+    /// above `base`, or into `base` from below, never across it.
+    pub fn head_delta(
+        &self,
+        base: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<zebu_proto::data::MapExtent>, ReplicaError> {
+        use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
+        self.check_usable()?;
+        self.check_range(offset, length)?;
+        let bs = self.block_size as u64;
+        if !offset.is_multiple_of(bs)
+            || !length.is_multiple_of(bs)
+            || length / bs > zebu_proto::data::MAX_MAP_EXTENTS as u64
+        {
+            return Err(ReplicaError::Invalid {
+                replica: self.name.clone(),
+                reason: format!(
+                    "a head delta of {offset}+{length} is not block-aligned or spans more than {} blocks",
+                    zebu_proto::data::MAX_MAP_EXTENTS
+                ),
+            });
+        }
+        let segment: HashSet<u64> = {
+            let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(b_id) = meta.snapshot(base).map(|l| l.id) else {
+                return Err(ReplicaError::NoSnapshot {
+                    replica: self.name.clone(),
+                    name: base.to_owned(),
+                });
+            };
+            let path = meta.path(meta.head().id);
+            let Some(at) = path.iter().position(|id| *id == b_id) else {
+                return Err(ReplicaError::Invalid {
+                    replica: self.name.clone(),
+                    reason: format!("snapshot {base} is not on the live head's path"),
+                });
+            };
+            path[..at].iter().copied().collect()
+        };
+        let mut chain = self.chain();
+        let mut out: Vec<MapExtent> = Vec::new();
+        for b in offset / bs..(offset + length) / bs {
+            let m = self.merged.get(b);
+            let e = entry_of(m);
+            let flags = if e & (ENTRY_PRESENT | ENTRY_ZERO) == 0 {
+                EXTENT_HOLE
+            } else {
+                let id = match chain.layer(slot_of(m)) {
+                    Some(l) => l.id,
+                    None => {
+                        chain = self.chain();
+                        chain.layer(slot_of(m)).map(|l| l.id).ok_or_else(|| {
+                            ReplicaError::Invalid {
+                                replica: self.name.clone(),
+                                reason: format!("block {b} names a layer slot no chain has"),
+                            }
+                        })?
+                    }
+                };
+                if !segment.contains(&id) {
+                    EXTENT_HOLE
+                } else if e & ENTRY_PRESENT != 0 {
+                    0
+                } else {
+                    EXTENT_ZERO
+                }
+            };
+            match out.last_mut() {
+                Some(last)
+                    if last.flags == flags
+                        && u64::from(last.length) + bs <= u64::from(u32::MAX) =>
+                {
+                    last.length += bs as u32
+                }
+                _ => out.push(MapExtent {
+                    length: bs as u32,
+                    flags,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
     /// What the layers of snapshot `name`'s path above snapshot `base` (none: down to the root)
     /// hold in `length` bytes at `offset`: each block's extent is [`EXTENT_HOLE`] (none of them
     /// holds it), [`EXTENT_ZERO`] (the topmost that holds it holds zeroes) or data (0). Removed
@@ -1512,6 +1600,24 @@ mod tests {
             prop_assert_eq!(live_path(&dst), path.clone());
             for name in &path {
                 prop_assert!(view_all(&dst, name) == view_all(&src, name), "snapshot {} differs", name);
+            }
+            // The head: what the source's head holds over its last snapshot.
+            if let Some(last) = path.last() {
+                use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
+                let mut off = 0;
+                for x in src.head_delta(last, 0, SIZE).unwrap() {
+                    let n = u64::from(x.length);
+                    if x.flags & EXTENT_HOLE != 0 {
+                    } else if x.flags & EXTENT_ZERO != 0 {
+                        dst.zero(off, n, false).unwrap();
+                    } else {
+                        let mut buf = vec![0u8; n as usize];
+                        src.read(off, &mut buf).unwrap();
+                        dst.write(off, &buf, false).unwrap();
+                    }
+                    off += n;
+                }
+                prop_assert!(read_all(&dst) == read_all(&src), "the head differs");
             }
             drop(dst);
             let dst = Replica::open(ddir.path()).unwrap();
