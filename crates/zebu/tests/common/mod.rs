@@ -243,6 +243,41 @@ impl Cluster {
         });
     }
 
+    /// One REST request (HTTP/1.1 over a new TCP connection, as a script would send it):
+    /// the status code and the body. For loops too long for a process per call.
+    pub fn rest(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let host = self.api.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(host).expect("connecting to the manager");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.token,
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        (code, body)
+    }
+
+    /// Resident memory of agent `i`, in KiB.
+    pub fn agent_rss_kib(&self, i: usize) -> u64 {
+        let pid = self.agents[i].as_ref().expect("the agent runs").id();
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     /// Run the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
         run(Command::new(ZEBU)
