@@ -110,8 +110,11 @@ fn merge_loop(server: std::sync::Weak<ReplicaServer>) {
         let replicas = s.list();
         drop(s);
         for r in replicas {
-            // Views of snapshots nobody read for a while give their memory back.
+            // Views of snapshots nobody read for a while give their memory back, and layers
+            // no reader holds any more are closed (freeing a merged layer's space) here, not
+            // in a snapshot's pause.
             r.drop_idle_views(VIEW_IDLE);
+            r.release_freed();
             if !r.has_pending_merges() || r.is_poisoned() {
                 continue;
             }

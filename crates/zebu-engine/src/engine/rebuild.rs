@@ -362,6 +362,12 @@ impl Engine {
             let _m = self.membership.lock().await;
             // Again under the lock: two rebuilds of one replica never both join.
             self.not_a_member(&target.name)?;
+            if let Some(reason) = self.closed_reason() {
+                return Err(EngineError::Closed {
+                    volume: self.volume.clone(),
+                    reason,
+                });
+            }
             if self.fenced_off.load(std::sync::atomic::Ordering::Acquire) {
                 return Err(EngineError::Closed {
                     volume: self.volume.clone(),

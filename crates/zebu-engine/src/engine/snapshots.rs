@@ -71,6 +71,8 @@ impl Engine {
 
     /// Take snapshot `req.name` on every member in sync, with I/O paused only for the switch.
     pub async fn snapshot(&self, req: &SnapshotRequest) -> Result<(), EngineError> {
+        // Refused before any I/O waits for it (and again below, under the lock).
+        self.refuse_while_rebuilding("take the snapshot")?;
         // Most of the head's unsynced writes are made durable first, while I/O goes on: the
         // sync each member does inside the pause then has little left to write. (A flush that
         // fails retires a member, as a client's would; the snapshot then goes on without it.)
@@ -88,22 +90,8 @@ impl Engine {
         }
         // Held across the switch: no member joins (a rebuild target) or leaves meanwhile.
         let membership = self.membership.lock().await;
+        self.refuse_while_rebuilding("take the snapshot")?;
         let set = self.in_sync();
-        if let Some(m) = set.iter().find(|m| m.mode() == Mode::Wo) {
-            return Err(self.refused(
-                SnapshotRefusal::Busy,
-                format!(
-                    "replica {} is being rebuilt; take the snapshot once the rebuild is done",
-                    m.name
-                ),
-            ));
-        }
-        if let Some(why) = self.tree_copy_running() {
-            return Err(self.refused(
-                SnapshotRefusal::Busy,
-                format!("{why}; take the snapshot once the rebuild is done"),
-            ));
-        }
         if set.is_empty() {
             return Err(self.no_replicas());
         }
@@ -148,18 +136,35 @@ impl Engine {
         Ok(())
     }
 
+    /// Busy while a rebuild runs (a member is WO, or a target's snapshots are being copied).
+    fn refuse_while_rebuilding(&self, what: &str) -> Result<(), EngineError> {
+        if let Some(m) = self.all().iter().find(|m| m.mode() == Mode::Wo) {
+            return Err(self.refused(
+                SnapshotRefusal::Busy,
+                format!(
+                    "replica {} is being rebuilt; {what} once the rebuild is done",
+                    m.name
+                ),
+            ));
+        }
+        if let Some(why) = self.tree_copy_running() {
+            return Err(self.refused(
+                SnapshotRefusal::Busy,
+                format!("{why}; {what} once the rebuild is done"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Delete snapshot `name` on every member in sync (each merges it in the background).
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), EngineError> {
         let _in = self.enter().await?;
         // Held across the sends: a rebuild copying the snapshots, and a member joining, see
         // the tree either before or after the deletion, never during it.
         let membership = self.membership.lock().await;
-        if let Some(why) = self.tree_copy_running() {
-            return Err(self.refused(
-                SnapshotRefusal::Busy,
-                format!("{why}; delete the snapshot once the rebuild is done"),
-            ));
-        }
+        // A rebuild copies the snapshots, then the head over the last of them: none goes
+        // meanwhile.
+        self.refuse_while_rebuilding("delete the snapshot")?;
         let set = self.in_sync();
         if set.is_empty() {
             return Err(self.no_replicas());

@@ -245,11 +245,14 @@ impl Replica {
     /// A slot no open layer uses and no reader's chain may still name (`taken`: slots already
     /// chosen for the chain being built).
     fn alloc_slot(&self, chain: &Chain, taken: &[usize]) -> Result<usize, ReplicaError> {
-        let mut freed = self.freed.lock().unwrap_or_else(|p| p.into_inner());
-        // Held only here: no chain names it any more.
-        freed.retain(|l| Arc::strong_count(l) > 1);
+        let freed = self.freed.lock().unwrap_or_else(|p| p.into_inner());
+        // One held only here is named by no chain any more: its slot is free. It is not
+        // dropped here: the last close of a layer whose files were removed frees their space,
+        // which takes long for a large one, and a snapshot runs with I/O paused
+        // ([`Replica::release_freed`] drops it, on the merge thread).
         let busy: HashSet<usize> = freed
             .iter()
+            .filter(|l| Arc::strong_count(l) > 1)
             .map(|l| l.slot)
             .chain(taken.iter().copied())
             .collect();
@@ -323,6 +326,20 @@ impl Replica {
             }
         }
         Ok(view)
+    }
+
+    /// Close the layers that left the chain and that no reader holds any more (for a merged
+    /// one, the last close frees its removed files' space). Called off the I/O path.
+    pub fn release_freed(&self) {
+        let dead: Vec<Arc<Layer>> = {
+            let mut freed = self.freed.lock().unwrap_or_else(|p| p.into_inner());
+            let (dead, live) = std::mem::take(&mut *freed)
+                .into_iter()
+                .partition(|l| Arc::strong_count(l) == 1);
+            *freed = live;
+            dead
+        };
+        drop(dead);
     }
 
     /// Drop the views unread for `idle`.
@@ -850,6 +867,8 @@ impl Replica {
                 sizes.remove(d);
             }
         }
+        // The new head holds nothing: the old head's count goes with it.
+        let _ = self.take_head_blocks(&chain);
         let head_slot = head.slot;
         let depth = layers.len() + 1;
         let max = layers
