@@ -323,13 +323,7 @@ fn a_node_gone_for_good_is_replaced_by_a_full_rebuild_under_fio_verify() {
     c.cli_ok(&["setting", "set", "replica-replenishment-wait-interval", "3"]);
     let uri = c.create_attached("keep", "128MiB", 3, "node-1");
     let v = c.volume("keep");
-    let lost = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap().to_owned())
-        .find(|n| n != "node-1")
-        .unwrap();
+    let lost = replica_node_but(&v, &["node-1"]);
     let free = (1..=4)
         .map(|i| format!("node-{i}"))
         .find(|n| replica_on(&v, n).is_none())

@@ -473,13 +473,7 @@ fn rebuilds_copy_every_snapshot_to_returning_and_new_replicas() {
 
     // A replica leaves; the set takes a snapshot and deletes one without it.
     let v = c.volume("tree");
-    let away = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap().to_owned())
-        .find(|n| n != "node-1")
-        .unwrap();
+    let away = replica_node_but(&v, &["node-1"]);
     let i_away: usize = away.trim_start_matches("node-").parse().unwrap();
     c.kill_agent(i_away - 1);
     write(&mut head, &[(20 * M, 2 * M, Some(0x77)), (2 * M, M, None)]);
@@ -508,13 +502,7 @@ fn rebuilds_copy_every_snapshot_to_returning_and_new_replicas() {
 
     // Another one never returns: a new replica on the free node gets every snapshot.
     let v = c.volume("tree");
-    let lost = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap().to_owned())
-        .find(|n| n != "node-1" && *n != away)
-        .unwrap();
+    let lost = replica_node_but(&v, &["node-1", &away]);
     let free = (1..=4)
         .map(|i| format!("node-{i}"))
         .find(|n| replica_on(&v, n).is_none())

@@ -66,6 +66,19 @@ pub struct SnapshotView {
     map: BlockIndex,
 }
 
+/// One block of `bs` bytes with `flags`, added to a map's extents.
+fn push_block(out: &mut Vec<zebu_proto::data::MapExtent>, flags: u32, bs: u64) {
+    match out.last_mut() {
+        Some(last) if last.flags == flags && u64::from(last.length) + bs <= u64::from(u32::MAX) => {
+            last.length += bs as u32
+        }
+        _ => out.push(zebu_proto::data::MapExtent {
+            length: bs as u32,
+            flags,
+        }),
+    }
+}
+
 /// Views a replica keeps built (each holds its layers open and a map of the blocks they hold).
 const CACHED_VIEWS: usize = 2;
 
@@ -895,6 +908,27 @@ impl Replica {
         Ok(())
     }
 
+    /// A delta's range: inside the volume, block-aligned, one extent a block at most; returns
+    /// the block size.
+    fn check_delta_range(&self, offset: u64, length: u64) -> Result<u64, ReplicaError> {
+        self.check_usable()?;
+        self.check_range(offset, length)?;
+        let bs = self.block_size as u64;
+        if !offset.is_multiple_of(bs)
+            || !length.is_multiple_of(bs)
+            || length / bs > zebu_proto::data::MAX_MAP_EXTENTS as u64
+        {
+            return Err(ReplicaError::Invalid {
+                replica: self.name.clone(),
+                reason: format!(
+                    "a delta of {offset}+{length} is not block-aligned or spans more than {} blocks",
+                    zebu_proto::data::MAX_MAP_EXTENTS
+                ),
+            });
+        }
+        Ok(bs)
+    }
+
     /// What the live head's path above snapshot `base` holds in `length` bytes at `offset`, as
     /// [`Replica::snapshot_delta`] tells it of a snapshot: read from the merged map (each
     /// block's deciding layer, whether it lies above `base`). Writes to the range must not run
@@ -907,21 +941,7 @@ impl Replica {
         length: u64,
     ) -> Result<Vec<zebu_proto::data::MapExtent>, ReplicaError> {
         use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
-        self.check_usable()?;
-        self.check_range(offset, length)?;
-        let bs = self.block_size as u64;
-        if !offset.is_multiple_of(bs)
-            || !length.is_multiple_of(bs)
-            || length / bs > zebu_proto::data::MAX_MAP_EXTENTS as u64
-        {
-            return Err(ReplicaError::Invalid {
-                replica: self.name.clone(),
-                reason: format!(
-                    "a head delta of {offset}+{length} is not block-aligned or spans more than {} blocks",
-                    zebu_proto::data::MAX_MAP_EXTENTS
-                ),
-            });
-        }
+        let bs = self.check_delta_range(offset, length)?;
         let segment: HashSet<u64> = {
             let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
             let Some(b_id) = meta.snapshot(base).map(|l| l.id) else {
@@ -967,18 +987,7 @@ impl Replica {
                     EXTENT_ZERO
                 }
             };
-            match out.last_mut() {
-                Some(last)
-                    if last.flags == flags
-                        && u64::from(last.length) + bs <= u64::from(u32::MAX) =>
-                {
-                    last.length += bs as u32
-                }
-                _ => out.push(MapExtent {
-                    length: bs as u32,
-                    flags,
-                }),
-            }
+            push_block(&mut out, flags, bs);
         }
         Ok(out)
     }
@@ -996,21 +1005,7 @@ impl Replica {
         length: u64,
     ) -> Result<Vec<zebu_proto::data::MapExtent>, ReplicaError> {
         use zebu_proto::data::{MapExtent, EXTENT_HOLE, EXTENT_ZERO};
-        self.check_usable()?;
-        self.check_range(offset, length)?;
-        let bs = self.block_size as u64;
-        if !offset.is_multiple_of(bs)
-            || !length.is_multiple_of(bs)
-            || length / bs > zebu_proto::data::MAX_MAP_EXTENTS as u64
-        {
-            return Err(ReplicaError::Invalid {
-                replica: self.name.clone(),
-                reason: format!(
-                    "a snapshot delta of {offset}+{length} is not block-aligned or spans more than {} blocks",
-                    zebu_proto::data::MAX_MAP_EXTENTS
-                ),
-            });
-        }
+        let bs = self.check_delta_range(offset, length)?;
         let _tree = self.tree.lock().unwrap_or_else(|p| p.into_inner());
         let segment: Vec<u64> = {
             let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -1054,18 +1049,7 @@ impl Replica {
             } else {
                 EXTENT_HOLE
             };
-            match out.last_mut() {
-                Some(last)
-                    if last.flags == flags
-                        && u64::from(last.length) + bs <= u64::from(u32::MAX) =>
-                {
-                    last.length += bs as u32
-                }
-                _ => out.push(MapExtent {
-                    length: bs as u32,
-                    flags,
-                }),
-            }
+            push_block(&mut out, flags, bs);
         }
         Ok(out)
     }
@@ -1535,23 +1519,33 @@ mod tests {
     /// What a rebuild does (`zebu-engine/src/engine/tree_copy.rs`): snapshot `name`'s blocks
     /// above `base`, read from `src`, written into `dst`'s head; then `dst` takes the snapshot.
     fn copy_snapshot(src: &Replica, dst: &Replica, name: &str, base: Option<&str>) {
-        use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
         let view = src.snapshot_view(name).unwrap();
+        let delta = src.snapshot_delta(name, base, 0, SIZE).unwrap();
+        lay_over(dst, &delta, |off, buf| view.read(off, buf).unwrap());
+        dst.snapshot(&spec(name)).unwrap();
+    }
+
+    /// Write into `dst`'s head the blocks a delta names: zeroes as zeroes, data read by `read`.
+    fn lay_over(
+        dst: &Replica,
+        delta: &[zebu_proto::data::MapExtent],
+        read: impl Fn(u64, &mut [u8]),
+    ) {
+        use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
         let mut off = 0;
-        for x in src.snapshot_delta(name, base, 0, SIZE).unwrap() {
+        for x in delta {
             let n = u64::from(x.length);
             if x.flags & EXTENT_HOLE != 0 {
             } else if x.flags & EXTENT_ZERO != 0 {
                 dst.zero(off, n, false).unwrap();
             } else {
                 let mut buf = vec![0u8; n as usize];
-                view.read(off, &mut buf).unwrap();
+                read(off, &mut buf);
                 dst.write(off, &buf, false).unwrap();
             }
             off += n;
         }
         assert_eq!(off, SIZE);
-        dst.snapshot(&spec(name)).unwrap();
     }
 
     proptest! {
@@ -1622,20 +1616,8 @@ mod tests {
             }
             // The head: what the source's head holds over its last snapshot.
             if let Some(last) = path.last() {
-                use zebu_proto::data::{EXTENT_HOLE, EXTENT_ZERO};
-                let mut off = 0;
-                for x in src.head_delta(last, 0, SIZE).unwrap() {
-                    let n = u64::from(x.length);
-                    if x.flags & EXTENT_HOLE != 0 {
-                    } else if x.flags & EXTENT_ZERO != 0 {
-                        dst.zero(off, n, false).unwrap();
-                    } else {
-                        let mut buf = vec![0u8; n as usize];
-                        src.read(off, &mut buf).unwrap();
-                        dst.write(off, &buf, false).unwrap();
-                    }
-                    off += n;
-                }
+                let delta = src.head_delta(last, 0, SIZE).unwrap();
+                lay_over(&dst, &delta, |off, buf| src.read(off, buf).unwrap());
                 prop_assert!(read_all(&dst) == read_all(&src), "the head differs");
             }
             drop(dst);

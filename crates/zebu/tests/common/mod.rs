@@ -475,6 +475,17 @@ pub fn fio_ok(c: &Cluster, fio: std::process::Child) {
     assert!(log.contains("err= 0"), "fio reported errors:\n{log}");
 }
 
+/// A node holding a replica of the volume (its JSON), other than those in `not`.
+pub fn replica_node_but(v: &Value, not: &[&str]) -> String {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .find(|n| !not.contains(&n.as_str()))
+        .expect("a replica on another node")
+}
+
 /// The replica of a volume's JSON on `node`.
 pub fn replica_on(v: &Value, node: &str) -> Option<Value> {
     v["replicas"]
