@@ -829,6 +829,8 @@ impl Replica {
             // extent its own log has dirty), whatever an interrupted rebuild recorded.
             let r = self.wil.reset_all_dirty();
             self.poison_on_io(r)?;
+            // Test hook: a power cut between the log and the tree.
+            self.crash_point()?;
         } else {
             // The content changes outside any write the logs see: first (durably) the log
             // covers nothing, so a member that left before rejoins by a full copy; then the new
@@ -1669,6 +1671,48 @@ mod tests {
             states[crate::wil::READ_HEADER_BYTES],
             zebu_proto::data::WIL_DIRTY
         );
+    }
+
+    /// A power cut (the crash-simulating file layer) during a rewind, between its log reset
+    /// and its new tree, or right after it: the replica opens with either its old content or
+    /// the base snapshot's, every snapshot intact, its generation unchanged, and every extent
+    /// of its log dirty, so a rebuild can only copy more.
+    #[test]
+    fn a_power_cut_during_or_after_a_rewind_leaves_old_or_new_and_a_log_that_copies_all() {
+        for seed in 0..4u64 {
+            for cut in [true, false] {
+                let dir = tempfile::tempdir().unwrap();
+                let files: Arc<dyn FileLayer> = Arc::new(crate::file::CrashSim::new(4096, seed));
+                let r =
+                    Replica::create_in(&files, dir.path(), "v", "v-r", SIZE, BS as u32).unwrap();
+                r.write(0, &pattern(20 * BS, seed as u8), false).unwrap();
+                r.snapshot(&spec("a")).unwrap();
+                r.write(5 * BS, &pattern(10 * BS, 7), false).unwrap();
+                r.zero(0, 2 * BS, false).unwrap();
+                r.flush().unwrap();
+                r.set_generation(5).unwrap();
+                let (a, head) = (view_all(&r, "a"), read_all(&r));
+                if cut {
+                    r.crash_after(0);
+                    assert!(r.rewind(Some("a"), 6).is_err());
+                } else {
+                    r.rewind(Some("a"), 6).unwrap();
+                }
+                drop(r);
+                let r = Replica::open_in(&files, dir.path()).unwrap();
+                let want = if cut { &head } else { &a };
+                assert!(read_all(&r) == *want, "seed {seed}, cut {cut}: the head");
+                assert!(view_all(&r, "a") == a, "seed {seed}, cut {cut}: snapshot a");
+                assert_eq!(r.generation(), 5);
+                let log = r.wil_read(0, 1).unwrap();
+                assert_eq!(
+                    log[crate::wil::READ_HEADER_BYTES],
+                    zebu_proto::data::WIL_DIRTY,
+                    "seed {seed}, cut {cut}: the log"
+                );
+                assert_eq!(layer_files(dir.path()), 4, "seed {seed}, cut {cut}");
+            }
+        }
     }
 
     fn layer_files(dir: &std::path::Path) -> usize {
