@@ -129,6 +129,8 @@ pub struct Agent {
     missing: Mutex<HashMap<String, (String, String)>>,
     secret: Mutex<Option<String>>,
     rebuilds: Mutex<HashMap<String, RebuildState>>,
+    /// Engines growing to the manager's size now, and why the last attempt failed (by volume).
+    growths: Mutex<HashMap<String, Growth>>,
     /// Where NBD is also served over a unix socket (None if it could not be bound).
     nbd_socket: Option<PathBuf>,
     /// The cluster this node belongs to (`DATA_DIR/cluster.id`), once a manager answered.
@@ -138,6 +140,17 @@ pub struct Agent {
     /// The largest file this node's disk holds (0: not known).
     max_file_bytes: u64,
 }
+
+/// An engine's growth to the volume's size (see [`Agent::start_growths`]).
+#[derive(Debug, Clone, Default)]
+struct Growth {
+    running: bool,
+    /// Why the last attempt failed, and when: tried again after [`GROW_RETRY`].
+    failed: Option<(String, Instant)>,
+}
+
+/// How long after a failed growth (a rebuild running, mostly) it is tried again.
+const GROW_RETRY: Duration = Duration::from_secs(2);
 
 /// Bind the node's NBD unix socket. A socket file left by an earlier run is replaced; any other
 /// file in the way is an error (nothing is deleted that is not a socket).
@@ -339,6 +352,7 @@ impl Agent {
             replica_errors: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             rebuilds: Mutex::new(HashMap::new()),
+            growths: Mutex::new(HashMap::new()),
             secret: Mutex::new(None),
             nbd_socket,
             cfg,
@@ -700,6 +714,7 @@ impl Agent {
                 });
             }
         }
+        let growths = self.growths.lock().unwrap().clone();
         let engines = self
             .engines
             .lock()
@@ -715,6 +730,11 @@ impl Agent {
                     nbd_unix_uri: self.nbd_unix_uri(volume),
                     replicas: self.member_reports(e),
                     error: None,
+                    size_bytes: e.size_bytes(),
+                    resize_error: growths
+                        .get(volume)
+                        .and_then(|g| g.failed.as_ref())
+                        .map(|(why, _)| why.clone()),
                 },
                 EngineSlot::Starting => EngineReport {
                     volume: volume.clone(),
@@ -725,6 +745,8 @@ impl Agent {
                     nbd_unix_uri: None,
                     replicas: vec![],
                     error: None,
+                    size_bytes: 0,
+                    resize_error: None,
                 },
                 EngineSlot::Failed { error, .. } => EngineReport {
                     volume: volume.clone(),
@@ -735,6 +757,8 @@ impl Agent {
                     nbd_unix_uri: None,
                     replicas: vec![],
                     error: Some(error.clone()),
+                    size_bytes: 0,
+                    resize_error: None,
                 },
             })
             .collect();
@@ -867,8 +891,11 @@ impl Agent {
                 tracing::info!(node = %self.cfg.node, replica = %spec.name, "replica {} is on disk again", dir.display());
             }
             let result = if on_disk {
+                // A replica smaller than the manager's size missed an expansion: its engine
+                // grows it. A larger one is not this volume's (the manager's size is raised
+                // before any replica grows).
                 Replica::open_in(&self.cfg.files, &dir).and_then(|r| {
-                    if r.volume() != spec.volume || r.size_bytes() != spec.size_bytes {
+                    if r.volume() != spec.volume || r.size_bytes() > spec.size_bytes {
                         Err(zebu_replica::ReplicaError::Invalid {
                             replica: spec.name.clone(),
                             reason: format!(
@@ -960,6 +987,7 @@ impl Agent {
             }
         }
         self.start_rebuilds(&a);
+        self.start_growths(&a);
         for e in to_stop {
             self.nbd.remove(e.volume());
             tracing::info!(node = %self.cfg.node, volume = %e.volume(), "engine stopping (detached)");
@@ -1043,6 +1071,55 @@ impl Agent {
                     this.rebuilds.lock().unwrap().insert(name, state);
                 });
             }
+        }
+    }
+
+    /// Grow running engines to the manager's size for their volume (an expansion): one growth
+    /// per engine at a time; a failed one (refused while a rebuild runs) is tried again after
+    /// [`GROW_RETRY`].
+    fn start_growths(self: &Arc<Self>, a: &Assignment) {
+        let engines = self.engines.lock().unwrap();
+        let mut growths = self.growths.lock().unwrap();
+        growths.retain(|vol, _| a.engines.iter().any(|e| &e.volume == vol));
+        for spec in &a.engines {
+            let Some(EngineSlot::Running(engine)) = engines.get(&spec.volume) else {
+                continue;
+            };
+            if engine.size_bytes() >= spec.size_bytes {
+                growths.remove(&spec.volume);
+                continue;
+            }
+            let g = growths.entry(spec.volume.clone()).or_default();
+            if g.running
+                || g.failed
+                    .as_ref()
+                    .is_some_and(|(_, at)| at.elapsed() < GROW_RETRY)
+            {
+                continue;
+            }
+            g.running = true;
+            let (this, engine, size) = (self.clone(), engine.clone(), spec.size_bytes);
+            data_runtime().spawn(async move {
+                let result = engine.resize(size).await;
+                let mut growths = this.growths.lock().unwrap();
+                let Some(g) = growths.get_mut(engine.volume()) else {
+                    return;
+                };
+                g.running = false;
+                match result {
+                    Ok(()) => {
+                        tracing::info!(node = %this.cfg.node, volume = %engine.volume(), "volume grown to {size} bytes");
+                        g.failed = None;
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        if g.failed.as_ref().is_none_or(|(w, _)| *w != why) {
+                            tracing::warn!(node = %this.cfg.node, "growing to {size} bytes: {why}; tried again");
+                        }
+                        g.failed = Some((why, Instant::now()));
+                    }
+                }
+            });
         }
     }
 

@@ -140,6 +140,10 @@ pub struct Volume {
     pub replicas: Vec<Replica>,
     /// What the manager is waiting for or what went wrong, if anything.
     pub message: Option<String>,
+    /// The size the attached engine serves now (null while detached): below `size_bytes`
+    /// while an expansion is under way. An NBD connection opened afterwards sees this size.
+    #[serde(default)]
+    pub engine_size_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +205,16 @@ pub struct CreateVolume {
     pub name: String,
     pub size_bytes: u64,
     pub replica_count: Option<u32>,
+}
+
+/// `POST /v1/volumes/{name}/expand`: grow the volume to `size_bytes` (a multiple of the block
+/// size; the same size again changes nothing; a smaller one is refused). Answered once the new
+/// size is recorded; an attached volume's engine grows its replicas and then itself within a
+/// heartbeat or two (`engine_size_bytes` shows it), a detached one's replicas grow at its next
+/// attach.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExpandVolume {
+    pub size_bytes: u64,
 }
 
 /// `POST /v1/volumes/{name}/retire` (agents): the volume's engine retired these replicas from
@@ -442,6 +456,13 @@ pub struct EngineReport {
     pub nbd_unix_uri: Option<String>,
     pub replicas: Vec<MemberReport>,
     pub error: Option<String>,
+    /// The size the engine serves (0 while it does not run); below the volume's size while
+    /// it grows.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Why the last attempt to grow the engine to the volume's size failed (it is tried again).
+    #[serde(default)]
+    pub resize_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -685,6 +706,13 @@ impl ApiClient {
     }
     pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume, ClientError> {
         self.post("/v1/volumes", req).await
+    }
+    pub async fn expand_volume(&self, name: &str, size_bytes: u64) -> Result<Volume, ClientError> {
+        self.post(
+            &format!("/v1/volumes/{}/expand", seg(name)),
+            &ExpandVolume { size_bytes },
+        )
+        .await
     }
     pub async fn delete_volume(&self, name: &str) -> Result<Volume, ClientError> {
         self.delete(&format!("/v1/volumes/{}", seg(name))).await

@@ -28,6 +28,7 @@ use crate::backend::{Backend, LocalReplica};
 use crate::client::{Call, ClientError, ReplicaClient};
 use crate::range_lock::RangeLock;
 
+mod grow;
 mod intents;
 mod rebuild;
 mod record;
@@ -220,7 +221,8 @@ impl Member {
 
 pub struct Engine {
     volume: String,
-    size_bytes: u64,
+    /// The size served: raised by [`Engine::resize`] once every member has grown; never lowered.
+    size_bytes: AtomicU64,
     block_size: u64,
     io_timeout: Duration,
     /// Cluster secret, for the extra connections of [`Lanes`].
@@ -439,13 +441,36 @@ impl Engine {
         // Fence first, evidence after: a replica sends its Welcome (with its generation) only
         // once it has durably accepted this engine's epoch, so no older engine can move that
         // generation any more.
-        let results: Vec<Result<(Backend, u64), ClientError>> = join_all(connects)
-            .await
+        let results: Vec<Result<Backend, ClientError>> = join_all(connects).await;
+        // A replica smaller than the volume missed an expansion (the volume was detached, or
+        // the engine stopped while it grew): it grows now, under this engine's fence, before
+        // any evidence is weighed (a growth changes no block and no generation).
+        let grows = results.iter().zip(&cfg.replicas).map(|(r, t)| async {
+            let c = r.as_ref().ok()?;
+            let (name, size) = (&t.name, c.opened().size_bytes);
+            if size >= cfg.size_bytes {
+                return Some(size);
+            }
+            let call = Call::new(Op::Resize, cfg.size_bytes, 0);
+            match c.call(call, flush_timeout(cfg.io_timeout)).await {
+                Ok(_) => {
+                    tracing::info!(volume = %cfg.volume, replica = %name, "grown from {size} to the volume's {} bytes", cfg.size_bytes);
+                    Some(cfg.size_bytes)
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %cfg.volume, replica = %name, "growing it from {size} to the volume's {} bytes failed: {e}", cfg.size_bytes);
+                    Some(size)
+                }
+            }
+        });
+        let sizes: Vec<Option<u64>> = join_all(grows).await;
+        let results: Vec<Result<(Backend, u64, u64), ClientError>> = results
             .into_iter()
-            .map(|r| {
+            .zip(sizes)
+            .map(|(r, size)| {
                 r.map(|c| {
                     let g = c.opened().generation;
-                    (c, g)
+                    (c, g, size.unwrap_or(0))
                 })
             })
             .collect();
@@ -453,23 +478,21 @@ impl Engine {
         let max_gen = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
-            .filter(|(c, _)| c.opened().size_bytes == cfg.size_bytes)
-            .map(|(_, g)| *g)
+            .filter(|(_, _, size)| *size == cfg.size_bytes)
+            .map(|(_, g, _)| *g)
             .max();
         let mut members = Vec::new();
         let mut unreachable = Vec::new();
         for (index, (t, r)) in cfg.replicas.iter().zip(results).enumerate() {
             let (client, mode, error) = match r {
-                Ok((c, _)) if c.opened().size_bytes != cfg.size_bytes => {
+                Ok((_, _, size)) if size != cfg.size_bytes => {
                     let e = format!(
-                        "replica {} has size {} but the volume has size {}",
-                        t.name,
-                        c.opened().size_bytes,
-                        cfg.size_bytes
+                        "replica {} has size {size} but the volume has size {}",
+                        t.name, cfg.size_bytes
                     );
                     (None, Mode::Err, e)
                 }
-                Ok((_, g)) if Some(g) != max_gen => {
+                Ok((_, g, _)) if Some(g) != max_gen => {
                     let e = format!(
                         "replica {} is stale: generation {} is below the freshest replica's {}",
                         t.name,
@@ -478,7 +501,7 @@ impl Engine {
                     );
                     (None, Mode::Err, e)
                 }
-                Ok((c, _)) => {
+                Ok((c, _, _)) => {
                     block_size = block_size.max(c.opened().block_size as u64);
                     (Some(c), Mode::Rw, String::new())
                 }
@@ -531,7 +554,7 @@ impl Engine {
         let (changes, _) = watch::channel(0);
         let engine = Arc::new(Engine {
             volume: cfg.volume.clone(),
-            size_bytes: cfg.size_bytes,
+            size_bytes: AtomicU64::new(cfg.size_bytes),
             block_size: block_size.max(512),
             io_timeout: cfg.io_timeout,
             secret: cfg.secret.clone(),
@@ -644,7 +667,7 @@ impl Engine {
         self.retire(&failed).await;
     }
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
     }
     pub fn block_size(&self) -> u64 {
         self.block_size
@@ -698,12 +721,12 @@ impl Engine {
 
     fn check_range(&self, offset: u64, length: u64) -> Result<(), EngineError> {
         match offset.checked_add(length) {
-            Some(end) if end <= self.size_bytes => Ok(()),
+            Some(end) if end <= self.size_bytes() => Ok(()),
             _ => Err(EngineError::OutOfRange {
                 volume: self.volume.clone(),
                 offset,
                 length,
-                size_bytes: self.size_bytes,
+                size_bytes: self.size_bytes(),
             }),
         }
     }
@@ -1120,7 +1143,7 @@ impl Engine {
                 volume: self.volume.clone(),
                 offset,
                 length: data.len() as u64,
-                size_bytes: self.size_bytes,
+                size_bytes: self.size_bytes(),
             });
         }
         if data.is_empty() {
@@ -1438,8 +1461,8 @@ impl Engine {
         let mut report = ScrubReport::default();
         let mut due = tokio::time::Instant::now();
         let mut at = 0;
-        while at < self.size_bytes {
-            let n = (self.size_bytes - at).min(PIECE) as u32;
+        while at < self.size_bytes() {
+            let n = (self.size_bytes() - at).min(PIECE) as u32;
             let holds_data = {
                 let _in = self.enter().await?;
                 let data = !self.all_zero(at, n).await?;

@@ -2426,3 +2426,90 @@ async fn a_fenced_engine_cannot_take_a_snapshot() {
         );
     }
 }
+
+/// Online expansion: the members grow under writes, then the engine; the new range reads as
+/// zeroes and takes writes; a smaller or unaligned size is refused with nothing changed. A
+/// replica away during the growth is grown by its rebuild before it copies, and an engine
+/// started at a larger size (a detached volume expanded) grows its members before it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_grows_under_writes_and_a_replica_that_missed_it_grows_before_it_rejoins() {
+    let mut c = cluster_sized(3, BIG).await;
+    let e = Engine::start(sized(c.targets.clone(), BIG)).await.unwrap();
+    e.write(0, Bytes::from(pattern(BIG, 1)), false)
+        .await
+        .unwrap();
+    c.tasks[2].abort();
+    let gone = c.servers[2].remove(&c.targets[2].name).unwrap();
+    e.write(BS, Bytes::from(vec![9u8; BS as usize]), false)
+        .await
+        .unwrap();
+    assert_eq!(e.members()[2].mode, Mode::Err);
+    // Writes in the old range run while the volume grows.
+    let writer = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            for i in 0..300u64 {
+                let at = (i * 7 % (BIG / BS)) * BS;
+                e.write(
+                    at,
+                    Bytes::from(vec![(i % 250) as u8 + 1; BS as usize]),
+                    false,
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    e.resize(2 * BIG).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(e.size_bytes(), 2 * BIG);
+    for i in 0..2 {
+        assert_eq!(c.servers[i].list()[0].size_bytes(), 2 * BIG, "replica {i}");
+    }
+    assert!(e.read(BIG, 1 << 20).await.unwrap().iter().all(|b| *b == 0));
+    e.write(2 * BIG - BS, Bytes::from(pattern(BS, 5)), false)
+        .await
+        .unwrap();
+    e.write(BIG, Bytes::from(pattern(BS, 6)), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &e.read(2 * BIG - BS, BS as u32).await.unwrap()[..],
+        &pattern(BS, 5)[..]
+    );
+    let before = e.read(0, BIG as u32).await.unwrap();
+    // Refusals change nothing.
+    for bad in [BIG, 2 * BIG + 100] {
+        let err = e.resize(bad).await.unwrap_err().to_string();
+        assert!(
+            err.contains("never shrinks") || err.contains("multiple"),
+            "{bad}: {err}"
+        );
+        assert_eq!(e.size_bytes(), 2 * BIG);
+    }
+    assert!(e.read(0, BIG as u32).await.unwrap() == before);
+    // The replica that was away grows first, then copies.
+    assert_eq!(gone.size_bytes(), BIG);
+    bring_back(&mut c, 2, gone).await;
+    e.rebuild(c.targets[2].clone(), 0).await.unwrap();
+    assert_eq!(c.servers[2].list()[0].size_bytes(), 2 * BIG);
+    assert_replicas_identical(
+        &c,
+        2 * BIG,
+        "after the rejoin of a replica that missed a growth",
+    );
+    e.shutdown("test").await.unwrap();
+    // Detached and expanded: the next engine grows every member before it serves.
+    let e = Engine::start(sized(c.targets.clone(), 3 * BIG))
+        .await
+        .unwrap();
+    assert!(e.members().iter().all(|m| m.mode == Mode::Rw));
+    assert_eq!(e.size_bytes(), 3 * BIG);
+    assert!(e.read(0, BIG as u32).await.unwrap() == before);
+    e.write(3 * BIG - BS, Bytes::from(pattern(BS, 7)), false)
+        .await
+        .unwrap();
+    assert_replicas_identical(&c, 3 * BIG, "after a growth at start");
+    e.shutdown("test").await.unwrap();
+}

@@ -132,6 +132,7 @@ impl Manager {
             .route("/volumes/{name}/attach", post(attach_volume))
             .route("/volumes/{name}/detach", post(detach_volume))
             .route("/volumes/{name}/salvage", post(salvage_volume))
+            .route("/volumes/{name}/expand", post(expand_volume))
             .route("/volumes/{name}/retire", post(retire_members))
             .route(
                 "/volumes/{name}/snapshots",
@@ -465,6 +466,18 @@ async fn salvage_volume(
     let mut st = m.state();
     st.not_recovering()?;
     st.salvage(&name, req.replica).map(Json)
+}
+
+async fn expand_volume(
+    AxState(m): AxState<Shared>,
+    UrlPath(name): UrlPath<String>,
+    b: JsonBody<zebu_api::ExpandVolume>,
+) -> ApiResult<Volume> {
+    state::validate_volume_name(&name)?;
+    let req = body(b, "request body", "; send {\"size_bytes\": N}", None)?;
+    let mut st = m.state();
+    st.not_recovering()?;
+    st.expand_volume(&name, req.size_bytes).map(Json)
 }
 
 async fn list_nodes(AxState(m): AxState<Shared>) -> ApiResult<Vec<Node>> {

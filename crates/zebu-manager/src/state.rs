@@ -20,6 +20,7 @@ use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 
 use crate::error::ApiError;
 
+mod expand;
 mod node_removal;
 mod node_tokens;
 pub use node_tokens::Speaker;
@@ -531,6 +532,21 @@ impl State {
         } else {
             None
         };
+        // Attached and growing: how far, and why it waits if it does.
+        let message = message.or_else(|| {
+            let e = running?;
+            (e.size_bytes > 0 && e.size_bytes < v.size_bytes).then(|| {
+                let why = e
+                    .resize_error
+                    .as_deref()
+                    .map(|w| format!(" (the last attempt: {w}; it is tried again)"))
+                    .unwrap_or_default();
+                format!(
+                    "expanding from {} to {} bytes: the engine serves {} bytes until every replica in sync has grown{why}",
+                    e.size_bytes, v.size_bytes, e.size_bytes
+                )
+            })
+        });
         // Serving, but its node's NBD frontend is turning clients away: for the whole node
         // (every volume there says so), or by this volume's own connection limit.
         let message = message.or_else(|| {
@@ -559,6 +575,7 @@ impl State {
             nbd_unix_uri: running.and_then(|e| e.nbd_unix_uri.clone()),
             replicas,
             message,
+            engine_size_bytes: running.map(|e| e.size_bytes).filter(|s| *s > 0),
         }
     }
 

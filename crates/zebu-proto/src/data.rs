@@ -169,6 +169,11 @@ pub enum Op {
     /// write-intent log then has every extent dirty and covers nothing, so only a whole copy
     /// makes it a member again; its generation does not change.
     Rewind = 22,
+    /// Grow the replica to `offset` bytes (a multiple of its block size): the new range reads
+    /// as zeroes, nothing below the old size changes. Its own size again succeeds and changes
+    /// nothing; a smaller one is refused ([`Status::Invalid`]). Runs alone on the replica, like
+    /// [`Op::Snapshot`]; refused once the session is stale. No payload.
+    Resize = 23,
 }
 
 impl Op {
@@ -219,6 +224,7 @@ impl Op {
             20 => Op::ReadSnapshot,
             21 => Op::SnapshotDelta,
             22 => Op::Rewind,
+            23 => Op::Resize,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }

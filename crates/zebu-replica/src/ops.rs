@@ -96,6 +96,7 @@ pub fn execute(
                 replica.rewind_for(session, (!base.is_empty()).then_some(base), offset)
             })
             .map(|()| Vec::new()),
+        Op::Resize => replica.resize_for(session, offset).map(|()| Vec::new()),
         _ => replica.fenced(session, || run(op)),
     };
     if let Err(e) = &res {
@@ -294,7 +295,7 @@ fn run(
             .map(|m| data::encode_map(&m))
         }
         // Reached only without a session (never): sessions go through `execute`'s own arms.
-        Op::Snapshot | Op::Revert | Op::Rewind => Err(ReplicaError::Invalid {
+        Op::Snapshot | Op::Revert | Op::Rewind | Op::Resize => Err(ReplicaError::Invalid {
             replica: replica.name().to_owned(),
             reason: format!("{op:?} needs a session"),
         }),

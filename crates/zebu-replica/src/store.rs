@@ -32,6 +32,7 @@ use crate::file::FileLayer;
 use crate::meta::{LayerMeta, ReplicaMeta};
 use crate::wil::IntentLog;
 
+mod grow;
 mod layer;
 mod snapshot;
 
@@ -174,7 +175,9 @@ pub struct Replica {
     dir: PathBuf,
     volume: String,
     name: String,
-    size_bytes: u64,
+    /// The volume's size: raised by [`Replica::resize`] once every file has grown and
+    /// `replica.meta` records it; never lowered.
+    size_bytes: AtomicU64,
     block_size: u32,
     files: Arc<dyn FileLayer>,
     /// The open layers of the live path (see [`Chain`]).
@@ -315,11 +318,7 @@ impl Replica {
                 "block size {block_size} must be a power of two of at least 512"
             )));
         }
-        if size_bytes == 0 || !size_bytes.is_multiple_of(block_size as u64) {
-            return Err(invalid(format!(
-                "size {size_bytes} must be a non-zero multiple of the block size {block_size}"
-            )));
-        }
+        grow::check_size(name, size_bytes, block_size)?;
         if volume.is_empty() || volume.len() > 255 || name.is_empty() || name.len() > 255 {
             return Err(invalid(
                 "volume and replica names must be 1 to 255 bytes".into(),
@@ -398,6 +397,11 @@ impl Replica {
             remove_unnamed_layer_files(dir, &meta);
         }
         let blocks = meta.size_bytes / meta.block_size as u64;
+        if cleanup {
+            for l in &meta.layers {
+                Layer::trim_cut_growth(&**files, dir, l.id, meta.size_bytes, meta.block_size)?;
+            }
+        }
         let merged = BlockIndex::new(blocks);
         let mut sizes = HashMap::new();
         // The live path, root first: each layer's entries over those below it.
@@ -456,7 +460,7 @@ impl Replica {
             dir: dir.to_owned(),
             volume: meta.volume.clone(),
             name: meta.replica.clone(),
-            size_bytes: meta.size_bytes,
+            size_bytes: AtomicU64::new(meta.size_bytes),
             block_size,
             files: files.clone(),
             chain: arc_swap::ArcSwap::from_pointee(chain),
@@ -529,7 +533,7 @@ impl Replica {
         &self.dir
     }
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
     }
     pub fn block_size(&self) -> u32 {
         self.block_size
@@ -555,7 +559,7 @@ impl Replica {
     }
 
     pub fn facts(&self) -> ReplicaFacts {
-        let blocks = self.size_bytes / self.block_size as u64;
+        let blocks = self.size_bytes() / self.block_size as u64;
         let mut allocated = 0u64;
         for c in 0..blocks.div_ceil(CHUNK_ENTRIES as u64) {
             // Chunks no layer has touched hold no data: skip them without looking at each block.
@@ -570,7 +574,7 @@ impl Replica {
         ReplicaFacts {
             volume: self.volume.clone(),
             name: self.name.clone(),
-            size_bytes: self.size_bytes,
+            size_bytes: self.size_bytes(),
             block_size: self.block_size,
             generation: self.generation(),
             allocated_bytes: allocated * self.block_size as u64,
@@ -683,12 +687,12 @@ impl Replica {
 
     fn check_range(&self, offset: u64, length: u64) -> Result<(), ReplicaError> {
         match offset.checked_add(length) {
-            Some(end) if end <= self.size_bytes => Ok(()),
+            Some(end) if end <= self.size_bytes() => Ok(()),
             _ => Err(ReplicaError::OutOfRange {
                 replica: self.name.clone(),
                 offset,
                 length,
-                size_bytes: self.size_bytes,
+                size_bytes: self.size_bytes(),
             }),
         }
     }

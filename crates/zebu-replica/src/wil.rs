@@ -39,6 +39,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use zebu_proto::data::{WIL_CLEAN, WIL_DIRTY, WIL_EXTENT_BYTES};
@@ -61,7 +62,8 @@ pub const NO_REBUILD: u64 = u64::MAX;
 pub struct IntentLog {
     file: Box<dyn DiskFile>,
     path: PathBuf,
-    extents: u64,
+    /// Extents the log covers: the volume's size; raised (under `inner`) when it grows.
+    extents: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -208,7 +210,7 @@ impl IntentLog {
         let log = IntentLog {
             file,
             path,
-            extents,
+            extents: AtomicU64::new(extents),
             inner: Mutex::new(Inner {
                 states: vec![WIL_CLEAN; extents as usize],
                 head: Head {
@@ -253,14 +255,37 @@ impl IntentLog {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.states.fill(WIL_DIRTY);
         inner.head.covers_from = COVERS_NOTHING;
-        let all: Vec<u64> = (0..self.extents).step_by(PAGE_STATES).collect();
+        let all: Vec<u64> = (0..self.extents()).step_by(PAGE_STATES).collect();
         self.write_header(&inner.head)?;
         self.store_pages(&inner, &all)
     }
 
+    /// Cover a volume grown to `extents` (more than now): the new extents are clean (nothing
+    /// was ever written there; a page's bytes past its last extent are zeroes, which read as
+    /// clean, so no page changes). Only the header changes, durably. A crash before the
+    /// replica's metadata records the new size leaves a header with more extents than the
+    /// volume: it opens as it is (see [`IntentLog::open`]), its extra extents clean.
+    pub(crate) fn grow(&self, extents: u64) -> Result<(), ReplicaError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if extents <= self.extents() {
+            return Ok(());
+        }
+        let len = (PAGE_BYTES * (1 + (extents as usize).div_ceil(PAGE_STATES))) as u64;
+        if let Err(e) = self.file.allocate(0, len) {
+            tracing::warn!(path = %self.path.display(), "cannot reserve the write-intent log's space ({e}): a mark may meet a full disk");
+        }
+        self.file
+            .write_all_at(&header(extents, inner.head), 0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| ReplicaError::io("write write-intent log header", &self.path, 0, e))?;
+        inner.states.resize(extents as usize, WIL_CLEAN);
+        self.extents.store(extents, Ordering::Release);
+        Ok(())
+    }
+
     fn write_header(&self, head: &Head) -> Result<(), ReplicaError> {
         self.file
-            .write_all_at(&header(self.extents, *head), 0)
+            .write_all_at(&header(self.extents(), *head), 0)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| ReplicaError::io("write write-intent log header", &self.path, 0, e))
     }
@@ -279,7 +304,7 @@ impl IntentLog {
             && h[0..8] == WIL_MAGIC
             && (1..=WIL_FORMAT_VERSION).contains(&version)
             && u64_at(&h, 12) == WIL_EXTENT_BYTES
-            && u64_at(&h, 20) == self.extents
+            && u64_at(&h, 20) >= self.extents()
             && header_crc(&h, version) == u32_at(&h, HEADER_CRC_AT);
         if !header_ok {
             tracing::warn!(
@@ -305,14 +330,14 @@ impl IntentLog {
                 Rebuild::NONE
             },
         };
-        let pages = (self.extents as usize).div_ceil(PAGE_STATES);
+        let pages = (self.extents() as usize).div_ceil(PAGE_STATES);
         let mut page = vec![0u8; PAGE_BYTES];
         for p in 0..pages {
             let at = (PAGE_BYTES * (1 + p)) as u64;
             let n = read(&mut page, at)?;
             page[n..].fill(0);
             let first = p * PAGE_STATES;
-            let count = PAGE_STATES.min(self.extents as usize - first);
+            let count = PAGE_STATES.min(self.extents() as usize - first);
             let slot = &mut inner.states[first..first + count];
             if page.iter().all(|b| *b == 0) {
                 continue;
@@ -345,12 +370,12 @@ impl IntentLog {
     }
 
     fn check(&self, replica: &str, extents: &[u64]) -> Result<(), ReplicaError> {
-        if let Some(e) = extents.iter().find(|e| **e >= self.extents) {
+        if let Some(e) = extents.iter().find(|e| **e >= self.extents()) {
             return Err(self.invalid(
                 replica,
                 format!(
                     "write-intent log extent {e} is past the volume's last ({})",
-                    self.extents.saturating_sub(1)
+                    self.extents().saturating_sub(1)
                 ),
             ));
         }
@@ -364,7 +389,7 @@ impl IntentLog {
         pages.dedup();
         for p in &pages {
             let first = p * PAGE_STATES;
-            let count = PAGE_STATES.min(self.extents as usize - first);
+            let count = PAGE_STATES.min(self.extents() as usize - first);
             let mut page = vec![0u8; PAGE_BYTES];
             page[4..8].copy_from_slice(&(*p as u32).to_le_bytes());
             page[PAGE_HEADER_BYTES..PAGE_HEADER_BYTES + count]
@@ -458,7 +483,7 @@ impl IntentLog {
             inner.head = head;
         }
         let listed: Vec<u64> = if all {
-            (0..self.extents)
+            (0..self.extents())
                 .filter(|e| inner.states[*e as usize] != WIL_CLEAN)
                 .collect()
         } else {
@@ -478,13 +503,13 @@ impl IntentLog {
     pub fn read(&self, replica: &str, first: u64, count: u64) -> Result<Vec<u8>, ReplicaError> {
         if first
             .checked_add(count)
-            .is_none_or(|end| end > self.extents)
+            .is_none_or(|end| end > self.extents())
         {
             return Err(self.invalid(
                 replica,
                 format!(
                     "write-intent log range {first}+{count} is past its {} extents",
-                    self.extents
+                    self.extents()
                 ),
             ));
         }
@@ -501,7 +526,7 @@ impl IntentLog {
     }
 
     pub fn extents(&self) -> u64 {
-        self.extents
+        self.extents.load(Ordering::Acquire)
     }
 }
 

@@ -385,6 +385,43 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 println!("volume {name} is {}", v.state.as_str());
             }
         }
+        VolumeCmd::Expand {
+            name,
+            size,
+            no_wait,
+        } => {
+            let size_bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
+            let c = client(ca);
+            let mut v = c.expand_volume(&name, size_bytes).await?;
+            let attached = v.desired_node.is_some();
+            if attached && !no_wait {
+                v = wait_for(&c, &name, Duration::from_secs(120), |v| {
+                    v.engine_size_bytes == Some(size_bytes)
+                })
+                .await?;
+            }
+            if ca.output == Output::Json {
+                print_json(&v);
+            } else if !attached {
+                println!(
+                    "volume {name} is now {} ({} bytes); its replicas grow when it is next attached",
+                    human(size_bytes),
+                    size_bytes
+                );
+            } else if v.engine_size_bytes == Some(size_bytes) {
+                println!(
+                    "volume {name} is now {} ({} bytes); new NBD connections see the new size",
+                    human(size_bytes),
+                    size_bytes
+                );
+            } else {
+                println!(
+                    "volume {name} is growing to {} ({} bytes); zebu volume get {name} shows when it is done",
+                    human(size_bytes),
+                    size_bytes
+                );
+            }
+        }
         VolumeCmd::Salvage { name, replica } => {
             let v = client(ca).salvage_volume(&name, replica).await?;
             if ca.output == Output::Json {

@@ -451,6 +451,23 @@ enum VolumeCmd {
         #[arg(long)]
         replica: Option<String>,
     },
+    /// Grow a volume, attached (under I/O) or detached; shrinking is refused.
+    ///
+    /// The new size is recorded first; an attached volume's replicas then grow (a brief pause of
+    /// I/O on each, as for a snapshot), then its engine: an NBD connection opened after that sees
+    /// the new size (one open already keeps the size it negotiated; reconnect it). A detached
+    /// volume's replicas grow when it is next attached. The data is untouched; grow the
+    /// filesystem on it afterwards (e.g. resize2fs). Waits until the engine serves the new size,
+    /// unless --no-wait; while a rebuild runs the growth waits for it.
+    Expand {
+        name: String,
+        /// The new size, e.g. 20GiB (a whole number of 4 KiB blocks; at least the current size).
+        #[arg(long)]
+        size: String,
+        /// Do not wait for the attached engine to serve the new size.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Delete a detached volume and all its replicas.
     Delete {
         name: String,

@@ -734,3 +734,105 @@ fn a_thousand_snapshot_cycles_under_io_leave_the_tree_and_memory_as_they_were() 
     c.cli_ok(&["volume", "detach", "cyc"]);
     assert_rw_replicas_identical(&c, "cyc");
 }
+
+/// The size a new NBD connection to `uri` sees.
+fn nbd_size(uri: &str) -> u64 {
+    let o = run(std::process::Command::new("nbdinfo").args(["--size", uri]));
+    assert!(
+        o.status.success(),
+        "nbdinfo --size {uri}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+/// Must-hold 7 (the NBD half; `resize2fs` on a mounted ext4 needs a kernel device that grows,
+/// the FUSE frontend of the Kubernetes issue): a volume grows while fio verifies it. No error;
+/// a new connection sees the new size; the old data stays, the new range reads as zeroes and
+/// takes writes. A replica whose node was down during a growth is grown by its rebuild and
+/// ends identical. A detached volume grows at its next attach. Must-hold 9's shrinking, an
+/// unaligned size and an unknown volume are refused with nothing changed.
+#[test]
+fn a_volume_grows_online_under_fio_verify_and_detached_and_shrinking_is_refused() {
+    require("fio");
+    require("nbdinfo");
+    require("qemu-io");
+    let mut c = Cluster::separate(71, 3);
+    let uri = c.create_attached("ex", "64MiB", 3, "node-1");
+    qemu_io(&uri, &["write -P 7 60M 4M".into()]);
+    let fio = fio_verify(&c, &uri, "32m", "4m");
+    std::thread::sleep(Duration::from_secs(2));
+    let out = c.cli_ok(&["volume", "expand", "ex", "--size", "128MiB"]);
+    assert!(
+        out.contains("new NBD connections see the new size"),
+        "{out}"
+    );
+    let v = c.volume("ex");
+    assert_eq!(v["size_bytes"], 128u64 << 20, "{v}");
+    assert_eq!(v["engine_size_bytes"], 128u64 << 20, "{v}");
+    assert_eq!(nbd_size(&uri), 128 << 20);
+    let check = |uri: &str, cmds: &[&str]| {
+        qemu_io(uri, &cmds.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    };
+    check(
+        &uri,
+        &[
+            "read -P 7 60M 4M",
+            "read -P 0 64M 63M",
+            "write -P 9 127M 1M",
+            "read -P 9 127M 1M",
+        ],
+    );
+    fio_ok(&c, fio);
+    // Bad input changes nothing and says why.
+    refused(
+        &c,
+        &["volume", "expand", "ex", "--size", "64MiB"],
+        "shrinking",
+    );
+    refused(
+        &c,
+        &["volume", "expand", "ex", "--size", "134217729"],
+        "multiple",
+    );
+    refused(
+        &c,
+        &["volume", "expand", "nosuch", "--size", "1GiB"],
+        "nosuch",
+    );
+    let (code, body) = c.rest("POST", "/v1/volumes/ex/expand", "{}");
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(c.volume("ex")["size_bytes"], 128u64 << 20);
+    assert_eq!(nbd_size(&uri), 128 << 20);
+    // Growing again to the same size changes nothing (idempotent, as CSI needs).
+    c.cli_ok(&["volume", "expand", "ex", "--size", "128MiB"]);
+    // A replica whose node is down while the volume grows: its rebuild grows it first.
+    let away = replica_node_but(&v, &["node-1"]);
+    let away_i: usize = away.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    c.kill_agent(away_i);
+    c.cli_ok(&["volume", "expand", "ex", "--size", "192MiB"]);
+    check(&uri, &["write -P 5 190M 1M"]);
+    c.start_agent(away_i);
+    wait_until("every replica RW again", Duration::from_secs(90), || {
+        let v = c.volume("ex");
+        (v["robustness"] == "healthy").then_some(())
+    });
+    assert_rw_replicas_identical(&c, "ex");
+    // Detached: recorded now, the replicas grow at the next attach.
+    c.cli_ok(&["volume", "detach", "ex"]);
+    let out = c.cli_ok(&["volume", "expand", "ex", "--size", "256MiB"]);
+    assert!(out.contains("when it is next attached"), "{out}");
+    let uri = c.cli_ok(&["volume", "attach", "ex", "--node", "node-2"]);
+    let uri = uri.trim();
+    assert_eq!(nbd_size(uri), 256 << 20);
+    check(
+        uri,
+        &[
+            "read -P 7 60M 4M",
+            "read -P 9 127M 1M",
+            "read -P 5 190M 1M",
+            "read -P 0 192M 64M",
+        ],
+    );
+    assert_rw_replicas_identical(&c, "ex");
+}

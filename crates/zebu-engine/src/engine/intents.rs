@@ -225,7 +225,7 @@ pub(super) struct Log {
 
 impl Engine {
     fn extents(&self) -> u64 {
-        self.size_bytes.div_ceil(WIL_EXTENT_BYTES)
+        self.size_bytes().div_ceil(WIL_EXTENT_BYTES)
     }
 
     /// Every member of the volume is in the set: settled extents become clean.
@@ -497,7 +497,7 @@ impl Engine {
     /// under the range lock (no write to a piece runs meanwhile).
     async fn resync_online(&self, e: u64) -> Result<(), String> {
         let start = e * WIL_EXTENT_BYTES;
-        let end = (start + WIL_EXTENT_BYTES).min(self.size_bytes);
+        let end = (start + WIL_EXTENT_BYTES).min(self.size_bytes());
         let mut at = start;
         while at < end {
             let n = (end - at).min(RESYNC_PIECE);
@@ -614,7 +614,7 @@ impl Engine {
                         .map(|(m, _)| m.index)
                         .collect();
                     let start = e * WIL_EXTENT_BYTES;
-                    let end = (start + WIL_EXTENT_BYTES).min(self.size_bytes);
+                    let end = (start + WIL_EXTENT_BYTES).min(self.size_bytes());
                     let mut at = start;
                     while at < end {
                         let n = (end - at).min(RESYNC_PIECE);

@@ -238,6 +238,12 @@ impl Engine {
         Ok(())
     }
 
+    /// A replica some rebuild is filling now, if any.
+    pub(super) fn rebuilding_now(&self) -> Option<String> {
+        let all = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().next().cloned()
+    }
+
     /// Refused while another rebuild fills `name`; the guard ends this one's claim.
     fn rebuilding_one(&self, name: &str) -> Result<OneRebuild<'_>, EngineError> {
         let mut all = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
@@ -274,10 +280,25 @@ impl Engine {
         }
         .map_err(|e| self.rebuild_err(format!("cannot reach the new replica: {e}")))?;
         let opened = backend.opened();
-        if opened.size_bytes != self.size_bytes {
+        // A replica that missed an expansion (away, or created before it) grows first.
+        let target_size = self.size_bytes();
+        if opened.size_bytes < target_size {
+            backend
+                .call(
+                    Call::new(Op::Resize, target_size, 0),
+                    flush_timeout(self.io_timeout),
+                )
+                .await
+                .map_err(|e| {
+                    self.rebuild_err(format!(
+                        "growing replica {} from {} to the volume's {target_size} bytes: {e}",
+                        target.name, opened.size_bytes
+                    ))
+                })?;
+        } else if opened.size_bytes != target_size {
             return Err(self.rebuild_err(format!(
-                "replica {} has size {} but the volume has {}",
-                target.name, opened.size_bytes, self.size_bytes
+                "replica {} has {} bytes but the volume has {target_size}: it is not a copy of this volume",
+                target.name, opened.size_bytes
             )));
         }
         let info = backend
@@ -386,6 +407,13 @@ impl Engine {
                     target.name, tree.keys, now
                 )));
             }
+            if self.size_bytes() != target_size {
+                return Err(self.rebuild_err(format!(
+                    "the volume grew to {} bytes while replica {} was prepared at {target_size}; the next attempt grows it first",
+                    self.size_bytes(),
+                    target.name
+                )));
+            }
             drop(copying);
             // Its failed entry is replaced below: a retirement of it not recorded yet (a
             // cancelled request's) is finished first, or it would be forgotten.
@@ -409,7 +437,7 @@ impl Engine {
                 progress: std::sync::Mutex::new(Some(RebuildProgress {
                     kind: "full",
                     bytes_done: 0,
-                    bytes_total: self.size_bytes,
+                    bytes_total: self.size_bytes(),
                     resumed_from: 0,
                 })),
                 unrecorded: std::sync::atomic::AtomicBool::new(false),
@@ -504,7 +532,7 @@ impl Engine {
         }
         let mut best = Plan {
             kind: "full",
-            ranges: vec![(0, self.size_bytes)],
+            ranges: vec![(0, self.size_bytes())],
             already: 0,
             record: Some(Rebuild { base, copied_to: 0 }),
             new_record: true,
@@ -512,10 +540,10 @@ impl Engine {
         };
         if let Some(own) = &own {
             let before = own.facts.rebuild;
-            let to = before.copied_to.min(self.size_bytes);
+            let to = before.copied_to.min(self.size_bytes());
             let extent = |e: usize| {
                 let start = e as u64 * WIL_EXTENT_BYTES;
-                (start, (start + WIL_EXTENT_BYTES).min(self.size_bytes))
+                (start, (start + WIL_EXTENT_BYTES).min(self.size_bytes()))
             };
             // The rest of an interrupted full rebuild: below `to`, the extents `differ` says
             // may differ; then everything from `to`.
@@ -527,8 +555,8 @@ impl Engine {
                     .map(|(s, e)| (s, e.min(to)))
                     .collect();
                 let again: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-                if to < self.size_bytes {
-                    ranges.push((to, self.size_bytes));
+                if to < self.size_bytes() {
+                    ranges.push((to, self.size_bytes()));
                 }
                 Plan {
                     kind: "full",

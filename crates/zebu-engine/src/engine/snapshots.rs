@@ -137,7 +137,7 @@ impl Engine {
     }
 
     /// Busy while a rebuild runs (a member is WO, or a target's snapshots are being copied).
-    fn refuse_while_rebuilding(&self, what: &str) -> Result<(), EngineError> {
+    pub(super) fn refuse_while_rebuilding(&self, what: &str) -> Result<(), EngineError> {
         if let Some(m) = self.all().iter().find(|m| m.mode() == Mode::Wo) {
             return Err(self.refused(
                 SnapshotRefusal::Busy,

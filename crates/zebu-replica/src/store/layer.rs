@@ -42,18 +42,36 @@ pub(super) fn entry_of(merged: u64) -> u64 {
     merged & ENTRY_KNOWN_BITS
 }
 
-/// Lazily allocated chunks of atomic entries, one per block: only chunks with a written block
-/// cost memory.
+/// Chunks in one group of [`BlockIndex`].
+const GROUP_CHUNKS: usize = 4096;
+/// Groups of a [`BlockIndex`]: it holds up to [`MAX_BLOCKS`] entries, whatever size the
+/// volume has now, so a volume grows with no copy of its map.
+const GROUPS: usize = 4096;
+/// The most blocks a replica may have (2^36: 256 TiB of 4 KiB blocks).
+pub const MAX_BLOCKS: u64 = (GROUPS * GROUP_CHUNKS * CHUNK_ENTRIES) as u64;
+
+type Chunk = Box<[AtomicU64]>;
+type Group = Box<[OnceLock<Chunk>]>;
+
+/// Lazily allocated chunks of atomic entries, one per block, in lazily allocated groups of
+/// chunks: only chunks with a written block cost memory, and the map covers every block a
+/// volume may grow to (no lock, no copy when it grows).
 pub(super) struct BlockIndex {
-    pub(super) chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    groups: Box<[OnceLock<Group>]>,
 }
 
 impl BlockIndex {
+    /// A map for up to [`MAX_BLOCKS`] blocks (`blocks` is the size now, not a limit).
     pub(super) fn new(blocks: u64) -> BlockIndex {
-        let n = blocks.div_ceil(CHUNK_ENTRIES as u64) as usize;
+        debug_assert!(blocks <= MAX_BLOCKS);
         BlockIndex {
-            chunks: (0..n).map(|_| OnceLock::new()).collect(),
+            groups: (0..GROUPS).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    #[inline]
+    fn chunk(&self, c: usize) -> Option<&Chunk> {
+        self.groups[c / GROUP_CHUNKS].get()?[c % GROUP_CHUNKS].get()
     }
 
     #[inline]
@@ -62,7 +80,7 @@ impl BlockIndex {
             (block / CHUNK_ENTRIES as u64) as usize,
             (block % CHUNK_ENTRIES as u64) as usize,
         );
-        match self.chunks[c].get() {
+        match self.chunk(c) {
             Some(chunk) => chunk[i].load(Ordering::Acquire),
             None => 0,
         }
@@ -74,22 +92,31 @@ impl BlockIndex {
             (block / CHUNK_ENTRIES as u64) as usize,
             (block % CHUNK_ENTRIES as u64) as usize,
         );
-        if entry == 0 && self.chunks[c].get().is_none() {
+        if entry == 0 && self.chunk(c).is_none() {
             return;
         }
-        let chunk =
-            self.chunks[c].get_or_init(|| (0..CHUNK_ENTRIES).map(|_| AtomicU64::new(0)).collect());
+        let group = self.groups[c / GROUP_CHUNKS]
+            .get_or_init(|| (0..GROUP_CHUNKS).map(|_| OnceLock::new()).collect());
+        let chunk = group[c % GROUP_CHUNKS]
+            .get_or_init(|| (0..CHUNK_ENTRIES).map(|_| AtomicU64::new(0)).collect());
         chunk[i].store(entry, Ordering::Release);
     }
 
     /// Whether chunk `c` was ever written (all its entries are 0 otherwise).
     pub(super) fn has_chunk(&self, c: usize) -> bool {
-        self.chunks[c].get().is_some()
+        self.chunk(c).is_some()
+    }
+
+    fn chunks(&self) -> impl Iterator<Item = &Chunk> {
+        self.groups
+            .iter()
+            .filter_map(|g| g.get())
+            .flat_map(|g| g.iter().filter_map(|c| c.get()))
     }
 
     /// Every entry back to 0 (allocated chunks stay allocated).
     pub(super) fn clear(&self) {
-        for c in self.chunks.iter().filter_map(|c| c.get()) {
+        for c in self.chunks() {
             for e in c.iter() {
                 e.store(0, Ordering::Release);
             }
@@ -97,8 +124,10 @@ impl BlockIndex {
     }
 
     pub(super) fn memory_bytes(&self) -> u64 {
-        let allocated = self.chunks.iter().filter(|c| c.get().is_some()).count();
-        (allocated * CHUNK_ENTRIES * 8 + self.chunks.len() * 16) as u64
+        let groups = self.groups.iter().filter(|g| g.get().is_some()).count();
+        let slot = std::mem::size_of::<OnceLock<Chunk>>();
+        (self.chunks().count() * CHUNK_ENTRIES * 8 + groups * GROUP_CHUNKS * slot + GROUPS * slot)
+            as u64
     }
 }
 
@@ -135,6 +164,28 @@ pub(super) fn layer_file_id(name: &str) -> Option<u64> {
     (hex.len() == 16)
         .then(|| u64::from_str_radix(hex, 16).ok())
         .flatten()
+}
+
+/// Set a layer's files to the lengths of a volume of `size_bytes` and sync them: the data file
+/// (sparse) to `size_bytes`, the index to its header and one entry per block. Entries past the
+/// old end read as zero (absent), so a grown range reads as zeroes until written.
+pub(super) fn grow_files(
+    (data, data_path): (&dyn DiskFile, &Path),
+    (index, index_path): (&dyn DiskFile, &Path),
+    size_bytes: u64,
+    block_size: u32,
+) -> Result<(), ReplicaError> {
+    let blocks = size_bytes / block_size as u64;
+    data.set_len(size_bytes)
+        .map_err(|e| ReplicaError::io("size layer data", data_path, 0, e))?;
+    index
+        .set_len(INDEX_HEADER_BYTES + blocks * 8)
+        .map_err(|e| ReplicaError::io("size layer index", index_path, 0, e))?;
+    for (f, p) in [(data, data_path), (index, index_path)] {
+        f.sync_all()
+            .map_err(|e| ReplicaError::io("fsync grown layer", p, 0, e))?;
+    }
+    Ok(())
 }
 
 pub(super) fn index_header(id: u64, block_size: u32) -> Vec<u8> {
@@ -227,7 +278,8 @@ impl Layer {
         let len = index
             .size()
             .map_err(|e| ReplicaError::io("stat index", &index_path, 0, e))?;
-        if len != INDEX_HEADER_BYTES + blocks * 8 {
+        let want = INDEX_HEADER_BYTES + blocks * 8;
+        if len != want {
             return Err(bad(
                 0,
                 format!(
@@ -247,6 +299,73 @@ impl Layer {
             dirty: AtomicBool::new(true),
             held: AtomicU64::new(0),
         })
+    }
+
+    /// Grow this layer's files to a volume of `size_bytes`, synced (see [`grow_files`]).
+    pub(super) fn grow(&self, size_bytes: u64, block_size: u32) -> Result<(), ReplicaError> {
+        grow_files(
+            (&*self.data, &self.data_path),
+            (&*self.index, &self.index_path),
+            size_bytes,
+            block_size,
+        )
+    }
+
+    /// At open, before [`Layer::open`]: files longer than `size_bytes` (the size in
+    /// `replica.meta`) are a growth cut short before the metadata recorded the new size. The
+    /// blocks past the recorded size were never served (so never written): they go, and the
+    /// files are set back to the recorded size.
+    pub(super) fn trim_cut_growth(
+        files: &dyn FileLayer,
+        dir: &Path,
+        id: u64,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<(), ReplicaError> {
+        let (data_path, index_path) = layer_paths(dir, id);
+        let open = |p: &Path| {
+            files
+                .open(p, false)
+                .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
+        };
+        let (data, index) = (open(&data_path)?, open(&index_path)?);
+        let len = index
+            .size()
+            .map_err(|e| ReplicaError::io("stat index", &index_path, 0, e))?;
+        let want = INDEX_HEADER_BYTES + size_bytes / block_size as u64 * 8;
+        if len > want && (len - INDEX_HEADER_BYTES).is_multiple_of(8) {
+            tracing::warn!(path = %index_path.display(), "layer files longer than the replica's size (a growth cut short): set back to {size_bytes} bytes");
+            grow_files(
+                (&*data, &data_path),
+                (&*index, &index_path),
+                size_bytes,
+                block_size,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`Layer::grow`] for a layer that is not open (off the live path).
+    pub(super) fn grow_closed(
+        files: &dyn FileLayer,
+        dir: &Path,
+        id: u64,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<(), ReplicaError> {
+        let (data_path, index_path) = layer_paths(dir, id);
+        let open = |p: &Path| {
+            files
+                .open(p, false)
+                .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
+        };
+        let (data, index) = (open(&data_path)?, open(&index_path)?);
+        grow_files(
+            (&*data, &data_path),
+            (&*index, &index_path),
+            size_bytes,
+            block_size,
+        )
     }
 
     /// Call `f(block, entry)` for every non-zero entry of blocks `[from, to)`, in block order,

@@ -152,7 +152,7 @@ impl Replica {
 
     /// Run `f` with no operation of any session under way (the fence's write lock), for
     /// `session` unless it is stale.
-    fn alone<T>(
+    pub(super) fn alone<T>(
         &self,
         session: Option<&Session>,
         f: impl FnOnce() -> Result<T, ReplicaError>,
@@ -241,7 +241,7 @@ impl Replica {
             &*self.files,
             &self.dir,
             id,
-            self.size_bytes,
+            self.size_bytes(),
             self.block_size,
         )?;
         Ok((id, layer))
@@ -300,7 +300,7 @@ impl Replica {
 
     /// The tree changed (not by a new snapshot): built views are dropped, so they keep no
     /// layer open that a merge or a revert removed.
-    fn tree_changed(&self) {
+    pub(super) fn tree_changed(&self) {
         let mut c = self.views.lock().unwrap_or_else(|p| p.into_inner());
         c.changes += 1;
         c.views.clear();
@@ -434,7 +434,7 @@ impl Replica {
         self.crash_after.store(n, Ordering::SeqCst);
     }
 
-    fn crash_point(&self) -> Result<(), ReplicaError> {
+    pub(super) fn crash_point(&self) -> Result<(), ReplicaError> {
         #[cfg(test)]
         {
             let left = self.crash_after.load(Ordering::SeqCst);
@@ -460,7 +460,7 @@ impl Replica {
             &*self.files,
             &self.dir,
             id,
-            self.size_bytes,
+            self.size_bytes(),
             self.block_size,
         )?;
         l.slot = usize::MAX;
@@ -491,7 +491,7 @@ impl Replica {
         let on_path = s.slot != usize::MAX;
         drop(chain);
         let bs = self.block_size as u64;
-        let blocks = self.size_bytes / bs;
+        let blocks = self.size_bytes() / bs;
         let root = s_meta.parent == 0;
         let total = self
             .sizes
@@ -812,7 +812,7 @@ impl Replica {
                         &*self.files,
                         &self.dir,
                         *pid,
-                        self.size_bytes,
+                        self.size_bytes(),
                         self.block_size,
                     )?;
                     l.slot = self.alloc_slot(&chain, &taken)?;
@@ -855,7 +855,7 @@ impl Replica {
         *meta = next;
         // The merged map of the new live path.
         self.merged.clear();
-        let blocks = self.size_bytes / self.block_size as u64;
+        let blocks = self.size_bytes() / self.block_size as u64;
         for l in &layers {
             let slot = l.slot;
             let merged = &self.merged;
@@ -1074,7 +1074,7 @@ impl Replica {
             path
         };
         let chain = self.chain();
-        let blocks = self.size_bytes / self.block_size as u64;
+        let blocks = self.size_bytes() / self.block_size as u64;
         let map = BlockIndex::new(blocks);
         let mut layers = Vec::with_capacity(path.len());
         for (i, id) in path.iter().enumerate() {
@@ -1089,7 +1089,7 @@ impl Replica {
             name: name.to_owned(),
             replica: self.name.clone(),
             block_size: self.block_size as u64,
-            size_bytes: self.size_bytes,
+            size_bytes: self.size_bytes(),
             layers,
             map,
         })

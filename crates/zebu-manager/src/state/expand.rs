@@ -1,0 +1,74 @@
+//! Online expansion: the manager's record of a volume's size is the size it should have
+//! (`docs/snapshots.md`, "Online expansion"). It is raised here, durably, before any replica
+//! grows, so a replica is never larger than the record: an agent opens a replica smaller than
+//! the record (one that missed the growth) and its engine grows it, but refuses a larger one.
+
+use zebu_api::Volume;
+
+use super::{not_found, State, BLOCK_SIZE, MAX_VOLUME_BYTES};
+use crate::error::ApiError;
+
+impl State {
+    /// Record `size_bytes` as volume `name`'s size (see the module docs). The same size again
+    /// changes nothing; a smaller one, an unaligned one, one past the limit or one a replica's
+    /// disk cannot hold in one file is refused, and nothing changes.
+    pub fn expand_volume(&mut self, name: &str, size_bytes: u64) -> Result<Volume, ApiError> {
+        let mut v = self
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found(name))?;
+        if v.deleting {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is being deleted"
+            )));
+        }
+        if size_bytes == v.size_bytes {
+            return self.volume(name);
+        }
+        if size_bytes < v.size_bytes {
+            return Err(ApiError::bad_request(format!(
+                "volume {name} has {} bytes; shrinking it to {size_bytes} is refused (it would drop the data past the new end, and a filesystem on it would break). Give a size above {}",
+                v.size_bytes, v.size_bytes
+            )));
+        }
+        if !size_bytes.is_multiple_of(BLOCK_SIZE as u64) {
+            return Err(ApiError::bad_request(format!(
+                "size {size_bytes} bytes is not a multiple of volume {name}'s {}-byte block size",
+                v.block_size
+            )));
+        }
+        if size_bytes > MAX_VOLUME_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "size {size_bytes} bytes is over the 64 TiB limit"
+            )));
+        }
+        let small: Vec<String> = self
+            .volume_replicas(name)
+            .iter()
+            .filter_map(|r| {
+                let max = self.max_file_bytes(&r.node)?;
+                (size_bytes > max).then(|| {
+                    format!(
+                        "replica {} is on node {}, whose disk holds files up to {max} bytes",
+                        r.name, r.node
+                    )
+                })
+            })
+            .collect();
+        if !small.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "volume {name} cannot grow to {size_bytes} bytes: {}; choose a smaller size",
+                small.join("; ")
+            )));
+        }
+        let from = v.size_bytes;
+        v.size_bytes = size_bytes;
+        self.save_volume(v)?;
+        tracing::info!(
+            volume = name,
+            "volume expanding from {from} to {size_bytes} bytes"
+        );
+        self.volume(name)
+    }
+}
