@@ -38,8 +38,16 @@ pub const DEFAULT_BUSY_POLL_US: u64 = zebu_engine::busy_poll::DEFAULT_WINDOW.as_
 pub const DEFAULT_SCRUB_INTERVAL_S: u64 = 7 * 24 * 3600;
 /// Scrub speed limit by default, in MiB of volume data per second.
 pub const DEFAULT_SCRUB_MIBS: u64 = 32;
-/// A failed engine start is retried after this long.
+/// A failed engine start is retried after 1 s, then 2 s, 4 s, and this long at most: a power
+/// cut's restarts in any order (an engine's node up before its replicas' nodes) serve again
+/// within a second or two of the last node's return.
 const ENGINE_RETRY: Duration = Duration::from_secs(5);
+
+/// How long after its `failures`-th failed start in a row an engine is started again.
+fn engine_retry(failures: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.saturating_pow(failures.saturating_sub(1).min(8)))
+        .min(ENGINE_RETRY)
+}
 /// A failed rebuild is tried again after this long (if the manager still asks for it).
 const REBUILD_RETRY: Duration = Duration::from_secs(5);
 /// A replica that does not answer a request within this time leaves the set.
@@ -110,9 +118,16 @@ enum RebuildState {
 }
 
 enum EngineSlot {
-    Starting,
+    /// `failures`: failed starts in a row before this one.
+    Starting {
+        failures: u32,
+    },
     Running(Arc<Engine>),
-    Failed { error: String, at: Instant },
+    Failed {
+        error: String,
+        at: Instant,
+        failures: u32,
+    },
 }
 
 pub struct Agent {
@@ -695,6 +710,7 @@ impl Agent {
                     bytes_done: m.bytes_done,
                     bytes_total: m.bytes_total,
                 }),
+                pending_merges: r.pending_merges() as u32,
             })
             .collect();
         // Replicas that are not served: unreadable on disk, or not on disk at all.
@@ -711,6 +727,7 @@ impl Agent {
                     epoch: 0,
                     block_size: 0,
                     merge: None,
+                    pending_merges: 0,
                 });
             }
         }
@@ -736,7 +753,7 @@ impl Agent {
                         .and_then(|g| g.failed.as_ref())
                         .map(|(why, _)| why.clone()),
                 },
-                EngineSlot::Starting => EngineReport {
+                EngineSlot::Starting { .. } => EngineReport {
                     volume: volume.clone(),
                     running: false,
                     generation: 0,
@@ -961,6 +978,7 @@ impl Agent {
                         *slot = EngineSlot::Failed {
                             error: reason,
                             at: Instant::now(),
+                            failures: 1,
                         };
                     }
                 }
@@ -976,12 +994,14 @@ impl Agent {
             });
             for (vol, spec) in &wanted {
                 let start = match map.get(*vol) {
-                    None => true,
-                    Some(EngineSlot::Failed { at, .. }) => at.elapsed() >= ENGINE_RETRY,
-                    _ => false,
+                    None => Some(0),
+                    Some(EngineSlot::Failed { at, failures, .. }) => {
+                        (at.elapsed() >= engine_retry(*failures)).then_some(*failures)
+                    }
+                    _ => None,
                 };
-                if start {
-                    map.insert(vol.to_string(), EngineSlot::Starting);
+                if let Some(failures) = start {
+                    map.insert(vol.to_string(), EngineSlot::Starting { failures });
                     self.spawn_engine((*spec).clone());
                 }
             }
@@ -1154,9 +1174,9 @@ impl Agent {
             let result = Engine::start(cfg).await;
             let mut map = this.engines.lock().unwrap();
             // Detached while starting: the slot is gone or no longer Starting.
-            if !matches!(map.get(&spec.volume), Some(EngineSlot::Starting)) {
+            let Some(&EngineSlot::Starting { failures }) = map.get(&spec.volume) else {
                 return;
-            }
+            };
             match result {
                 Ok(engine) => {
                     this.nbd.add(engine.clone());
@@ -1169,7 +1189,14 @@ impl Agent {
                 }
                 Err(e) => {
                     tracing::error!(node = %this.cfg.node, "{e}");
-                    map.insert(spec.volume.clone(), EngineSlot::Failed { error: e.to_string(), at: Instant::now() });
+                    map.insert(
+                        spec.volume.clone(),
+                        EngineSlot::Failed {
+                            error: e.to_string(),
+                            at: Instant::now(),
+                            failures: failures + 1,
+                        },
+                    );
                 }
             }
         });

@@ -119,6 +119,10 @@ pub struct Replica {
     /// A deleted snapshot's data being merged on this replica, as its node reports it.
     #[serde(default)]
     pub merge: Option<MergeStatus>,
+    /// Deleted snapshots whose data this replica has still to merge (the running merge
+    /// included), as its node reports it; null while its node does not report.
+    #[serde(default)]
+    pub pending_merges: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -422,6 +426,9 @@ pub struct ReplicaReport {
     /// A merge of a deleted snapshot running on it.
     #[serde(default)]
     pub merge: Option<MergeStatus>,
+    /// Deleted snapshots it has still to merge (the running one included).
+    #[serde(default)]
+    pub pending_merges: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

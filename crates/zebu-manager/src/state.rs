@@ -445,6 +445,13 @@ impl State {
                     .get(&r.node)
                     .and_then(|l| l.report.replicas.iter().find(|x| x.name == r.name))
                     .and_then(|x| x.merge.clone()),
+                pending_merges: self
+                    .live
+                    .get(&r.node)
+                    .filter(|_| self.node_ready(&r.node))
+                    .and_then(|l| l.report.replicas.iter().find(|x| x.name == r.name))
+                    .filter(|x| x.error.is_none())
+                    .map(|x| x.pending_merges),
             })
             .collect();
         // Replicas that could serve now: in sync, on a ready node, on its disk.

@@ -94,6 +94,70 @@ fn show_volume(v: &Volume, out: Output) {
     }
 }
 
+/// Wait until no replica of `volume` has a deleted snapshot left to merge, drawing a bar of
+/// the merges done on stderr. A replica whose node does not report is named and not waited for
+/// (it merges once it is back). Agents report every second: a count is trusted only once two
+/// reports came after the deletion.
+async fn wait_merged(c: &ApiClient, volume: &str) -> anyhow::Result<()> {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "merging [{bar:30}] {pos}/{len} snapshot merges {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let since = Instant::now();
+    let mut most = 0u64;
+    loop {
+        let v = c.get_volume(volume).await?;
+        let left: u64 = v
+            .replicas
+            .iter()
+            .filter_map(|r| r.pending_merges)
+            .map(u64::from)
+            .sum();
+        most = most.max(left);
+        bar.set_length(most);
+        bar.set_position(most - left);
+        let now: Vec<String> = v
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                let m = r.merge.as_ref()?;
+                Some(format!(
+                    "{}: {} {}/{}",
+                    r.name,
+                    m.snapshot,
+                    human(m.bytes_done),
+                    human(m.bytes_total)
+                ))
+            })
+            .collect();
+        bar.set_message(now.join(", "));
+        if left == 0 && since.elapsed() >= Duration::from_millis(2500) {
+            bar.finish_and_clear();
+            let silent: Vec<String> = v
+                .replicas
+                .iter()
+                .filter(|r| r.pending_merges.is_none())
+                .map(|r| format!("{} (node {})", r.name, r.node))
+                .collect();
+            if silent.is_empty() {
+                eprintln!("volume {volume}: every replica has merged its deleted snapshots");
+            } else {
+                eprintln!(
+                    "volume {volume}: the replicas that report have merged; {} do not report now and merge once they are back",
+                    silent.join(", ")
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A running rebuild's kind and progress, or how the last one went.
 fn rebuild_cell(r: &zebu_api::Replica) -> String {
     if let Some(b) = &r.rebuild {
@@ -670,7 +734,7 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 .await?;
             show_snapshot(&s, ca.output);
         }
-        SnapshotCmd::Purge { volume } => {
+        SnapshotCmd::Purge { volume, wait } => {
             let gone: Vec<zebu_api::Snapshot> = c
                 .post(
                     &format!("/v1/volumes/{}/snapshot-purge", seg(&volume)),
@@ -688,6 +752,9 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                     gone.len(),
                     names.join(", ")
                 );
+            }
+            if wait && !gone.is_empty() {
+                wait_merged(&c, &volume).await?;
             }
         }
         SnapshotCmd::List { volume } => {
@@ -750,7 +817,7 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 println!("volume {volume} reverted to snapshot {name}");
             }
         }
-        SnapshotCmd::Delete { volume, name } => {
+        SnapshotCmd::Delete { volume, name, wait } => {
             let s: zebu_api::Snapshot = c
                 .delete(&format!(
                     "/v1/volumes/{}/snapshots/{}",
@@ -762,6 +829,9 @@ pub async fn snapshot(cmd: SnapshotCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                 print_json(&s);
             } else {
                 println!("snapshot {name} of volume {volume} deleted; its data is merged in the background (zebu volume get {volume} shows the progress)");
+            }
+            if wait {
+                wait_merged(&c, &volume).await?;
             }
         }
     }

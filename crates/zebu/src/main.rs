@@ -494,7 +494,12 @@ enum SnapshotCmd {
     },
     /// Delete every system snapshot of a volume (those Zebu took for its own work; user
     /// snapshots stay). Each is merged in the background, as a deletion is.
-    Purge { volume: String },
+    Purge {
+        volume: String,
+        /// Wait until every replica has merged them, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
     /// List a volume's snapshots: a tree in the table, a list with `parent` in -o json.
     List { volume: String },
     /// Show one snapshot.
@@ -505,7 +510,14 @@ enum SnapshotCmd {
     /// Delete a snapshot. It is gone at once; its data is merged into the snapshot (or the
     /// live head) above it in the background, paced, resumed after any crash; `zebu volume get`
     /// shows the merge's progress.
-    Delete { volume: String, name: String },
+    Delete {
+        volume: String,
+        name: String,
+        /// Wait until every replica has merged its data, with a progress bar (Ctrl-C stops
+        /// waiting; the merge goes on).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Write a snapshot's content to a new raw image file or to an NBD export
     /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH): holes are kept, and the
     /// result is read back and compared by sha256. A detached volume is attached for it (to

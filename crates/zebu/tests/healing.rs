@@ -617,24 +617,20 @@ fn salvage_refuses_without_the_freshest_replica_and_a_person_may_choose() {
 }
 
 /// Promise 3 with kill -9 (the page cache survives, so this is not a power loss; the last
-/// variant below is): 20 trials of every process killed in a random
-/// order with random gaps, then restarted in a random order. With no CLI action the volume
-/// returns to `healthy`, every write acknowledged after a flush reads back, and no block reads
-/// EIO. Here no write is in flight when the processes die.
-#[test]
-fn power_cycles_with_kill_9_come_back_healthy_by_themselves() {
-    power_cycles(29, false, &[]);
-}
-
-/// The same with unflushed writes in flight: a kill between a replica's data write and its
-/// index write leaves a block whose checksum does not match (new data, old entry), and the
+/// variant below is): 20 trials of every process killed in a random order with random gaps,
+/// then restarted in a random order. With no CLI action the volume returns to `healthy`, every
+/// write acknowledged after a flush reads back, and no block reads EIO. Unflushed writes are in
+/// flight in the upper half when the processes die: a kill between a replica's data write and
+/// its index write leaves a block whose checksum does not match (new data, old entry), and the
 /// replicas may hold different data where writes were in flight. The write-intent log marks
 /// those extents; the engine resyncs them from one replica before serving, the torn block
 /// taking its data file content. So the volume comes back healthy, every replica holds the
-/// same bytes (checked offline after every trial), and nothing reads EIO.
+/// same bytes (checked offline after every trial), and nothing reads EIO. (An idle variant,
+/// with nothing in flight, checked a subset of this and was dropped to keep the suite short:
+/// the lower half here is written and flushed before every kill, as it was there.)
 #[test]
 fn power_cycles_with_writes_in_flight_come_back_healthy_by_themselves() {
-    power_cycles(30, true, &[]);
+    power_cycles(30, &[]);
 }
 
 /// The same trials as real power cuts: every agent's replica files go through the
@@ -644,10 +640,10 @@ fn power_cycles_with_writes_in_flight_come_back_healthy_by_themselves() {
 /// reads back, nothing reads EIO, the replicas are identical.
 #[test]
 fn power_cuts_that_drop_unflushed_data_come_back_healthy_by_themselves() {
-    power_cycles(32, true, &["--file-layer", "crash-sim"]);
+    power_cycles(32, &["--file-layer", "crash-sim"]);
 }
 
-fn power_cycles(net: u8, in_flight: bool, agent_args: &[&str]) {
+fn power_cycles(net: u8, agent_args: &[&str]) {
     require("qemu-io");
     require("fio");
     let mut c = Cluster::separate_with(net, 3, agent_args);
@@ -673,8 +669,7 @@ fn power_cycles(net: u8, in_flight: bool, agent_args: &[&str]) {
         flushed.retain(|(s, _)| *s != slot);
         flushed.push((slot, pattern));
         // Unflushed writes in flight in the upper half while everything dies.
-        let fio =
-            in_flight.then(|| fio_writer(&c, &uri, &["--offset=32m", "--size=32m", "--iodepth=8"]));
+        let mut fio = fio_writer(&c, &uri, &["--offset=32m", "--size=32m", "--iodepth=8"]);
         std::thread::sleep(Duration::from_millis(300 + rng.next(300)));
         // Kill -9 the manager and every agent in a random order, with random gaps.
         let mut order: Vec<usize> = (0..4).collect();
@@ -692,10 +687,8 @@ fn power_cycles(net: u8, in_flight: bool, agent_args: &[&str]) {
             }
             std::thread::sleep(Duration::from_millis(rng.next(400)));
         }
-        if let Some(mut fio) = fio {
-            let _ = fio.kill();
-            let _ = fio.wait();
-        }
+        let _ = fio.kill();
+        let _ = fio.wait();
         for i in (1..order.len()).rev() {
             order.swap(i, rng.next(i as u64 + 1) as usize);
         }

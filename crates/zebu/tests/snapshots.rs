@@ -245,7 +245,14 @@ fn snapshots_hold_their_moment_on_every_replica_and_deletes_merge() {
             .map(|(n, k)| (n.to_owned(), k.to_owned()))
             .to_vec()
     );
-    let gone = c.cli_json(&["snapshot", "purge", "vol"]).unwrap();
+    // --wait returns once every replica has merged them (checked at once, not waited for).
+    let gone = c.cli_json(&["snapshot", "purge", "vol", "--wait"]).unwrap();
+    let v = c.volume("vol");
+    for r in v["replicas"].as_array().unwrap() {
+        let dir = c.replica_dir(node_index(r), r["name"].as_str().unwrap());
+        assert_eq!(layer_files(&dir), 4, "{}: {v}", dir.display());
+        assert_eq!(r["pending_merges"], 0, "{v}");
+    }
     let mut gone: Vec<&str> = gone
         .as_array()
         .unwrap()
@@ -258,7 +265,6 @@ fn snapshots_hold_their_moment_on_every_replica_and_deletes_merge() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0]["name"], "mine");
     refused(&c, &["snapshot", "purge", "nope"], "nope");
-    merged_to(&c, "vol", 2);
     c.cli_ok(&["volume", "detach", "vol"]);
     let mine = filled(size, &[(0, 4 * M, 0x11), (M, M, 0x22), (3 * M, M, 0x44)]);
     assert!(every_replica_holds(&c, "vol", Some("mine")) == mine);

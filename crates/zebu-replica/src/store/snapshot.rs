@@ -404,6 +404,12 @@ impl Replica {
             .map(|l| l.id)
     }
 
+    /// Removed snapshots still in the tree (their merges to come, or running).
+    pub fn pending_merges(&self) -> usize {
+        let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        meta.layers.iter().filter(|l| l.is_removed()).count()
+    }
+
     /// Whether a removed snapshot waits for its merge.
     pub fn has_pending_merges(&self) -> bool {
         self.next_merge().is_some()
