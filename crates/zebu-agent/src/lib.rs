@@ -7,6 +7,8 @@
 //! threads never wait on the manager. Blocking file I/O runs on the replica server's own
 //! I/O threads.
 
+pub mod fuse;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -99,6 +101,8 @@ pub struct AgentConfig {
     pub merge_rate: u64,
     /// The file layer under every replica ([`zebu_replica::file::direct`] but in tests).
     pub files: Arc<dyn FileLayer>,
+    /// Where the FUSE frontend serves every volume attached here as a file (none: no FUSE).
+    pub fuse_dir: Option<PathBuf>,
 }
 
 /// Background scrubs of attached volumes (see [`Engine::scrub`]).
@@ -148,6 +152,8 @@ pub struct Agent {
     growths: Mutex<HashMap<String, Growth>>,
     /// Where NBD is also served over a unix socket (None if it could not be bound).
     nbd_socket: Option<PathBuf>,
+    /// The FUSE frontend, when `--fuse-dir` is set and the mount worked.
+    fuse: Option<fuse::FuseFrontend>,
     /// The cluster this node belongs to (`DATA_DIR/cluster.id`), once a manager answered.
     cluster_id: Mutex<Option<String>>,
     /// The last refusal or hold logged, so each is logged once.
@@ -346,6 +352,18 @@ impl Agent {
                 None
             }
         };
+        let fuse = cfg.fuse_dir.as_ref().and_then(|dir| {
+            match fuse::FuseFrontend::mount(dir, rt.handle().clone()) {
+                Ok(f) => {
+                    tracing::info!(node = %cfg.node, dir = %dir.display(), "FUSE frontend mounted: every volume attached here is a file there");
+                    Some(f)
+                }
+                Err(e) => {
+                    tracing::error!(node = %cfg.node, dir = %dir.display(), "the FUSE frontend could not be mounted ({e}); volumes are served over NBD only. Is /dev/fuse there, and fusermount3 installed?");
+                    None
+                }
+            }
+        });
         let cluster_id = zebu_api::cluster_id::read(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("node {}: {e}", cfg.node))?;
         // The node's own token once it has one; the shared agent token until then.
@@ -370,6 +388,7 @@ impl Agent {
             growths: Mutex::new(HashMap::new()),
             secret: Mutex::new(None),
             nbd_socket,
+            fuse,
             cfg,
         });
         agent.open_existing();
@@ -639,7 +658,7 @@ impl Agent {
                 .collect()
         };
         for e in engines {
-            self.nbd.remove(e.volume());
+            self.unserve(e.volume());
             let e2 = e.clone();
             let _ = data_runtime()
                 .spawn(async move { e2.shutdown("the agent is shutting down").await })
@@ -969,7 +988,7 @@ impl Agent {
                         })
                     });
                     if let Some(reason) = reason {
-                        self.nbd.remove(vol);
+                        self.unserve(vol);
                         let e = e.clone();
                         let why = reason.clone();
                         data_runtime().spawn(async move {
@@ -1009,13 +1028,21 @@ impl Agent {
         self.start_rebuilds(&a);
         self.start_growths(&a);
         for e in to_stop {
-            self.nbd.remove(e.volume());
+            self.unserve(e.volume());
             tracing::info!(node = %self.cfg.node, volume = %e.volume(), "engine stopping (detached)");
             data_runtime().spawn(async move {
                 if let Err(err) = e.shutdown("the volume was detached from this node").await {
                     tracing::warn!("final flush of {} failed: {err}", e.volume());
                 }
             });
+        }
+    }
+
+    /// Stop serving `volume` to clients (NBD and FUSE).
+    fn unserve(&self, volume: &str) {
+        self.nbd.remove(volume);
+        if let Some(f) = &self.fuse {
+            f.remove(volume);
         }
     }
 
@@ -1180,6 +1207,9 @@ impl Agent {
             match result {
                 Ok(engine) => {
                     this.nbd.add(engine.clone());
+                    if let Some(f) = &this.fuse {
+                        f.add(engine.clone());
+                    }
                     if !this.cfg.scrub.interval.is_zero() {
                         let record = this.cfg.data_dir.join("scrubs").join(&spec.volume);
                         data_runtime().spawn(scrub_loop(engine.clone(), this.cfg.scrub, record));

@@ -185,6 +185,12 @@ struct ServingArgs {
     /// cut does. `direct` (the default) is the real files. Hidden: never for real data.
     #[arg(long, env = "ZEBU_FILE_LAYER", value_enum, default_value_t = FileLayerArg::Direct, hide = true)]
     file_layer: FileLayerArg,
+    /// Serve every volume attached to the node as a file DIR/VOLUME of the volume's size,
+    /// through FUSE (needs /dev/fuse and fusermount3): `losetup --direct-io=on -f --show
+    /// DIR/VOLUME` makes it a block device without kernel NBD. With `up`, each node's files are
+    /// in DIR/node-N. Unmounted when the agent stops. Default: not served.
+    #[arg(long, value_name = "DIR")]
+    fuse_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -735,6 +741,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         scrub: a.serving.scrub(),
         merge_rate: a.serving.snapshot_merge_rate.saturating_mul(1 << 20),
         files: a.serving.files(),
+        fuse_dir: a.serving.fuse_dir.clone(),
     })?;
     let (tx, rx) = watch::channel(false);
     let run = tokio::spawn(agent.run(rx));
@@ -797,6 +804,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
             scrub: a.serving.scrub(),
             merge_rate: a.serving.snapshot_merge_rate.saturating_mul(1 << 20),
             files: files.clone(),
+            fuse_dir: a.serving.fuse_dir.as_ref().map(|d| d.join(&node)),
         })?;
         agents.push(tokio::spawn(agent.run(stop_rx.clone())));
     }
@@ -859,7 +867,18 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         );
         println!("  qemu-img info {uri}");
         println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
-        println!("  mkdir -p /tmp/zebu-fuse && nbdfuse /tmp/zebu-fuse/demo {uri} &   # then: losetup -f --show /tmp/zebu-fuse/demo");
+        match &a.serving.fuse_dir {
+            Some(dir) => {
+                let node = v.node.as_deref().unwrap_or("node-1");
+                println!(
+                    "  as a block device: losetup --direct-io=on -f --show {}",
+                    dir.join(node).join("demo").display()
+                );
+            }
+            None => println!(
+                "  as a block device: start up with --fuse-dir DIR (docs/frontends.md), or: mkdir -p /tmp/zebu-fuse && nbdfuse /tmp/zebu-fuse/demo {uri} &   # then: losetup -f --show /tmp/zebu-fuse/demo"
+            ),
+        }
         if let Some(local) = &v.nbd_unix_uri {
             println!("  on this machine, the same volume over a unix socket (faster): '{local}'");
         }

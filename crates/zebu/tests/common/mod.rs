@@ -186,22 +186,26 @@ impl Cluster {
 
     pub fn start_agent(&mut self, i: usize) {
         let name = format!("node-{}", i + 1);
-        let child = Command::new(ZEBU)
-            .args([
-                "agent",
-                "--manager",
-                &self.api,
-                "--node",
-                &name,
-                "--data-dir",
-            ])
-            .arg(self.dir.path().join(&name))
-            .args(["--listen", &self.node_ip(i), "--token", &self.agent_token()])
-            .args(&self.agent_args)
-            .stdout(log_file(self.dir.path(), &format!("{name}.out")))
-            .stderr(log_file(self.dir.path(), &name))
-            .spawn()
-            .expect("starting zebu agent");
+        let child =
+            Command::new(ZEBU)
+                .args([
+                    "agent",
+                    "--manager",
+                    &self.api,
+                    "--node",
+                    &name,
+                    "--data-dir",
+                ])
+                .arg(self.dir.path().join(&name))
+                .args(["--listen", &self.node_ip(i), "--token", &self.agent_token()])
+                // `{data}` in an extra argument: this agent's data directory.
+                .args(self.agent_args.iter().map(|a| {
+                    a.replace("{data}", &self.dir.path().join(&name).display().to_string())
+                }))
+                .stdout(log_file(self.dir.path(), &format!("{name}.out")))
+                .stderr(log_file(self.dir.path(), &name))
+                .spawn()
+                .expect("starting zebu agent");
         self.agents[i] = Some(child);
     }
 
