@@ -14,8 +14,9 @@
 //! * Discard (`fallocate` punching a hole) is a trim, zeroing a range is WRITE_ZEROES; every
 //!   other change of a file's shape (truncate, other fallocate modes) is refused: a volume's size
 //!   changes only through `zebu volume expand`.
-//! * The mount goes with the agent (`auto_unmount`); a detached volume's file disappears, and
-//!   I/O on a descriptor still open to it fails with EIO.
+//! * The mount goes with the agent: unmounted at a clean stop, by `fusermount3`'s auto-unmount
+//!   after a kill, and a stale one left anyway is cleared at the next start. A detached
+//!   volume's file disappears, and I/O on a descriptor still open to it fails with EIO.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -86,6 +87,9 @@ impl FuseFrontend {
             MountOption::DefaultPermissions,
         ]);
         cfg.acl = fuser::SessionACL::All;
+        // Two threads read requests, each on its own cloned /dev/fuse descriptor.
+        cfg.n_threads = Some(2);
+        cfg.clone_fd = true;
         let session = fuser::spawn_mount2(fs, dir, &cfg)?;
         Ok(FuseFrontend {
             dir: dir.to_owned(),
@@ -110,6 +114,30 @@ impl FuseFrontend {
     pub fn remove(&self, volume: &str) {
         let mut f = self.files.write().unwrap_or_else(|p| p.into_inner());
         f.by_name.remove(volume);
+    }
+
+    /// Unmount now (lazily: a loop device may still hold a file), at a clean stop. (After a
+    /// kill, `fusermount3`'s auto-unmount does it; on a clean exit it was seen not to, and a
+    /// stale mount left anyway is cleared at the next start.)
+    pub fn unmount(&self) {
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_name
+            .clear();
+        match std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.dir)
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                tracing::warn!(dir = %self.dir.display(), "unmounting the FUSE frontend: {}", String::from_utf8_lossy(&o.stderr).trim())
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), "unmounting the FUSE frontend: fusermount3: {e}")
+            }
+        }
     }
 }
 
@@ -175,6 +203,9 @@ impl Filesystem for Fs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.set_max_background(128);
+        // Asynchronous direct I/O: the loop device's many requests in flight reach us as many
+        // requests, not one at a time.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         Ok(())
     }
 

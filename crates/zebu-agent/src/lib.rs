@@ -648,6 +648,11 @@ impl Agent {
 
     /// Flush and close every engine (clean shutdown; volumes stay attached in desired state).
     pub async fn stop(&self) {
+        // The FUSE mount first (lazily: descriptors open on it are served until the engines
+        // stop below), so no stale mount outlives the agent.
+        if let Some(f) = &self.fuse {
+            f.unmount();
+        }
         let engines: Vec<Arc<Engine>> = {
             let mut map = self.engines.lock().unwrap();
             map.drain()
