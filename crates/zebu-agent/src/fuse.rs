@@ -37,8 +37,11 @@ const MAX_IO: u32 = 1 << 20;
 
 #[derive(Default)]
 struct Files {
-    /// Volume name -> (inode, engine). Inodes are never reused while the agent runs.
+    /// Volume name -> (inode, engine) of the volumes served now.
     by_name: BTreeMap<String, (u64, Arc<Engine>)>,
+    /// Every volume's inode, kept while the agent runs: an engine started again for a volume
+    /// (after a failure) serves the same file, so a loop device open on it goes on working.
+    inos: std::collections::HashMap<String, u64>,
     next_ino: u64,
 }
 
@@ -105,9 +108,17 @@ impl FuseFrontend {
     /// Serve `engine`'s volume as a file.
     pub fn add(&self, engine: Arc<Engine>) {
         let mut f = self.files.write().unwrap_or_else(|p| p.into_inner());
-        let ino = f.next_ino;
-        f.next_ino += 1;
-        f.by_name.insert(engine.volume().to_owned(), (ino, engine));
+        let name = engine.volume().to_owned();
+        let ino = match f.inos.get(&name) {
+            Some(i) => *i,
+            None => {
+                let i = f.next_ino;
+                f.next_ino += 1;
+                f.inos.insert(name.clone(), i);
+                i
+            }
+        };
+        f.by_name.insert(name, (ino, engine));
     }
 
     /// Stop serving `volume`'s file.
@@ -192,7 +203,8 @@ impl Fs {
 /// How an engine's error reaches the kernel.
 fn errno(e: &zebu_engine::EngineError) -> Errno {
     match e {
-        zebu_engine::EngineError::OutOfRange { .. } => Errno::EINVAL,
+        // Past the end of a block device: what the kernel says for one.
+        zebu_engine::EngineError::OutOfRange { .. } => Errno::ENOSPC,
         zebu_engine::EngineError::NoSpace { .. } => Errno::ENOSPC,
         _ => Errno::EIO,
     }

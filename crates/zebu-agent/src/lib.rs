@@ -648,8 +648,8 @@ impl Agent {
 
     /// Flush and close every engine (clean shutdown; volumes stay attached in desired state).
     pub async fn stop(&self) {
-        // The FUSE mount first (lazily: descriptors open on it are served until the engines
-        // stop below), so no stale mount outlives the agent.
+        // The FUSE mount first (lazily), so no stale mount outlives the agent; I/O on its
+        // files fails from now on, as it would once the engines below have stopped.
         if let Some(f) = &self.fuse {
             f.unmount();
         }

@@ -485,9 +485,21 @@ impl Engine {
         let mut unreachable = Vec::new();
         for (index, (t, r)) in cfg.replicas.iter().zip(results).enumerate() {
             let (client, mode, error) = match r {
+                // It did not grow (its disk refused, or it failed meanwhile): as one out of
+                // reach, it may hold writes the others lack, so the start waits for it.
+                Ok((_, _, size)) if size < cfg.size_bytes => {
+                    let e = format!(
+                        "replica {} has {size} bytes and could not grow to the volume's {} (see the agent's log)",
+                        t.name, cfg.size_bytes
+                    );
+                    if !cfg.may_leave_out.contains(&t.name) {
+                        unreachable.push(e.clone());
+                    }
+                    (None, Mode::Err, e)
+                }
                 Ok((_, _, size)) if size != cfg.size_bytes => {
                     let e = format!(
-                        "replica {} has size {size} but the volume has size {}",
+                        "replica {} has size {size} but the volume has size {}: it is not a copy of this volume",
                         t.name, cfg.size_bytes
                     );
                     (None, Mode::Err, e)

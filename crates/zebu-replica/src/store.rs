@@ -4,8 +4,9 @@
 //! (`layer-<id>.data`, block `b` at byte `b * block_size`) and an index file (`layer-<id>.idx`:
 //! a 4096-byte header, then one 8-byte entry per block). An entry says whether the layer holds
 //! the block's data (with its CRC32C) or holds it as zeroes (masking older layers), or does not
-//! hold it at all (fall through to the layer below). Reads resolve every block top-down through
-//! the chain using an in-memory copy of the indexes; only blocks ever written cost memory.
+//! hold it at all (fall through to the layer below). Reads resolve a block with one lookup in
+//! an in-memory merged map of the live path (block -> the entry and the layer deciding it),
+//! whatever the chain's length; only blocks ever written cost memory.
 //!
 //! Concurrency: all methods take `&self` and are called from many I/O threads at once. Writers
 //! take a striped lock over the blocks they touch (so partial-block read-modify-writes and index
@@ -17,8 +18,10 @@
 //! `fdatasync` on both files of the head. A failed fsync poisons the replica: every later request
 //! fails, because the kernel may have dropped the dirty pages and a retry could pretend success.
 //!
-//! Limits: the chain is fixed at open time in this version (snapshots come later); the index of
-//! a layer costs 8 bytes of memory per written block plus 16 bytes per 16 MiB of volume.
+//! Snapshots, merges, reverts and growth are in `store/snapshot.rs` and `store/grow.rs`. Memory:
+//! the merged map costs 32 KiB per 16 MiB of volume holding a written block (a chunk of 4096
+//! entries), plus a fixed 96 KiB table and 96 KiB per 64 GiB group holding a chunk (it covers
+//! 2^36 blocks from the start, so a volume grows with no copy of it).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -199,6 +202,8 @@ pub struct Replica {
     merging: Mutex<Option<MergeProgress>>,
     /// Held by a whole run of merges, and by a revert: one at a time.
     merge_lock: Mutex<()>,
+    /// Held by a whole growth (see `store/grow.rs`): one at a time, so only one sets lengths.
+    growth: Mutex<()>,
     /// Set when the replica is no longer served: a merge stops.
     closing: AtomicBool,
     /// Set while a revert waits for a running merge: it stops at its next batch.
@@ -393,6 +398,7 @@ impl Replica {
         cleanup: bool,
     ) -> Result<Replica, ReplicaError> {
         let meta = ReplicaMeta::load(dir)?;
+        grow::check_size(&meta.replica, meta.size_bytes, meta.block_size)?;
         if cleanup {
             remove_unnamed_layer_files(dir, &meta);
         }
@@ -471,6 +477,7 @@ impl Replica {
             tree: Mutex::new(()),
             merging: Mutex::new(None),
             merge_lock: Mutex::new(()),
+            growth: Mutex::new(()),
             closing: AtomicBool::new(false),
             merge_yield: AtomicBool::new(false),
             #[cfg(test)]

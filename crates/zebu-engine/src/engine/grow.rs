@@ -98,8 +98,23 @@ impl Engine {
             }
             self.retire(&failed).await;
             let membership = self.membership.lock().await;
-            // A rebuild that began meanwhile sized its target at the old size.
+            // A rebuild that began meanwhile sized its target at the old size; one that joined
+            // and finished meanwhile is in the set now, at the old size.
             self.refuse_while_rebuilding("grow the volume")?;
+            let grown: Vec<usize> = set
+                .iter()
+                .filter(|m| !failed.iter().any(|(f, _)| f.index == m.index))
+                .map(|m| m.index)
+                .collect();
+            if let Some(m) = self.in_sync().iter().find(|m| !grown.contains(&m.index)) {
+                return Err(refuse(
+                    SnapshotRefusal::Busy,
+                    format!(
+                        "replica {} joined the set while the others grew; grow the volume again",
+                        m.name
+                    ),
+                ));
+            }
             if let Some(name) = self.rebuilding_now() {
                 return Err(refuse(
                     SnapshotRefusal::Busy,

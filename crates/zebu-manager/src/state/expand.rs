@@ -5,7 +5,7 @@
 
 use zebu_api::Volume;
 
-use super::{not_found, State, BLOCK_SIZE, MAX_VOLUME_BYTES};
+use super::{not_found, State, MAX_VOLUME_BYTES};
 use crate::error::ApiError;
 
 impl State {
@@ -32,7 +32,7 @@ impl State {
                 v.size_bytes, v.size_bytes
             )));
         }
-        if !size_bytes.is_multiple_of(BLOCK_SIZE as u64) {
+        if !size_bytes.is_multiple_of(u64::from(v.block_size.max(1))) {
             return Err(ApiError::bad_request(format!(
                 "size {size_bytes} bytes is not a multiple of volume {name}'s {}-byte block size",
                 v.block_size
@@ -43,17 +43,21 @@ impl State {
                 "size {size_bytes} bytes is over the 64 TiB limit"
             )));
         }
+        // Every replica's disk must be known to hold the new size: a growth a disk refuses
+        // leaves the volume waiting at its old size, as the record cannot go down again.
         let small: Vec<String> = self
             .volume_replicas(name)
             .iter()
-            .filter_map(|r| {
-                let max = self.max_file_bytes(&r.node)?;
-                (size_bytes > max).then(|| {
-                    format!(
-                        "replica {} is on node {}, whose disk holds files up to {max} bytes",
-                        r.name, r.node
-                    )
-                })
+            .filter_map(|r| match self.max_file_bytes(&r.node) {
+                Some(max) if size_bytes <= max => None,
+                Some(max) => Some(format!(
+                    "replica {} is on node {}, whose disk holds files up to {max} bytes",
+                    r.name, r.node
+                )),
+                None => Some(format!(
+                    "replica {} is on node {}, which has not reported how large a file its disk holds (is it up?); try again once it is, or remove the replica",
+                    r.name, r.node
+                )),
             })
             .collect();
         if !small.is_empty() {

@@ -113,12 +113,11 @@ impl State {
                     salvage_hold: None,
                 },
             };
-            let mut error = r.error.clone().unwrap_or_else(|| WAITING.into());
-            if r.error.is_none() && r.size_bytes != v.size_bytes {
-                error = format!(
-                    "it holds {} bytes but the volume's other replicas {}",
-                    r.size_bytes, v.size_bytes
-                );
+            let error = r.error.clone().unwrap_or_else(|| WAITING.into());
+            // The volume's size is its largest replica's: a growth is recorded before any
+            // replica grows, and a replica that missed one is grown by its engine.
+            if r.error.is_none() && r.size_bytes > v.size_bytes {
+                v.size_bytes = r.size_bytes;
             }
             v.epoch = v.epoch.max(r.epoch);
             let rec = ReplicaRecord {

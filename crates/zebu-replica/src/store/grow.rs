@@ -10,6 +10,7 @@
 //! new length. No block below the old size is touched at any step.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::layer::{Layer, MAX_BLOCKS};
 use super::{Replica, Session};
@@ -43,15 +44,71 @@ pub(super) fn check_size(
 impl Replica {
     /// Grow the replica to `size_bytes` for `session` (refused once it is stale). The new range
     /// reads as zeroes; nothing below the old size changes. The same size again is a success
-    /// that changes nothing; a smaller one is refused. Runs alone on the replica (like a
-    /// snapshot: no operation of any session meanwhile, and no merge).
+    /// that changes nothing; a smaller one is refused, and so is one the disk cannot hold (with
+    /// nothing changed). The files grow and sync first, while I/O goes on; then the replica
+    /// runs alone (like a snapshot: no operation of any session meanwhile, and no merge) only
+    /// for what is left and the commit.
     pub fn resize_for(&self, session: &Session, size_bytes: u64) -> Result<(), ReplicaError> {
+        let _one = self.growth.lock().unwrap_or_else(|p| p.into_inner());
+        self.pre_grow(size_bytes);
         self.alone(Some(session), || self.grow_locked(size_bytes))
     }
 
     /// [`Replica::resize_for`] without a session.
     pub fn resize(&self, size_bytes: u64) -> Result<(), ReplicaError> {
+        let _one = self.growth.lock().unwrap_or_else(|p| p.into_inner());
+        self.pre_grow(size_bytes);
         self.alone(None, || self.grow_locked(size_bytes))
+    }
+
+    /// The slow part of a growth before the pause: every layer's files grown and synced, with
+    /// I/O going on. Best effort (the locked part does it all again, quickly, and reports what
+    /// fails); only ever lengthens files (a growth holds `growth`, so no other sets them).
+    fn pre_grow(&self, size_bytes: u64) {
+        if size_bytes <= self.size_bytes()
+            || check_size(&self.name, size_bytes, self.block_size).is_err()
+        {
+            return;
+        }
+        if let Ok(layers) = self.layers_for_growth() {
+            if let Err(e) = self.grow_layers(&layers, size_bytes) {
+                tracing::debug!(replica = %self.name, "growing the files before the pause: {e}");
+            }
+        }
+    }
+
+    /// Every layer of the tree: the chain's open ones, the others opened now.
+    fn layers_for_growth(&self) -> Result<Vec<Arc<Layer>>, ReplicaError> {
+        let ids: Vec<u64> = {
+            let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            meta.layers.iter().map(|l| l.id).collect()
+        };
+        let chain = self.chain();
+        ids.iter()
+            .map(
+                |id| match chain.slots.iter().flatten().find(|l| l.id == *id) {
+                    Some(l) => Ok(l.clone()),
+                    None => Layer::open_files(&*self.files, &self.dir, *id).map(Arc::new),
+                },
+            )
+            .collect()
+    }
+
+    /// Set every layer's files to the new lengths, then sync them. A length the disk refuses
+    /// is a refusal: every file is set back to the replica's size, and nothing is poisoned (no
+    /// data was touched). A failed sync poisons the replica (see `exclusive_sync`).
+    fn grow_layers(&self, layers: &[Arc<Layer>], size_bytes: u64) -> Result<(), ReplicaError> {
+        if let Some(e) = layers
+            .iter()
+            .find_map(|l| l.set_lens(size_bytes, self.block_size).err())
+        {
+            let now = self.size_bytes();
+            for l in layers {
+                let _ = l.set_lens(now, self.block_size);
+            }
+            return Err(e);
+        }
+        self.exclusive_sync(|| layers.iter().try_for_each(|l| l.sync_all()))
     }
 
     fn grow_locked(&self, size_bytes: u64) -> Result<(), ReplicaError> {
@@ -79,31 +136,12 @@ impl Replica {
         let _all = self.lock_all();
         // The layer list cannot change now: a snapshot needs the fence (held), a merge, a
         // revert or a rewind the tree lock (held); a delete only flags a layer.
-        let ids: Vec<u64> = {
-            let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            meta.layers.iter().map(|l| l.id).collect()
-        };
-        let chain = self.chain();
-        // 1. Every layer's files, synced (no flush may sync them meanwhile: see
-        // `exclusive_sync`; a failed sync poisons the replica).
-        self.exclusive_sync(|| {
-            for id in &ids {
-                match chain.slots.iter().flatten().find(|l| l.id == *id) {
-                    Some(l) => l.grow(size_bytes, self.block_size)?,
-                    None => Layer::grow_closed(
-                        &*self.files,
-                        &self.dir,
-                        *id,
-                        size_bytes,
-                        self.block_size,
-                    )?,
-                }
-            }
-            Ok(())
-        })?;
+        let layers = self.layers_for_growth()?;
+        // 1. Every layer's files (done before the pause, mostly: then this only checks).
+        self.grow_layers(&layers, size_bytes)?;
         self.crash_point()?;
         // 2. The write-intent log's header.
-        self.wil.grow(IntentLog::extents_of(size_bytes))?;
+        self.poison_on_io(self.wil.grow(IntentLog::extents_of(size_bytes)))?;
         self.crash_point()?;
         // 3. The commit: `replica.meta` with the new size.
         let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -243,6 +281,44 @@ mod tests {
         let r = Replica::open(dir.path()).unwrap();
         assert_eq!(r.size_bytes(), SMALL);
         assert!(read(&r, 0, SMALL) == head);
+    }
+
+    #[test]
+    fn a_size_the_disk_cannot_hold_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = populated(&crate::file::direct(), dir.path());
+        let head = read(&r, 0, SMALL);
+        let idx = |d: &std::path::Path| {
+            let mut lens: Vec<u64> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("layer-"))
+                .map(|e| e.metadata().unwrap().len())
+                .collect();
+            lens.sort();
+            lens
+        };
+        let before = idx(dir.path());
+        // 20 TiB: more than ext4 (these machines' file system) holds in one file.
+        match r.resize(20 << 40) {
+            Err(ReplicaError::Invalid { reason, .. }) => {
+                assert!(reason.contains("refuses"), "{reason}")
+            }
+            Ok(()) => {
+                eprintln!("this file system holds a 20 TiB file: nothing to refuse here");
+                return;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(!r.is_poisoned());
+        assert_eq!(r.size_bytes(), SMALL);
+        assert_eq!(idx(dir.path()), before);
+        r.write(0, &pattern(BS, 8), false).unwrap();
+        r.flush().unwrap();
+        drop(r);
+        let r = Replica::open(dir.path()).unwrap();
+        assert_eq!(r.size_bytes(), SMALL);
+        assert!(read(&r, BS, SMALL - BS) == head[BS as usize..]);
     }
 
     #[test]

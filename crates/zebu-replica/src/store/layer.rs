@@ -175,16 +175,45 @@ pub(super) fn grow_files(
     size_bytes: u64,
     block_size: u32,
 ) -> Result<(), ReplicaError> {
-    let blocks = size_bytes / block_size as u64;
-    data.set_len(size_bytes)
-        .map_err(|e| ReplicaError::io("size layer data", data_path, 0, e))?;
-    index
-        .set_len(INDEX_HEADER_BYTES + blocks * 8)
-        .map_err(|e| ReplicaError::io("size layer index", index_path, 0, e))?;
+    set_lens(
+        (data, data_path),
+        (index, index_path),
+        size_bytes,
+        block_size,
+    )?;
     for (f, p) in [(data, data_path), (index, index_path)] {
         f.sync_all()
             .map_err(|e| ReplicaError::io("fsync grown layer", p, 0, e))?;
     }
+    Ok(())
+}
+
+/// The lengths of [`grow_files`], not synced. A failure is the file system refusing the length
+/// (a file larger than it holds): reported as a refusal ([`ReplicaError::Invalid`]), since no
+/// data was touched; the caller sets the lengths back.
+pub(super) fn set_lens(
+    (data, data_path): (&dyn DiskFile, &Path),
+    (index, index_path): (&dyn DiskFile, &Path),
+    size_bytes: u64,
+    block_size: u32,
+) -> Result<(), ReplicaError> {
+    let blocks = size_bytes / block_size as u64;
+    let refused = |what: &str, p: &Path, e: std::io::Error| ReplicaError::Invalid {
+        replica: p
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        reason: format!(
+            "its disk refuses to make {} {size_bytes} bytes long ({what}: {e})",
+            p.display()
+        ),
+    };
+    data.set_len(size_bytes)
+        .map_err(|e| refused("layer data", data_path, e))?;
+    index
+        .set_len(INDEX_HEADER_BYTES + blocks * 8)
+        .map_err(|e| refused("layer index", index_path, e))?;
     Ok(())
 }
 
@@ -279,7 +308,9 @@ impl Layer {
             .size()
             .map_err(|e| ReplicaError::io("stat index", &index_path, 0, e))?;
         let want = INDEX_HEADER_BYTES + blocks * 8;
-        if len != want {
+        // Longer: a growth under way or cut short before `replica.meta` recorded it (set back
+        // at the next start by `trim_cut_growth`); the entries past the size are never read.
+        if len < want || !(len - INDEX_HEADER_BYTES).is_multiple_of(8) {
             return Err(bad(
                 0,
                 format!(
@@ -301,14 +332,26 @@ impl Layer {
         })
     }
 
-    /// Grow this layer's files to a volume of `size_bytes`, synced (see [`grow_files`]).
-    pub(super) fn grow(&self, size_bytes: u64, block_size: u32) -> Result<(), ReplicaError> {
-        grow_files(
+    /// Set this layer's files to the lengths of a volume of `size_bytes` (see [`set_lens`]).
+    pub(super) fn set_lens(&self, size_bytes: u64, block_size: u32) -> Result<(), ReplicaError> {
+        set_lens(
             (&*self.data, &self.data_path),
             (&*self.index, &self.index_path),
             size_bytes,
             block_size,
         )
+    }
+
+    /// Sync this layer's files (their lengths after [`Layer::set_lens`]).
+    pub(super) fn sync_all(&self) -> Result<(), ReplicaError> {
+        for (f, p) in [
+            (&*self.data, &self.data_path),
+            (&*self.index, &self.index_path),
+        ] {
+            f.sync_all()
+                .map_err(|e| ReplicaError::io("fsync grown layer", p, 0, e))?;
+        }
+        Ok(())
     }
 
     /// At open, before [`Layer::open`]: files longer than `size_bytes` (the size in
@@ -345,27 +388,28 @@ impl Layer {
         Ok(())
     }
 
-    /// [`Layer::grow`] for a layer that is not open (off the live path).
-    pub(super) fn grow_closed(
+    /// The files of a layer that is not open (off the live path), opened for a growth.
+    pub(super) fn open_files(
         files: &dyn FileLayer,
         dir: &Path,
         id: u64,
-        size_bytes: u64,
-        block_size: u32,
-    ) -> Result<(), ReplicaError> {
+    ) -> Result<Layer, ReplicaError> {
         let (data_path, index_path) = layer_paths(dir, id);
         let open = |p: &Path| {
             files
                 .open(p, false)
                 .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
         };
-        let (data, index) = (open(&data_path)?, open(&index_path)?);
-        grow_files(
-            (&*data, &data_path),
-            (&*index, &index_path),
-            size_bytes,
-            block_size,
-        )
+        Ok(Layer {
+            id,
+            slot: usize::MAX,
+            data: open(&data_path)?,
+            data_path,
+            index: open(&index_path)?,
+            index_path,
+            dirty: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+        })
     }
 
     /// Call `f(block, entry)` for every non-zero entry of blocks `[from, to)`, in block order,
