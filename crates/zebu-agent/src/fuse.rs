@@ -65,7 +65,6 @@ impl FuseFrontend {
     /// Mount the frontend on `dir` (created if missing; a stale mount left by an agent that was
     /// killed is unmounted first). Requests run on `rt`.
     pub fn mount(dir: &Path, rt: tokio::runtime::Handle) -> std::io::Result<FuseFrontend> {
-        std::fs::create_dir_all(dir)?;
         if is_mount_point(dir) {
             // A mount whose process died ("transport endpoint is not connected").
             let _ = std::process::Command::new("fusermount3")
@@ -73,6 +72,7 @@ impl FuseFrontend {
                 .arg(dir)
                 .status();
         }
+        std::fs::create_dir_all(dir)?;
         let files = Arc::new(RwLock::new(Files {
             next_ino: 2,
             ..Default::default()
@@ -95,12 +95,13 @@ impl FuseFrontend {
         cfg.clone_fd = true;
         let session = fuser::spawn_mount2(fs, dir, &cfg)?;
         Ok(FuseFrontend {
-            dir: dir.to_owned(),
+            dir: absolute(dir),
             files,
             _session: session,
         })
     }
 
+    /// The mount point (absolute).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -152,10 +153,22 @@ impl FuseFrontend {
     }
 }
 
+/// `dir` made absolute without looking inside it (a stale mount answers nothing there).
+fn absolute(dir: &Path) -> PathBuf {
+    match (dir.parent(), dir.file_name()) {
+        (Some(p), Some(n)) => std::fs::canonicalize(if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        })
+        .map(|p| p.join(n))
+        .unwrap_or_else(|_| dir.to_owned()),
+        _ => dir.to_owned(),
+    }
+}
+
 fn is_mount_point(dir: &Path) -> bool {
-    let Ok(want) = std::fs::canonicalize(dir) else {
-        return false;
-    };
+    let want = absolute(dir);
     std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()

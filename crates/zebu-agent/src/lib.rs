@@ -776,6 +776,10 @@ impl Agent {
                         .get(volume)
                         .and_then(|g| g.failed.as_ref())
                         .map(|(why, _)| why.clone()),
+                    block_file: self
+                        .fuse
+                        .as_ref()
+                        .map(|f| f.dir().join(volume).display().to_string()),
                 },
                 EngineSlot::Starting { .. } => EngineReport {
                     volume: volume.clone(),
@@ -788,6 +792,7 @@ impl Agent {
                     error: None,
                     size_bytes: 0,
                     resize_error: None,
+                    block_file: None,
                 },
                 EngineSlot::Failed { error, .. } => EngineReport {
                     volume: volume.clone(),
@@ -800,6 +805,7 @@ impl Agent {
                     error: Some(error.clone()),
                     size_bytes: 0,
                     resize_error: None,
+                    block_file: None,
                 },
             })
             .collect();

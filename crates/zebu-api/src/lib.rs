@@ -148,6 +148,10 @@ pub struct Volume {
     /// while an expansion is under way. An NBD connection opened afterwards sees this size.
     #[serde(default)]
     pub engine_size_bytes: Option<u64>,
+    /// On the attached node, the volume as a file of its size (the FUSE frontend, when the
+    /// agent runs with `--fuse-dir`): `losetup --direct-io=on -f --show` makes it a block device.
+    #[serde(default)]
+    pub block_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -470,6 +474,9 @@ pub struct EngineReport {
     /// Why the last attempt to grow the engine to the volume's size failed (it is tried again).
     #[serde(default)]
     pub resize_error: Option<String>,
+    /// The volume's file in the node's FUSE frontend (`--fuse-dir`), when it is served there.
+    #[serde(default)]
+    pub block_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -583,6 +583,7 @@ impl State {
             replicas,
             message,
             engine_size_bytes: running.map(|e| e.size_bytes).filter(|s| *s > 0),
+            block_file: running.and_then(|e| e.block_file.clone()),
         }
     }
 

@@ -58,6 +58,12 @@ fn show_volume(v: &Volume, out: Output) {
     if let Some(u) = &v.nbd_unix_uri {
         println!("NBD (local): {u}");
     }
+    if let Some(f) = &v.block_file {
+        println!(
+            "Block file:  {f} (on node {}; losetup --direct-io=on -f --show it)",
+            v.node.as_deref().unwrap_or("-")
+        );
+    }
     if let Some(m) = &v.message {
         println!("Message:     {m}");
     }

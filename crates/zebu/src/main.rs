@@ -601,6 +601,24 @@ fn main() {
         Command::Up(_) | Command::Manager(_) | Command::Agent(_)
     );
     init_logging(if server { "info" } else { "warn" });
+    if !server {
+        // A CLI command whose output goes to a reader that stopped (`| head`) ends quietly, as
+        // Unix tools do, rather than with a panic's backtrace. (SIGPIPE stays ignored: a
+        // socket whose peer went away must give an error, not end the command unseen.)
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+                std::process::exit(141);
+            }
+            default(info);
+        }));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(if server { 2 } else { 1 })
         .thread_name("zebu-control")

@@ -312,6 +312,12 @@ fn ext4_on_the_fuse_frontend_grows_online_with_resize2fs() {
         || std::fs::metadata(&file).ok().map(|m| m.len()),
     );
     assert_eq!(len, 256 << 20);
+    let v = c.volume("fs");
+    assert_eq!(
+        v["block_file"].as_str().map(std::path::PathBuf::from),
+        Some(std::fs::canonicalize(&file).unwrap()),
+        "{v}"
+    );
     let d = c.dir.path().display().to_string();
     let loopdev = sh(&format!(
         "losetup --direct-io=on -f --show {}",
