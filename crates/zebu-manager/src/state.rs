@@ -744,7 +744,7 @@ impl State {
     }
 
     /// The record of a volume that exists and is not being deleted.
-    fn live_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
+    pub(super) fn live_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
         let v = self
             .volumes
             .get(name)

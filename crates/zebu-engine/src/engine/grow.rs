@@ -12,13 +12,12 @@
 //!   negotiated (NBD has no way to tell a client that the size changed).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use futures::future::join_all;
 use zebu_proto::data::Op;
 
-use super::snapshots::message_of;
-use super::{flush_timeout, Engine, EngineError, Member, SnapshotRefusal};
+use super::snapshots::outcome;
+use super::{flush_timeout, Engine, EngineError, SnapshotRefusal};
 use crate::client::Call;
 
 impl Engine {
@@ -65,21 +64,9 @@ impl Engine {
         let call = Call::new(Op::Resize, size_bytes, 0);
         let timeout = flush_timeout(self.io_timeout);
         let results = join_all(set.iter().map(|m| m.client().call(call.clone(), timeout))).await;
-        let took = results.iter().filter(|r| r.is_ok()).count();
-        let mut failed: Vec<(Arc<Member>, String)> = Vec::new();
-        let mut refusal = None;
-        for (m, r) in set.iter().zip(&results) {
-            match r {
-                Ok(_) => {}
-                Err(e) if e.is_invalid_request() && took == 0 => {
-                    refusal.get_or_insert_with(|| message_of(e));
-                }
-                Err(e) => failed.push((
-                    m.clone(),
-                    format!("growing it to {size_bytes} bytes failed: {e}"),
-                )),
-            }
-        }
+        let (took, failed, refusal) = outcome(&set, &results, |e| {
+            format!("growing it to {size_bytes} bytes failed: {e}")
+        });
         if let Some(message) = refusal.filter(|_| failed.is_empty()) {
             return Err(refuse(SnapshotRefusal::Failed, message));
         }

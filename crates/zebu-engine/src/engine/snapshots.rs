@@ -53,6 +53,32 @@ fn live_keys(reply: &LayersReply) -> std::collections::BTreeMap<String, String> 
         .collect()
 }
 
+/// Members that failed a request, each with why.
+pub(super) type Failed = Vec<(Arc<Member>, String)>;
+
+/// What the members of `set` answered to one call sent to each: how many took it, those that
+/// failed it (with `why`), and the refusal they gave when none took it (an invalid request:
+/// nothing changed anywhere, nobody leaves the set for it).
+pub(super) fn outcome<T>(
+    set: &[Arc<Member>],
+    results: &[Result<T, ClientError>],
+    why: impl Fn(&ClientError) -> String,
+) -> (usize, Failed, Option<String>) {
+    let took = results.iter().filter(|r| r.is_ok()).count();
+    let mut failed = Vec::new();
+    let mut refusal = None;
+    for (m, r) in set.iter().zip(results) {
+        match r {
+            Ok(_) => {}
+            Err(e) if e.is_invalid_request() && took == 0 => {
+                refusal.get_or_insert_with(|| message_of(e));
+            }
+            Err(e) => failed.push((m.clone(), why(e))),
+        }
+    }
+    (took, failed, refusal)
+}
+
 pub(super) fn message_of(e: &ClientError) -> String {
     match e {
         ClientError::Failed { message, .. } => message.clone(),
@@ -99,21 +125,9 @@ impl Engine {
         let timeout = flush_timeout(self.io_timeout);
         let results = join_all(set.iter().map(|m| m.client().call(call.clone(), timeout))).await;
         drop(membership);
-        let took = results.iter().filter(|r| r.is_ok()).count();
-        let mut failed: Vec<(Arc<Member>, String)> = Vec::new();
-        let mut refusal = None;
-        for (m, r) in set.iter().zip(&results) {
-            match r {
-                Ok(_) => {}
-                Err(e) if e.is_invalid_request() && took == 0 => {
-                    refusal.get_or_insert_with(|| message_of(e));
-                }
-                Err(e) => failed.push((
-                    m.clone(),
-                    format!("snapshot {} failed on it: {e}", req.name),
-                )),
-            }
-        }
+        let (took, failed, refusal) = outcome(&set, &results, |e| {
+            format!("snapshot {} failed on it: {e}", req.name)
+        });
         if let Some(message) = refusal.filter(|_| failed.is_empty()) {
             let kind = if message.contains("already has a snapshot") {
                 SnapshotRefusal::Exists

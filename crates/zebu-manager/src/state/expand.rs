@@ -5,7 +5,7 @@
 
 use zebu_api::Volume;
 
-use super::{not_found, State, MAX_VOLUME_BYTES};
+use super::{State, MAX_VOLUME_BYTES};
 use crate::error::ApiError;
 
 impl State {
@@ -13,16 +13,7 @@ impl State {
     /// changes nothing; a smaller one, an unaligned one, one past the limit or one a replica's
     /// disk cannot hold in one file is refused, and nothing changes.
     pub fn expand_volume(&mut self, name: &str, size_bytes: u64) -> Result<Volume, ApiError> {
-        let mut v = self
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| not_found(name))?;
-        if v.deleting {
-            return Err(ApiError::conflict(format!(
-                "volume {name} is being deleted"
-            )));
-        }
+        let mut v = self.live_volume(name)?;
         if size_bytes == v.size_bytes {
             return self.volume(name);
         }

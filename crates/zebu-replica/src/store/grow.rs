@@ -127,11 +127,8 @@ impl Replica {
         }
         check_size(&self.name, size_bytes, self.block_size)?;
         // No merge runs meanwhile: a merge opens layers at the size it read, and commits the
-        // tree (it stops at its next batch and goes on later).
-        self.merge_yield.store(true, Ordering::Relaxed);
-        let one = self.merge_lock.lock();
-        self.merge_yield.store(false, Ordering::Relaxed);
-        let _one = one.unwrap_or_else(|p| p.into_inner());
+        // tree.
+        let _merges = self.stop_merges();
         let _tree = self.tree.lock().unwrap_or_else(|p| p.into_inner());
         let _all = self.lock_all();
         // The layer list cannot change now: a snapshot needs the fence (held), a merge, a

@@ -188,6 +188,22 @@ pub(super) fn grow_files(
     Ok(())
 }
 
+/// Open (or, with `create`, create: an error if it exists) one of a layer's files.
+fn open_layer_file(
+    files: &dyn FileLayer,
+    p: &Path,
+    create: bool,
+) -> Result<Box<dyn DiskFile>, ReplicaError> {
+    files.open(p, create).map_err(|e| {
+        let what = if create {
+            "create layer file"
+        } else {
+            "open layer file"
+        };
+        ReplicaError::io(what, p, 0, e)
+    })
+}
+
 /// The lengths of [`grow_files`], not synced. A failure is the file system refusing the length
 /// (a file larger than it holds): reported as a refusal ([`ReplicaError::Invalid`]), since no
 /// data was touched; the caller sets the lengths back.
@@ -238,11 +254,7 @@ impl Layer {
         block_size: u32,
     ) -> Result<Layer, ReplicaError> {
         let (data_path, index_path) = layer_paths(dir, id);
-        let open_new = |p: &Path| {
-            files
-                .open(p, true)
-                .map_err(|e| ReplicaError::io("create layer file", p, 0, e))
-        };
+        let open_new = |p: &Path| open_layer_file(files, p, true);
         let data = open_new(&data_path)?;
         data.set_len(size_bytes)
             .map_err(|e| ReplicaError::io("size layer data", &data_path, 0, e))?;
@@ -280,11 +292,7 @@ impl Layer {
         block_size: u32,
     ) -> Result<Layer, ReplicaError> {
         let (data_path, index_path) = layer_paths(dir, id);
-        let open = |p: &Path| {
-            files
-                .open(p, false)
-                .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
-        };
+        let open = |p: &Path| open_layer_file(files, p, false);
         let data = open(&data_path)?;
         let index = open(&index_path)?;
         let bad = |block: u64, reason: String| ReplicaError::BadIndex {
@@ -366,11 +374,7 @@ impl Layer {
         block_size: u32,
     ) -> Result<(), ReplicaError> {
         let (data_path, index_path) = layer_paths(dir, id);
-        let open = |p: &Path| {
-            files
-                .open(p, false)
-                .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
-        };
+        let open = |p: &Path| open_layer_file(files, p, false);
         let (data, index) = (open(&data_path)?, open(&index_path)?);
         let len = index
             .size()
@@ -395,11 +399,7 @@ impl Layer {
         id: u64,
     ) -> Result<Layer, ReplicaError> {
         let (data_path, index_path) = layer_paths(dir, id);
-        let open = |p: &Path| {
-            files
-                .open(p, false)
-                .map_err(|e| ReplicaError::io("open layer file", p, 0, e))
-        };
+        let open = |p: &Path| open_layer_file(files, p, false);
         Ok(Layer {
             id,
             slot: usize::MAX,

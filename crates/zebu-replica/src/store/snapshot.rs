@@ -434,6 +434,15 @@ impl Replica {
         Ok(done)
     }
 
+    /// Hold off merges: a running one stops at its next batch (it goes on later, from where it
+    /// was), and none starts until the guard is dropped.
+    pub(super) fn stop_merges(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.merge_yield.store(true, Ordering::Relaxed);
+        let one = self.merge_lock.lock();
+        self.merge_yield.store(false, Ordering::Relaxed);
+        one.unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Test hook: fail as a crash would after `n` more merge steps.
     #[cfg(test)]
     pub(super) fn crash_after(&self, n: i64) {
@@ -757,11 +766,7 @@ impl Replica {
                 });
             }
         }
-        // A running merge stops at its next batch (it goes on later, from where it was).
-        self.merge_yield.store(true, Ordering::Relaxed);
-        let one = self.merge_lock.lock();
-        self.merge_yield.store(false, Ordering::Relaxed);
-        let _one = one.unwrap_or_else(|p| p.into_inner());
+        let _one = self.stop_merges();
         let _tree = self.tree.lock().unwrap_or_else(|p| p.into_inner());
         let _all = self.lock_all();
         let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
