@@ -82,6 +82,16 @@ impl State {
             r.wo_since_unix = None;
             self.store.put(REPLICAS, &r.name, &r).map_err(store_err)?;
             tracing::warn!(volume = %r.volume, replica = %r.name, node = %r.node, generation = r.generation, "{why}");
+            // The engine that served the volume holds no member in sync, whatever the last
+            // report of it says (a heartbeat taken before its last member left may be the
+            // latest): it is not serving until its agent reports it started afresh.
+            for l in self.live.values_mut() {
+                for e in l.report.engines.iter_mut().filter(|e| e.volume == r.volume) {
+                    for m in &mut e.replicas {
+                        m.mode = ReplicaMode::ERR;
+                    }
+                }
+            }
             self.replicas.insert(r.name.clone(), r);
         }
         Ok(())
