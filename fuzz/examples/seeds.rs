@@ -48,6 +48,7 @@ fn main() {
         volume: "vol-1".into(),
         replica: "vol-1-r-0000abcd".into(),
         epoch: 3,
+        flags: 0,
         nonce: vec![7; NONCE_BYTES],
     };
     put("data_handshake", "hello", &hello.encode());

@@ -387,6 +387,35 @@ impl ReplicaClient {
         tls: bool,
         timeout: Duration,
     ) -> Result<ReplicaClient, ClientError> {
+        Self::open(address, volume, replica, epoch, 0, secret, tls, timeout).await
+    }
+
+    /// A reader session ([`zebu_proto::data::HELLO_READER`]): it reads the replica's frozen
+    /// snapshots and takes no part in its fence, so whichever engine owns the volume (or none)
+    /// goes on untouched.
+    pub async fn connect_reader(
+        address: &str,
+        volume: &str,
+        replica: &str,
+        secret: &str,
+        tls: bool,
+        timeout: Duration,
+    ) -> Result<ReplicaClient, ClientError> {
+        let reader = zebu_proto::data::HELLO_READER;
+        Self::open(address, volume, replica, 0, reader, secret, tls, timeout).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn open(
+        address: &str,
+        volume: &str,
+        replica: &str,
+        epoch: u64,
+        flags: u16,
+        secret: &str,
+        tls: bool,
+        timeout: Duration,
+    ) -> Result<ReplicaClient, ClientError> {
         let connect_err = |reason: String| ClientError::Connect {
             replica: replica.to_owned(),
             address: address.to_owned(),
@@ -399,6 +428,7 @@ impl ReplicaClient {
             volume: volume.to_owned(),
             replica: replica.to_owned(),
             epoch,
+            flags,
             nonce,
         };
         let fut = async {

@@ -95,6 +95,7 @@ fn config(targets: Vec<ReplicaTarget>, secret: &str) -> EngineConfig {
         replica_count: 0,
         recorder: None,
         snapshots: None,
+        clone: None,
     }
 }
 
@@ -2103,6 +2104,7 @@ async fn handshake_by_hand<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unp
         volume: "v".into(),
         replica: replica.to_owned(),
         epoch: 1,
+        flags: 0,
         nonce: vec![9u8; NONCE_BYTES],
     }
     .encode();

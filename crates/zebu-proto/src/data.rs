@@ -332,9 +332,18 @@ pub struct Hello {
     /// accepted a higher one refuses the connection (`Fenced`); a higher one than it has is
     /// recorded durably before the Welcome, and fences every session of a lower epoch.
     pub epoch: u64,
+    /// `HELLO_*` bits; unknown bits are refused.
+    pub flags: u16,
     /// The engine's fresh random nonce for the challenge–response ([`crate::auth`]).
     pub nonce: Vec<u8>,
 }
+
+/// A reader session: it reads frozen snapshots only (INFO, PING, LAYERS, READ_SNAPSHOT, and
+/// SNAPSHOT_DELTA of a named snapshot) and every other op is refused. It takes part in no
+/// fence: the epoch is ignored (neither recorded nor checked), since a frozen layer never
+/// changes whoever writes the head. A clone's engine reads its source this way, whether the
+/// source is attached elsewhere or detached.
+pub const HELLO_READER: u16 = 1;
 
 /// Fixed part of a [`Hello`] before the variable-length fields.
 pub const HELLO_FIXED_BYTES: usize = 28;
@@ -344,7 +353,7 @@ impl Hello {
         let mut out = Vec::with_capacity(64 + self.volume.len() + self.replica.len());
         out.extend_from_slice(&HELLO_MAGIC);
         put_u16(&mut out, self.version);
-        put_u16(&mut out, 0);
+        put_u16(&mut out, self.flags);
         put_u64(&mut out, self.epoch);
         put_u16(&mut out, self.volume.len() as u16);
         put_u16(&mut out, self.replica.len() as u16);
@@ -409,7 +418,7 @@ impl Hello {
         if crate::crc32c(body) != u32_at(bytes, bytes.len() - 4) {
             return Err(FrameError::BadChecksum);
         }
-        if u16_at(bytes, 10) != 0 || u16_at(bytes, 26) != 0 {
+        if u16_at(bytes, 10) & !HELLO_READER != 0 || u16_at(bytes, 26) != 0 {
             return Err(FrameError::Reserved);
         }
         let v = u16_at(bytes, 20) as usize;
@@ -430,6 +439,7 @@ impl Hello {
             volume,
             replica,
             epoch: u64_at(bytes, 12),
+            flags: u16_at(bytes, 10),
             nonce,
         })
     }
@@ -769,10 +779,21 @@ mod tests {
             volume: "vol-1".into(),
             replica: "vol-1-r-abc".into(),
             epoch: 7,
+            flags: 0,
             nonce: vec![9; 32],
         };
         let bytes = h.encode();
         assert_eq!(Hello::decode(&bytes).unwrap(), h);
+        let reader = Hello {
+            flags: HELLO_READER,
+            ..h.clone()
+        };
+        assert_eq!(Hello::decode(&reader.encode()).unwrap(), reader);
+        let unknown = Hello {
+            flags: 2,
+            ..h.clone()
+        };
+        assert_eq!(Hello::decode(&unknown.encode()), Err(FrameError::Reserved));
         let mut bad = bytes.clone();
         bad[HELLO_FIXED_BYTES] ^= 1;
         assert_eq!(Hello::decode(&bad), Err(FrameError::BadChecksum));

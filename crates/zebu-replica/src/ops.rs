@@ -60,6 +60,25 @@ pub fn execute(
     payload_crc: Option<u32>,
 ) -> Result<Vec<u8>, ReplicaError> {
     let run = |op| run(replica, op, flags, offset, length, payload, payload_crc);
+    if session.is_reader() {
+        // Frozen content only: what it reads never changes, so it needs no fence.
+        let head_delta = op == Op::SnapshotDelta
+            && zebu_proto::snapshot::decode_snapshot_delta(payload)
+                .is_ok_and(|(_, name, _)| name.is_empty());
+        return match op {
+            Op::Ping | Op::Info | Op::Layers | Op::ReadSnapshot | Op::SnapshotDelta
+                if !head_delta =>
+            {
+                run(op)
+            }
+            _ => Err(ReplicaError::Invalid {
+                replica: replica.name().to_owned(),
+                reason: format!(
+                    "{op:?} is refused on a reader session: it reads frozen snapshots only"
+                ),
+            }),
+        };
+    }
     let res = match op {
         Op::Ping | Op::Info => run(op),
         Op::SetGeneration => replica

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use zebu_proto::data::{
     self, Hello, Op, ReplyHeader, RequestHeader, Status, Welcome, WelcomeStatus, HELLO_FIXED_BYTES,
-    PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
+    HELLO_READER, PROTOCOL_VERSION, REQUEST_HEADER_BYTES,
 };
 
 use crate::io_pool::IoPool;
@@ -87,7 +87,8 @@ type Served = (Arc<Replica>, watch::Sender<bool>);
 /// connection when the replica is removed, and the engine's session on the replica.
 type Accepted = (Arc<Replica>, watch::Receiver<bool>, Arc<Session>);
 /// A Hello that passed its checks: the replica, its stop signal and the engine's epoch.
-type Hailed = (Arc<Replica>, watch::Receiver<bool>, u64);
+/// The replica, its stop signal, the engine's epoch and the Hello's flags.
+type Hailed = (Arc<Replica>, watch::Receiver<bool>, u64, u16);
 
 /// How fast a merge of a deleted snapshot copies by default (bytes a second), so it never
 /// crowds out the volume's own I/O ([`ReplicaServer::set_merge_rate`]).
@@ -336,9 +337,16 @@ impl ReplicaServer {
             return Err(msg);
         }
         let mut checked = self.check_hello(&bytes);
-        if let Ok((replica, _, epoch)) = &checked {
-            // The fence first: a durable metadata replace when the epoch is new.
-            let (r, epoch) = (replica.clone(), *epoch);
+        // The fence first: a durable metadata replace when the epoch is new (a reader session
+        // takes no part in it).
+        let fence = match &checked {
+            Ok((replica, _, epoch, flags)) if flags & HELLO_READER == 0 => {
+                Some((replica.clone(), *epoch))
+            }
+            _ => None,
+        };
+        if let Some((replica, epoch)) = fence {
+            let r = replica.clone();
             let admitted = tokio::task::spawn_blocking(move || r.accept_epoch(epoch))
                 .await
                 .unwrap_or_else(|e| {
@@ -356,9 +364,13 @@ impl ReplicaServer {
             }
         }
         match checked {
-            Ok((replica, stop, epoch)) => {
+            Ok((replica, stop, epoch, flags)) => {
                 // The session starts at the replica's generation, in the engine's epoch.
-                let session = Session::new(&replica, epoch);
+                let session = if flags & HELLO_READER != 0 {
+                    Session::reader(&replica)
+                } else {
+                    Session::new(&replica, epoch)
+                };
                 let w = Welcome {
                     version: PROTOCOL_VERSION,
                     status: WelcomeStatus::Ok,
@@ -465,7 +477,7 @@ impl ReplicaServer {
                 ),
             ));
         }
-        Ok((replica, stop, hello.epoch))
+        Ok((replica, stop, hello.epoch, hello.flags))
     }
 
     async fn connection(
@@ -759,6 +771,15 @@ impl Connection {
                 Op::ShareSession => {
                     let token = self.replica.share_session(&session);
                     let r = reply(h.id, Status::Ok, token.to_le_bytes().to_vec());
+                    self.replies.send(&r, false);
+                    continue;
+                }
+                Op::JoinSession if session.is_reader() => {
+                    let r = reply(
+                        h.id,
+                        Status::Invalid,
+                        b"a reader session cannot join another session".to_vec(),
+                    );
                     self.replies.send(&r, false);
                     continue;
                 }

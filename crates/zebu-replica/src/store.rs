@@ -251,6 +251,8 @@ pub struct Session {
     generation: AtomicU64,
     /// Set once the session is shared: the token other connections join it with.
     token: OnceLock<u64>,
+    /// A reader session (`zebu_proto::data::HELLO_READER`): frozen snapshots only, no fence.
+    reader: bool,
 }
 
 impl Session {
@@ -261,7 +263,21 @@ impl Session {
             epoch,
             generation: AtomicU64::new(replica.generation()),
             token: OnceLock::new(),
+            reader: false,
         }
+    }
+
+    /// A reader session: it reads frozen snapshots and nothing else, and takes no part in the
+    /// fence (no epoch is recorded or checked: a frozen layer never changes).
+    pub fn reader(replica: &Replica) -> Session {
+        Session {
+            reader: true,
+            ..Session::new(replica, 0)
+        }
+    }
+
+    pub fn is_reader(&self) -> bool {
+        self.reader
     }
 
     /// The generation this session last saw or set.
@@ -1212,6 +1228,12 @@ impl Replica {
     }
 
     fn check_session(&self, session: &Session) -> Result<(), ReplicaError> {
+        if session.reader {
+            return Err(ReplicaError::Invalid {
+                replica: self.name.clone(),
+                reason: "a reader session only reads snapshots (INFO, PING, LAYERS, READ_SNAPSHOT, SNAPSHOT_DELTA of a snapshot)".into(),
+            });
+        }
         let epoch = self.epoch();
         if epoch > session.epoch {
             return Err(ReplicaError::Fenced {

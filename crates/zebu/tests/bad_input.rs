@@ -204,6 +204,7 @@ fn bad_requests_are_refused_and_change_nothing() {
         volume: "keep".into(),
         replica: replica.clone(),
         epoch: 0,
+        flags: 0,
         nonce: vec![0x5a; zebu_proto::auth::NONCE_BYTES],
     };
     let (w, _) = handshake(&addr, &hello, "wrong");
