@@ -28,12 +28,14 @@ use crate::backend::{Backend, LocalReplica};
 use crate::client::{Call, ClientError, ReplicaClient};
 use crate::range_lock::RangeLock;
 
+mod clone_fill;
 mod grow;
 mod intents;
 mod rebuild;
 mod record;
 pub mod snapshots;
 mod tree_copy;
+pub use clone_fill::{CloneProgress, CloneSource};
 pub use rebuild::{RebuildDone, RebuildProgress};
 pub use record::{MembershipRecord, RecordError, Retired, Survivors};
 
@@ -175,6 +177,10 @@ pub struct EngineConfig {
     /// snapshot not among them is deleted (one a crash cut short). `None`: those not every
     /// member holds are deleted.
     pub snapshots: Option<Vec<String>>,
+    /// The volume is a clone whose copy is not recorded done: reads of what is not copied yet
+    /// go to this snapshot of another volume, and a background copy fills it
+    /// (`engine/clone_fill.rs`).
+    pub clone: Option<CloneSource>,
 }
 
 /// Status of one replica as the engine sees it.
@@ -266,6 +272,8 @@ pub struct Engine {
     recorder: Option<Arc<dyn MembershipRecord>>,
     /// Some member's retirement is not recorded yet: mutations wait in `settled`.
     unrecorded: std::sync::atomic::AtomicBool,
+    /// A clone's copy from its source snapshot (see `engine/clone_fill.rs`).
+    fill: Option<clone_fill::Fill>,
 }
 
 /// The connections a request uses, by member index: a [`Lanes`]' own, or none (empty); a
@@ -594,6 +602,10 @@ impl Engine {
             },
             recorder: cfg.recorder.clone(),
             unrecorded: std::sync::atomic::AtomicBool::new(true),
+            fill: cfg
+                .clone
+                .clone()
+                .map(|c| clone_fill::Fill::new(c, cfg.size_bytes, block_size.max(512))),
         });
         let committed = cfg.snapshots.clone();
         // Every replica left out now must be older than every replica in the set.
@@ -627,6 +639,11 @@ impl Engine {
             .reconcile_snapshots(committed.as_deref())
             .await
             .map_err(|e| start_err(format!("making the members' snapshots agree: {e}")))?;
+        // A clone: what its replicas hold already, before the first read decides by it.
+        engine.load_fill_map().await?;
+        if engine.fill.is_some() {
+            tokio::spawn(engine.clone().run_fill());
+        }
 
         tracing::info!(volume = %engine.volume, generation = engine.generation(), "engine started");
         tokio::spawn(keepalive(Arc::downgrade(&engine)));
@@ -1149,6 +1166,16 @@ impl Engine {
         fua: bool,
     ) -> Result<(), EngineError> {
         let _in = self.enter().await?;
+        self.write_entered(via, offset, data, fua).await
+    }
+
+    async fn write_entered(
+        &self,
+        via: Via<'_>,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), EngineError> {
         self.check_range(offset, data.len() as u64)?;
         if data.len() > data::MAX_PAYLOAD_BYTES as usize {
             return Err(EngineError::OutOfRange {
@@ -1173,6 +1200,10 @@ impl Engine {
         } else {
             (0, self.io_timeout)
         };
+        if let Some(f) = self.fill_writing() {
+            let r = self.write_filling(via, f, offset, data, flags, t).await;
+            return settle_intent(r, intent);
+        }
         let len = data.len() as u32;
         let call = Call {
             op: Op::Write,
@@ -1208,6 +1239,9 @@ impl Engine {
         self.check_range(offset, length)?;
         if length == 0 {
             return Ok(());
+        }
+        if self.fill_writing().is_some() {
+            return self.zero_filling(via, offset, length, fua).await;
         }
         let (s, e) = self.block_range(offset, length);
         let _g = self.ranges.lock(s, e).await;
@@ -1345,6 +1379,12 @@ impl Engine {
         if length == 0 {
             return Ok(Bytes::new());
         }
+        if let Some(f) = self.fill_reading() {
+            let (s, e) = self.block_range(offset, length as u64);
+            if !f.all_local(s / self.block_size, e / self.block_size) {
+                return self.read_through(via, f, offset, length).await;
+            }
+        }
         let (b, damaged) = self.read_like(via, Op::Read, offset, length).await?;
         if !damaged.is_empty() {
             self.repair(via, offset, length, damaged).await?;
@@ -1435,7 +1475,19 @@ impl Engine {
         good: &Bytes,
         damaged: &[Arc<Member>],
     ) -> Result<bool, EngineError> {
-        let calls = copy_calls(good, at, self.block_size as usize);
+        let calls = if self.fill_writing().is_some() {
+            // A clone still copying keeps zeroes as data (a hole would read its source).
+            vec![Call {
+                op: Op::Write,
+                flags: 0,
+                offset: at,
+                length: good.len() as u32,
+                payload: Some(good.clone()),
+                payload_crc: None,
+            }]
+        } else {
+            copy_calls(good, at, self.block_size as usize)
+        };
         let mut failed = Vec::new();
         'members: for m in damaged.iter().filter(|m| m.mode() != Mode::Err) {
             for call in &calls {
@@ -1591,6 +1643,10 @@ impl Engine {
     ) -> Result<Vec<MapExtent>, EngineError> {
         let _in = self.enter().await?;
         self.check_range(offset, length as u64)?;
+        if self.fill_reading().is_some() {
+            // What the source holds is not known here: all of it counts as data.
+            return Ok(vec![MapExtent { length, flags: 0 }]);
+        }
         let (b, _) = self.read_like(via, Op::Map, offset, length).await?;
         data::decode_map(&b).map_err(|e| EngineError::NoReplicas {
             volume: self.volume.clone(),

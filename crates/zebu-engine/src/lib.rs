@@ -16,7 +16,8 @@ pub mod tls;
 pub use backend::LocalReplica;
 pub use engine::snapshots as engine_snapshots;
 pub use engine::{
-    Engine, EngineConfig, EngineError, Lanes, MemberStatus, MembershipRecord, Mode, RebuildDone,
-    RebuildProgress, RecordError, ReplicaTarget, Retired, ScrubReport, SnapshotRefusal, Survivors,
+    CloneProgress, CloneSource, Engine, EngineConfig, EngineError, Lanes, MemberStatus,
+    MembershipRecord, Mode, RebuildDone, RebuildProgress, RecordError, ReplicaTarget, Retired,
+    ScrubReport, SnapshotRefusal, Survivors,
 };
 pub use nbd::NbdServer;

@@ -152,6 +152,12 @@ impl Engine {
 
     /// Busy while a rebuild runs (a member is WO, or a target's snapshots are being copied).
     pub(super) fn refuse_while_rebuilding(&self, what: &str) -> Result<(), EngineError> {
+        if let Some(why) = self.fill_busy() {
+            return Err(self.refused(
+                SnapshotRefusal::Busy,
+                format!("{why}; {what} once the copy is done"),
+            ));
+        }
         if let Some(m) = self.all().iter().find(|m| m.mode() == Mode::Wo) {
             return Err(self.refused(
                 SnapshotRefusal::Busy,
