@@ -780,6 +780,15 @@ impl Agent {
                         .fuse
                         .as_ref()
                         .map(|f| f.dir().join(volume).display().to_string()),
+                    clone: e.clone_progress().map(|p| zebu_api::CloneStatus {
+                        volume: p.volume,
+                        snapshot: p.snapshot,
+                        bytes_done: p.bytes_done,
+                        bytes_total: p.bytes_total,
+                        copied: p.copied,
+                        done: false,
+                        error: p.error,
+                    }),
                 },
                 EngineSlot::Starting { .. } => EngineReport {
                     volume: volume.clone(),
@@ -793,6 +802,7 @@ impl Agent {
                     size_bytes: 0,
                     resize_error: None,
                     block_file: None,
+                    clone: None,
                 },
                 EngineSlot::Failed { error, .. } => EngineReport {
                     volume: volume.clone(),
@@ -806,6 +816,7 @@ impl Agent {
                     size_bytes: 0,
                     resize_error: None,
                     block_file: None,
+                    clone: None,
                 },
             })
             .collect();
@@ -1023,6 +1034,10 @@ impl Agent {
                 false // a start in progress sees its slot gone and drops the engine
             });
             for (vol, spec) in &wanted {
+                if let (Some(EngineSlot::Running(e)), None) = (map.get(*vol), &spec.clone) {
+                    // A clone the manager has recorded done (a no-op for any other volume).
+                    e.clone_settled();
+                }
                 let start = match map.get(*vol) {
                     None => Some(0),
                     Some(EngineSlot::Failed { at, failures, .. }) => {
@@ -1201,6 +1216,16 @@ impl Agent {
             epoch: spec.epoch,
             replica_count: spec.replica_count,
             snapshots: spec.snapshots.clone(),
+            clone: spec.clone.as_ref().map(|c| zebu_engine::CloneSource {
+                volume: c.volume.clone(),
+                snapshot: c.snapshot.clone(),
+                replicas: c
+                    .replicas
+                    .iter()
+                    .map(|r| (r.name.clone(), r.address.clone()))
+                    .collect(),
+                rate: spec.rebuild_rate,
+            }),
             recorder: Some(Arc::new(ManagerRecord {
                 api: self.api.clone(),
                 node: self.cfg.node.clone(),

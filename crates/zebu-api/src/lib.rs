@@ -152,6 +152,9 @@ pub struct Volume {
     /// agent runs with `--fuse-dir`): `losetup --direct-io=on -f --show` makes it a block device.
     #[serde(default)]
     pub block_file: Option<String>,
+    /// A clone: its source and its copy's progress (null for a volume that is not a clone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +216,41 @@ pub struct CreateVolume {
     pub name: String,
     pub size_bytes: u64,
     pub replica_count: Option<u32>,
+    /// A clone: the new volume has this snapshot's content (and its size: `size_bytes` must be
+    /// 0 or the source's). Usable as soon as it is attached; its engine copies the snapshot in
+    /// the background while attached (`Volume::clone` shows how far).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<SnapshotRef>,
+}
+
+/// A snapshot of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    pub volume: String,
+    pub snapshot: String,
+}
+
+/// A clone's copy from its source snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneStatus {
+    /// The source volume and snapshot.
+    pub volume: String,
+    pub snapshot: String,
+    /// Bytes walked by the copy, of `bytes_total` (as the engine last reported; 0 while the
+    /// clone is detached: the copy runs in its engine, and resumes where it was when attached).
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// The engine has copied everything (every block is the clone's own).
+    #[serde(default)]
+    pub copied: bool,
+    /// The manager has recorded the clone done: an ordinary volume, independent of its source.
+    #[serde(default)]
+    pub done: bool,
+    /// Why the copy waits, if it does (tried again).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/volumes/{name}/expand`: grow the volume to `size_bytes` (a multiple of the block
@@ -477,6 +515,9 @@ pub struct EngineReport {
     /// The volume's file in the node's FUSE frontend (`--fuse-dir`), when it is served there.
     #[serde(default)]
     pub block_file: Option<String>,
+    /// A clone's copy, while the engine has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -552,6 +593,18 @@ pub struct EngineSpec {
     /// every member holds.
     #[serde(default)]
     pub snapshots: Option<Vec<String>>,
+    /// The volume is a clone not recorded done: what it reads through to and copies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneSpec>,
+}
+
+/// The source of a clone, for its engine: the snapshot, and the source's replicas in sync
+/// (each holds it), read over reader sessions that fence nobody.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSpec {
+    pub volume: String,
+    pub snapshot: String,
+    pub replicas: Vec<EngineReplica>,
 }
 
 /// What the manager wants a node to run (the answer to a heartbeat). Level-triggered: the full

@@ -414,8 +414,11 @@ async fn create_volume(
     let req = body(b, "request body", "", None)?;
     let mut st = m.state();
     st.not_recovering()?;
-    st.create_volume(&req.name, req.size_bytes, req.replica_count)
-        .map(Json)
+    match &req.clone_from {
+        Some(from) => st.create_clone(&req.name, req.size_bytes, req.replica_count, from),
+        None => st.create_volume(&req.name, req.size_bytes, req.replica_count),
+    }
+    .map(Json)
 }
 
 async fn delete_volume(
@@ -728,10 +731,9 @@ async fn delete_one_snapshot(
     let (rec, target) = {
         let st = m.state();
         st.not_recovering()?;
-        (
-            st.snapshot_record(&name, &snap)?,
-            st.snapshot_target(&name, true)?,
-        )
+        let rec = st.snapshot_record(&name, &snap)?;
+        st.refuse_if_clone_source(&name, Some(&snap))?;
+        (rec, st.snapshot_target(&name, true)?)
     };
     let targets: Vec<(String, Option<String>)> = match target {
         SnapshotTarget::Engine(n) => vec![(n, None)],

@@ -20,6 +20,7 @@ use zebu_store::{MetaStore, MetaStoreExt, StoreError};
 
 use crate::error::ApiError;
 
+pub mod clone;
 mod expand;
 mod node_removal;
 mod node_tokens;
@@ -70,6 +71,9 @@ pub struct VolumeRecord {
     /// tell which copy is freshest); cleared by a salvage a person asks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub salvage_hold: Option<String>,
+    /// A clone: its source snapshot, and whether the copy is done (`state/clone.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<clone::CloneRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -584,6 +588,13 @@ impl State {
             message,
             engine_size_bytes: running.map(|e| e.size_bytes).filter(|s| *s > 0),
             block_file: running.and_then(|e| e.block_file.clone()),
+            clone: self.clone_view(
+                v,
+                v.desired_node
+                    .as_deref()
+                    .and_then(|n| self.engine_report(n, &v.name))
+                    .filter(|e| e.epoch == v.epoch),
+            ),
         }
     }
 
@@ -622,6 +633,17 @@ impl State {
         name: &str,
         size_bytes: u64,
         replica_count: Option<u32>,
+    ) -> Result<Volume, ApiError> {
+        self.create_volume_as(name, size_bytes, replica_count, None)
+    }
+
+    /// A new volume, recorded with its clone record (if a clone) in the same write.
+    fn create_volume_as(
+        &mut self,
+        name: &str,
+        size_bytes: u64,
+        replica_count: Option<u32>,
+        clone: Option<clone::CloneRecord>,
     ) -> Result<Volume, ApiError> {
         validate_volume_name(name)?;
         if self.volumes.contains_key(name) {
@@ -677,6 +699,7 @@ impl State {
             created: false,
             epoch: 0,
             salvage_hold: None,
+            clone,
         };
         let replicas: Vec<ReplicaRecord> = ready
             .iter()
@@ -728,6 +751,9 @@ impl State {
             return Err(ApiError::conflict(format!(
                 "volume {name} is attached to node {node}; detach it first (zebu volume detach {name})"
             )));
+        }
+        if !v.deleting {
+            self.refuse_if_clone_source(name, None)?;
         }
         if view.state == VolumeState::Detaching {
             return Err(ApiError::conflict(format!(
@@ -989,6 +1015,7 @@ impl State {
             if !current {
                 continue;
             }
+            self.note_clone_copied(e)?;
             for m in &e.replicas {
                 let Some(rec) = self.replicas.get(&m.name) else {
                     continue;
@@ -1223,6 +1250,7 @@ impl State {
                     .setting_u64(crate::settings::REPLICA_REBUILD_BANDWIDTH_LIMIT)
                     .saturating_mul(1 << 20),
                 snapshots: Some(self.snapshot_keys(&v.name)),
+                clone: self.clone_spec(v),
             });
         }
         Assignment {

@@ -17,6 +17,7 @@ impl State {
         if size_bytes == v.size_bytes {
             return self.volume(name);
         }
+        self.refuse_while_cloning(&v, "expand it")?;
         if size_bytes < v.size_bytes {
             return Err(ApiError::bad_request(format!(
                 "volume {name} has {} bytes; shrinking it to {size_bytes} is refused (it would drop the data past the new end, and a filesystem on it would break). Give a size above {}",

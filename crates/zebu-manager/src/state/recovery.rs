@@ -111,6 +111,7 @@ impl State {
                     created: true,
                     epoch: 0,
                     salvage_hold: None,
+                    clone: None,
                 },
             };
             let error = r.error.clone().unwrap_or_else(|| WAITING.into());
