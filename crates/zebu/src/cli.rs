@@ -67,6 +67,31 @@ fn show_volume(v: &Volume, out: Output) {
     if let Some(m) = &v.message {
         println!("Message:     {m}");
     }
+    if let Some(cl) = &v.clone {
+        let how = if cl.done {
+            "done".to_owned()
+        } else {
+            let pct = (cl.bytes_done * 100)
+                .checked_div(cl.bytes_total)
+                .unwrap_or(0);
+            let paused = if v.desired_node.is_none() {
+                " (paused while detached)"
+            } else {
+                ""
+            };
+            let waits = cl
+                .error
+                .as_deref()
+                .map(|e| format!("; waits: {e}"))
+                .unwrap_or_default();
+            format!(
+                "copying, {pct}% ({} of {}){paused}{waits}",
+                human(cl.bytes_done),
+                human(cl.bytes_total)
+            )
+        };
+        println!("Clone of:    {}/{}: {how}", cl.volume, cl.snapshot);
+    }
     println!("Replicas:    {} wanted", v.replica_count);
     table(
         &["  NAME", "NODE", "MODE", "GENERATION", "REBUILD", "ERROR"],
@@ -345,6 +370,7 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
                     name: name.clone(),
                     size_bytes,
                     replica_count: replicas,
+                    clone_from: None,
                 })
                 .await?;
             if ca.output == Output::Json {
@@ -362,10 +388,37 @@ pub async fn volume(cmd: VolumeCmd, ca: &ClientArgs) -> anyhow::Result<()> {
             from,
             replicas,
             node,
+            no_attach,
+            wait,
         } => {
             let c = client(ca);
-            let (v, copied) = crate::import::clone_volume(&c, &name, &from, replicas, node).await?;
-            show_filled(&v, &copied, &from, "cloned", "cloned from", ca.output);
+            let mut v =
+                crate::clone::clone_volume(&c, &name, &from, replicas, node, !no_attach).await?;
+            if wait {
+                v = crate::clone::wait_copied(&c, &name).await?;
+            }
+            if ca.output == Output::Json {
+                print_json(&v);
+            } else if no_attach {
+                println!(
+                    "volume {name} created as a clone of {from} ({}); its copy starts when it is attached",
+                    human(v.size_bytes)
+                );
+            } else {
+                if wait {
+                    eprintln!(
+                        "volume {name}: clone of {from} copied; it no longer reads its source"
+                    );
+                } else {
+                    eprintln!(
+                        "volume {name}: clone of {from}, usable now; copying in the background (`zebu volume get {name}` shows how far)"
+                    );
+                }
+                match &v.nbd_uri {
+                    Some(uri) => println!("{uri}"),
+                    None => println!("volume {name} is {}", v.state.as_str()),
+                }
+            }
         }
         VolumeCmd::List => {
             let vols = client(ca).list_volumes().await?;

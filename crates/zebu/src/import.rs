@@ -131,7 +131,7 @@ impl Source {
     }
 }
 
-fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(len),
         indicatif::ProgressDrawTarget::stderr(),
@@ -362,7 +362,7 @@ fn reach(v: &Volume) -> anyhow::Result<nbd_client::NbdUri> {
 }
 
 /// Detach and delete a volume made for a copy that failed; says whether it is gone.
-async fn take_back(c: &ApiClient, name: &str) -> String {
+pub(crate) async fn take_back(c: &ApiClient, name: &str) -> String {
     let _ = c.detach_volume(name).await;
     let _ = crate::cli::wait_for(c, name, Duration::from_secs(60), |v| {
         v.state == VolumeState::Detached
@@ -401,6 +401,7 @@ pub async fn create_from(
         name: name.to_owned(),
         size_bytes,
         replica_count: replicas,
+        clone_from: None,
     })
     .await?;
     match fill(c, name, src, node).await {
@@ -577,56 +578,6 @@ async fn export_snapshot_to(
                 let _ = std::fs::remove_file(&f);
             }
             bail!("exporting snapshot {snap} of volume {volume} to {dest} failed: {e:#}")
-        }
-    }
-}
-
-/// `zebu volume clone NEW --from VOLUME/SNAP`: a new, independent volume with the snapshot's
-/// content (its size, holes kept), copied now and verified, then left detached. The source is
-/// attached for the copy if it is not (to `node`, or where the manager places it), and so is
-/// the new volume. If the copy fails, the new volume is deleted again.
-pub async fn clone_volume(
-    c: &ApiClient,
-    name: &str,
-    from: &str,
-    replicas: Option<u32>,
-    node: Option<String>,
-) -> anyhow::Result<(Volume, Copied)> {
-    let Some((volume, snap)) = from
-        .split_once('/')
-        .filter(|(v, s)| !v.is_empty() && !s.is_empty())
-    else {
-        bail!("--from {from:?}: name a snapshot as VOLUME/SNAPSHOT");
-    };
-    c.get_snapshot(volume, snap).await?;
-    let src = c.get_volume(volume).await?;
-    c.create_volume(&CreateVolume {
-        name: name.to_owned(),
-        size_bytes: src.size_bytes,
-        replica_count: replicas,
-    })
-    .await?;
-    let result = async {
-        c.attach_volume(name, node.clone()).await?;
-        let v = crate::cli::wait_for(c, name, Duration::from_secs(90), |v| {
-            v.state == VolumeState::Attached
-        })
-        .await?;
-        let dest = reach(&v)?.to_string();
-        let copied = export_snapshot_to(c, volume, snap, &dest, true, node).await?;
-        c.detach_volume(name).await?;
-        let v = crate::cli::wait_for(c, name, Duration::from_secs(60), |v| {
-            v.state == VolumeState::Detached
-        })
-        .await?;
-        Ok::<_, anyhow::Error>((v, copied))
-    }
-    .await;
-    match result {
-        Ok(done) => Ok(done),
-        Err(e) => {
-            let back = take_back(c, name).await;
-            bail!("cloning {from} into volume {name} failed: {e:#}; {back}")
         }
     }
 }

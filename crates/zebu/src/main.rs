@@ -2,6 +2,7 @@
 //! the CLI client of the REST API.
 
 mod cli;
+mod clone;
 mod fault_proxy;
 mod import;
 mod nbd_client;
@@ -402,9 +403,13 @@ enum VolumeCmd {
         #[arg(long, requires = "from")]
         node: Option<String>,
     },
-    /// Make a new volume from a snapshot: an independent copy of its content (holes kept),
-    /// copied now, verified by sha256, then left detached. The source volume (and the new one)
-    /// are attached for the copy if they are not, and detached again after.
+    /// Make a new volume with a snapshot's content, usable at once: it is attached (to --node,
+    /// or where the manager places it) and its NBD URI printed while its engine copies the
+    /// snapshot in the background, reading what it has not copied yet from the source's
+    /// replicas. `zebu volume get NEW` shows how far the copy is; until it is done the source
+    /// snapshot and volume cannot be deleted and the clone cannot be expanded or snapshotted.
+    /// The copy is paced by replica-rebuild-bandwidth-limit and runs only while the clone is
+    /// attached (detached, it pauses and resumes where it was).
     Clone {
         /// The new volume's name.
         name: String,
@@ -414,9 +419,15 @@ enum VolumeCmd {
         /// Number of replicas (default: the default-replica-count setting).
         #[arg(long)]
         replicas: Option<u32>,
-        /// The node to attach the volumes to for the copy (default: where the manager places them).
-        #[arg(long)]
+        /// The node to attach the clone to (default: where the manager places it).
+        #[arg(long, conflicts_with = "no_attach")]
         node: Option<String>,
+        /// Only create the clone; its copy starts when it is attached.
+        #[arg(long, conflicts_with = "wait")]
+        no_attach: bool,
+        /// Wait until the copy is done, with a progress bar.
+        #[arg(long)]
+        wait: bool,
     },
     /// List volumes.
     List,
@@ -865,6 +876,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
                         name: "demo".into(),
                         size_bytes: 1 << 30,
                         replica_count: Some(replicas),
+                        clone_from: None,
                     })
                     .await?
             }
