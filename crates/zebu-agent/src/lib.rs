@@ -7,6 +7,7 @@
 //! threads never wait on the manager. Blocking file I/O runs on the replica server's own
 //! I/O threads.
 
+mod clone_mark;
 pub mod fuse;
 
 use std::collections::HashMap;
@@ -143,6 +144,8 @@ pub struct Agent {
     engines: Mutex<HashMap<String, EngineSlot>>,
     /// Replicas on disk that could not be opened or created, with why.
     replica_errors: Mutex<HashMap<String, (String, String)>>,
+    /// Clone marks of served replicas (`clone_mark.rs`): the source, or why the mark is bad.
+    clone_marks: Mutex<HashMap<String, Result<zebu_api::SnapshotRef, String>>>,
     /// Assigned replicas that are not on disk and were not to be created: volume and where the
     /// agent looked. Looked for again on every reconcile, so a folder put back is opened.
     missing: Mutex<HashMap<String, (String, String)>>,
@@ -383,6 +386,7 @@ impl Agent {
             nbd,
             engines: Mutex::new(HashMap::new()),
             replica_errors: Mutex::new(HashMap::new()),
+            clone_marks: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             rebuilds: Mutex::new(HashMap::new()),
             growths: Mutex::new(HashMap::new()),
@@ -410,7 +414,12 @@ impl Agent {
                 continue;
             }
             match Replica::open_in(&self.cfg.files, &e.path()) {
-                Ok(r) => self.server.add(Arc::new(r)),
+                Ok(r) => {
+                    if let Some(m) = clone_mark::read(&e.path()).transpose() {
+                        self.clone_marks.lock().unwrap().insert(name.clone(), m);
+                    }
+                    self.server.add(Arc::new(r))
+                }
                 Err(err) => {
                     tracing::error!(node = %self.cfg.node, "cannot open replica {name}: {}", err.full_message());
                     self.replica_errors
@@ -713,6 +722,7 @@ impl Agent {
 
     fn report(&self) -> Heartbeat {
         let (total, free) = disk_stats(&self.cfg.data_dir);
+        let marks = self.clone_marks.lock().unwrap().clone();
         let mut replicas: Vec<ReplicaReport> = self
             .server
             .list()
@@ -724,7 +734,12 @@ impl Agent {
                 size_bytes: r.size_bytes(),
                 error: r
                     .is_poisoned()
-                    .then(|| format!("replica {} refuses I/O after a disk error", r.name())),
+                    .then(|| format!("replica {} refuses I/O after a disk error", r.name()))
+                    .or_else(|| match marks.get(r.name()) {
+                        Some(Err(why)) => Some(format!("replica {}'s clone mark: {why}", r.name())),
+                        _ => None,
+                    }),
+                clone_of: marks.get(r.name()).and_then(|m| m.clone().ok()),
                 missing: false,
                 epoch: r.epoch(),
                 block_size: r.block_size(),
@@ -752,6 +767,7 @@ impl Agent {
                     block_size: 0,
                     merge: None,
                     pending_merges: 0,
+                    clone_of: None,
                 });
             }
         }
@@ -990,6 +1006,11 @@ impl Agent {
                         .unwrap()
                         .insert(spec.name.clone(), (spec.volume.clone(), e.full_message()));
                 }
+            }
+        }
+        for spec in &a.replicas {
+            if let Some(c) = &spec.clone {
+                self.sync_clone_mark(&spec.name, c);
             }
         }
         // Engines.
@@ -1233,8 +1254,16 @@ impl Agent {
             })),
         };
         let this = self.clone();
+        let unmarked = spec
+            .clone
+            .is_none()
+            .then(|| self.unmarked_clone(&spec.volume))
+            .flatten();
         data_runtime().spawn(async move {
-            let result = Engine::start(cfg).await;
+            let result = match unmarked {
+                Some(why) => Err(why),
+                None => Engine::start(cfg).await.map_err(|e| e.to_string()),
+            };
             let mut map = this.engines.lock().unwrap();
             // Detached while starting: the slot is gone or no longer Starting.
             let Some(&EngineSlot::Starting { failures }) = map.get(&spec.volume) else {
@@ -1258,7 +1287,7 @@ impl Agent {
                     map.insert(
                         spec.volume.clone(),
                         EngineSlot::Failed {
-                            error: e.to_string(),
+                            error: e,
                             at: Instant::now(),
                             failures: failures + 1,
                         },
@@ -1268,11 +1297,57 @@ impl Agent {
         });
     }
 
+    /// Keep a served replica's clone mark as the manager says: written while the clone is not
+    /// done, removed once it is. A failure is logged and tried again on the next reconcile.
+    fn sync_clone_mark(&self, name: &str, c: &zebu_api::ReplicaClone) {
+        if !valid_object_name(name) || self.server.get(name).is_none() {
+            return;
+        }
+        let dir = self.replicas_dir.join(name);
+        let mut marks = self.clone_marks.lock().unwrap();
+        let have = marks.get(name);
+        let r = match (c.done, have) {
+            (false, Some(Ok(src))) if *src == c.source => return,
+            (false, _) => clone_mark::write(&dir, &c.source).map(|()| {
+                marks.insert(name.to_owned(), Ok(c.source.clone()));
+            }),
+            (true, None) => return,
+            (true, Some(_)) => clone_mark::remove(&dir).map(|()| {
+                marks.remove(name);
+            }),
+        };
+        if let Err(e) = r {
+            tracing::error!(node = %self.cfg.node, replica = name, "updating the clone mark in {}: {e}; tried again", dir.display());
+        }
+    }
+
+    /// Why an engine without a clone source must not start here: a replica of the volume on
+    /// this node is marked as a clone's not yet copied (its unread blocks are the source's).
+    fn unmarked_clone(&self, volume: &str) -> Option<String> {
+        let marks = self.clone_marks.lock().unwrap();
+        self.server
+            .list()
+            .into_iter()
+            .filter(|r| r.volume() == volume)
+            .find_map(|r| {
+                let m = marks.get(r.name())?;
+                Some(format!(
+                    "replica {} of volume {volume} is marked as a clone not yet copied ({}), but the manager gave no source to read the rest from; the engine was not started, so nothing reads as zeroes that is not. Check `zebu volume get {volume}`",
+                    r.name(),
+                    match m {
+                        Ok(s) => format!("from {}/{}", s.volume, s.snapshot),
+                        Err(why) => why.clone(),
+                    }
+                ))
+            })
+    }
+
     fn delete_replica(&self, name: &str) {
         if !valid_object_name(name) {
             return;
         }
         self.server.remove(name);
+        self.clone_marks.lock().unwrap().remove(name);
         self.replica_errors.lock().unwrap().remove(name);
         self.missing.lock().unwrap().remove(name);
         let dir = self.replicas_dir.join(name);

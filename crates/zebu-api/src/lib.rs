@@ -471,6 +471,10 @@ pub struct ReplicaReport {
     /// Deleted snapshots it has still to merge (the running one included).
     #[serde(default)]
     pub pending_merges: u32,
+    /// Its directory holds a clone mark: it belongs to a clone of this snapshot whose copy is
+    /// not done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<SnapshotRef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -547,6 +551,18 @@ pub struct ReplicaSpec {
     /// reported: one that was there once and is gone is reported missing, never recreated.
     #[serde(default)]
     pub create: bool,
+    /// The replica belongs to a clone: while not done, its agent keeps a mark of the source in
+    /// the replica's directory (so the fact survives the manager's records); done, it removes
+    /// the mark. `None`: leave any mark as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<ReplicaClone>,
+}
+
+/// What a clone's replica is marked with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaClone {
+    pub source: SnapshotRef,
+    pub done: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1186,6 +1186,13 @@ impl State {
                     size_bytes: v.size_bytes,
                     block_size: v.block_size,
                     create: !r.seen(),
+                    clone: v.clone.as_ref().map(|c| zebu_api::ReplicaClone {
+                        source: zebu_api::SnapshotRef {
+                            volume: c.volume.clone(),
+                            snapshot: c.snapshot.clone(),
+                        },
+                        done: c.done,
+                    }),
                 });
             }
         }

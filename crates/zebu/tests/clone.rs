@@ -329,3 +329,114 @@ fn clone_wait_and_no_attach() {
     });
     assert_same(&read_all(&c, &uri)[..8 * M], &want, "clone d, copied");
 }
+
+/// The manager's records are lost while a clone is not copied: rebuilt from the agents' disks
+/// (`--recover-from-agents`), the clone is known as one from its replicas' clone marks, so once
+/// attached it reads its source's snapshot, not zeroes, and completes its copy.
+#[test]
+fn a_clone_recovered_from_the_agents_still_reads_its_source() {
+    require("nbdcopy");
+    require("qemu-io");
+    let mut c = Cluster::separate(75, 3);
+    let d = c.dir.path().to_owned();
+    let uri = c.create_attached("src", "64MiB", 2, "node-1");
+    qemu_io(&uri, &["write -P 0x3c 0 6M".into(), "flush".into()]);
+    c.cli_ok(&["snapshot", "create", "src", "s1"]);
+    c.cli_ok(&["volume", "detach", "src"]);
+    c.cli_ok(&[
+        "volume",
+        "clone",
+        "c1",
+        "--from",
+        "src/s1",
+        "--replicas",
+        "2",
+        "--no-attach",
+    ]);
+    wait_until("c1 created", Duration::from_secs(30), || {
+        (c.volume("c1")["state"] == "detached").then_some(())
+    });
+    let marked = c.volume("c1")["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            c.replica_dir(node_index(r), r["name"].as_str().unwrap())
+                .join("clone-source.json")
+                .exists()
+        })
+        .count();
+    assert_eq!(marked, 2, "each replica of the clone holds its mark");
+    let id = std::fs::read_to_string(d.join("node-1/cluster.id"))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // The manager's whole directory is lost; its records come back from the agents.
+    if let Some(mut m) = c.manager.take() {
+        m.kill().unwrap();
+        m.wait().unwrap();
+    }
+    std::fs::remove_dir_all(d.join("manager")).unwrap();
+    for i in 0..3 {
+        c.kill_agent(i);
+    }
+    c.start_manager_with(&[
+        "--recover-from-agents",
+        "--cluster-id",
+        &id,
+        "--recover-window",
+        "5",
+    ]);
+    for i in 0..3 {
+        c.start_agent(i);
+    }
+    let v = wait_until("c1 recovered", Duration::from_secs(90), || {
+        let v = c.cli_json(&["volume", "get", "c1"]).ok()?;
+        let rw = v["replicas"]
+            .as_array()?
+            .iter()
+            .filter(|r| r["mode"] == "RW")
+            .count();
+        (rw == 2
+            && c.cli_json(&["volume", "create", "probe", "--size", "1MiB"])
+                .is_ok())
+        .then_some(v)
+    });
+    assert_eq!(v["clone"]["volume"], "src", "{v}");
+    assert_eq!(v["clone"]["snapshot"], "s1", "{v}");
+    assert_eq!(v["clone"]["done"], false, "{v}");
+    wait_until("src recovered", Duration::from_secs(60), || {
+        let v = c.cli_json(&["volume", "get", "src"]).ok()?;
+        (v["replicas"]
+            .as_array()?
+            .iter()
+            .filter(|r| r["mode"] == "RW")
+            .count()
+            == 2)
+            .then_some(())
+    });
+    let uri = c
+        .cli_ok(&["volume", "attach", "c1", "--node", "node-3"])
+        .trim()
+        .to_owned();
+    let mut want = vec![0u8; SIZE];
+    want[..6 * M].fill(0x3c);
+    assert_same(&read_all(&c, &uri), &want, "the recovered clone");
+    wait_until("the copy done", Duration::from_secs(60), || {
+        (c.volume("c1")["clone"]["done"] == true).then_some(())
+    });
+    assert_same(&read_all(&c, &uri), &want, "the recovered clone, copied");
+    wait_until("the marks removed", Duration::from_secs(30), || {
+        c.volume("c1")["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| {
+                !c.replica_dir(node_index(r), r["name"].as_str().unwrap())
+                    .join("clone-source.json")
+                    .exists()
+            })
+            .then_some(())
+    });
+}

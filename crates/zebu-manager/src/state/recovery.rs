@@ -114,6 +114,17 @@ impl State {
                     clone: None,
                 },
             };
+            // A replica marked as a clone's not yet copied: the volume reads the rest from
+            // the source, never zeroes in its place.
+            if let (Some(src), None) = (&r.clone_of, &v.clone) {
+                tracing::warn!(volume = %v.name, source = %src.volume, snapshot = %src.snapshot, "recovered: the volume is a clone whose copy is not done");
+                v.clone = Some(super::clone::CloneRecord {
+                    volume: src.volume.clone(),
+                    snapshot: src.snapshot.clone(),
+                    uid: String::new(),
+                    done: false,
+                });
+            }
             let error = r.error.clone().unwrap_or_else(|| WAITING.into());
             // The volume's size is its largest replica's: a growth is recorded before any
             // replica grows, and a replica that missed one is grown by its engine.
